@@ -1,0 +1,3 @@
+//! `fledge inspect`: describe a resolved image.
+//!
+//! (stub: filled in by the source work)
