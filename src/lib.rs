@@ -10,12 +10,18 @@
 //! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
 //! - [`sys`]: the only module with `unsafe` code and raw syscalls.
 
+//pub mod agent;
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod fusefs;
 pub mod inspect;
+//pub mod manifest;
+//pub mod mapping;
 pub mod layer;
 pub mod merge;
+//pub mod probe;
+//pub mod runner;
 pub mod source;
 pub mod sys;
 pub mod tree;

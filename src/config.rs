@@ -1,0 +1,1007 @@
+//! `fledge.toml`: the build-time configuration.
+//!
+//! Loading goes in three steps so every error can be precise:
+//! 1. parse the text into a [`toml::Table`] (syntax errors carry `line:column`);
+//! 2. check every key against the known keys of its table (an unknown key is named together
+//!    with its table and, when one is close, the key that was probably meant);
+//! 3. deserialize into the raw serde structs (type errors carry `line:column`) and validate the
+//!    values (each message names the field concerned).
+//!
+//! Relative host paths (`[agent] path`, the keys of `[mappings]`) are kept as written; they are
+//! relative to [`Config::dir`], the directory that holds the configuration file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The only configuration version this fledge understands.
+pub const CONFIG_VERSION: &str = "1";
+
+const MIB: u64 = 1024 * 1024;
+
+/// Buffer used when `size_buffer_mb` is absent.
+pub const DEFAULT_SIZE_BUFFER_MB: u64 = 100;
+
+const TOP_KEYS: &[&str] = &[
+    "version",
+    "strategy",
+    "source",
+    "filesystem",
+    "agent",
+    "mappings",
+];
+const SOURCE_KEYS: &[&str] = &["image"];
+const FILESYSTEM_KEYS: &[&str] = &["type", "size_buffer_mb", "preallocate"];
+const AGENT_KEYS: &[&str] = &["source_strategy", "version", "path", "url", "checksum"];
+
+/// An error while loading or validating `fledge.toml`.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config file {} not found", path.display())]
+    NotFound { path: PathBuf },
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax error, or a value of the wrong type.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("unknown key '{key}' in {table}{}", suggestion.as_ref().map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default())]
+    UnknownKey {
+        key: String,
+        /// `[filesystem]`, `[agent]`, ... or `the top level`.
+        table: String,
+        suggestion: Option<String>,
+    },
+    #[error("unsupported config version '{found}', must be \"1\"")]
+    UnsupportedVersion { found: String },
+    #[error("strategy '{found}' is not supported by fledge (only 'oci_rootfs')")]
+    UnsupportedStrategy { found: String },
+    #[error("invalid strategy '{found}', must be one of: oci_rootfs")]
+    InvalidStrategy { found: String },
+    #[error("invalid filesystem type '{found}', must be one of: ext4, xfs, btrfs")]
+    InvalidFilesystemType { found: String },
+    #[error("'filesystem.size_buffer_mb' must be >= 0, got {value}")]
+    NegativeSizeBuffer { value: i64 },
+    #[error("invalid mapping '{host}' = '{dest}': {reason}")]
+    InvalidMapping {
+        host: String,
+        dest: String,
+        reason: String,
+    },
+    /// Any other invalid or missing value; the message names the field.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        hint: Option<String>,
+    },
+}
+
+impl ConfigError {
+    /// A one-line remedy, when there is an obvious one.
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            ConfigError::NotFound { .. } => {
+                Some("create one (see README 'Configuration') or pass -c")
+            }
+            ConfigError::UnsupportedVersion { .. } => Some("set version = \"1\""),
+            ConfigError::InvalidMapping { .. } => {
+                Some("mappings are \"host/path\" = \"/absolute/destination\"")
+            }
+            ConfigError::Invalid { hint, .. } => hint.as_deref(),
+            _ => None,
+        }
+    }
+
+    fn invalid(message: impl Into<String>, hint: Option<&str>) -> Self {
+        ConfigError::Invalid {
+            message: message.into(),
+            hint: hint.map(str::to_owned),
+        }
+    }
+}
+
+/// The build strategy. Only `oci_rootfs` exists in fledge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    OciRootfs,
+}
+
+/// The filesystem of the produced image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    #[default]
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl FsType {
+    pub const ALL: [FsType; 3] = [FsType::Ext4, FsType::Xfs, FsType::Btrfs];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+            FsType::Btrfs => "btrfs",
+        }
+    }
+
+    /// Parse `ext4`, `xfs` or `btrfs` (exact, lower case).
+    pub fn parse(s: &str) -> Option<FsType> {
+        FsType::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl fmt::Display for FsType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[source]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SourceConfig {
+    /// The image reference as written (`nginx:alpine`, `oci:/dir:tag`, ...).
+    pub image: String,
+}
+
+/// `[filesystem]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FilesystemConfig {
+    pub fs_type: FsType,
+    /// Extra free space in MiB; 0 means "auto" (see [`FilesystemConfig::buffer_bytes`]).
+    pub size_buffer_mb: u64,
+    /// `true`: allocate the image file with fallocate; `false`: sparse file.
+    pub preallocate: bool,
+}
+
+impl Default for FilesystemConfig {
+    fn default() -> Self {
+        FilesystemConfig {
+            fs_type: FsType::Ext4,
+            size_buffer_mb: DEFAULT_SIZE_BUFFER_MB,
+            preallocate: false,
+        }
+    }
+}
+
+impl FilesystemConfig {
+    /// Free space to add on top of `content_bytes`. An explicit `size_buffer_mb` is used as is;
+    /// 0 means auto, tiered by content size: <= 128 MiB -> 32 MiB, <= 512 MiB -> 64 MiB,
+    /// <= 2 GiB -> 128 MiB, larger -> 256 MiB.
+    pub fn buffer_bytes(&self, content_bytes: u64) -> u64 {
+        if self.size_buffer_mb > 0 {
+            return self.size_buffer_mb.saturating_mul(MIB);
+        }
+        let mib = if content_bytes <= 128 * MIB {
+            32
+        } else if content_bytes <= 512 * MIB {
+            64
+        } else if content_bytes <= 2048 * MIB {
+            128
+        } else {
+            256
+        };
+        mib * MIB
+    }
+}
+
+/// `[agent]`: where the kestrel agent binary comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "source_strategy", rename_all = "snake_case")]
+pub enum AgentConfig {
+    /// A GitHub release of volantvm/volant: `"latest"` or a version such as `"0.4.1"`.
+    Release { version: String },
+    /// A file on the host, relative to the config directory unless absolute.
+    Local { path: PathBuf },
+    /// A download; `checksum` is the expected SHA-256 as 64 lower-case hex digits.
+    Http {
+        url: String,
+        checksum: Option<String>,
+    },
+}
+
+/// One `[mappings]` entry: `host = dest`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Mapping {
+    /// As written; relative to the config directory unless absolute.
+    pub host: String,
+    /// Absolute, without `..` components.
+    pub dest: String,
+}
+
+/// A validated `fledge.toml`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Config {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// The directory relative host paths are resolved against.
+    pub dir: PathBuf,
+    pub version: String,
+    pub strategy: Strategy,
+    pub source: SourceConfig,
+    pub filesystem: FilesystemConfig,
+    pub agent: Option<AgentConfig>,
+    /// Sorted by host path (TOML tables have no significant order).
+    pub mappings: Vec<Mapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    version: Option<String>,
+    strategy: Option<String>,
+    source: Option<RawSource>,
+    filesystem: Option<RawFilesystem>,
+    agent: Option<RawAgent>,
+    mappings: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    image: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilesystem {
+    #[serde(rename = "type")]
+    fs_type: Option<String>,
+    size_buffer_mb: Option<i64>,
+    preallocate: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    source_strategy: Option<String>,
+    version: Option<String>,
+    path: Option<String>,
+    url: Option<String>,
+    checksum: Option<String>,
+}
+
+impl Config {
+    /// Read, parse and validate the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::NotFound {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        Config::parse(&text, path, &dir)
+    }
+
+    /// Parse and validate configuration text; `path` is used in messages, `dir` becomes
+    /// [`Config::dir`].
+    pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config, ConfigError> {
+        let syntax = |e: toml::de::Error| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        };
+        let table: toml::Table = toml::from_str(text).map_err(syntax)?;
+        check_keys(&table)?;
+        let raw: RawConfig = toml::from_str(text).map_err(syntax)?;
+        validate(raw, path, dir)
+    }
+}
+
+fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigError> {
+    let version = raw.version.ok_or_else(|| {
+        ConfigError::invalid("'version' is required", Some("set version = \"1\""))
+    })?;
+    if version != CONFIG_VERSION {
+        return Err(ConfigError::UnsupportedVersion { found: version });
+    }
+    let strategy = match raw.strategy.as_deref() {
+        None => {
+            return Err(ConfigError::invalid(
+                "'strategy' is required",
+                Some("set strategy = \"oci_rootfs\""),
+            ))
+        }
+        Some("oci_rootfs") => Strategy::OciRootfs,
+        Some("initramfs") => {
+            return Err(ConfigError::UnsupportedStrategy {
+                found: "initramfs".into(),
+            })
+        }
+        Some(other) => {
+            return Err(ConfigError::InvalidStrategy {
+                found: other.into(),
+            })
+        }
+    };
+    let image = raw
+        .source
+        .and_then(|s| s.image)
+        .filter(|i| !i.trim().is_empty())
+        .ok_or_else(|| {
+            ConfigError::invalid(
+                "'source.image' is required for oci_rootfs strategy",
+                Some("add [source] image = \"nginx:alpine\" (or any image reference)"),
+            )
+        })?;
+
+    let mut filesystem = FilesystemConfig::default();
+    if let Some(fs) = raw.filesystem {
+        if let Some(t) = fs.fs_type {
+            filesystem.fs_type =
+                FsType::parse(&t).ok_or(ConfigError::InvalidFilesystemType { found: t })?;
+        }
+        if let Some(b) = fs.size_buffer_mb {
+            filesystem.size_buffer_mb =
+                u64::try_from(b).map_err(|_| ConfigError::NegativeSizeBuffer { value: b })?;
+        }
+        if let Some(p) = fs.preallocate {
+            filesystem.preallocate = p;
+        }
+    }
+
+    let agent = raw.agent.map(validate_agent).transpose()?;
+
+    let mut mappings = Vec::new();
+    for (host, dest) in raw.mappings.unwrap_or_default() {
+        validate_mapping(&host, &dest)?;
+        mappings.push(Mapping { host, dest });
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        dir: dir.to_path_buf(),
+        version,
+        strategy,
+        source: SourceConfig { image },
+        filesystem,
+        agent,
+        mappings,
+    })
+}
+
+fn validate_agent(a: RawAgent) -> Result<AgentConfig, ConfigError> {
+    const STRATEGIES: &str = "release, local, http";
+    let strategy = a.source_strategy.ok_or_else(|| {
+        ConfigError::invalid(
+            format!("'agent.source_strategy' is required, must be one of: {STRATEGIES}"),
+            None,
+        )
+    })?;
+    // Keys that belong to another strategy are almost certainly a mistake.
+    let present = [
+        ("version", a.version.is_some()),
+        ("path", a.path.is_some()),
+        ("url", a.url.is_some()),
+        ("checksum", a.checksum.is_some()),
+    ];
+    let allowed: &[&str] = match strategy.as_str() {
+        "release" => &["version"],
+        "local" => &["path"],
+        "http" => &["url", "checksum"],
+        other => {
+            return Err(ConfigError::invalid(
+                format!("invalid agent source_strategy '{other}', must be one of: {STRATEGIES}"),
+                None,
+            ))
+        }
+    };
+    if let Some((key, _)) = present.iter().find(|(k, set)| *set && !allowed.contains(k)) {
+        return Err(ConfigError::invalid(
+            format!("'agent.{key}' is not used with source_strategy = \"{strategy}\""),
+            Some("remove it, or change agent.source_strategy"),
+        ));
+    }
+    let required = |v: Option<String>, key: &str| {
+        v.filter(|s| !s.trim().is_empty()).ok_or_else(|| {
+            ConfigError::invalid(
+                format!("'agent.{key}' is required for source_strategy = \"{strategy}\""),
+                None,
+            )
+        })
+    };
+    match strategy.as_str() {
+        "release" => Ok(AgentConfig::Release {
+            version: required(a.version, "version")?,
+        }),
+        "local" => Ok(AgentConfig::Local {
+            path: PathBuf::from(required(a.path, "path")?),
+        }),
+        _ => {
+            let url = required(a.url, "url")?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::invalid(
+                    format!("invalid 'agent.url' '{url}': must start with http:// or https://"),
+                    None,
+                ));
+            }
+            let checksum = a.checksum.map(|c| parse_checksum(&c)).transpose()?;
+            Ok(AgentConfig::Http { url, checksum })
+        }
+    }
+}
+
+/// `sha256:<hex>` or bare hex -> 64 lower-case hex digits.
+fn parse_checksum(c: &str) -> Result<String, ConfigError> {
+    let hex = c.strip_prefix("sha256:").unwrap_or(c);
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex.to_ascii_lowercase())
+    } else {
+        Err(ConfigError::invalid(
+            format!(
+                "invalid 'agent.checksum' '{c}': expected 64 hex digits, optionally prefixed with 'sha256:'"
+            ),
+            None,
+        ))
+    }
+}
+
+fn validate_mapping(host: &str, dest: &str) -> Result<(), ConfigError> {
+    let bad = |reason: &str| ConfigError::InvalidMapping {
+        host: host.into(),
+        dest: dest.into(),
+        reason: reason.into(),
+    };
+    if host.is_empty() {
+        return Err(bad("host path is empty"));
+    }
+    if !dest.starts_with('/') {
+        return Err(bad("destination must be an absolute path"));
+    }
+    if Path::new(dest)
+        .components()
+        .any(|c| matches!(c, Component::ParentDir))
+    {
+        return Err(bad("destination must not contain '..'"));
+    }
+    if dest.contains('\0') || host.contains('\0') {
+        return Err(bad("paths must not contain NUL"));
+    }
+    Ok(())
+}
+
+fn check_keys(table: &toml::Table) -> Result<(), ConfigError> {
+    check_table(table, TOP_KEYS, "the top level")?;
+    for (name, known) in [
+        ("source", SOURCE_KEYS),
+        ("filesystem", FILESYSTEM_KEYS),
+        ("agent", AGENT_KEYS),
+    ] {
+        if let Some(toml::Value::Table(t)) = table.get(name) {
+            check_table(t, known, &format!("[{name}]"))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_table(table: &toml::Table, known: &[&str], label: &str) -> Result<(), ConfigError> {
+    for key in table.keys() {
+        if !known.contains(&key.as_str()) {
+            return Err(ConfigError::UnknownKey {
+                key: key.clone(),
+                table: label.into(),
+                suggestion: nearest(key, known).map(str::to_owned),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The known key closest to `key` by edit distance, when the distance is small.
+fn nearest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
+    let limit = if key.chars().count() <= 3 { 1 } else { 2 };
+    known
+        .iter()
+        .map(|k| (levenshtein(key, k), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut cur = vec![0; b.len() + 1];
+    for (i, ca) in a.chars().enumerate() {
+        cur[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[b.len()]
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before
+        .get(line_start..)
+        .map(|s| s.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, column)
+}
+
+/// The base name of an image: the last path component of the reference without tag or
+/// digest, lower-cased, with spaces and slashes replaced by `-`. Transport prefixes are
+/// understood: `oci:DIR[:TAG]` and `oci-archive:FILE[:TAG]` use the last component of the
+/// directory / file (an archive's `.tar` suffix dropped), `docker://` and `docker-daemon:`
+/// are stripped. Never empty (falls back to `rootfs`).
+pub fn image_base_name(image_ref: &str) -> String {
+    let r = image_ref.trim();
+    let base = if let Some(rest) = r.strip_prefix("oci:") {
+        last_component(strip_layout_tag(rest)).to_string()
+    } else if let Some(rest) = r.strip_prefix("oci-archive:") {
+        let file = last_component(strip_layout_tag(rest));
+        file.strip_suffix(".tar").unwrap_or(file).to_string()
+    } else {
+        let r = r
+            .strip_prefix("docker://")
+            .or_else(|| r.strip_prefix("docker-daemon:"))
+            .unwrap_or(r);
+        let no_digest = r.split('@').next().unwrap_or(r);
+        let last = last_component(no_digest);
+        // A tag follows the last ':' of the last component (a registry port can only be in
+        // the first component, which is never the last one of a valid reference).
+        last.split(':').next().unwrap_or(last).to_string()
+    };
+    let name: String = base
+        .to_lowercase()
+        .chars()
+        .map(|c| if c == ' ' || c == '/' { '-' } else { c })
+        .collect();
+    if name.is_empty() {
+        "rootfs".to_string()
+    } else {
+        name
+    }
+}
+
+/// The default image file name: [`image_base_name`] plus `.img` (`nginx:alpine` -> `nginx.img`).
+pub fn default_output_name(image_ref: &str) -> String {
+    format!("{}.img", image_base_name(image_ref))
+}
+
+/// `DIR[:TAG]` -> `DIR`: a trailing `:TAG` is recognised when it holds no `/`.
+fn strip_layout_tag(s: &str) -> &str {
+    match s.rfind(':') {
+        Some(i) if !s[i + 1..].contains('/') => &s[..i],
+        _ => s,
+    }
+}
+
+fn last_component(s: &str) -> &str {
+    let s = s.trim_end_matches('/');
+    s.rsplit('/').next().unwrap_or(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/cfg/fledge.toml"), Path::new("/cfg"))
+    }
+
+    const HEAD: &str = "version = \"1\"\nstrategy = \"oci_rootfs\"\n";
+
+    #[test]
+    fn minimal_config_uses_defaults() {
+        let c = parse(&format!("{HEAD}[source]\nimage = \"nginx:alpine\"\n")).unwrap();
+        assert_eq!(c.source.image, "nginx:alpine");
+        assert_eq!(c.filesystem, FilesystemConfig::default());
+        assert_eq!(c.filesystem.fs_type, FsType::Ext4);
+        assert_eq!(c.filesystem.size_buffer_mb, 100);
+        assert!(!c.filesystem.preallocate);
+        assert_eq!(c.agent, None);
+        assert!(c.mappings.is_empty());
+        assert_eq!(c.dir, Path::new("/cfg"));
+        assert_eq!(c.strategy, Strategy::OciRootfs);
+    }
+
+    #[test]
+    fn full_config() {
+        let text = format!(
+            "{HEAD}[source]\nimage = \"oci:/images/app:v1\"\n\
+             [filesystem]\ntype = \"btrfs\"\nsize_buffer_mb = 0\npreallocate = true\n\
+             [agent]\nsource_strategy = \"http\"\nurl = \"https://example.test/kestrel\"\n\
+             checksum = \"sha256:{}\"\n\
+             [mappings]\n\"bin/tool\" = \"/usr/local/bin/tool\"\n\"conf\" = \"/etc/app\"\n",
+            "AB".repeat(32)
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.filesystem,
+            FilesystemConfig {
+                fs_type: FsType::Btrfs,
+                size_buffer_mb: 0,
+                preallocate: true
+            }
+        );
+        assert_eq!(
+            c.agent,
+            Some(AgentConfig::Http {
+                url: "https://example.test/kestrel".into(),
+                checksum: Some("ab".repeat(32)),
+            })
+        );
+        assert_eq!(
+            c.mappings,
+            vec![
+                Mapping {
+                    host: "bin/tool".into(),
+                    dest: "/usr/local/bin/tool".into()
+                },
+                Mapping {
+                    host: "conf".into(),
+                    dest: "/etc/app".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn agent_variants() {
+        let cases: &[(&str, AgentConfig)] = &[
+            (
+                "source_strategy = \"release\"\nversion = \"latest\"",
+                AgentConfig::Release {
+                    version: "latest".into(),
+                },
+            ),
+            (
+                "source_strategy = \"local\"\npath = \"bin/kestrel\"",
+                AgentConfig::Local {
+                    path: "bin/kestrel".into(),
+                },
+            ),
+            (
+                "source_strategy = \"http\"\nurl = \"http://h/k\"",
+                AgentConfig::Http {
+                    url: "http://h/k".into(),
+                    checksum: None,
+                },
+            ),
+        ];
+        for (body, want) in cases {
+            let c = parse(&format!("{HEAD}[source]\nimage = \"x\"\n[agent]\n{body}\n")).unwrap();
+            assert_eq!(c.agent.as_ref(), Some(want), "{body}");
+        }
+    }
+
+    /// (config text after the header, expected message, expected hint)
+    #[test]
+    fn error_messages() {
+        let img = "[source]\nimage = \"x\"\n";
+        let cases: Vec<(String, &str, Option<&str>)> = vec![
+            (
+                "version = \"2\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"x\"\n".into(),
+                "unsupported config version '2', must be \"1\"",
+                Some("set version = \"1\""),
+            ),
+            (
+                "strategy = \"oci_rootfs\"\n[source]\nimage = \"x\"\n".into(),
+                "'version' is required",
+                Some("set version = \"1\""),
+            ),
+            (
+                "version = \"1\"\n[source]\nimage = \"x\"\n".into(),
+                "'strategy' is required",
+                Some("set strategy = \"oci_rootfs\""),
+            ),
+            (
+                "version = \"1\"\nstrategy = \"initramfs\"\n".into(),
+                "strategy 'initramfs' is not supported by fledge (only 'oci_rootfs')",
+                None,
+            ),
+            (
+                "version = \"1\"\nstrategy = \"docker\"\n".into(),
+                "invalid strategy 'docker', must be one of: oci_rootfs",
+                None,
+            ),
+            (
+                HEAD.into(),
+                "'source.image' is required for oci_rootfs strategy",
+                Some("add [source] image = \"nginx:alpine\" (or any image reference)"),
+            ),
+            (
+                format!("{HEAD}[source]\nimage = \" \"\n"),
+                "'source.image' is required for oci_rootfs strategy",
+                Some("add [source] image = \"nginx:alpine\" (or any image reference)"),
+            ),
+            (
+                format!("{HEAD}{img}[filesystem]\ntype = \"zfs\"\n"),
+                "invalid filesystem type 'zfs', must be one of: ext4, xfs, btrfs",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[filesystem]\nsize_buffer_mb = -5\n"),
+                "'filesystem.size_buffer_mb' must be >= 0, got -5",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[filesystem]\npreallocat = true\n"),
+                "unknown key 'preallocat' in [filesystem] (did you mean 'preallocate'?)",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[filesystem]\ncompression = true\n"),
+                "unknown key 'compression' in [filesystem]",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}strateg = 1\n"),
+                "unknown key 'strateg' in [source]",
+                None,
+            ),
+            (
+                format!("{HEAD}imag = \"x\"\n"),
+                "unknown key 'imag' in the top level",
+                None,
+            ),
+            (
+                format!("versio = \"1\"\n{HEAD}"),
+                "unknown key 'versio' in the top level (did you mean 'version'?)",
+                None,
+            ),
+            (
+                format!("{HEAD}[sources]\nimage = \"x\"\n"),
+                "unknown key 'sources' in the top level (did you mean 'source'?)",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[agent]\nsource_strategy = \"release\"\nurll = \"u\"\n"),
+                "unknown key 'urll' in [agent] (did you mean 'url'?)",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[agent]\nversion = \"latest\"\n"),
+                "'agent.source_strategy' is required, must be one of: release, local, http",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[agent]\nsource_strategy = \"ftp\"\n"),
+                "invalid agent source_strategy 'ftp', must be one of: release, local, http",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[agent]\nsource_strategy = \"release\"\n"),
+                "'agent.version' is required for source_strategy = \"release\"",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[agent]\nsource_strategy = \"local\"\n"),
+                "'agent.path' is required for source_strategy = \"local\"",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[agent]\nsource_strategy = \"http\"\n"),
+                "'agent.url' is required for source_strategy = \"http\"",
+                None,
+            ),
+            (
+                format!(
+                    "{HEAD}{img}[agent]\nsource_strategy = \"local\"\npath = \"k\"\nurl = \"http://x\"\n"
+                ),
+                "'agent.url' is not used with source_strategy = \"local\"",
+                Some("remove it, or change agent.source_strategy"),
+            ),
+            (
+                format!("{HEAD}{img}[agent]\nsource_strategy = \"http\"\nurl = \"ftp://x/k\"\n"),
+                "invalid 'agent.url' 'ftp://x/k': must start with http:// or https://",
+                None,
+            ),
+            (
+                format!(
+                    "{HEAD}{img}[agent]\nsource_strategy = \"http\"\nurl = \"http://x/k\"\nchecksum = \"sha256:abc\"\n"
+                ),
+                "invalid 'agent.checksum' 'sha256:abc': expected 64 hex digits, optionally prefixed with 'sha256:'",
+                None,
+            ),
+            (
+                format!(
+                    "{HEAD}{img}[agent]\nsource_strategy = \"http\"\nurl = \"http://x/k\"\nchecksum = \"{}\"\n",
+                    "g".repeat(64)
+                ),
+                "invalid 'agent.checksum' 'gggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggg': expected 64 hex digits, optionally prefixed with 'sha256:'",
+                None,
+            ),
+            (
+                format!("{HEAD}{img}[mappings]\n\"a\" = \"etc/a\"\n"),
+                "invalid mapping 'a' = 'etc/a': destination must be an absolute path",
+                Some("mappings are \"host/path\" = \"/absolute/destination\""),
+            ),
+            (
+                format!("{HEAD}{img}[mappings]\n\"a\" = \"/etc/../root/a\"\n"),
+                "invalid mapping 'a' = '/etc/../root/a': destination must not contain '..'",
+                Some("mappings are \"host/path\" = \"/absolute/destination\""),
+            ),
+            (
+                format!("{HEAD}{img}[mappings]\n\"\" = \"/a\"\n"),
+                "invalid mapping '' = '/a': host path is empty",
+                Some("mappings are \"host/path\" = \"/absolute/destination\""),
+            ),
+        ];
+        for (text, msg, hint) in cases {
+            let err = parse(&text).expect_err(&text);
+            assert_eq!(err.to_string(), msg, "config:\n{text}");
+            assert_eq!(err.hint(), hint, "config:\n{text}");
+        }
+    }
+
+    #[test]
+    fn dotted_names_are_fine_in_mapping_destinations() {
+        let c = parse(&format!(
+            "{HEAD}[source]\nimage = \"x\"\n[mappings]\n\"a\" = \"/etc/..d/a\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.mappings[0].dest, "/etc/..d/a");
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_line_and_column() {
+        let cases = [
+            // (text, line, column, part of the message)
+            (format!("{HEAD}[source\nimage = \"x\"\n"), 3, 8, ""),
+            (format!("{HEAD}[source]\nimage = \"x\n"), 4, 11, ""),
+            (format!("{HEAD}[source]\nimage = 5\n"), 4, 9, "string"),
+            (
+                format!("{HEAD}[source]\nimage = \"x\"\n[filesystem]\npreallocate = \"yes\"\n"),
+                6,
+                15,
+                "bool",
+            ),
+            ("version = 1\n".to_string(), 1, 11, "string"),
+        ];
+        for (text, line, column, part) in cases {
+            match parse(&text) {
+                Err(ConfigError::Syntax {
+                    path,
+                    line: l,
+                    column: c,
+                    message,
+                }) => {
+                    assert_eq!(path, Path::new("/cfg/fledge.toml"));
+                    assert_eq!((l, c), (line, column), "{text}: {message}");
+                    assert!(message.contains(part), "{message} lacks {part}");
+                    assert!(!message.contains('\n'), "multi-line message: {message}");
+                }
+                other => panic!("expected a syntax error for {text}, got {other:?}"),
+            }
+        }
+        let err = parse("version = \"1\n").unwrap_err();
+        assert!(err.to_string().starts_with("/cfg/fledge.toml:1:"), "{err}");
+    }
+
+    #[test]
+    fn load_reports_missing_file_with_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fledge.toml");
+        let err = Config::load(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("config file {} not found", path.display())
+        );
+        assert_eq!(
+            err.hint(),
+            Some("create one (see README 'Configuration') or pass -c")
+        );
+        std::fs::write(&path, format!("{HEAD}[source]\nimage = \"busybox\"\n")).unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.dir, dir.path());
+        assert_eq!(c.path, path);
+        let c = Config::parse(
+            &std::fs::read_to_string(&path).unwrap(),
+            Path::new("fledge.toml"),
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.source.image, "busybox");
+    }
+
+    #[test]
+    fn buffer_bytes_explicit_and_auto_tiers() {
+        let fs = |mb| FilesystemConfig {
+            size_buffer_mb: mb,
+            ..FilesystemConfig::default()
+        };
+        let cases = [
+            (100, 5 * MIB, 100 * MIB),
+            (1, 10_000 * MIB, MIB),
+            (0, 0, 32 * MIB),
+            (0, 128 * MIB, 32 * MIB),
+            (0, 128 * MIB + 1, 64 * MIB),
+            (0, 512 * MIB, 64 * MIB),
+            (0, 512 * MIB + 1, 128 * MIB),
+            (0, 2048 * MIB, 128 * MIB),
+            (0, 2048 * MIB + 1, 256 * MIB),
+            (0, u64::MAX, 256 * MIB),
+            (u64::MAX, 0, u64::MAX),
+        ];
+        for (mb, content, want) in cases {
+            assert_eq!(fs(mb).buffer_bytes(content), want, "{mb} MiB, {content}");
+        }
+    }
+
+    #[test]
+    fn output_names() {
+        let cases = [
+            ("nginx:alpine", "nginx.img"),
+            ("nginx", "nginx.img"),
+            ("library/nginx:1.25", "nginx.img"),
+            ("docker.io/library/Redis:7", "redis.img"),
+            ("registry:5000/team/app@sha256:0123abcd", "app.img"),
+            ("registry:5000/team/app:v2@sha256:0123abcd", "app.img"),
+            ("localhost:5000/app", "app.img"),
+            ("oci:/x/debian:test", "debian.img"),
+            ("oci:/x/debian", "debian.img"),
+            ("oci:/x/debian/", "debian.img"),
+            ("oci:layouts/My Image:latest", "my-image.img"),
+            ("oci-archive:/tmp/alpine.tar:3.19", "alpine.img"),
+            ("docker://quay.io/org/tool:1", "tool.img"),
+            ("docker-daemon:myapp:dev", "myapp.img"),
+            ("My App:1", "my-app.img"),
+            ("", "rootfs.img"),
+            ("oci:", "rootfs.img"),
+        ];
+        for (r, want) in cases {
+            assert_eq!(default_output_name(r), want, "{r}");
+        }
+    }
+
+    #[test]
+    fn levenshtein_distances() {
+        for (a, b, d) in [
+            ("", "", 0),
+            ("abc", "", 3),
+            ("preallocat", "preallocate", 1),
+            ("kitten", "sitting", 3),
+            ("type", "tpye", 2),
+        ] {
+            assert_eq!(levenshtein(a, b), d, "{a} {b}");
+        }
+    }
+
+    #[test]
+    fn line_col_counts_characters() {
+        let t = "ab\nçd\nx";
+        assert_eq!(line_col(t, 0), (1, 1));
+        assert_eq!(line_col(t, 3), (2, 1));
+        assert_eq!(line_col(t, 5), (2, 2)); // 'ç' is two bytes
+        assert_eq!(line_col(t, 100), (3, 2));
+    }
+}
