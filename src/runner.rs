@@ -1,0 +1,370 @@
+//! The one way fledge runs external tools (mkfs.*, e2fsck, resize2fs, fusermount3, ...).
+//!
+//! Programs are looked up in `PATH` and then in `/sbin` and `/usr/sbin` (formatters live there
+//! and a non-root `PATH` often lacks them). Standard input is `/dev/null`; standard output and
+//! error are captured. A program that is missing yields [`RunError::NotFound`] with the Debian
+//! package that provides it; a non-zero exit yields [`RunError::Failed`] with the tail of its
+//! standard error.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use thiserror::Error;
+
+/// Directories searched after `PATH`.
+const EXTRA_DIRS: &[&str] = &["/sbin", "/usr/sbin"];
+
+/// Lines of standard error kept in [`RunError::Failed`].
+const STDERR_TAIL_LINES: usize = 20;
+
+/// An error running an external tool.
+#[derive(Debug, Error)]
+pub enum RunError {
+    #[error("{program} not found in PATH, /sbin or /usr/sbin")]
+    NotFound {
+        program: String,
+        /// The Debian package that provides the program, when known.
+        package: Option<&'static str>,
+    },
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("`{program} {args}` failed ({status}){}", if stderr.is_empty() { String::new() } else { format!(": {}", stderr.replace('\n', " | ")) })]
+    Failed {
+        program: String,
+        /// The arguments, shell-quoted where needed, joined by spaces.
+        args: String,
+        /// `exit status 1`, `killed by signal 9`, ...
+        status: String,
+        /// The last lines of standard error, trimmed.
+        stderr: String,
+    },
+}
+
+impl RunError {
+    /// Which package to install, for [`RunError::NotFound`].
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            RunError::NotFound {
+                package: Some(p), ..
+            } => Some(format!("install it: apt-get install {p}")),
+            _ => None,
+        }
+    }
+}
+
+/// The Debian package providing `program`, for the tools fledge uses.
+pub fn package_for(program: &str) -> Option<&'static str> {
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(program);
+    Some(match name {
+        "mkfs.ext4" | "mke2fs" | "e2fsck" | "fsck.ext4" | "resize2fs" | "debugfs" | "dumpe2fs"
+        | "tune2fs" => "e2fsprogs",
+        "mkfs.xfs" | "xfs_repair" | "xfs_db" | "xfs_growfs" => "xfsprogs",
+        "mkfs.btrfs" | "btrfs" | "btrfstune" => "btrfs-progs",
+        "fusermount3" => "fuse3",
+        "fusermount" => "fuse",
+        "losetup" | "mount" | "umount" => "mount",
+        "skopeo" => "skopeo",
+        _ => return None,
+    })
+}
+
+/// Find `program` in `PATH`, then `/sbin` and `/usr/sbin`. A name containing `/` is checked
+/// as is. Only executable regular files (or symlinks to them) count.
+pub fn which(program: &str) -> Option<PathBuf> {
+    if program.is_empty() {
+        return None;
+    }
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return is_executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .filter(|d| !d.as_os_str().is_empty())
+        .chain(EXTRA_DIRS.iter().map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Run `program` with `args`, capturing its output; a non-zero exit is an error.
+pub fn run(program: &str, args: &[&OsStr]) -> Result<Output, RunError> {
+    Tool::new(program).args(args.iter().copied()).run()
+}
+
+/// An external command being put together.
+#[derive(Clone, Debug)]
+pub struct Tool {
+    program: String,
+    args: Vec<OsString>,
+    ok_codes: Vec<i32>,
+}
+
+impl Tool {
+    pub fn new(program: &str) -> Tool {
+        Tool {
+            program: program.to_string(),
+            args: Vec::new(),
+            ok_codes: vec![0],
+        }
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Tool {
+        self.args.push(arg.as_ref().to_os_string());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Tool
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
+
+    /// Exit codes that count as success besides 0 (e2fsck exits 1 after fixing errors).
+    pub fn ok_codes(mut self, codes: &[i32]) -> Tool {
+        self.ok_codes = codes.to_vec();
+        if !self.ok_codes.contains(&0) {
+            self.ok_codes.push(0);
+        }
+        self
+    }
+
+    pub fn program(&self) -> &str {
+        &self.program
+    }
+
+    /// The command line, shell-quoted where needed (for logs and messages).
+    pub fn command_line(&self) -> String {
+        let mut s = quote(OsStr::new(&self.program));
+        if !self.args.is_empty() {
+            s.push(' ');
+            s.push_str(&self.quoted_args());
+        }
+        s
+    }
+
+    fn quoted_args(&self) -> String {
+        self.args
+            .iter()
+            .map(|a| quote(a))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Run it; the exit status must be one of the accepted codes.
+    pub fn run(&self) -> Result<Output, RunError> {
+        let output = self.output()?;
+        let ok = output
+            .status
+            .code()
+            .is_some_and(|c| self.ok_codes.contains(&c));
+        if ok {
+            return Ok(output);
+        }
+        let status = match (output.status.code(), signal_of(&output.status)) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            (None, None) => output.status.to_string(),
+        };
+        Err(RunError::Failed {
+            program: self.program.clone(),
+            args: self.quoted_args(),
+            status,
+            stderr: stderr_tail(&output.stderr, STDERR_TAIL_LINES),
+        })
+    }
+
+    /// Run it and return its output whatever the exit status (probes read usage texts that
+    /// some tools print with a non-zero status).
+    pub fn output(&self) -> Result<Output, RunError> {
+        let path = which(&self.program).ok_or_else(|| RunError::NotFound {
+            program: self.program.clone(),
+            package: package_for(&self.program),
+        })?;
+        tracing::debug!(command = %self.command_line(), path = %path.display(), "running");
+        Command::new(&path)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|source| RunError::Spawn {
+                program: self.program.clone(),
+                source,
+            })
+    }
+}
+
+fn signal_of(status: &std::process::ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal()
+}
+
+/// Quote an argument for display when it has characters a shell would interpret.
+fn quote(a: &OsStr) -> String {
+    let s = String::from_utf8_lossy(a.as_bytes());
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if plain {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// The last `max` non-empty lines of `stderr`, trimmed.
+fn stderr_tail(stderr: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let start = lines.len().saturating_sub(max);
+    lines[start..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_captures_output() {
+        let out = run(
+            "sh",
+            &[OsStr::new("-c"), OsStr::new("echo out; echo err >&2")],
+        )
+        .unwrap();
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"err\n");
+    }
+
+    #[test]
+    fn failure_keeps_the_stderr_tail() {
+        let script = "for i in $(seq 1 30); do echo line$i >&2; done; exit 3";
+        let err = run("sh", &[OsStr::new("-c"), OsStr::new(script)]).unwrap_err();
+        match &err {
+            RunError::Failed {
+                program,
+                args,
+                status,
+                stderr,
+            } => {
+                assert_eq!(program, "sh");
+                assert!(args.starts_with("-c 'for i in"), "{args}");
+                assert_eq!(status, "exit status 3");
+                let lines: Vec<&str> = stderr.lines().collect();
+                assert_eq!(lines.len(), 20);
+                assert_eq!(lines[0], "line11");
+                assert_eq!(lines[19], "line30");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(err.to_string().starts_with("`sh -c 'for i in"));
+        assert!(err.to_string().contains("(exit status 3): line11 | line12"));
+    }
+
+    #[test]
+    fn killed_by_signal_and_accepted_codes() {
+        let err = Tool::new("sh")
+            .args(["-c", "kill -9 $$"])
+            .run()
+            .unwrap_err();
+        assert!(
+            matches!(&err, RunError::Failed { status, .. } if status == "killed by signal 9"),
+            "{err:?}"
+        );
+        let out = Tool::new("sh")
+            .args(["-c", "exit 1"])
+            .ok_codes(&[1])
+            .run()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(Tool::new("sh")
+            .args(["-c", "exit 2"])
+            .ok_codes(&[1])
+            .run()
+            .is_err());
+        let out = Tool::new("sh").args(["-c", "exit 4"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(4));
+    }
+
+    #[test]
+    fn missing_program_names_the_package() {
+        let err = run("mkfs.ext4-definitely-missing", &[]).unwrap_err();
+        assert!(matches!(err, RunError::NotFound { package: None, .. }));
+        for (prog, pkg) in [
+            ("mkfs.ext4", "e2fsprogs"),
+            ("e2fsck", "e2fsprogs"),
+            ("resize2fs", "e2fsprogs"),
+            ("debugfs", "e2fsprogs"),
+            ("mkfs.xfs", "xfsprogs"),
+            ("xfs_repair", "xfsprogs"),
+            ("mkfs.btrfs", "btrfs-progs"),
+            ("btrfs", "btrfs-progs"),
+            ("fusermount3", "fuse3"),
+            ("/usr/sbin/mkfs.xfs", "xfsprogs"),
+        ] {
+            assert_eq!(package_for(prog), Some(pkg), "{prog}");
+        }
+        assert_eq!(package_for("ls"), None);
+        let err = RunError::NotFound {
+            program: "mkfs.btrfs".into(),
+            package: Some("btrfs-progs"),
+        };
+        assert_eq!(
+            err.to_string(),
+            "mkfs.btrfs not found in PATH, /sbin or /usr/sbin"
+        );
+        assert_eq!(
+            err.hint().as_deref(),
+            Some("install it: apt-get install btrfs-progs")
+        );
+    }
+
+    #[test]
+    fn which_finds_programs_and_rejects_non_executables() {
+        let sh = which("sh").expect("sh in PATH");
+        assert!(sh.is_absolute());
+        assert_eq!(which("/bin/sh"), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(which(""), None);
+        assert_eq!(which("/etc/passwd"), None);
+        assert_eq!(which("/etc"), None);
+        assert_eq!(which("no-such-program-xyz"), None);
+    }
+
+    #[test]
+    fn quoting_for_display() {
+        let t = Tool::new("mkfs.ext4")
+            .arg("-d")
+            .arg("/tmp/a b")
+            .arg("it's")
+            .arg("");
+        assert_eq!(t.command_line(), "mkfs.ext4 -d '/tmp/a b' 'it'\\''s' ''");
+        assert_eq!(t.program(), "mkfs.ext4");
+    }
+
+    #[test]
+    fn stderr_tail_trims() {
+        assert_eq!(stderr_tail(b"\n a \n\n b  \n\n", 20), " a\n b");
+        assert_eq!(stderr_tail(b"1\n2\n3\n", 2), "2\n3");
+        assert_eq!(stderr_tail(b"", 2), "");
+    }
+}
