@@ -10,7 +10,7 @@
 //! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
 //! - [`sys`]: the only module with `unsafe` code and raw syscalls.
 
-//pub mod agent;
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod error;
