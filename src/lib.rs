@@ -20,7 +20,7 @@ pub mod layer;
 pub mod manifest;
 pub mod mapping;
 pub mod merge;
-//pub mod probe;
+pub mod probe;
 pub mod runner;
 pub mod source;
 pub mod sys;

@@ -1115,7 +1115,8 @@ readonly = true
         let mut good = serde_json::to_value(&m).unwrap();
         good["rootfs"]["format"] = json!("raw");
         assert!(errors_for(&schema, &good).is_empty());
-        let mutations: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+        type Mutation = (&'static str, Box<dyn Fn(&mut Value)>);
+        let mutations: Vec<Mutation> = vec![
             (
                 "missing workload",
                 Box::new(|v| {
