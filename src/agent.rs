@@ -141,11 +141,35 @@ pub fn fetch_agent_with_base(
                 Err(source) => Err(AgentError::LocalIo { path, source }),
             }
         }
-        AgentConfig::Http { url, checksum } => download(url, cache_dir, checksum.as_deref(), false),
+        AgentConfig::Http { url, checksum } => {
+            if let Some(path) = checksum.as_deref().and_then(|c| cached(cache_dir, c)) {
+                tracing::debug!(url, path = %path.display(), "agent already in cache");
+                return Ok(path);
+            }
+            download(url, cache_dir, checksum.as_deref(), false)
+        }
         AgentConfig::Release { version } => {
             download(&release_url(release_base, version), cache_dir, None, true)
         }
     }
+}
+
+/// The cache file name of an agent whose SHA-256 is `hex`.
+fn cache_name(hex: &str) -> String {
+    format!("kestrel-{}", hex.get(..16).unwrap_or(hex))
+}
+
+/// A cached agent whose full SHA-256 equals `expected` (so a known checksum needs no
+/// network on later builds).
+fn cached(cache_dir: &Path, expected: &str) -> Option<PathBuf> {
+    let expected = expected.strip_prefix("sha256:").unwrap_or(expected);
+    let path = cache_dir.join(cache_name(&expected.to_ascii_lowercase()));
+    let mut file = std::fs::File::open(&path).ok()?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).ok()?;
+    hex::encode(hasher.finalize())
+        .eq_ignore_ascii_case(expected)
+        .then_some(path)
 }
 
 /// Download `url` into `cache_dir`, verify it, and return the cached file.
@@ -235,7 +259,7 @@ fn download(
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(AGENT_MODE))
         .map_err(|e| cache_err(tmp.path(), e))?;
-    let dest = cache_dir.join(format!("kestrel-{}", &actual[..16]));
+    let dest = cache_dir.join(cache_name(&actual));
     tmp.persist(&dest).map_err(|e| cache_err(&dest, e.error))?;
     tracing::debug!(url, path = %dest.display(), bytes = total, "agent downloaded");
     Ok(dest)
@@ -326,6 +350,19 @@ mod tests {
         let path2 = fetch_agent(&cfg, Path::new("/"), &nested).unwrap();
         assert_eq!(std::fs::read(&path2).unwrap(), body);
         assert_eq!(server.join().unwrap(), vec!["/kestrel", "/kestrel"]);
+        // With a checksum, the cached copy is used: the server is gone now.
+        let cfg = AgentConfig::Http {
+            url: format!("{base}/kestrel"),
+            checksum: Some(format!("sha256:{}", sum.to_uppercase())),
+        };
+        assert_eq!(
+            fetch_agent(&cfg, Path::new("/"), cache.path()).unwrap(),
+            path
+        );
+        // A corrupted cache entry is not trusted: it is fetched again, which fails as the
+        // server is gone (were the port reused, the answer would still not match).
+        std::fs::write(&path, b"\x7fELF tampered").unwrap();
+        assert!(fetch_agent(&cfg, Path::new("/"), cache.path()).is_err());
         // No temporary files are left behind.
         let names: Vec<String> = std::fs::read_dir(cache.path())
             .unwrap()

@@ -58,7 +58,7 @@ pub enum ConfigError {
     #[error("unknown key '{key}' in {table}{}", suggestion.as_ref().map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default())]
     UnknownKey {
         key: String,
-        /// `[filesystem]`, `[agent]`, ... or `the top level`.
+        /// `[filesystem]`, `[agent]`, ... or `the top-level table`.
         table: String,
         suggestion: Option<String>,
     },
@@ -94,6 +94,9 @@ impl ConfigError {
                 Some("create one (see README 'Configuration') or pass -c")
             }
             ConfigError::UnsupportedVersion { .. } => Some("set version = \"1\""),
+            ConfigError::NegativeSizeBuffer { .. } => {
+                Some("use 0 for an automatic buffer sized by the image content")
+            }
             ConfigError::InvalidMapping { .. } => {
                 Some("mappings are \"host/path\" = \"/absolute/destination\"")
             }
@@ -307,7 +310,7 @@ impl Config {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().trim().to_string(),
+                message: e.message().trim().replace('\n', " "),
             }
         };
         let table: toml::Table = toml::from_str(text).map_err(syntax)?;
@@ -490,7 +493,7 @@ fn validate_mapping(host: &str, dest: &str) -> Result<(), ConfigError> {
 }
 
 fn check_keys(table: &toml::Table) -> Result<(), ConfigError> {
-    check_table(table, TOP_KEYS, "the top level")?;
+    check_table(table, TOP_KEYS, "the top-level table")?;
     for (name, known) in [
         ("source", SOURCE_KEYS),
         ("filesystem", FILESYSTEM_KEYS),
@@ -751,7 +754,7 @@ mod tests {
             (
                 format!("{HEAD}{img}[filesystem]\nsize_buffer_mb = -5\n"),
                 "'filesystem.size_buffer_mb' must be >= 0, got -5",
-                None,
+                Some("use 0 for an automatic buffer sized by the image content"),
             ),
             (
                 format!("{HEAD}{img}[filesystem]\npreallocat = true\n"),
@@ -770,17 +773,17 @@ mod tests {
             ),
             (
                 format!("{HEAD}imag = \"x\"\n"),
-                "unknown key 'imag' in the top level",
+                "unknown key 'imag' in the top-level table",
                 None,
             ),
             (
                 format!("versio = \"1\"\n{HEAD}"),
-                "unknown key 'versio' in the top level (did you mean 'version'?)",
+                "unknown key 'versio' in the top-level table (did you mean 'version'?)",
                 None,
             ),
             (
                 format!("{HEAD}[sources]\nimage = \"x\"\n"),
-                "unknown key 'sources' in the top level (did you mean 'source'?)",
+                "unknown key 'sources' in the top-level table (did you mean 'source'?)",
                 None,
             ),
             (

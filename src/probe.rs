@@ -472,22 +472,25 @@ pub fn probe_all() -> Vec<Probe> {
     probes.extend(probe_filesystems());
     probes.push(probe_fuse_dev());
     probes.push(probe_fusermount());
-    let tools: [fn() -> Probe; 8] = [
-        probe_mkfs_ext4,
-        probe_e2fsck,
-        probe_resize2fs,
-        probe_debugfs,
-        probe_mkfs_xfs,
-        probe_xfs_repair,
-        probe_mkfs_btrfs,
-        probe_btrfs,
+    type ProbeFn = fn() -> Probe;
+    let tools: [(&'static str, ProbeFn); 8] = [
+        ("tools.mkfs_ext4", probe_mkfs_ext4),
+        ("tools.e2fsck", probe_e2fsck),
+        ("tools.resize2fs", probe_resize2fs),
+        ("tools.debugfs", probe_debugfs),
+        ("tools.mkfs_xfs", probe_mkfs_xfs),
+        ("tools.xfs_repair", probe_xfs_repair),
+        ("tools.mkfs_btrfs", probe_mkfs_btrfs),
+        ("tools.btrfs", probe_btrfs),
     ];
     let results: Vec<Probe> = std::thread::scope(|s| {
-        let handles: Vec<_> = tools.iter().map(|f| s.spawn(f)).collect();
+        let handles: Vec<_> = tools.iter().map(|(id, f)| (*id, s.spawn(f))).collect();
         handles
             .into_iter()
-            .zip(tools)
-            .map(|(h, f)| h.join().unwrap_or_else(|_| f()))
+            .map(|(id, h)| {
+                h.join()
+                    .unwrap_or_else(|_| Probe::new(id, Status::Fail, "probe panicked"))
+            })
             .collect()
     });
     probes.extend(results);
