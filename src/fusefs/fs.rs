@@ -20,7 +20,7 @@ use fuser::{
     ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::tree::{Content, Node, NodeId, NodeKind, Tree};
+use crate::tree::{Content, Node, NodeId, NodeKind, Tree, TreeStats};
 
 /// How long the kernel may cache entries and attributes: the tree is immutable.
 pub(crate) const TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -57,11 +57,14 @@ thread_local! {
 #[derive(Debug)]
 pub(crate) struct TreeFs {
     tree: Arc<Tree>,
+    /// Totals for `statfs`, computed once (a walk over every node).
+    stats: TreeStats,
 }
 
 impl TreeFs {
     pub(crate) fn new(tree: Arc<Tree>) -> Self {
-        TreeFs { tree }
+        let stats = tree.stats();
+        TreeFs { tree, stats }
     }
 
     /// The node behind a FUSE inode number, if it exists.
@@ -444,7 +447,7 @@ impl Filesystem for TreeFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let stats = self.tree.stats();
+        let stats = &self.stats;
         let bytes = stats.file_bytes.saturating_add(stats.symlink_bytes);
         let blocks = bytes.div_ceil(u64::from(BLOCK_SIZE));
         reply.statfs(

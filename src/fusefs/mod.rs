@@ -198,22 +198,18 @@ pub fn serve_foreground(
     opts: &MountOptions,
     on_ready: impl FnOnce(),
 ) -> Result<(), FuseError> {
-    // Catch signals before mounting: one arriving during the mount unmounts right after it.
-    let signals = signal_hook::iterator::Signals::new([
+    let (session, mountpoint) = new_session(tree, mountpoint, opts)?;
+    let conn = mountinfo::fuse_connection(&mountpoint);
+    // Installed only once mounted, so a failed mount leaves the process's signals alone. On
+    // failure here the session is dropped, which unmounts it.
+    let watcher = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
+    .and_then(|signals| SignalWatcher::start(signals, mountpoint.clone(), conn))
     .map_err(|source| FuseError::Signals {
-        mountpoint: mountpoint.to_path_buf(),
+        mountpoint: mountpoint.clone(),
         source,
-    })?;
-    let (session, mountpoint) = new_session(tree, mountpoint, opts)?;
-    let conn = mountinfo::fuse_connection(&mountpoint);
-    let watcher = SignalWatcher::start(signals, mountpoint.clone(), conn).map_err(|source| {
-        FuseError::Signals {
-            mountpoint: mountpoint.clone(),
-            source,
-        }
     })?;
     on_ready();
     let served = session.run();
@@ -450,7 +446,7 @@ fn fusermount_unmount(mountpoint: &Path, conn: Option<u64>) -> Result<(), String
             "fusermount"
         };
         let mut cmd = Command::new(bin);
-        cmd.arg("-u").arg("-q");
+        cmd.arg("-u");
         if lazy {
             cmd.arg("-z");
         }

@@ -11,6 +11,8 @@ pub(crate) struct MountEntry {
     pub(crate) minor: u32,
     pub(crate) mount_point: PathBuf,
     pub(crate) fstype: String,
+    /// Per-superblock options (e.g. `ro,user_id=0,group_id=0,default_permissions`).
+    pub(crate) super_options: String,
 }
 
 /// Parse one mountinfo line; `None` when it is malformed.
@@ -25,11 +27,14 @@ pub(crate) fn parse_line(line: &str) -> Option<MountEntry> {
     let mut fields = fields.skip_while(|f| *f != "-");
     fields.next()?;
     let fstype = fields.next()?.to_string();
+    let _source = fields.next()?;
+    let super_options = fields.next().unwrap_or("").to_string();
     Some(MountEntry {
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
         mount_point,
         fstype,
+        super_options,
     })
 }
 
@@ -119,6 +124,13 @@ mod tests {
             let want = want.map(|(a, b, p, f)| (a, b, p.to_vec(), f.to_string()));
             assert_eq!(got, want, "{line}");
         }
+    }
+
+    #[test]
+    fn keeps_super_options() {
+        let line = "36 35 98:0 / /m rw - fuse.fledge img rw,user_id=0,default_permissions";
+        let entry = parse_line(line).unwrap();
+        assert_eq!(entry.super_options, "rw,user_id=0,default_permissions");
     }
 
     #[test]

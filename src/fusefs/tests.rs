@@ -703,6 +703,42 @@ fn lists_a_100k_entry_directory() {
     view.unmount().unwrap();
 }
 
+#[test]
+fn allow_other_adds_default_permissions() {
+    if !fuse_usable("allow_other_adds_default_permissions") {
+        return;
+    }
+    let (tree, _data) = sample_tree();
+    let mnt = tempfile::tempdir().unwrap();
+    let opts = MountOptions {
+        allow_other: true,
+        fsname: "img:latest".to_string(),
+        threads: 2,
+    };
+    match MountedView::mount(Arc::new(tree), mnt.path(), &opts) {
+        Ok(view) => {
+            let mp = view.mountpoint().to_path_buf();
+            let entry = mountinfo::entries()
+                .into_iter()
+                .find(|e| e.mount_point == mp)
+                .unwrap();
+            let options: Vec<&str> = entry.super_options.split(',').collect();
+            assert!(options.contains(&"allow_other"), "{options:?}");
+            assert!(options.contains(&"default_permissions"), "{options:?}");
+            assert_eq!(std::fs::read(mp.join("bytes")).unwrap(), b"hello, world\n");
+            view.unmount().unwrap();
+        }
+        // Unprivileged without `user_allow_other` in /etc/fuse.conf: a clear one-line error.
+        Err(e) => {
+            let text = e.to_string();
+            eprintln!("allow_other mount refused: {text}");
+            assert!(!nix::unistd::geteuid().is_root(), "{text}");
+            assert!(text.contains("user_allow_other"), "{text}");
+            assert!(!text.contains('\n'), "{text}");
+        }
+    }
+}
+
 /// Unmount `mountpoint` the way a user would from outside.
 fn external_unmount(mountpoint: &Path) {
     let (cmd, args): (&str, &[&str]) = if nix::unistd::geteuid().is_root() {
