@@ -116,6 +116,16 @@ const CAPABILITY: [u8; 20] = [
     0x00, 0x00, 0x00, 0x00,
 ];
 
+/// A valid POSIX ACL xattr: user::rwx, user:70000:r--, group::r-x, mask::r-x, other::r-x.
+const POSIX_ACL: [u8; 44] = [
+    0x02, 0x00, 0x00, 0x00, // version 2
+    0x01, 0x00, 0x07, 0x00, 0xff, 0xff, 0xff, 0xff, // ACL_USER_OBJ rwx
+    0x02, 0x00, 0x04, 0x00, 0x70, 0x11, 0x01, 0x00, // ACL_USER 70000 r--
+    0x04, 0x00, 0x05, 0x00, 0xff, 0xff, 0xff, 0xff, // ACL_GROUP_OBJ r-x
+    0x10, 0x00, 0x05, 0x00, 0xff, 0xff, 0xff, 0xff, // ACL_MASK r-x
+    0x20, 0x00, 0x05, 0x00, 0xff, 0xff, 0xff, 0xff, // ACL_OTHER r-x
+];
+
 const NEGATIVE: Timestamp = Timestamp::new(-86_400, 500_000_000);
 const AFTER_2038: Timestamp = Timestamp::new(4_102_444_800, 123_456_789);
 const LAYER_OFFSET: u64 = 1000;
@@ -161,6 +171,11 @@ fn sample_tree() -> (Tree, tempfile::TempDir) {
     ];
     m.xattrs = xattrs;
     b.add(ROOT, b"bytes", bytes_file(b"hello, world\n"), m);
+    let mut m = meta(0o4755, 0, 0, AFTER_2038);
+    m.xattrs = vec![(
+        b"system.posix_acl_access".as_slice().into(),
+        POSIX_ACL.as_slice().into(),
+    )];
     b.add(
         ROOT,
         b"layer",
@@ -171,7 +186,7 @@ fn sample_tree() -> (Tree, tempfile::TempDir) {
                 offset: LAYER_OFFSET,
             },
         },
-        meta(0o4755, 0, 0, AFTER_2038),
+        m,
     );
     b.add(
         ROOT,
