@@ -81,11 +81,24 @@ pub enum Content {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {
     /// Children sorted by name (bytewise), names unique, without `.` and `..`.
-    Dir { entries: Vec<(Box<[u8]>, NodeId)> },
-    File { size: u64, content: Content },
-    Symlink { target: Box<[u8]> },
-    CharDevice { major: u32, minor: u32 },
-    BlockDevice { major: u32, minor: u32 },
+    Dir {
+        entries: Vec<(Box<[u8]>, NodeId)>,
+    },
+    File {
+        size: u64,
+        content: Content,
+    },
+    Symlink {
+        target: Box<[u8]>,
+    },
+    CharDevice {
+        major: u32,
+        minor: u32,
+    },
+    BlockDevice {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -224,7 +237,10 @@ impl Tree {
                 buf.copy_from_slice(&bytes[start..start + want]);
                 Ok(want)
             }
-            Content::Layer { layer, offset: base } => {
+            Content::Layer {
+                layer,
+                offset: base,
+            } => {
                 let file = &self.layer_files[*layer as usize];
                 read_full_at(file, buf, base + offset)
             }
@@ -389,6 +405,9 @@ mod tests {
             Duration::new(86_399, 500_000_000)
         );
         let t = Timestamp::new(4_102_444_800, 0).to_system_time();
-        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 4_102_444_800);
+        assert_eq!(
+            t.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+            4_102_444_800
+        );
     }
 }

@@ -12,6 +12,14 @@
 //! check at all: that user reads everything) can access it; with `allow_other` every user can,
 //! and the kernel checks permissions against the image's modes (`default_permissions`).
 //!
+//! Device numbers travel in FUSE's 32-bit `rdev` (the kernel's `new_encode_dev` layout), so
+//! majors above 4095 or minors above 2^20-1 cannot be shown exactly and are truncated. Extended
+//! attributes, including `security.capability` and `system.posix_acl_*`, are returned byte for
+//! byte (ACLs are not enforced by the view).
+//!
+//! Requests are served by [`MountOptions::threads`] threads, each with its own cloned
+//! `/dev/fuse` descriptor (`FUSE_DEV_IOC_CLONE`, Linux 4.5+).
+//!
 //! Unmounting first tries a normal unmount; if the view is still in use it is detached lazily
 //! and, when the fuse control filesystem is available, its connection is aborted so that the
 //! session always ends.
