@@ -37,7 +37,13 @@ struct BNode {
 pub(super) enum ResolveError {
     /// More than [`MAX_SYMLINK_FOLLOWS`] symlinks followed.
     SymlinkLoop,
+    /// The path nests deeper than [`MAX_DEPTH`] directories.
+    TooDeep,
 }
+
+/// Deepest directory nesting accepted: a path of `PATH_MAX` (4096) bytes holds at most 2048
+/// components, and keeping trees this shallow lets consumers walk them recursively.
+pub(super) const MAX_DEPTH: usize = 2048;
 
 /// The metadata of directories nobody described: 0755, root:root, mtime at the epoch.
 pub fn implicit_dir_meta() -> Meta {
@@ -92,9 +98,16 @@ impl TreeBuilder {
         self.nodes.len()
     }
 
+    /// Whether the builder is close to the number of nodes a [`NodeId`] can index; callers
+    /// refuse new entries then (one entry allocates at most a handful of nodes per path
+    /// component, so the margin is generous).
+    pub(super) fn is_full(&self) -> bool {
+        self.nodes.len() >= (NodeId::MAX / 2) as usize
+    }
+
     fn alloc(&mut self, kind: BKind, meta: Meta) -> NodeId {
+        // Callers check `is_full` before each entry, so the id always fits.
         let id = NodeId::try_from(self.nodes.len()).unwrap_or(NodeId::MAX);
-        // More than 4 billion nodes cannot be indexed; `insert_child` refuses the sentinel.
         self.nodes.push(BNode { kind, meta });
         id
     }
@@ -156,7 +169,7 @@ impl TreeBuilder {
                 Step::Blocked(at, name) if create => {
                     let dir = self.alloc(BKind::Dir(Children::new()), implicit_dir_meta());
                     self.set_child(at, &name, dir);
-                    walker.stack.push(dir);
+                    walker.push(dir)?;
                 }
                 Step::Blocked(..) => return Ok(None),
             }
@@ -230,6 +243,9 @@ impl TreeBuilder {
     /// whatever is there (a directory there is removed with its subtree). Missing parents are
     /// created 0755 root:root; symlinks among the parents are followed inside the tree.
     pub fn insert(&mut self, path: &[u8], kind: NodeKind, meta: Meta) -> Result<(), MergeError> {
+        if self.is_full() {
+            return Err(inject_err(path, "too many nodes in the tree"));
+        }
         if matches!(kind, NodeKind::Dir { .. }) {
             return Err(inject_err(
                 path,
@@ -252,6 +268,9 @@ impl TreeBuilder {
     /// gets `meta`. An existing directory keeps its children and gets `meta`; a non-directory
     /// at `path` is replaced by an empty directory.
     pub fn mkdir_all(&mut self, path: &[u8], meta: Meta) -> Result<(), MergeError> {
+        if self.is_full() {
+            return Err(inject_err(path, "too many nodes in the tree"));
+        }
         let comps = checked_components(path)?;
         let Some(leaf) = comps.last() else {
             self.set_root_meta(meta);
@@ -312,7 +331,7 @@ impl TreeBuilder {
 
         struct Frame {
             new_dir: NodeId,
-            children: std::vec::IntoIter<(Box<[u8]>, NodeId)>,
+            children: std::collections::btree_map::IntoIter<Box<[u8]>, NodeId>,
             entries: Vec<(Box<[u8]>, NodeId)>,
         }
         let mut stack = vec![Frame {
@@ -359,7 +378,7 @@ impl TreeBuilder {
                     stack.push(Frame {
                         new_dir: id,
                         entries: Vec::with_capacity(children.len()),
-                        children: children.into_iter().collect::<Vec<_>>().into_iter(),
+                        children: children.into_iter(),
                     });
                 }
                 BKind::Leaf(kind) => out.push(Node {
@@ -377,10 +396,10 @@ impl TreeBuilder {
     }
 }
 
-fn take_children(nodes: &mut [BNode], id: NodeId) -> Vec<(Box<[u8]>, NodeId)> {
+fn take_children(nodes: &mut [BNode], id: NodeId) -> Children {
     match &mut nodes[id as usize].kind {
-        BKind::Dir(c) => std::mem::take(c).into_iter().collect(),
-        BKind::Leaf(_) => Vec::new(),
+        BKind::Dir(c) => std::mem::take(c),
+        BKind::Leaf(_) => Children::new(),
     }
 }
 
@@ -410,6 +429,14 @@ impl<'p> Walker<'p> {
         }
     }
 
+    fn push(&mut self, dir: NodeId) -> Result<(), ResolveError> {
+        if self.stack.len() > MAX_DEPTH {
+            return Err(ResolveError::TooDeep);
+        }
+        self.stack.push(dir);
+        Ok(())
+    }
+
     fn step(&mut self, b: &TreeBuilder) -> Result<Step, ResolveError> {
         while let Some(comp) = self.pending.pop() {
             let cur = *self.stack.last().unwrap_or(&ROOT);
@@ -427,7 +454,7 @@ impl<'p> Walker<'p> {
                 return Ok(Step::Blocked(cur, comp.as_ref().into()));
             };
             match &b.nodes[child as usize].kind {
-                BKind::Dir(_) => self.stack.push(child),
+                BKind::Dir(_) => self.push(child)?,
                 BKind::Leaf(NodeKind::Symlink { target }) if !target.is_empty() => {
                     self.follows += 1;
                     if self.follows > MAX_SYMLINK_FOLLOWS {
@@ -468,5 +495,9 @@ fn inject_err(path: &[u8], reason: &str) -> MergeError {
 fn inject_resolve_err(path: &[u8], e: ResolveError) -> MergeError {
     match e {
         ResolveError::SymlinkLoop => inject_err(path, "too many levels of symbolic links"),
+        ResolveError::TooDeep => inject_err(
+            path,
+            &format!("path nests deeper than {MAX_DEPTH} directories"),
+        ),
     }
 }

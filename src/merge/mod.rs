@@ -9,13 +9,16 @@
 //! - **Names** are raw bytes. Leading `/` and `./` are stripped, `.` components dropped and
 //!   `..` applied lexically, clamped at the root (`../../etc/x` is `etc/x`). An entry naming
 //!   the root (`./`, `.`, `/`) sets the root directory's metadata; a non-directory entry
-//!   naming the root is an error. A component longer than 255 bytes is an error.
+//!   naming the root is an error. A component longer than 255 bytes is an error, and so is a
+//!   path nesting more than 2048 directories deep (what `PATH_MAX` allows; it also keeps the
+//!   tree shallow enough for recursive walks).
 //! - **Parents** are resolved inside the image: a symlink among the parent components is
 //!   followed within the tree (absolute targets start at the image root, `..` is clamped at
 //!   the root), at most 40 symlinks per entry, else an error. Missing parents are created as
 //!   implicit directories 0755 root:root with mtime 0; a later header for such a directory
-//!   updates its metadata. A parent that resolves to a non-directory is replaced by an
-//!   implicit directory (umoci removes it and creates the directory).
+//!   updates its metadata. A parent that resolves to a non-directory (or to a symlink with an
+//!   empty target) is replaced by an implicit directory, the way an unpacker that must create
+//!   the path removes the obstacle.
 //! - **The leaf is never followed**: an entry replaces what is at its path. A directory entry
 //!   over an existing directory replaces only the metadata (mode, owner, mtime, xattrs) and
 //!   keeps the children; a non-directory over a directory removes the whole subtree.
@@ -33,16 +36,18 @@
 //!   a no-op.
 //! - **Types**: regular (`0`, `\0`, `7`), hard link, symlink (raw target kept), char and block
 //!   devices, directory, FIFO. An old-style `\0` entry whose name ends in `/` is a directory
-//!   (as Go's archive/tar reads it). GNU long names/links and PAX `path`/`linkpath`/`size`
-//!   are honoured (by the header reader in `tarread`, which keeps PAX values as raw bytes),
-//!   PAX global headers ignored, GNU sparse entries
-//!   (type `S` or PAX `GNU.sparse.*`) rejected, other types skipped with a warning.
+//!   (as Go's archive/tar reads it). GNU long names/links, ustar prefixes and PAX
+//!   `path`/`linkpath`/`size` are honoured by the header reader in `tarread`, which keeps PAX
+//!   values as raw bytes; PAX global headers are ignored; GNU sparse entries (type `S` or PAX
+//!   `GNU.sparse.*` records) are rejected; other types are skipped with a warning. The
+//!   archive ends at the first all-zero block (or at the end of the file).
 //! - **Metadata**: mode `& 0o7777` (setuid/setgid/sticky kept); uid/gid from the header
 //!   (octal or base-256), overridden by PAX `uid`/`gid`; mtime from the header (octal or
 //!   signed base-256), overridden by PAX `mtime` (decimal, may be negative and fractional:
 //!   `-1.25` is sec -2, nsec 750000000). Xattrs from PAX `SCHILY.xattr.NAME` (raw value
 //!   bytes) and `LIBARCHIVE.xattr.NAME` (name percent-encoded, value base64); when both name
-//!   the same attribute the later record wins. Xattrs are sorted by name.
+//!   the same attribute the later record wins. Xattrs are sorted by name. uid, gid and device
+//!   numbers above `u32::MAX` are errors.
 //! - **Integrity**: a regular file whose data would extend past the end of the layer file is
 //!   an error (truncated layer).
 
@@ -60,7 +65,7 @@ use thiserror::Error;
 
 use crate::tree::{Content, Meta, NodeKind, Tree};
 
-use builder::{clean_components, ResolveError, NAME_MAX};
+use builder::{clean_components, ResolveError, MAX_DEPTH, NAME_MAX};
 pub use builder::{implicit_dir_meta, TreeBuilder};
 use tarread::{RawEntry, ReadError, TarReader};
 
@@ -162,7 +167,7 @@ impl TreeBuilder {
                 self.apply_whiteout(index, rec)?;
             }
         }
-        for rec in &records {
+        for rec in records {
             if !matches!(rec.action, Action::Whiteout | Action::Opaque) {
                 self.apply_record(index, rec)?;
             }
@@ -191,12 +196,15 @@ impl TreeBuilder {
         Ok(())
     }
 
-    fn apply_record(&mut self, layer: u32, rec: &Record) -> Result<(), MergeError> {
+    fn apply_record(&mut self, layer: u32, rec: Record) -> Result<(), MergeError> {
+        if self.is_full() {
+            return Err(bad(layer, &rec.path, "too many entries in the image"));
+        }
         let comps = clean_components(&rec.path);
         let Some(leaf) = comps.last() else {
             return match rec.action {
                 Action::Dir => {
-                    self.set_root_meta(rec.meta.clone());
+                    self.set_root_meta(rec.meta);
                     Ok(())
                 }
                 _ => Err(bad(
@@ -208,18 +216,18 @@ impl TreeBuilder {
         };
         // A hard link's target is looked up before the link's own parents are created.
         let link_target = match &rec.action {
-            Action::Hardlink(target) => Some(self.hardlink_target(layer, rec, target)?),
+            Action::Hardlink(target) => Some(self.hardlink_target(layer, &rec.path, target)?),
             _ => None,
         };
         let parent = self
             .resolve_parent(&comps, true)
             .map_err(|e| resolve_err(layer, &rec.path, e))?
             .ok_or_else(|| bad(layer, &rec.path, "parent directory cannot be created"))?;
-        match &rec.action {
+        match rec.action {
             Action::Dir => {
-                self.put_dir(parent, leaf, rec.meta.clone());
+                self.put_dir(parent, leaf, rec.meta);
             }
-            Action::Leaf(kind) => self.put_leaf(parent, leaf, kind.clone(), rec.meta.clone()),
+            Action::Leaf(kind) => self.put_leaf(parent, leaf, kind, rec.meta),
             Action::Hardlink(_) => {
                 if let Some(target) = link_target {
                     self.link(parent, leaf, target);
@@ -231,22 +239,27 @@ impl TreeBuilder {
     }
 
     fn hardlink_target(
-        &mut self,
+        &self,
         layer: u32,
-        rec: &Record,
+        entry: &[u8],
         target: &[u8],
     ) -> Result<crate::tree::NodeId, MergeError> {
         let link_err = |reason: &str| MergeError::HardlinkTarget {
             layer,
-            entry: lossy(&rec.path),
+            entry: lossy(entry),
             target: lossy(target),
             reason: reason.to_string(),
         };
         let comps = clean_components(target);
-        check_name_lengths(layer, &rec.path, &comps)?;
+        check_name_lengths(layer, entry, &comps)?;
         let id = self
             .lookup_path(&comps)
-            .map_err(|_| link_err("too many levels of symbolic links"))?
+            .map_err(|e| {
+                link_err(match e {
+                    ResolveError::SymlinkLoop => "too many levels of symbolic links",
+                    ResolveError::TooDeep => "nests too deep",
+                })
+            })?
             .ok_or_else(|| link_err("does not exist"))?;
         if self.node_is_dir(id) {
             return Err(link_err("is a directory"));
@@ -269,6 +282,11 @@ fn resolve_err(layer: u32, entry: &[u8], e: ResolveError) -> MergeError {
             layer,
             entry: lossy(entry),
         },
+        ResolveError::TooDeep => bad(
+            layer,
+            entry,
+            &format!("path nests deeper than {MAX_DEPTH} directories"),
+        ),
     }
 }
 

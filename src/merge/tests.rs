@@ -523,7 +523,8 @@ fn cases() -> Vec<Case> {
         (
             "long names through pax path and linkpath",
             vec![vec![
-                f(&path150, "deep"),
+                // The xattr's newline precedes the pax `path` record: both must survive.
+                f(&path150, "deep").xattr("user.nl", "a\nb"),
                 f(&name200, "wide"),
                 l("sym", &target300),
                 h("hl", &path150),
@@ -532,8 +533,8 @@ fn cases() -> Vec<Case> {
                 &format!("{ROOT_LINE} n=3"),
                 &format!("/{} d 755 0:0 @0 n=3", long('a', 70)),
                 &format!("/{}/{} d 755 0:0 @0 n=2", long('a', 70), long('b', 70)),
-                &format!("/{path150} f 644 0:0 @0 =deep n=2 grp=/{path150}"),
-                &format!("/hl f 644 0:0 @0 =deep n=2 grp=/{path150}"),
+                &format!("/{path150} f 644 0:0 @0 =deep x:user.nl=610a62 n=2 grp=/{path150}"),
+                &format!("/hl f 644 0:0 @0 =deep x:user.nl=610a62 n=2 grp=/{path150}"),
                 &format!("/{name200} f 644 0:0 @0 =wide n=1"),
                 &format!("/sym l 777 0:0 @0 ->{target300} n=1"),
             ]),
@@ -855,6 +856,20 @@ fn error_cases() {
             &["layer 0", "tar entry dir/qqq", "256 bytes exceeds 255"],
         ),
         (
+            "path nesting too deep",
+            vec![vec![f("a/".repeat(2100), "")]],
+            &["layer 0", "tar entry a/a/a", "deeper than 2048 directories"],
+        ),
+        (
+            "symlinks nesting too deep",
+            vec![vec![
+                d("a/".repeat(1500)),
+                l("s", "a/".repeat(1500)),
+                f(format!("s/{}x", "b/".repeat(600)), ""),
+            ]],
+            &["tar entry s/b/b", "deeper than 2048 directories"],
+        ),
+        (
             "non-directory naming the root",
             vec![vec![f("./", "")]],
             &["tar entry ./", "cannot replace the root"],
@@ -1014,6 +1029,37 @@ fn gnu_long_names_ustar_prefix_and_global_headers() {
     ]
     .join("\n");
     assert_eq!(got, want);
+}
+
+/// A PAX `size` record overrides the header's size field, for the data and for where the next
+/// header is.
+#[test]
+fn pax_size_overrides_the_header() {
+    let mut b = tar::Builder::new(Vec::new());
+    let data = vec![b'z'; 700];
+    b.append_pax_extensions([("size", &b"700"[..])]).unwrap();
+    let mut hdr = tar::Header::new_ustar();
+    hdr.as_old_mut().name[..3].copy_from_slice(b"big");
+    hdr.set_entry_type(tar::EntryType::Regular);
+    hdr.set_mode(0o644);
+    hdr.set_size(0);
+    hdr.set_cksum();
+    b.append(&hdr, &data[..]).unwrap();
+    let mut next = tar::Header::new_ustar();
+    next.as_old_mut().name[..4].copy_from_slice(b"next");
+    next.set_entry_type(tar::EntryType::Regular);
+    next.set_mode(0o600);
+    next.set_size(2);
+    next.set_cksum();
+    b.append(&next, &b"ok"[..]).unwrap();
+    let tree = merge_layers(vec![to_file(&b.into_inner().unwrap())]).unwrap();
+    assert_eq!(
+        render(&tree),
+        format!(
+            "{ROOT_LINE} n=2\n/big f 644 0:0 @0 ={} n=1\n/next f 600 0:0 @0 =ok n=1",
+            "z".repeat(700)
+        )
+    );
 }
 
 #[test]
