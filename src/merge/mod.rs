@@ -46,7 +46,9 @@
 //!   signed base-256), overridden by PAX `mtime` (decimal, may be negative and fractional:
 //!   `-1.25` is sec -2, nsec 750000000). Xattrs from PAX `SCHILY.xattr.NAME` (raw value
 //!   bytes) and `LIBARCHIVE.xattr.NAME` (name percent-encoded, value base64); when both name
-//!   the same attribute the later record wins. Xattrs are sorted by name. uid, gid and device
+//!   the same attribute the later record wins. Xattrs are sorted by name. PAX records with
+//!   an empty value are ignored (as Go's archive/tar, hence umoci, does), so an xattr with an
+//!   empty value is dropped. uid, gid and device
 //!   numbers above `u32::MAX` are errors.
 //! - **Integrity**: a regular file whose data would extend past the end of the layer file is
 //!   an error (truncated layer).

@@ -5,7 +5,8 @@
 //! as written: the crate splits PAX data on newlines, which breaks binary xattr values (and
 //! any later `path`/`size` record) containing a 0x0a byte. Handled: ustar (with prefix), GNU
 //! and v7 headers, octal and base-256 numbers (negative mtimes included), PAX local records
-//! (`path`, `linkpath`, `size`, `uid`, `gid`, `mtime`, everything else kept for the caller),
+//! (`path`, `linkpath`, `size`, `uid`, `gid`, `mtime`, everything else kept for the caller;
+//! records with an empty value are ignored, as Go's archive/tar does),
 //! PAX global headers (skipped), GNU long names and long links.
 
 use std::fs::File;
@@ -236,6 +237,11 @@ impl<'f> TarReader<'f> {
             })();
             fields.map_err(|r| self.bad(r))?;
             for (key, value) in pax.take().unwrap_or_default() {
+                // An empty value keeps the header's own field (POSIX: it deletes the record);
+                // Go's archive/tar, and so umoci, ignore such records, xattrs included.
+                if value.is_empty() {
+                    continue;
+                }
                 let num = |v: &[u8]| -> Result<u64, String> {
                     std::str::from_utf8(v)
                         .ok()
