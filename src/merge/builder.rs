@@ -1,0 +1,503 @@
+//! The mutable tree the merge writes into, and its conversion into a frozen [`Tree`].
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::sync::Arc;
+
+use crate::tree::{Meta, Node, NodeId, NodeKind, Tree, ROOT};
+
+use super::{lossy, MergeError};
+
+/// How many symlinks one path resolution may follow before giving up (Linux uses 40 too).
+pub(super) const MAX_SYMLINK_FOLLOWS: u32 = 40;
+
+/// Longest single path component accepted (`NAME_MAX`).
+pub(super) const NAME_MAX: usize = 255;
+
+/// The children of a builder directory, sorted by raw name.
+type Children = BTreeMap<Box<[u8]>, NodeId>;
+
+#[derive(Debug)]
+enum BKind {
+    Dir(Children),
+    /// Any non-directory kind, exactly as it will appear in the frozen tree.
+    Leaf(NodeKind),
+}
+
+#[derive(Debug)]
+struct BNode {
+    kind: BKind,
+    meta: Meta,
+}
+
+/// Why a path could not be resolved (mapped by callers onto a [`MergeError`] naming the
+/// entry).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum ResolveError {
+    /// More than [`MAX_SYMLINK_FOLLOWS`] symlinks followed.
+    SymlinkLoop,
+    /// The path nests deeper than [`MAX_DEPTH`] directories.
+    TooDeep,
+}
+
+/// Deepest directory nesting accepted: a path of `PATH_MAX` (4096) bytes holds at most 2048
+/// components, and keeping trees this shallow lets consumers walk them recursively.
+pub(super) const MAX_DEPTH: usize = 2048;
+
+/// The metadata of directories nobody described: 0755, root:root, mtime at the epoch.
+pub fn implicit_dir_meta() -> Meta {
+    Meta {
+        mode: 0o755,
+        ..Meta::default()
+    }
+}
+
+/// Split a raw entry name into cleaned components: leading `/` and `./` dropped, `.` removed,
+/// `..` applied lexically and clamped at the root. An empty result means the root itself.
+pub(super) fn clean_components(path: &[u8]) -> Vec<&[u8]> {
+    let mut out: Vec<&[u8]> = Vec::new();
+    for comp in path.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            name => out.push(name),
+        }
+    }
+    out
+}
+
+/// A mutable image tree. Nodes are never freed while building: replaced or removed nodes just
+/// become unreachable and are dropped by [`TreeBuilder::freeze`].
+#[derive(Debug)]
+pub struct TreeBuilder {
+    nodes: Vec<BNode>,
+}
+
+impl Default for TreeBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TreeBuilder {
+    /// An empty tree: just the root directory (0755, root:root, mtime 0).
+    pub fn new() -> Self {
+        TreeBuilder {
+            nodes: vec![BNode {
+                kind: BKind::Dir(Children::new()),
+                meta: implicit_dir_meta(),
+            }],
+        }
+    }
+
+    /// Number of nodes allocated so far (reachable or not).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the builder is close to the number of nodes a [`NodeId`] can index; callers
+    /// refuse new entries then (one entry allocates at most a handful of nodes per path
+    /// component, so the margin is generous).
+    pub(super) fn is_full(&self) -> bool {
+        self.nodes.len() >= (NodeId::MAX / 2) as usize
+    }
+
+    fn alloc(&mut self, kind: BKind, meta: Meta) -> NodeId {
+        // Callers check `is_full` before each entry, so the id always fits.
+        let id = NodeId::try_from(self.nodes.len()).unwrap_or(NodeId::MAX);
+        self.nodes.push(BNode { kind, meta });
+        id
+    }
+
+    fn children(&self, dir: NodeId) -> Option<&Children> {
+        match &self.nodes.get(dir as usize)?.kind {
+            BKind::Dir(c) => Some(c),
+            BKind::Leaf(_) => None,
+        }
+    }
+
+    fn children_mut(&mut self, dir: NodeId) -> Option<&mut Children> {
+        match &mut self.nodes.get_mut(dir as usize)?.kind {
+            BKind::Dir(c) => Some(c),
+            BKind::Leaf(_) => None,
+        }
+    }
+
+    fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        self.children(dir)?.get(name).copied()
+    }
+
+    fn is_dir(&self, id: NodeId) -> bool {
+        matches!(
+            self.nodes.get(id as usize).map(|n| &n.kind),
+            Some(BKind::Dir(_))
+        )
+    }
+
+    /// Point `dir/name` at `id`, replacing whatever was there.
+    fn set_child(&mut self, dir: NodeId, name: &[u8], id: NodeId) {
+        if let Some(children) = self.children_mut(dir) {
+            match children.get_mut(name) {
+                Some(slot) => *slot = id,
+                None => {
+                    children.insert(name.into(), id);
+                }
+            }
+        }
+    }
+
+    /// Resolve the directory that holds the last of `comps`, following symlinks met on the
+    /// way inside the tree (absolute targets start at the image root, `..` is clamped at the
+    /// root). With `create`, missing directories are created with implicit metadata and
+    /// non-directories in the way are replaced by implicit directories; without it, such a
+    /// path resolves to `None`. An empty `comps` resolves to `None`.
+    pub(super) fn resolve_parent(
+        &mut self,
+        comps: &[&[u8]],
+        create: bool,
+    ) -> Result<Option<NodeId>, ResolveError> {
+        let Some((_, parents)) = comps.split_last() else {
+            return Ok(None);
+        };
+        let mut walker = Walker::new(parents);
+        loop {
+            match walker.step(self)? {
+                Step::Done(dir) => return Ok(Some(dir)),
+                Step::Blocked(at, name) if create => {
+                    let dir = self.alloc(BKind::Dir(Children::new()), implicit_dir_meta());
+                    self.set_child(at, &name, dir);
+                    walker.push(dir)?;
+                }
+                Step::Blocked(..) => return Ok(None),
+            }
+        }
+    }
+
+    /// Resolve a cleaned path to the node it names without following its last component and
+    /// without changing anything.
+    pub(super) fn lookup_path(&self, comps: &[&[u8]]) -> Result<Option<NodeId>, ResolveError> {
+        let Some((leaf, parents)) = comps.split_last() else {
+            return Ok(Some(ROOT));
+        };
+        match Walker::new(parents).step(self)? {
+            Step::Done(dir) => Ok(self.lookup(dir, leaf)),
+            Step::Blocked(..) => Ok(None),
+        }
+    }
+
+    /// Put a new non-directory node at `parent/name`, replacing what is there.
+    pub(super) fn put_leaf(&mut self, parent: NodeId, name: &[u8], kind: NodeKind, meta: Meta) {
+        let id = self.alloc(BKind::Leaf(kind), meta);
+        self.set_child(parent, name, id);
+    }
+
+    /// Make `parent/name` a directory with `meta`: an existing directory keeps its children,
+    /// anything else is replaced by a new empty directory.
+    pub(super) fn put_dir(&mut self, parent: NodeId, name: &[u8], meta: Meta) -> NodeId {
+        if let Some(existing) = self.lookup(parent, name) {
+            if self.is_dir(existing) {
+                self.nodes[existing as usize].meta = meta;
+                return existing;
+            }
+        }
+        let id = self.alloc(BKind::Dir(Children::new()), meta);
+        self.set_child(parent, name, id);
+        id
+    }
+
+    /// Replace the root directory's metadata (children kept).
+    pub(super) fn set_root_meta(&mut self, meta: Meta) {
+        self.nodes[ROOT as usize].meta = meta;
+    }
+
+    /// Add another entry `parent/name` for existing node `target` (a hard link).
+    pub(super) fn link(&mut self, parent: NodeId, name: &[u8], target: NodeId) {
+        self.set_child(parent, name, target);
+    }
+
+    /// Whether `id` is a directory (false for unknown ids).
+    pub(super) fn node_is_dir(&self, id: NodeId) -> bool {
+        self.is_dir(id)
+    }
+
+    /// Remove `dir/name` (and with it a whole subtree); returns whether something was there.
+    pub(super) fn remove_child(&mut self, dir: NodeId, name: &[u8]) -> bool {
+        self.children_mut(dir)
+            .map(|c| c.remove(name).is_some())
+            .unwrap_or(false)
+    }
+
+    /// Remove every child of `dir` (an opaque directory); no-op for non-directories.
+    pub(super) fn clear_dir(&mut self, dir: NodeId) {
+        if let Some(c) = self.children_mut(dir) {
+            c.clear();
+        }
+    }
+
+    // ---- injection API -------------------------------------------------------------------
+
+    /// Put a non-directory at `path` (absolute or root-relative, raw bytes), replacing
+    /// whatever is there (a directory there is removed with its subtree). Missing parents are
+    /// created 0755 root:root; symlinks among the parents are followed inside the tree.
+    pub fn insert(&mut self, path: &[u8], kind: NodeKind, meta: Meta) -> Result<(), MergeError> {
+        if self.is_full() {
+            return Err(inject_err(path, "too many nodes in the tree"));
+        }
+        if matches!(kind, NodeKind::Dir { .. }) {
+            return Err(inject_err(
+                path,
+                "insert cannot create directories, use mkdir_all",
+            ));
+        }
+        let comps = checked_components(path)?;
+        let Some(leaf) = comps.last() else {
+            return Err(inject_err(path, "cannot replace the root directory"));
+        };
+        let parent = self
+            .resolve_parent(&comps, true)
+            .map_err(|e| inject_resolve_err(path, e))?
+            .ok_or_else(|| inject_err(path, "parent directory cannot be created"))?;
+        self.put_leaf(parent, leaf, kind, meta);
+        Ok(())
+    }
+
+    /// Create directory `path` and any missing parents (0755 root:root); the directory itself
+    /// gets `meta`. An existing directory keeps its children and gets `meta`; a non-directory
+    /// at `path` is replaced by an empty directory.
+    pub fn mkdir_all(&mut self, path: &[u8], meta: Meta) -> Result<(), MergeError> {
+        if self.is_full() {
+            return Err(inject_err(path, "too many nodes in the tree"));
+        }
+        let comps = checked_components(path)?;
+        let Some(leaf) = comps.last() else {
+            self.set_root_meta(meta);
+            return Ok(());
+        };
+        let parent = self
+            .resolve_parent(&comps, true)
+            .map_err(|e| inject_resolve_err(path, e))?
+            .ok_or_else(|| inject_err(path, "parent directory cannot be created"))?;
+        self.put_dir(parent, leaf, meta);
+        Ok(())
+    }
+
+    /// Remove whatever is at `path` (a directory with its subtree); the last component is not
+    /// followed. Returns whether something was removed. The root cannot be removed.
+    pub fn remove(&mut self, path: &[u8]) -> Result<bool, MergeError> {
+        let comps = checked_components(path)?;
+        let Some(leaf) = comps.last() else {
+            return Err(inject_err(path, "cannot remove the root directory"));
+        };
+        match self
+            .resolve_parent(&comps, false)
+            .map_err(|e| inject_resolve_err(path, e))?
+        {
+            Some(parent) => Ok(self.remove_child(parent, leaf)),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether `path` names something (the last component is not followed; symlinks among
+    /// the parents are, inside the tree). Paths that loop count as absent.
+    pub fn exists(&self, path: &[u8]) -> bool {
+        let comps = clean_components(path);
+        if comps.is_empty() {
+            return true;
+        }
+        self.lookup_path(&comps).ok().flatten().is_some()
+    }
+
+    /// Freeze into a [`Tree`]: unreachable nodes are dropped, ids renumbered densely in
+    /// depth-first name order (root = 0), `nlink` and `parent` computed.
+    pub fn freeze(self, layer_files: Vec<Arc<File>>) -> Tree {
+        let mut old = self.nodes;
+        let mut new_id: Vec<NodeId> = vec![NodeId::MAX; old.len()];
+        let mut out: Vec<Node> = Vec::new();
+
+        // Move the root out first.
+        let root_children = take_children(&mut old, ROOT);
+        new_id[ROOT as usize] = 0;
+        out.push(Node {
+            kind: NodeKind::Dir {
+                entries: Vec::new(),
+            },
+            meta: std::mem::take(&mut old[ROOT as usize].meta),
+            nlink: 2,
+            parent: 0,
+        });
+
+        struct Frame {
+            new_dir: NodeId,
+            children: std::collections::btree_map::IntoIter<Box<[u8]>, NodeId>,
+            entries: Vec<(Box<[u8]>, NodeId)>,
+        }
+        let mut stack = vec![Frame {
+            new_dir: 0,
+            entries: Vec::with_capacity(root_children.len()),
+            children: root_children.into_iter(),
+        }];
+        while let Some(frame) = stack.last_mut() {
+            let Some((name, old_child)) = frame.children.next() else {
+                // Directory finished: store its entries (already sorted: BTreeMap order).
+                let Some(done) = stack.pop() else { break };
+                if let NodeKind::Dir { entries } = &mut out[done.new_dir as usize].kind {
+                    *entries = done.entries;
+                }
+                continue;
+            };
+            let parent = frame.new_dir;
+            let existing = new_id[old_child as usize];
+            if existing != NodeId::MAX {
+                // Another entry of a hard-link group (directories are never shared).
+                frame.entries.push((name, existing));
+                out[existing as usize].nlink += 1;
+                continue;
+            }
+            let id = NodeId::try_from(out.len()).unwrap_or(NodeId::MAX);
+            new_id[old_child as usize] = id;
+            frame.entries.push((name, id));
+            let meta = std::mem::take(&mut old[old_child as usize].meta);
+            let kind = std::mem::replace(
+                &mut old[old_child as usize].kind,
+                BKind::Leaf(NodeKind::Fifo),
+            );
+            match kind {
+                BKind::Dir(children) => {
+                    out[parent as usize].nlink += 1;
+                    out.push(Node {
+                        kind: NodeKind::Dir {
+                            entries: Vec::new(),
+                        },
+                        meta,
+                        nlink: 2,
+                        parent,
+                    });
+                    stack.push(Frame {
+                        new_dir: id,
+                        entries: Vec::with_capacity(children.len()),
+                        children: children.into_iter(),
+                    });
+                }
+                BKind::Leaf(kind) => out.push(Node {
+                    kind,
+                    meta,
+                    nlink: 1,
+                    parent,
+                }),
+            }
+        }
+        Tree {
+            nodes: out,
+            layer_files,
+        }
+    }
+}
+
+fn take_children(nodes: &mut [BNode], id: NodeId) -> Children {
+    match &mut nodes[id as usize].kind {
+        BKind::Dir(c) => std::mem::take(c),
+        BKind::Leaf(_) => Children::new(),
+    }
+}
+
+/// An in-progress walk through parent directories (see [`TreeBuilder::resolve_parent`]).
+struct Walker<'p> {
+    /// Components still to walk, in reverse order (popped from the end).
+    pending: Vec<Cow<'p, [u8]>>,
+    /// The directories walked so far; `..` pops, clamped at the root.
+    stack: Vec<NodeId>,
+    follows: u32,
+}
+
+enum Step {
+    /// Every component walked; the directory reached.
+    Done(NodeId),
+    /// `dir/name` is missing or not a directory (the walk can resume once the caller pushes
+    /// a directory for it onto `stack`).
+    Blocked(NodeId, Box<[u8]>),
+}
+
+impl<'p> Walker<'p> {
+    fn new(parents: &[&'p [u8]]) -> Self {
+        Walker {
+            pending: parents.iter().rev().map(|c| Cow::Borrowed(*c)).collect(),
+            stack: vec![ROOT],
+            follows: 0,
+        }
+    }
+
+    fn push(&mut self, dir: NodeId) -> Result<(), ResolveError> {
+        if self.stack.len() > MAX_DEPTH {
+            return Err(ResolveError::TooDeep);
+        }
+        self.stack.push(dir);
+        Ok(())
+    }
+
+    fn step(&mut self, b: &TreeBuilder) -> Result<Step, ResolveError> {
+        while let Some(comp) = self.pending.pop() {
+            let cur = *self.stack.last().unwrap_or(&ROOT);
+            match comp.as_ref() {
+                b"" | b"." => continue,
+                b".." => {
+                    if self.stack.len() > 1 {
+                        self.stack.pop();
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let Some(child) = b.lookup(cur, &comp) else {
+                return Ok(Step::Blocked(cur, comp.as_ref().into()));
+            };
+            match &b.nodes[child as usize].kind {
+                BKind::Dir(_) => self.push(child)?,
+                BKind::Leaf(NodeKind::Symlink { target }) if !target.is_empty() => {
+                    self.follows += 1;
+                    if self.follows > MAX_SYMLINK_FOLLOWS {
+                        return Err(ResolveError::SymlinkLoop);
+                    }
+                    if target.first() == Some(&b'/') {
+                        self.stack.truncate(1);
+                    }
+                    for part in target.split(|&c| c == b'/').rev() {
+                        self.pending.push(Cow::Owned(part.to_vec()));
+                    }
+                }
+                BKind::Leaf(_) => return Ok(Step::Blocked(cur, comp.as_ref().into())),
+            }
+        }
+        Ok(Step::Done(*self.stack.last().unwrap_or(&ROOT)))
+    }
+}
+
+fn checked_components(path: &[u8]) -> Result<Vec<&[u8]>, MergeError> {
+    let comps = clean_components(path);
+    if let Some(long) = comps.iter().find(|c| c.len() > NAME_MAX) {
+        return Err(inject_err(
+            path,
+            &format!("path component of {} bytes exceeds {NAME_MAX}", long.len()),
+        ));
+    }
+    Ok(comps)
+}
+
+fn inject_err(path: &[u8], reason: &str) -> MergeError {
+    MergeError::Inject {
+        path: lossy(path),
+        reason: reason.to_string(),
+    }
+}
+
+fn inject_resolve_err(path: &[u8], e: ResolveError) -> MergeError {
+    match e {
+        ResolveError::SymlinkLoop => inject_err(path, "too many levels of symbolic links"),
+        ResolveError::TooDeep => inject_err(
+            path,
+            &format!("path nests deeper than {MAX_DEPTH} directories"),
+        ),
+    }
+}
