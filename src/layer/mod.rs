@@ -7,11 +7,11 @@
 //! compressed digest and the diff_id check out, so the final path never holds partial or
 //! unverified data, even with several processes filling the cache at once.
 
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -22,6 +22,8 @@ use crate::source::{
 
 /// Buffer size for reading blobs and writing layer files.
 const BUF_SIZE: usize = 1 << 20;
+/// Decoded chunks queued between the decoder and the hashing writer.
+const PIPE_DEPTH: usize = 4;
 
 #[derive(Debug, Error)]
 pub enum LayerError {
@@ -97,23 +99,11 @@ impl LayerStore {
         LayerStore { dir: dir.into() }
     }
 
-    /// `$FLEDGE_CACHE_DIR`, else `$XDG_CACHE_HOME/fledge`, else `$HOME/.cache/fledge`.
+    /// `$FLEDGE_CACHE_DIR`, else `$XDG_CACHE_HOME/fledge`, else `$HOME/.cache/fledge`
+    /// (empty values count as unset; a relative `XDG_CACHE_HOME` is ignored, as the XDG spec
+    /// says).
     pub fn default_dir() -> Result<PathBuf, LayerError> {
-        let var = |name: &str| {
-            std::env::var_os(name)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        };
-        if let Some(d) = var("FLEDGE_CACHE_DIR") {
-            return Ok(d);
-        }
-        if let Some(d) = var("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
-            return Ok(d.join("fledge"));
-        }
-        if let Some(h) = var("HOME") {
-            return Ok(h.join(".cache").join("fledge"));
-        }
-        Err(LayerError::NoCacheDir)
+        default_dir_from(|name| std::env::var_os(name))
     }
 
     /// The store's root directory.
@@ -183,26 +173,8 @@ impl LayerStore {
             .open_blob(&layer.digest, layer.size)
             .map_err(source_err)?;
         let blob = BufReader::with_capacity(BUF_SIZE, blob);
-        let mut out = HashingWriter::new(io::BufWriter::with_capacity(BUF_SIZE, tmp.as_file()));
-        match compression {
-            Compression::None => {
-                let mut r = blob;
-                copy(&mut r, &mut out, layer, &tmp_path)?;
-            }
-            Compression::Gzip => {
-                let mut d = flate2::bufread::MultiGzDecoder::new(blob);
-                copy(&mut d, &mut out, layer, &tmp_path)?;
-                drain(d.into_inner(), layer)?;
-            }
-            Compression::Zstd => {
-                let mut d = zstd::stream::read::Decoder::with_buffer(blob)
-                    .map_err(|e| read_error(layer, e))?;
-                copy(&mut d, &mut out, layer, &tmp_path)?;
-                drain(d.finish(), layer)?;
-            }
-        }
-        let (writer, actual) = out.finish();
-        let file = writer.into_inner().map_err(|e| write_err(e.into_error()))?;
+        let file = tmp.as_file();
+        let actual = decode_into(compression, blob, file, layer, &tmp_path)?;
         if actual != layer.diff_id {
             return Err(LayerError::DiffIdMismatch {
                 digest: layer.digest.clone(),
@@ -278,6 +250,22 @@ impl LayerStore {
     }
 }
 
+fn default_dir_from(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<PathBuf, LayerError> {
+    let var = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = var("FLEDGE_CACHE_DIR") {
+        return Ok(d);
+    }
+    if let Some(d) = var("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
+        return Ok(d.join("fledge"));
+    }
+    if let Some(h) = var("HOME") {
+        return Ok(h.join(".cache").join("fledge"));
+    }
+    Err(LayerError::NoCacheDir)
+}
+
 /// Map a read error during decoding: blob verification failures stay source errors, the rest
 /// means the compressed stream is bad.
 fn read_error(layer: &LayerInfo, e: io::Error) -> LayerError {
@@ -296,25 +284,109 @@ fn read_error(layer: &LayerInfo, e: io::Error) -> LayerError {
     }
 }
 
-/// Copy all of `r` into `w` with one large buffer.
-fn copy<R: Read + ?Sized, W: Write>(
-    r: &mut R,
-    w: &mut HashingWriter<W>,
+/// Decode `blob` into `file` and return the `sha256:<hex>` of the decoded bytes. The
+/// decoder runs on this thread; hashing and writing run on a second one, fed through a small
+/// queue of large buffers, so the two halves overlap.
+fn decode_into<R: BufRead + Send>(
+    compression: Compression,
+    blob: R,
+    file: &File,
     layer: &LayerInfo,
     out_path: &Path,
+) -> Result<String, LayerError> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> io::Result<String> {
+            let mut hasher = Sha256::new();
+            let mut out = file;
+            for chunk in full_rx {
+                hasher.update(&chunk);
+                out.write_all(&chunk)?;
+                // The producer may be done already; then the buffer is simply dropped.
+                let _ = empty_tx.send(chunk);
+            }
+            Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+        });
+        let produced = produce(compression, blob, layer, &full_tx, &empty_rx);
+        drop(full_tx);
+        let written = writer.join();
+        match (produced, written) {
+            (_, Err(_)) => Err(LayerError::WorkerPanicked {
+                digest: layer.digest.clone(),
+            }),
+            // A write failure makes the producer stop early: report the write failure.
+            (_, Ok(Err(e))) => Err(LayerError::Io {
+                path: out_path.to_path_buf(),
+                source: e,
+            }),
+            (Err(e), Ok(Ok(_))) => Err(e),
+            (Ok(()), Ok(Ok(digest))) => Ok(digest),
+        }
+    })
+}
+
+/// Run the decoder for `compression` over `blob`, sending the output in chunks.
+fn produce<R: BufRead>(
+    compression: Compression,
+    blob: R,
+    layer: &LayerInfo,
+    tx: &mpsc::SyncSender<Vec<u8>>,
+    empties: &mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), LayerError> {
-    let mut buf = vec![0u8; BUF_SIZE];
+    match compression {
+        Compression::None => {
+            let mut r = blob;
+            pump(&mut r, layer, tx, empties)?;
+        }
+        Compression::Gzip => {
+            let mut d = flate2::bufread::MultiGzDecoder::new(blob);
+            if pump(&mut d, layer, tx, empties)? {
+                drain(d.into_inner(), layer)?;
+            }
+        }
+        Compression::Zstd => {
+            let mut d =
+                zstd::stream::read::Decoder::with_buffer(blob).map_err(|e| read_error(layer, e))?;
+            if pump(&mut d, layer, tx, empties)? {
+                drain(d.finish(), layer)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read `r` to the end in `BUF_SIZE` chunks and send them; `Ok(false)` if the receiving side
+/// went away (it failed, and reports why).
+fn pump<R: Read>(
+    r: &mut R,
+    layer: &LayerInfo,
+    tx: &mpsc::SyncSender<Vec<u8>>,
+    empties: &mpsc::Receiver<Vec<u8>>,
+) -> Result<bool, LayerError> {
     loop {
-        let n = match r.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(read_error(layer, e)),
-        };
-        w.write_all(&buf[..n]).map_err(|e| LayerError::Io {
-            path: out_path.to_path_buf(),
-            source: e,
-        })?;
+        let mut buf = empties.try_recv().unwrap_or_default();
+        buf.resize(BUF_SIZE, 0);
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(read_error(layer, e)),
+            }
+        }
+        if filled == 0 {
+            return Ok(true);
+        }
+        let at_end = filled < buf.len();
+        buf.truncate(filled);
+        if tx.send(buf).is_err() {
+            return Ok(false);
+        }
+        if at_end {
+            return Ok(true);
+        }
     }
 }
 
@@ -330,40 +402,6 @@ fn drain<R: BufRead>(mut r: R, layer: &LayerInfo) -> Result<(), LayerError> {
             return Ok(());
         }
         r.consume(n);
-    }
-}
-
-/// A writer that hashes everything written through it.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: Sha256,
-}
-
-impl<W: Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Sha256::new(),
-        }
-    }
-
-    /// The inner writer (not flushed) and `sha256:<hex>` of all bytes written.
-    fn finish(self) -> (W, String) {
-        (
-            self.inner,
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
-        )
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
     }
 }
 
@@ -661,43 +699,41 @@ mod tests {
 
     #[test]
     fn default_dir_order() {
-        // Environment variables are process-wide: this is the only test touching them.
-        let saved: Vec<_> = ["FLEDGE_CACHE_DIR", "XDG_CACHE_HOME", "HOME"]
-            .iter()
-            .map(|k| (*k, std::env::var_os(k)))
-            .collect();
-        let set = |k: &str, v: Option<&str>| match v {
-            // SAFETY-free: std::env::set_var is safe in edition 2021.
-            Some(v) => std::env::set_var(k, v),
-            None => std::env::remove_var(k),
-        };
-        set("FLEDGE_CACHE_DIR", Some("/c/fledge"));
-        set("XDG_CACHE_HOME", Some("/x"));
-        set("HOME", Some("/h"));
-        assert_eq!(
-            LayerStore::default_dir().unwrap(),
-            PathBuf::from("/c/fledge")
-        );
-        set("FLEDGE_CACHE_DIR", Some(""));
-        assert_eq!(
-            LayerStore::default_dir().unwrap(),
-            PathBuf::from("/x/fledge")
-        );
-        set("XDG_CACHE_HOME", Some("relative"));
-        assert_eq!(
-            LayerStore::default_dir().unwrap(),
-            PathBuf::from("/h/.cache/fledge")
-        );
-        set("XDG_CACHE_HOME", None);
-        set("HOME", None);
-        assert!(matches!(
-            LayerStore::default_dir(),
-            Err(LayerError::NoCacheDir)
-        ));
-        for (k, v) in saved {
-            match v {
-                Some(v) => std::env::set_var(k, v),
-                None => std::env::remove_var(k),
+        type Vars<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Vars, Option<&str>); 6] = [
+            (
+                &[
+                    ("FLEDGE_CACHE_DIR", "/c/fledge"),
+                    ("XDG_CACHE_HOME", "/x"),
+                    ("HOME", "/h"),
+                ],
+                Some("/c/fledge"),
+            ),
+            (
+                &[
+                    ("FLEDGE_CACHE_DIR", ""),
+                    ("XDG_CACHE_HOME", "/x"),
+                    ("HOME", "/h"),
+                ],
+                Some("/x/fledge"),
+            ),
+            (
+                &[("XDG_CACHE_HOME", "relative"), ("HOME", "/h")],
+                Some("/h/.cache/fledge"),
+            ),
+            (&[("HOME", "/h")], Some("/h/.cache/fledge")),
+            (&[("HOME", "")], None),
+            (&[], None),
+        ];
+        for (vars, want) in cases {
+            let got = default_dir_from(|k| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            });
+            match want {
+                Some(w) => assert_eq!(got.unwrap(), PathBuf::from(w), "{vars:?}"),
+                None => assert!(matches!(got, Err(LayerError::NoCacheDir)), "{vars:?}"),
             }
         }
     }

@@ -335,7 +335,6 @@ impl OciLayoutSource {
                 &media_type,
                 &raw,
                 desc.platform.as_ref().map(DescPlatform::to_platform),
-                wanted,
             ),
             Some(Kind::Index) => {
                 if depth >= MAX_INDEX_DEPTH {
@@ -414,7 +413,6 @@ impl OciLayoutSource {
         media_type: &str,
         raw: &[u8],
         index_platform: Option<Platform>,
-        wanted: &Platform,
     ) -> Result<ResolvedImage, SourceError> {
         let manifest_name = format!("manifest {}", desc.digest);
         let manifest: ManifestDoc = serde_json::from_slice(raw).map_err(|e| SourceError::Json {
@@ -479,12 +477,6 @@ impl OciLayoutSource {
             architecture: config.architecture().to_string(),
             variant: config.variant().clone().filter(|v| !v.is_empty()),
         };
-        if index_platform.is_none() && !wanted.matches(&config_platform) {
-            tracing::warn!(
-                "image {} is for {config_platform}, not the requested {wanted}",
-                desc.digest
-            );
-        }
         Ok(ResolvedImage {
             reference: self.reference.clone(),
             manifest_digest: desc.digest.clone(),
@@ -518,6 +510,14 @@ impl ImageSource for OciLayoutSource {
             };
             self.pick(&top, platform, 0, &context)?
         };
+        if !platform.matches(&img.platform) {
+            // Only possible when the reference selects a single manifest directly.
+            tracing::warn!(
+                "image {} is for {}, not the requested {platform}; using it anyway",
+                img.manifest_digest,
+                img.platform
+            );
+        }
         // Tags naming the top-level entry the image came through.
         let mut tags: BTreeSet<String> = BTreeSet::new();
         for d in &top {
@@ -771,6 +771,36 @@ mod tests {
         let img = resolve(&b, None, &amd64()).unwrap();
         assert_eq!(img.manifest_digest, a["digest"].as_str().unwrap());
         assert!(img.tags.is_empty());
+    }
+
+    #[test]
+    fn single_manifest_for_another_platform_is_used() {
+        let b = LayoutBuilder::new();
+        let m = b.image("linux/arm64", &[layer("a")]);
+        b.write_index_json(&[(m.clone(), Some("t"))]);
+        let img = resolve(&b, None, &amd64()).unwrap();
+        assert_eq!(img.manifest_digest, m["digest"].as_str().unwrap());
+        assert_eq!(img.platform.to_string(), "linux/arm64");
+    }
+
+    #[test]
+    fn index_entries_without_platform_are_judged_by_config() {
+        let b = LayoutBuilder::new();
+        let mut a = b.image("linux/amd64", &[layer("a")]);
+        let mut r = b.image("linux/arm64/v8", &[layer("r")]);
+        a.as_object_mut().unwrap().remove("platform");
+        r.as_object_mut().unwrap().remove("platform");
+        let idx = b.index(&[a, r.clone()], OCI_INDEX);
+        b.write_index_json(&[(idx, Some("t"))]);
+        let img = resolve(&b, None, &Platform::parse("linux/arm64").unwrap()).unwrap();
+        assert_eq!(img.manifest_digest, r["digest"].as_str().unwrap());
+        assert_eq!(img.platform.to_string(), "linux/arm64/v8");
+        let e = resolve(&b, None, &Platform::parse("linux/ppc64le").unwrap()).unwrap_err();
+        assert!(
+            matches!(&e, SourceError::PlatformNotFound { available, .. }
+                if available == &["linux/amd64", "linux/arm64/v8"]),
+            "{e}"
+        );
     }
 
     #[test]
