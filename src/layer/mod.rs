@@ -287,7 +287,7 @@ fn read_error(layer: &LayerInfo, e: io::Error) -> LayerError {
 /// Decode `blob` into `file` and return the `sha256:<hex>` of the decoded bytes. The
 /// decoder runs on this thread; hashing and writing run on a second one, fed through a small
 /// queue of large buffers, so the two halves overlap.
-fn decode_into<R: BufRead + Send>(
+fn decode_into<R: BufRead>(
     compression: Compression,
     blob: R,
     file: &File,
