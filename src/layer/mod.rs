@@ -12,6 +12,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -24,6 +25,8 @@ use crate::source::{
 const BUF_SIZE: usize = 1 << 20;
 /// Decoded chunks queued between the decoder and the hashing writer.
 const PIPE_DEPTH: usize = 4;
+/// Temporary files older than this are leftovers of interrupted runs.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Error)]
 pub enum LayerError {
@@ -191,6 +194,45 @@ impl LayerStore {
         Ok(final_path)
     }
 
+    /// Remove temporary files (`.tmp-*`) older than `max_age` that interrupted runs left in
+    /// the cache; returns how many were removed. Fresh ones may belong to a running process
+    /// and are kept.
+    pub fn remove_stale_temp_files(&self, max_age: Duration) -> Result<usize, LayerError> {
+        let dir = self.layers_dir();
+        let io_err = |path: &Path, e| LayerError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let entries = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&dir, e)),
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            if !entry.file_name().as_encoded_bytes().starts_with(b".tmp-") {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if meta.is_file() && age > max_age {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(&path, e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// The uncompressed tars of all layers of `image`, in layer order, decoded in parallel.
     pub fn uncompressed_all(
         &self,
@@ -200,6 +242,9 @@ impl LayerStore {
         let layers = &image.layers;
         if layers.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Err(e) = self.remove_stale_temp_files(STALE_TEMP_AGE) {
+            tracing::debug!("cleaning the layer cache: {e}");
         }
         let workers = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -695,6 +740,32 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        assert_eq!(store.remove_stale_temp_files(STALE_TEMP_AGE).unwrap(), 0);
+        let dir = store.layers_dir();
+        fs::create_dir_all(&dir).unwrap();
+        let old = dir.join(".tmp-old.tar");
+        let fresh = dir.join(".tmp-fresh.tar");
+        let done = dir.join(format!("{}.tar", "a".repeat(64)));
+        for p in [&old, &fresh, &done] {
+            fs::write(p, b"x").unwrap();
+        }
+        let long_ago = SystemTime::now() - Duration::from_secs(3 * 24 * 3600);
+        for p in [&old, &done] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        assert_eq!(store.remove_stale_temp_files(STALE_TEMP_AGE).unwrap(), 1);
+        assert!(!old.exists() && fresh.exists() && done.exists());
     }
 
     #[test]
