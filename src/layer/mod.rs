@@ -1,11 +1,811 @@
 //! Layer decoding (tar, gzip, zstd) into an uncompressed, digest-keyed cache.
 //!
-//! (stub: filled in by the source work)
+//! [`LayerStore`] keeps one uncompressed tar per layer at
+//! `<dir>/layers/sha256/<diff_id hex>.tar`. A layer is decoded by streaming its blob through
+//! the source's verifying reader and the decompressor into a temporary file in the same
+//! directory while hashing the output; the file is renamed into place only once both the
+//! compressed digest and the diff_id check out, so the final path never holds partial or
+//! unverified data, even with several processes filling the cache at once.
 
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::source::{
+    sha256_hex, BlobVerifyError, ImageSource, LayerInfo, ResolvedImage, SourceError,
+};
+
+/// Buffer size for reading blobs and writing layer files.
+const BUF_SIZE: usize = 1 << 20;
+/// Decoded chunks queued between the decoder and the hashing writer.
+const PIPE_DEPTH: usize = 4;
+/// Temporary files older than this are leftovers of interrupted runs.
+const STALE_TEMP_AGE: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Error)]
 pub enum LayerError {
-    #[error("{0}")]
-    Other(String),
+    #[error("unsupported layer media type '{media_type}' for layer {digest}")]
+    UnsupportedMediaType { media_type: String, digest: String },
+    #[error("layer {digest}: {source}")]
+    Source {
+        digest: String,
+        #[source]
+        source: SourceError,
+    },
+    #[error("layer {digest} is truncated or corrupt: {source}")]
+    Corrupt {
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {digest} decompresses to content with digest {actual}, but the image config says {expected}")]
+    DiffIdMismatch {
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("cannot write layer cache file {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot determine the cache directory: set FLEDGE_CACHE_DIR, XDG_CACHE_HOME or HOME")]
+    NoCacheDir,
+    #[error("layer decoding worker panicked for layer {digest}")]
+    WorkerPanicked { digest: String },
+}
+
+/// How a layer blob is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// The compression of a layer from its media type; `digest` names the layer in the error.
+pub fn compression_for(media_type: &str, digest: &str) -> Result<Compression, LayerError> {
+    match media_type {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+        | "application/vnd.docker.image.rootfs.diff.tar" => Ok(Compression::None),
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Ok(Compression::Gzip),
+        "application/vnd.oci.image.layer.v1.tar+zstd"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+        | "application/vnd.docker.image.rootfs.diff.tar.zstd" => Ok(Compression::Zstd),
+        _ => Err(LayerError::UnsupportedMediaType {
+            media_type: media_type.to_string(),
+            digest: digest.to_string(),
+        }),
+    }
+}
+
+/// The cache of uncompressed layer tars.
+#[derive(Clone, Debug)]
+pub struct LayerStore {
+    dir: PathBuf,
+}
+
+impl LayerStore {
+    /// A store rooted at `dir` (created on first use).
+    pub fn new(dir: impl Into<PathBuf>) -> LayerStore {
+        LayerStore { dir: dir.into() }
+    }
+
+    /// `$FLEDGE_CACHE_DIR`, else `$XDG_CACHE_HOME/fledge`, else `$HOME/.cache/fledge`
+    /// (empty values count as unset; a relative `XDG_CACHE_HOME` is ignored, as the XDG spec
+    /// says).
+    pub fn default_dir() -> Result<PathBuf, LayerError> {
+        default_dir_from(|name| std::env::var_os(name))
+    }
+
+    /// The store's root directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the uncompressed tar with this diff_id lives (whether or not it exists yet).
+    pub fn path_for(&self, diff_id: &str) -> Result<PathBuf, SourceError> {
+        let hex = sha256_hex(diff_id)?;
+        Ok(self.layers_dir().join(format!("{hex}.tar")))
+    }
+
+    fn layers_dir(&self) -> PathBuf {
+        self.dir.join("layers").join("sha256")
+    }
+
+    /// The uncompressed tar of `layer`, decoding it from `src` into the cache if needed.
+    pub fn uncompressed(
+        &self,
+        src: &dyn ImageSource,
+        layer: &LayerInfo,
+    ) -> Result<PathBuf, LayerError> {
+        let source_err = |e| LayerError::Source {
+            digest: layer.digest.clone(),
+            source: e,
+        };
+        let compression = compression_for(&layer.media_type, &layer.digest)?;
+        sha256_hex(&layer.digest).map_err(source_err)?;
+        let final_path = self.path_for(&layer.diff_id).map_err(source_err)?;
+        match fs::metadata(&final_path) {
+            Ok(m) if m.is_file() => return Ok(final_path),
+            Ok(_) => {
+                return Err(LayerError::Io {
+                    path: final_path,
+                    source: io::Error::new(io::ErrorKind::AlreadyExists, "not a regular file"),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(LayerError::Io {
+                    path: final_path,
+                    source: e,
+                })
+            }
+        }
+        let dir = self.layers_dir();
+        fs::create_dir_all(&dir).map_err(|e| LayerError::Io {
+            path: dir.clone(),
+            source: e,
+        })?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .suffix(".tar")
+            .tempfile_in(&dir)
+            .map_err(|e| LayerError::Io {
+                path: dir.clone(),
+                source: e,
+            })?;
+        let tmp_path = tmp.path().to_path_buf();
+        let write_err = |e| LayerError::Io {
+            path: tmp_path.clone(),
+            source: e,
+        };
+
+        let blob = src
+            .open_blob(&layer.digest, layer.size)
+            .map_err(source_err)?;
+        let blob = BufReader::with_capacity(BUF_SIZE, blob);
+        let file = tmp.as_file();
+        let actual = decode_into(compression, blob, file, layer, &tmp_path)?;
+        if actual != layer.diff_id {
+            return Err(LayerError::DiffIdMismatch {
+                digest: layer.digest.clone(),
+                expected: layer.diff_id.clone(),
+                actual,
+            });
+        }
+        file.sync_data().map_err(write_err)?;
+        // Atomic rename; if another process finished first, ours replaces an identical file.
+        tmp.persist(&final_path).map_err(|e| LayerError::Io {
+            path: final_path.clone(),
+            source: e.error,
+        })?;
+        Ok(final_path)
+    }
+
+    /// Remove temporary files (`.tmp-*`) older than `max_age` that interrupted runs left in
+    /// the cache; returns how many were removed. Fresh ones may belong to a running process
+    /// and are kept.
+    pub fn remove_stale_temp_files(&self, max_age: Duration) -> Result<usize, LayerError> {
+        let dir = self.layers_dir();
+        let io_err = |path: &Path, e| LayerError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let entries = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&dir, e)),
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            if !entry.file_name().as_encoded_bytes().starts_with(b".tmp-") {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if meta.is_file() && age > max_age {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(&path, e)),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The uncompressed tars of all layers of `image`, in layer order, decoded in parallel.
+    pub fn uncompressed_all(
+        &self,
+        src: &dyn ImageSource,
+        image: &ResolvedImage,
+    ) -> Result<Vec<PathBuf>, LayerError> {
+        let layers = &image.layers;
+        if layers.is_empty() {
+            return Ok(Vec::new());
+        }
+        if let Err(e) = self.remove_stale_temp_files(STALE_TEMP_AGE) {
+            tracing::debug!("cleaning the layer cache: {e}");
+        }
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(layers.len());
+        let next = AtomicUsize::new(0);
+        let results: Mutex<Vec<Option<Result<PathBuf, LayerError>>>> =
+            Mutex::new((0..layers.len()).map(|_| None).collect());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| loop {
+                    if failed.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(layer) = layers.get(i) else { break };
+                    let r = self.uncompressed(src, layer);
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
+                    }
+                    if let Ok(mut res) = results.lock() {
+                        if let Some(slot) = res.get_mut(i) {
+                            *slot = Some(r);
+                        }
+                    }
+                });
+            }
+        });
+        let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        let mut paths = Vec::with_capacity(layers.len());
+        let mut first_missing = None;
+        for (slot, layer) in results.into_iter().zip(layers) {
+            match slot {
+                Some(Ok(p)) => paths.push(p),
+                Some(Err(e)) => return Err(e),
+                None => {
+                    first_missing.get_or_insert_with(|| layer.digest.clone());
+                }
+            }
+        }
+        // A slot is only empty if a worker stopped early after another failed (that error
+        // was returned above) or panicked.
+        if let Some(digest) = first_missing {
+            return Err(LayerError::WorkerPanicked { digest });
+        }
+        Ok(paths)
+    }
+}
+
+fn default_dir_from(
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<PathBuf, LayerError> {
+    let var = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = var("FLEDGE_CACHE_DIR") {
+        return Ok(d);
+    }
+    if let Some(d) = var("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
+        return Ok(d.join("fledge"));
+    }
+    if let Some(h) = var("HOME") {
+        return Ok(h.join(".cache").join("fledge"));
+    }
+    Err(LayerError::NoCacheDir)
+}
+
+/// Map a read error during decoding: blob verification failures stay source errors, the rest
+/// means the compressed stream is bad.
+fn read_error(layer: &LayerInfo, e: io::Error) -> LayerError {
+    if let Some(v) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<BlobVerifyError>())
+    {
+        return LayerError::Source {
+            digest: layer.digest.clone(),
+            source: v.to_source_error(),
+        };
+    }
+    LayerError::Corrupt {
+        digest: layer.digest.clone(),
+        source: e,
+    }
+}
+
+/// Decode `blob` into `file` and return the `sha256:<hex>` of the decoded bytes. The
+/// decoder runs on this thread; hashing and writing run on a second one, fed through a small
+/// queue of large buffers, so the two halves overlap.
+fn decode_into<R: BufRead>(
+    compression: Compression,
+    blob: R,
+    file: &File,
+    layer: &LayerInfo,
+    out_path: &Path,
+) -> Result<String, LayerError> {
+    let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH);
+    let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        let writer = s.spawn(move || -> io::Result<String> {
+            let mut hasher = Sha256::new();
+            let mut out = file;
+            for chunk in full_rx {
+                hasher.update(&chunk);
+                out.write_all(&chunk)?;
+                // The producer may be done already; then the buffer is simply dropped.
+                let _ = empty_tx.send(chunk);
+            }
+            Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+        });
+        let produced = produce(compression, blob, layer, &full_tx, &empty_rx);
+        drop(full_tx);
+        let written = writer.join();
+        match (produced, written) {
+            (_, Err(_)) => Err(LayerError::WorkerPanicked {
+                digest: layer.digest.clone(),
+            }),
+            // A write failure makes the producer stop early: report the write failure.
+            (_, Ok(Err(e))) => Err(LayerError::Io {
+                path: out_path.to_path_buf(),
+                source: e,
+            }),
+            (Err(e), Ok(Ok(_))) => Err(e),
+            (Ok(()), Ok(Ok(digest))) => Ok(digest),
+        }
+    })
+}
+
+/// Run the decoder for `compression` over `blob`, sending the output in chunks.
+fn produce<R: BufRead>(
+    compression: Compression,
+    blob: R,
+    layer: &LayerInfo,
+    tx: &mpsc::SyncSender<Vec<u8>>,
+    empties: &mpsc::Receiver<Vec<u8>>,
+) -> Result<(), LayerError> {
+    match compression {
+        Compression::None => {
+            let mut r = blob;
+            pump(&mut r, layer, tx, empties)?;
+        }
+        Compression::Gzip => {
+            let mut d = flate2::bufread::MultiGzDecoder::new(blob);
+            if pump(&mut d, layer, tx, empties)? {
+                drain(d.into_inner(), layer)?;
+            }
+        }
+        Compression::Zstd => {
+            let mut d =
+                zstd::stream::read::Decoder::with_buffer(blob).map_err(|e| read_error(layer, e))?;
+            if pump(&mut d, layer, tx, empties)? {
+                drain(d.finish(), layer)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Read `r` to the end in `BUF_SIZE` chunks and send them; `Ok(false)` if the receiving side
+/// went away (it failed, and reports why).
+fn pump<R: Read>(
+    r: &mut R,
+    layer: &LayerInfo,
+    tx: &mpsc::SyncSender<Vec<u8>>,
+    empties: &mpsc::Receiver<Vec<u8>>,
+) -> Result<bool, LayerError> {
+    loop {
+        let mut buf = empties.try_recv().unwrap_or_default();
+        buf.resize(BUF_SIZE, 0);
+        let mut filled = 0;
+        while filled < buf.len() {
+            match r.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(read_error(layer, e)),
+            }
+        }
+        if filled == 0 {
+            return Ok(true);
+        }
+        let at_end = filled < buf.len();
+        buf.truncate(filled);
+        if tx.send(buf).is_err() {
+            return Ok(false);
+        }
+        if at_end {
+            return Ok(true);
+        }
+    }
+}
+
+/// Read what the decompressor left of the blob so the verifying reader checks the digest.
+fn drain<R: BufRead>(mut r: R, layer: &LayerInfo) -> Result<(), LayerError> {
+    loop {
+        let n = match r.fill_buf() {
+            Ok(b) => b.len(),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(layer, e)),
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        r.consume(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::testutil::*;
+    use crate::source::{open, sha256_digest, Platform};
+
+    fn big_tar() -> Vec<u8> {
+        // Several MiB of varied content so the buffers go round more than once.
+        let mut data = Vec::with_capacity(3 << 20);
+        let mut x: u32 = 12345;
+        while data.len() < (3 << 20) {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            data.extend_from_slice(&(x >> 16).to_le_bytes()[..2]);
+            data.extend_from_slice(b"some text ");
+        }
+        tar_of(&[("big", &data), ("small", b"small")])
+    }
+
+    fn resolve(b: &LayoutBuilder) -> (Box<dyn ImageSource>, ResolvedImage) {
+        let src = open(&b.reference(None)).unwrap();
+        let img = src.resolve(&Platform::host()).unwrap();
+        (src, img)
+    }
+
+    fn temp_files(store: &LayerStore) -> Vec<String> {
+        match fs::read_dir(store.layers_dir()) {
+            Ok(rd) => rd
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".tmp-"))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn compression_table() {
+        let cases = [
+            ("application/vnd.oci.image.layer.v1.tar", Compression::None),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                Compression::Zstd,
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar",
+                Compression::None,
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+                Compression::Zstd,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar",
+                Compression::None,
+            ),
+        ];
+        for (mt, c) in cases {
+            assert_eq!(compression_for(mt, "sha256:x").unwrap(), c, "{mt}");
+        }
+        let e = compression_for("application/vnd.oci.image.layer.v1.tar+bzip2", "sha256:abc")
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("tar+bzip2") && msg.contains("sha256:abc"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn decodes_plain_gzip_zstd_and_docker_layers() {
+        let tars = [
+            big_tar(),
+            tar_of(&[("g", b"gzip")]),
+            tar_of(&[("z", b"zstd")]),
+            tar_of(&[("d", b"docker")]),
+        ];
+        let mut docker = TestLayer::gzip(tars[3].clone());
+        docker.media_type = "application/vnd.docker.image.rootfs.diff.tar.gzip".to_string();
+        // A multi-member gzip stream, as some tools write.
+        let mut multi = TestLayer::gzip(tars[1].clone());
+        let half = tars[1].len() / 2;
+        multi.blob = [gzip(&tars[1][..half]), gzip(&tars[1][half..])].concat();
+        let b = LayoutBuilder::new();
+        let m = b.image(
+            "linux/amd64",
+            &[
+                TestLayer::plain(tars[0].clone()),
+                multi,
+                TestLayer::zstd(tars[2].clone()),
+                docker,
+            ],
+        );
+        b.write_index_json(&[(m, Some("latest"))]);
+        let (src, img) = resolve(&b);
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        let paths = store.uncompressed_all(src.as_ref(), &img).unwrap();
+        assert_eq!(paths.len(), 4);
+        for (i, (p, t)) in paths.iter().zip(&tars).enumerate() {
+            assert_eq!(&fs::read(p).unwrap(), t, "layer {i}");
+            let expect = store.path_for(&sha256_digest(t)).unwrap();
+            assert_eq!(p, &expect);
+            assert!(p.starts_with(cache.path().join("layers/sha256")));
+        }
+        // Cached: a second call does not need the blobs any more.
+        for l in &img.layers {
+            fs::remove_file(b.blob_path(&l.digest)).unwrap();
+        }
+        assert_eq!(store.uncompressed_all(src.as_ref(), &img).unwrap(), paths);
+        assert!(temp_files(&store).is_empty());
+    }
+
+    #[test]
+    fn truncated_gzip_and_zstd_are_corrupt() {
+        for (name, mut layer) in [
+            ("gzip", TestLayer::gzip(big_tar())),
+            ("zstd", TestLayer::zstd(big_tar())),
+        ] {
+            // The blob itself is consistent (digest of the truncated data), the stream is not.
+            let cut = layer.blob.len() / 2;
+            layer.blob.truncate(cut);
+            let b = simple_layout(layer, "latest");
+            let (src, img) = resolve(&b);
+            let cache = tempfile::tempdir().unwrap();
+            let store = LayerStore::new(cache.path());
+            let e = store
+                .uncompressed(src.as_ref(), &img.layers[0])
+                .unwrap_err();
+            assert!(matches!(e, LayerError::Corrupt { .. }), "{name}: {e}");
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!(
+                    "layer {} is truncated or corrupt",
+                    img.layers[0].digest
+                )),
+                "{name}: {msg}"
+            );
+            assert!(!store.path_for(&img.layers[0].diff_id).unwrap().exists());
+            assert!(temp_files(&store).is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn compressed_digest_mismatch_is_reported() {
+        let layer = TestLayer::gzip(big_tar());
+        let b = simple_layout(layer, "latest");
+        let (src, img) = resolve(&b);
+        let l = &img.layers[0];
+        // Corrupt the stored blob after resolving: flip a byte near the end (in the gzip
+        // trailer area the decoder may or may not notice first).
+        let path = b.blob_path(&l.digest);
+        let mut data = fs::read(&path).unwrap();
+        let n = data.len();
+        data[n / 2] ^= 0xff;
+        fs::write(&path, &data).unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        let e = store.uncompressed(src.as_ref(), l).unwrap_err();
+        // Either the decoder trips over the damage or the digest check does; both name the
+        // layer, and nothing is cached.
+        assert!(e.to_string().contains(&l.digest), "{e}");
+        assert!(
+            matches!(
+                e,
+                LayerError::Corrupt { .. }
+                    | LayerError::Source {
+                        source: SourceError::DigestMismatch { .. },
+                        ..
+                    }
+            ),
+            "{e}"
+        );
+        assert!(!store.path_for(&l.diff_id).unwrap().exists());
+        assert!(temp_files(&store).is_empty());
+
+        // A plain layer with a wrong byte always reaches the digest check.
+        let layer = TestLayer::plain(big_tar());
+        let b = simple_layout(layer, "latest");
+        let (src, img) = resolve(&b);
+        let l = &img.layers[0];
+        let path = b.blob_path(&l.digest);
+        let mut data = fs::read(&path).unwrap();
+        data[100] ^= 0xff;
+        fs::write(&path, &data).unwrap();
+        let e = store.uncompressed(src.as_ref(), l).unwrap_err();
+        match &e {
+            LayerError::Source {
+                source: SourceError::DigestMismatch { blob, actual },
+                ..
+            } => {
+                assert_eq!(blob, &l.digest);
+                assert_eq!(actual, &sha256_digest(&data));
+            }
+            other => panic!("{other}"),
+        }
+        assert!(temp_files(&store).is_empty());
+    }
+
+    #[test]
+    fn diff_id_mismatch() {
+        let b = LayoutBuilder::new();
+        let l = TestLayer::zstd(tar_of(&[("a", b"a")]));
+        let wrong = sha256_digest(b"something else");
+        let cfg = b.config("linux/amd64", std::slice::from_ref(&wrong));
+        let m = b.image_with_config(
+            "linux/amd64",
+            &[l],
+            &cfg,
+            crate::source::oci_layout::OCI_MANIFEST,
+        );
+        b.write_index_json(&[(m, None)]);
+        let (src, img) = resolve(&b);
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        let e = store
+            .uncompressed(src.as_ref(), &img.layers[0])
+            .unwrap_err();
+        match &e {
+            LayerError::DiffIdMismatch {
+                digest,
+                expected,
+                actual,
+            } => {
+                assert_eq!(digest, &img.layers[0].digest);
+                assert_eq!(expected, &wrong);
+                assert_ne!(actual, &wrong);
+            }
+            other => panic!("{other}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&wrong) && msg.contains(&img.layers[0].digest),
+            "{msg}"
+        );
+        assert!(!store.path_for(&wrong).unwrap().exists());
+        assert!(temp_files(&store).is_empty());
+    }
+
+    #[test]
+    fn unknown_layer_media_type() {
+        let mut l = TestLayer::gzip(tar_of(&[("a", b"a")]));
+        l.media_type = "application/vnd.example.layer".to_string();
+        let b = simple_layout(l, "latest");
+        let (src, img) = resolve(&b);
+        let cache = tempfile::tempdir().unwrap();
+        let e = LayerStore::new(cache.path())
+            .uncompressed_all(src.as_ref(), &img)
+            .unwrap_err();
+        assert!(
+            matches!(&e, LayerError::UnsupportedMediaType { media_type, digest }
+                if media_type == "application/vnd.example.layer" && digest == &img.layers[0].digest),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn concurrent_decoding_of_one_layer() {
+        let tar = big_tar();
+        let b = simple_layout(TestLayer::gzip(tar.clone()), "latest");
+        let (src, img) = resolve(&b);
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        let results: Vec<PathBuf> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| store.uncompressed(src.as_ref(), &img.layers[0]).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(results.iter().all(|p| p == &results[0]));
+        assert_eq!(fs::read(&results[0]).unwrap(), tar);
+        let names: Vec<_> = fs::read_dir(store.layers_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        assert_eq!(store.remove_stale_temp_files(STALE_TEMP_AGE).unwrap(), 0);
+        let dir = store.layers_dir();
+        fs::create_dir_all(&dir).unwrap();
+        let old = dir.join(".tmp-old.tar");
+        let fresh = dir.join(".tmp-fresh.tar");
+        let done = dir.join(format!("{}.tar", "a".repeat(64)));
+        for p in [&old, &fresh, &done] {
+            fs::write(p, b"x").unwrap();
+        }
+        let long_ago = SystemTime::now() - Duration::from_secs(3 * 24 * 3600);
+        for p in [&old, &done] {
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        assert_eq!(store.remove_stale_temp_files(STALE_TEMP_AGE).unwrap(), 1);
+        assert!(!old.exists() && fresh.exists() && done.exists());
+    }
+
+    #[test]
+    fn default_dir_order() {
+        type Vars<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(Vars, Option<&str>); 6] = [
+            (
+                &[
+                    ("FLEDGE_CACHE_DIR", "/c/fledge"),
+                    ("XDG_CACHE_HOME", "/x"),
+                    ("HOME", "/h"),
+                ],
+                Some("/c/fledge"),
+            ),
+            (
+                &[
+                    ("FLEDGE_CACHE_DIR", ""),
+                    ("XDG_CACHE_HOME", "/x"),
+                    ("HOME", "/h"),
+                ],
+                Some("/x/fledge"),
+            ),
+            (
+                &[("XDG_CACHE_HOME", "relative"), ("HOME", "/h")],
+                Some("/h/.cache/fledge"),
+            ),
+            (&[("HOME", "/h")], Some("/h/.cache/fledge")),
+            (&[("HOME", "")], None),
+            (&[], None),
+        ];
+        for (vars, want) in cases {
+            let got = default_dir_from(|k| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            });
+            match want {
+                Some(w) => assert_eq!(got.unwrap(), PathBuf::from(w), "{vars:?}"),
+                None => assert!(matches!(got, Err(LayerError::NoCacheDir)), "{vars:?}"),
+            }
+        }
+    }
 }

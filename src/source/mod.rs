@@ -1,12 +1,614 @@
 //! Image sources: resolve a reference to a manifest, config and layer list, and read blobs
 //! with their digests verified.
 //!
-//! (stub: filled in by the source work)
+//! A reference (see [`reference::ImageRef`]) names a transport and a location. [`open`] parses
+//! it and returns an [`ImageSource`], which resolves the image for a [`Platform`] into a
+//! [`ResolvedImage`] and hands out blob readers that check the sha256 digest and the size of
+//! every byte they return ([`VerifyingReader`]).
 
+pub mod oci_layout;
+pub mod reference;
+#[cfg(test)]
+pub(crate) mod testutil;
+
+use std::fmt;
+use std::io::{self, Read};
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+pub use oci_layout::OciLayoutSource;
+pub use reference::ImageRef;
+
+/// Errors from resolving images and reading their blobs.
 #[derive(Debug, Error)]
 pub enum SourceError {
-    #[error("{0}")]
-    Other(String),
+    #[error("invalid image reference '{reference}': {reason}")]
+    BadReference { reference: String, reason: String },
+    #[error(
+        "transport '{transport}' is not supported yet (reference '{reference}'); use oci:DIR[:TAG]"
+    )]
+    UnsupportedTransport {
+        transport: String,
+        reference: String,
+    },
+    #[error("{} is not an OCI image layout: {reason}", dir.display())]
+    NotALayout { dir: PathBuf, reason: String },
+    #[error("the OCI layout {} contains no images", dir.display())]
+    EmptyLayout { dir: PathBuf },
+    #[error("tag '{tag}' not found in {}; available tags: {}", dir.display(), list_or_none(available))]
+    UnknownTag {
+        dir: PathBuf,
+        tag: String,
+        available: Vec<String>,
+    },
+    #[error("{} holds several images and none is tagged 'latest'; pick one with oci:DIR:TAG (available tags: {})", dir.display(), list_or_none(available))]
+    NoDefaultTag {
+        dir: PathBuf,
+        available: Vec<String>,
+    },
+    #[error(
+        "no image for platform {wanted} in {blob}; platforms present: {}",
+        list_or_none(available)
+    )]
+    PlatformNotFound {
+        wanted: String,
+        blob: String,
+        available: Vec<String>,
+    },
+    #[error("invalid platform '{platform}': {reason}")]
+    BadPlatform { platform: String, reason: String },
+    #[error("blob {blob} is corrupt: its content has digest {actual}")]
+    DigestMismatch { blob: String, actual: String },
+    #[error("blob {blob} has the wrong size: expected {expected} bytes, {actual}")]
+    SizeMismatch {
+        blob: String,
+        expected: u64,
+        actual: String,
+    },
+    #[error("invalid digest '{digest}': {reason}")]
+    BadDigest { digest: String, reason: String },
+    #[error("unsupported digest algorithm in '{digest}': only sha256 is supported")]
+    UnsupportedDigest { digest: String },
+    #[error("unsupported media type '{media_type}' for blob {blob}")]
+    UnsupportedMediaType { media_type: String, blob: String },
+    #[error("blob {blob} is missing from {}", path.display())]
+    BlobMissing { blob: String, path: PathBuf },
+    #[error("blob {blob} is too large to be read into memory ({size} bytes, limit {limit})")]
+    BlobTooLarge { blob: String, size: u64, limit: u64 },
+    #[error("image indexes nested too deeply (more than {limit} levels) at {blob}")]
+    IndexTooDeep { blob: String, limit: usize },
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read blob {blob}: {source}")]
+    BlobRead {
+        blob: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid JSON in {blob}: {source}")]
+    Json {
+        blob: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("image config {config} lists {diff_ids} layer diff_ids but manifest {manifest} has {layers} layers")]
+    LayerCountMismatch {
+        manifest: String,
+        config: String,
+        layers: usize,
+        diff_ids: usize,
+    },
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "(none)".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+impl SourceError {
+    /// Turn an error from reading blob `blob` (typically through a [`VerifyingReader`]) into
+    /// the matching variant: a [`BlobVerifyError`] becomes `DigestMismatch` or `SizeMismatch`,
+    /// anything else `BlobRead`.
+    pub fn from_blob_read(blob: &str, err: io::Error) -> SourceError {
+        if let Some(v) = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<BlobVerifyError>())
+        {
+            return v.to_source_error();
+        }
+        SourceError::BlobRead {
+            blob: blob.to_string(),
+            source: err,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Platforms
+
+/// An OCI platform: `os/architecture[/variant]` with OCI (Go) names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// Parse `os/arch` or `os/arch/variant`.
+    pub fn parse(s: &str) -> Result<Platform, SourceError> {
+        let bad = |reason: &str| SourceError::BadPlatform {
+            platform: s.to_string(),
+            reason: reason.to_string(),
+        };
+        let parts: Vec<&str> = s.split('/').collect();
+        if parts.len() < 2 || parts.len() > 3 {
+            return Err(bad("expected os/arch or os/arch/variant, e.g. linux/amd64"));
+        }
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad("empty component"));
+        }
+        if parts.iter().any(|p| {
+            !p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        }) {
+            return Err(bad(
+                "components may contain only letters, digits, '_' and '.'",
+            ));
+        }
+        Ok(Platform {
+            os: parts[0].to_ascii_lowercase(),
+            architecture: parts[1].to_ascii_lowercase(),
+            variant: parts.get(2).map(|v| v.to_ascii_lowercase()),
+        })
+    }
+
+    /// The platform this program runs on, with OCI architecture names.
+    pub fn host() -> Platform {
+        let architecture = match std::env::consts::ARCH {
+            "x86_64" => "amd64",
+            "aarch64" => "arm64",
+            "x86" => "386",
+            "arm" => "arm",
+            "powerpc64" => "ppc64le",
+            "s390x" => "s390x",
+            "riscv64" => "riscv64",
+            "loongarch64" => "loong64",
+            other => other,
+        };
+        Platform {
+            os: "linux".to_string(),
+            architecture: architecture.to_string(),
+            variant: None,
+        }
+    }
+
+    /// Whether an image for `candidate` satisfies a request for `self`: os and architecture
+    /// are equal and, if `self` names a variant, the candidate has that variant (an arm64
+    /// image without a variant counts as `v8`).
+    pub fn matches(&self, candidate: &Platform) -> bool {
+        if self.os != candidate.os || self.architecture != candidate.architecture {
+            return false;
+        }
+        match (&self.variant, &candidate.variant) {
+            (None, _) => true,
+            (Some(w), Some(c)) => w == c,
+            (Some(w), None) => self.architecture == "arm64" && w == "v8",
+        }
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for Platform {
+    type Err = SourceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Platform::parse(s)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resolved images
+
+/// One layer of a resolved image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub media_type: String,
+    /// Digest of the (possibly compressed) blob, `sha256:<hex>`.
+    pub digest: String,
+    /// Size of the blob in bytes.
+    pub size: u64,
+    /// Digest of the uncompressed tar, from the config's `rootfs.diff_ids`.
+    pub diff_id: String,
+}
+
+/// An image resolved down to one platform-specific manifest.
+#[derive(Clone, Debug)]
+pub struct ResolvedImage {
+    /// The reference as the user gave it.
+    pub reference: String,
+    pub manifest_digest: String,
+    pub manifest_media_type: String,
+    /// The image's platform (from the index entry that selected it, else from its config).
+    pub platform: Platform,
+    pub config_digest: String,
+    /// The config blob exactly as stored.
+    pub config_raw: Vec<u8>,
+    pub config: oci_spec::image::ImageConfiguration,
+    /// Layers in application order (base first).
+    pub layers: Vec<LayerInfo>,
+    /// Tags in the source that name the selected top-level descriptor (may be empty).
+    pub tags: Vec<String>,
+}
+
+/// Somewhere images come from.
+pub trait ImageSource: Send + Sync {
+    /// A short human description, e.g. `OCI layout /srv/img (tag latest)`.
+    fn describe(&self) -> String;
+    /// Resolve the image for `platform`.
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError>;
+    /// Open blob `digest` of `size` bytes; the reader fails with an `InvalidData` error
+    /// carrying a [`BlobVerifyError`] at the end if the content does not match.
+    fn open_blob(&self, digest: &str, size: u64) -> Result<Box<dyn Read + Send>, SourceError>;
+}
+
+/// Parse `reference` and open the source it names.
+pub fn open(reference: &str) -> Result<Box<dyn ImageSource>, SourceError> {
+    match ImageRef::parse(reference)? {
+        ImageRef::OciLayout { dir, tag } => Ok(Box::new(OciLayoutSource::open(
+            reference.to_string(),
+            dir,
+            tag,
+        )?)),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Digests and verification
+
+/// Check that `digest` is `sha256:` followed by 64 lowercase hex digits and return the hex
+/// part (safe to use as a file name).
+pub fn sha256_hex(digest: &str) -> Result<&str, SourceError> {
+    let Some((algo, hex)) = digest.split_once(':') else {
+        return Err(SourceError::BadDigest {
+            digest: digest.to_string(),
+            reason: "expected algorithm:hex".to_string(),
+        });
+    };
+    if algo != "sha256" {
+        let valid_algo = !algo.is_empty()
+            && algo
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+._-".contains(c));
+        if valid_algo {
+            return Err(SourceError::UnsupportedDigest {
+                digest: digest.to_string(),
+            });
+        }
+        return Err(SourceError::BadDigest {
+            digest: digest.to_string(),
+            reason: "invalid algorithm".to_string(),
+        });
+    }
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(SourceError::BadDigest {
+            digest: digest.to_string(),
+            reason: "a sha256 digest is 64 lowercase hex digits".to_string(),
+        });
+    }
+    Ok(hex)
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// Why a blob failed verification; carried inside the `io::Error` of a [`VerifyingReader`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlobVerifyError {
+    /// The content has the right size but another digest.
+    Digest { blob: String, actual: String },
+    /// The content ended before `expected` bytes (`actual` read, with digest `actual_digest`).
+    Short {
+        blob: String,
+        expected: u64,
+        actual: u64,
+        actual_digest: String,
+    },
+    /// The content goes on past `expected` bytes.
+    Long { blob: String, expected: u64 },
+}
+
+impl BlobVerifyError {
+    pub fn to_source_error(&self) -> SourceError {
+        match self {
+            BlobVerifyError::Digest { blob, actual } => SourceError::DigestMismatch {
+                blob: blob.clone(),
+                actual: actual.clone(),
+            },
+            BlobVerifyError::Short {
+                blob,
+                expected,
+                actual,
+                actual_digest,
+            } => SourceError::SizeMismatch {
+                blob: blob.clone(),
+                expected: *expected,
+                actual: format!("got only {actual} (digest {actual_digest})"),
+            },
+            BlobVerifyError::Long { blob, expected } => SourceError::SizeMismatch {
+                blob: blob.clone(),
+                expected: *expected,
+                actual: "got more".to_string(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for BlobVerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_source_error())
+    }
+}
+
+impl std::error::Error for BlobVerifyError {}
+
+/// A reader that hashes and counts what passes through and, at the end of the data, fails
+/// with `InvalidData` (wrapping a [`BlobVerifyError`]) unless exactly `size` bytes with digest
+/// `digest` were read. Data beyond `size` is an error as soon as it is seen.
+pub struct VerifyingReader<R> {
+    inner: R,
+    digest: String,
+    expected_hex: String,
+    size: u64,
+    read: u64,
+    hasher: Sha256,
+    verified: bool,
+}
+
+impl<R: Read> VerifyingReader<R> {
+    /// `digest` must be a valid sha256 digest (see [`sha256_hex`]).
+    pub fn new(inner: R, digest: &str, size: u64) -> Result<Self, SourceError> {
+        let hex = sha256_hex(digest)?.to_string();
+        Ok(VerifyingReader {
+            inner,
+            digest: digest.to_string(),
+            expected_hex: hex,
+            size,
+            read: 0,
+            hasher: Sha256::new(),
+            verified: false,
+        })
+    }
+
+    fn fail(&self, e: BlobVerifyError) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        let actual_hex = hex::encode(self.hasher.clone().finalize());
+        if self.read != self.size {
+            return Err(self.fail(BlobVerifyError::Short {
+                blob: self.digest.clone(),
+                expected: self.size,
+                actual: self.read,
+                actual_digest: format!("sha256:{actual_hex}"),
+            }));
+        }
+        if actual_hex != self.expected_hex {
+            return Err(self.fail(BlobVerifyError::Digest {
+                blob: self.digest.clone(),
+                actual: format!("sha256:{actual_hex}"),
+            }));
+        }
+        self.verified = true;
+        Ok(())
+    }
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.verified || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = self.inner.read(buf)?;
+        if n == 0 {
+            self.finish()?;
+            return Ok(0);
+        }
+        self.read = self.read.saturating_add(n as u64);
+        if self.read > self.size {
+            return Err(self.fail(BlobVerifyError::Long {
+                blob: self.digest.clone(),
+                expected: self.size,
+            }));
+        }
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Read a whole verified blob into memory, refusing blobs larger than `limit`.
+pub fn read_blob_to_vec(
+    src: &dyn ImageSource,
+    digest: &str,
+    size: u64,
+    limit: u64,
+) -> Result<Vec<u8>, SourceError> {
+    if size > limit {
+        return Err(SourceError::BlobTooLarge {
+            blob: digest.to_string(),
+            size,
+            limit,
+        });
+    }
+    let mut reader = src.open_blob(digest, size)?;
+    let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    reader
+        .read_to_end(&mut data)
+        .map_err(|e| SourceError::from_blob_read(digest, e))?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_parse_display_table() {
+        let ok = [
+            ("linux/amd64", "linux", "amd64", None),
+            ("linux/arm64/v8", "linux", "arm64", Some("v8")),
+            ("Linux/ARM/v7", "linux", "arm", Some("v7")),
+        ];
+        for (s, os, arch, var) in ok {
+            let p = Platform::parse(s).unwrap();
+            assert_eq!(p.os, os, "{s}");
+            assert_eq!(p.architecture, arch, "{s}");
+            assert_eq!(p.variant.as_deref(), var, "{s}");
+            assert_eq!(p.to_string(), s.to_ascii_lowercase());
+        }
+        for bad in [
+            "",
+            "linux",
+            "linux/",
+            "/amd64",
+            "linux/amd64/v8/x",
+            "linux/am d64",
+        ] {
+            let e = Platform::parse(bad).unwrap_err();
+            assert!(
+                matches!(e, SourceError::BadPlatform { ref platform, .. } if platform == bad),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn platform_host_is_linux_oci_name() {
+        let h = Platform::host();
+        assert_eq!(h.os, "linux");
+        assert!(!["x86_64", "aarch64", "x86", "powerpc64"].contains(&h.architecture.as_str()));
+        if cfg!(target_arch = "x86_64") {
+            assert_eq!(h.architecture, "amd64");
+        }
+    }
+
+    #[test]
+    fn platform_matching_table() {
+        let p = |s: &str| Platform::parse(s).unwrap();
+        let cases = [
+            ("linux/amd64", "linux/amd64", true),
+            ("linux/amd64", "linux/arm64", false),
+            ("linux/amd64", "windows/amd64", false),
+            ("linux/arm64", "linux/arm64/v8", true),
+            ("linux/arm64/v8", "linux/arm64", true),
+            ("linux/arm64/v8", "linux/arm64/v8", true),
+            ("linux/arm/v7", "linux/arm/v6", false),
+            ("linux/arm/v7", "linux/arm", false),
+            ("linux/arm", "linux/arm/v7", true),
+        ];
+        for (want, cand, expect) in cases {
+            assert_eq!(p(want).matches(&p(cand)), expect, "{want} vs {cand}");
+        }
+    }
+
+    #[test]
+    fn digest_validation_table() {
+        let good = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(sha256_hex(&good).unwrap(), "a".repeat(64));
+        let cases = [
+            format!("sha256:{}", "A".repeat(64)),
+            format!("sha256:{}", "a".repeat(63)),
+            format!("sha256:../../{}", "a".repeat(58)),
+            "sha256:".to_string(),
+            "nocolon".to_string(),
+            format!(":{}", "a".repeat(64)),
+        ];
+        for c in &cases {
+            assert!(
+                matches!(sha256_hex(c), Err(SourceError::BadDigest { .. })),
+                "{c}"
+            );
+        }
+        let e = sha256_hex(&format!("sha512:{}", "a".repeat(128))).unwrap_err();
+        assert!(matches!(e, SourceError::UnsupportedDigest { .. }), "{e}");
+        assert!(e.to_string().contains("only sha256"));
+    }
+
+    fn read_all(data: &[u8], digest: &str, size: u64) -> io::Result<Vec<u8>> {
+        let mut r = VerifyingReader::new(data, digest, size).unwrap();
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    fn verify_err(e: io::Error) -> BlobVerifyError {
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        e.get_ref()
+            .and_then(|e| e.downcast_ref::<BlobVerifyError>())
+            .cloned()
+            .unwrap()
+    }
+
+    #[test]
+    fn verifying_reader_accepts_and_rejects() {
+        let data = b"hello world";
+        let d = sha256_digest(data);
+        assert_eq!(read_all(data, &d, 11).unwrap(), data);
+
+        let other = sha256_digest(b"other");
+        let e = verify_err(read_all(data, &other, 11).unwrap_err());
+        assert_eq!(
+            e,
+            BlobVerifyError::Digest {
+                blob: other.clone(),
+                actual: d.clone()
+            }
+        );
+        let msg = e.to_string();
+        assert!(msg.contains(&other) && msg.contains(&d), "{msg}");
+
+        let e = verify_err(read_all(data, &d, 12).unwrap_err());
+        assert!(
+            matches!(e, BlobVerifyError::Short { actual: 11, .. }),
+            "{e:?}"
+        );
+        let e = verify_err(read_all(data, &d, 5).unwrap_err());
+        assert!(
+            matches!(e, BlobVerifyError::Long { expected: 5, .. }),
+            "{e:?}"
+        );
+
+        let mapped = SourceError::from_blob_read(&other, {
+            let mut r = VerifyingReader::new(&data[..], &other, 11).unwrap();
+            let mut v = Vec::new();
+            r.read_to_end(&mut v).unwrap_err()
+        });
+        assert!(
+            matches!(mapped, SourceError::DigestMismatch { ref blob, ref actual } if *blob == other && *actual == d)
+        );
+    }
 }
