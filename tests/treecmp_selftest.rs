@@ -54,8 +54,11 @@ fn build(root: &Path) -> bool {
     fs::set_permissions(root.join("d"), fs::Permissions::from_mode(0o755)).unwrap();
     write(&root.join("d/f"), b"hello\n", 0o644);
     write(&root.join("d/e"), b"", 0o600);
-    nix::unistd::mkfifo(&root.join("p"), nix::sys::stat::Mode::from_bits_truncate(0o640))
-        .unwrap();
+    nix::unistd::mkfifo(
+        &root.join("p"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
     if xattrs {
         xattr::set(root.join("d/f"), "user.x", &[0x00, 0xff, 0x10]).unwrap();
     }
@@ -127,12 +130,18 @@ fn sha256_is_of_content() {
 fn identical_trees_have_no_diff() {
     let (dir, s1, _) = fixture();
     let s2 = after(dir.path());
-    assert_eq!(diff(&s1, &s2, &DiffOptions::default()), Vec::<String>::new());
+    assert_eq!(
+        diff(&s1, &s2, &DiffOptions::default()),
+        Vec::<String>::new()
+    );
     // and a second, independently built tree equal in everything but inode numbers
     let other = tempfile::tempdir().unwrap();
     build(other.path());
     let s3 = after(other.path());
-    assert_eq!(diff(&s1, &s3, &DiffOptions::default()), Vec::<String>::new());
+    assert_eq!(
+        diff(&s1, &s3, &DiffOptions::default()),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -256,7 +265,10 @@ fn directory_and_root_mtime_options() {
         diff(&before, &now, &root_only),
         ["/d: mtime 1600000000.123456789 != 1600000007.000000000"]
     );
-    assert_eq!(diff(&before, &now, &dirs_mtime_ignored()), Vec::<String>::new());
+    assert_eq!(
+        diff(&before, &now, &dirs_mtime_ignored()),
+        Vec::<String>::new()
+    );
     // file mtimes are still compared with ignore_dir_mtime
     set_mtime(&dir.path().join("d/f"), T0, 0);
     assert_eq!(
@@ -338,19 +350,37 @@ fn device_numbers_are_compared() {
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
     let (dir, _, _) = fixture();
     let node = dir.path().join("dev");
-    mknod(&node, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 3)).unwrap();
+    mknod(
+        &node,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .unwrap();
     set_mtime(&node, T0, 0);
     let before = after(dir.path());
     assert_eq!(before.get("/dev").unwrap().rdev, Some((1, 3)));
     fs::remove_file(&node).unwrap();
-    mknod(&node, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(1, 5)).unwrap();
+    mknod(
+        &node,
+        SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 5),
+    )
+    .unwrap();
     set_mtime(&node, T0, 0);
     assert_eq!(
         diff(&before, &after(dir.path()), &dirs_mtime_ignored()),
         ["/dev: device 1,3 != 1,5"]
     );
     fs::remove_file(&node).unwrap();
-    mknod(&node, SFlag::S_IFBLK, Mode::from_bits_truncate(0o666), makedev(1, 3)).unwrap();
+    mknod(
+        &node,
+        SFlag::S_IFBLK,
+        Mode::from_bits_truncate(0o666),
+        makedev(1, 3),
+    )
+    .unwrap();
     set_mtime(&node, T0, 0);
     assert_eq!(
         diff(&before, &after(dir.path()), &dirs_mtime_ignored()),
@@ -371,7 +401,10 @@ fn ignored_paths_hide_their_subtree_only() {
         ["/a: mode 0644 != 0600", "/b: mode 0644 != 0600"]
     );
     // a trailing slash still means the path itself; siblings sharing a prefix stay
-    let opts = dirs_mtime_ignored().ignore("/a/").ignore("/b").ignore("/d/ne");
+    let opts = dirs_mtime_ignored()
+        .ignore("/a/")
+        .ignore("/b")
+        .ignore("/d/ne");
     assert_eq!(diff(&before, &now, &opts), ["extra: /d/new"]);
     let opts = DiffOptions::default().ignore("/");
     assert_eq!(diff(&before, &now, &opts), Vec::<String>::new());

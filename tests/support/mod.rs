@@ -136,7 +136,9 @@ impl FledgeMount {
     pub fn spawn(mut cmd: Command, mountpoint: &Path, log: &Path) -> io::Result<Self> {
         let out = fs::File::create(log)?;
         let err = out.try_clone()?;
-        cmd.stdin(std::process::Stdio::null()).stdout(out).stderr(err);
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
         let child = cmd.spawn()?;
         Ok(FledgeMount {
             child: Some(child),
@@ -183,12 +185,37 @@ impl FledgeMount {
         }
     }
 
+    /// Pid of the spawned child, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Non-blocking check whether the child has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait(),
+            None => Err(io::Error::other("fledge mount was already reaped")),
+        }
+    }
+
     /// Send `sig` to the child and wait (up to `timeout`) for it to exit.
     pub fn stop(&mut self, sig: Signal, timeout: Duration) -> Result<ExitStatus, String> {
+        let pid = self.pid().ok_or("fledge mount is not running")?;
+        let pid = i32::try_from(pid).map_err(|e| e.to_string())?;
+        self.stop_via(pid, sig, timeout)
+    }
+
+    /// Send `sig` to `pid` (the child or one of its descendants, e.g. the process
+    /// runuser started) and wait (up to `timeout`) for the child to exit.
+    pub fn stop_via(
+        &mut self,
+        pid: i32,
+        sig: Signal,
+        timeout: Duration,
+    ) -> Result<ExitStatus, String> {
         let Some(mut child) = self.child.take() else {
             return Err("fledge mount is not running".to_string());
         };
-        let pid = i32::try_from(child.id()).map_err(|e| e.to_string())?;
         kill(Pid::from_raw(pid), sig).map_err(|e| format!("kill({pid}, {sig}): {e}"))?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -254,9 +281,8 @@ pub fn force_unmount(mp: &Path) {
 
 /// Whether `prog` is found on PATH.
 pub fn have_program(prog: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|d| d.join(prog).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(prog).is_file()))
 }
 
 /// Run a command to completion, capturing output; panics with the output on failure
@@ -275,13 +301,11 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
-/// Options for comparing a mounted view with the umoci oracle: umoci creates the
-/// bundle's root directory itself, so the root's mtime is not image data.
+/// Options for comparing a mounted view with the umoci oracle: everything is
+/// compared, including the root directory (layer 1 of the test image has a "./"
+/// entry, whose metadata umoci applies to the bundle's rootfs).
 pub fn oracle_diff_options() -> treecmp::DiffOptions {
-    treecmp::DiffOptions {
-        ignore_root_mtime: true,
-        ..Default::default()
-    }
+    treecmp::DiffOptions::default()
 }
 
 /// Snapshot `actual`, compare it with the oracle snapshot and panic with a capped

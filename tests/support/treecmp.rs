@@ -220,10 +220,7 @@ fn visit(
         }
         Kind::CharDev | Kind::BlockDev => {
             let rdev = meta.rdev();
-            entry.rdev = Some((
-                u64::from(nix::sys::stat::major(rdev)),
-                u64::from(nix::sys::stat::minor(rdev)),
-            ));
+            entry.rdev = Some((nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)));
         }
         Kind::Dir | Kind::Fifo | Kind::Socket => {}
     }
@@ -238,8 +235,8 @@ fn visit(
         children.sort();
         for name in children {
             let child_fs = fs_path.join(&name);
-            let child_meta = fs::symlink_metadata(&child_fs)
-                .map_err(|e| with_context(e, "lstat", &child_fs))?;
+            let child_meta =
+                fs::symlink_metadata(&child_fs).map_err(|e| with_context(e, "lstat", &child_fs))?;
             let mut child_rel = rel.clone();
             if child_rel != b"/" {
                 child_rel.push(b'/');
@@ -344,7 +341,11 @@ fn link_str(l: &Option<LinkGroup>) -> String {
 /// formatted "PATH: PROPERTY EXPECTED != ACTUAL", "missing: PATH" or "extra: PATH".
 pub fn diff(expected: &Snapshot, actual: &Snapshot, opts: &DiffOptions) -> Vec<String> {
     let mut out = Vec::new();
-    let mut all: Vec<&Vec<u8>> = expected.entries.keys().chain(actual.entries.keys()).collect();
+    let mut all: Vec<&Vec<u8>> = expected
+        .entries
+        .keys()
+        .chain(actual.entries.keys())
+        .collect();
     all.sort();
     all.dedup();
     for path in all {
@@ -396,7 +397,8 @@ pub fn diff(expected: &Snapshot, actual: &Snapshot, opts: &DiffOptions) -> Vec<S
             ));
         }
         if e.rdev != a.rdev {
-            let d = |d: &Option<(u64, u64)>| d.map_or("none".to_string(), |(a, b)| format!("{a},{b}"));
+            let d =
+                |d: &Option<(u64, u64)>| d.map_or("none".to_string(), |(a, b)| format!("{a},{b}"));
             out.push(format!("{p}: device {} != {}", d(&e.rdev), d(&a.rdev)));
         }
         if e.xattrs != a.xattrs {
@@ -416,8 +418,8 @@ pub fn diff(expected: &Snapshot, actual: &Snapshot, opts: &DiffOptions) -> Vec<S
             }
         }
         let is_root = path.as_slice() == b"/";
-        let skip_mtime = (opts.ignore_dir_mtime && e.kind == Kind::Dir)
-            || (opts.ignore_root_mtime && is_root);
+        let skip_mtime =
+            (opts.ignore_dir_mtime && e.kind == Kind::Dir) || (opts.ignore_root_mtime && is_root);
         if !skip_mtime && (e.mtime_sec, e.mtime_nsec) != (a.mtime_sec, a.mtime_nsec) {
             out.push(format!(
                 "{p}: mtime {}.{:09} != {}.{:09}",
