@@ -53,6 +53,28 @@ fn assert_clean_exit(m: &mut FledgeMount, sig: Signal, via: Option<i32>, require
     );
 }
 
+/// The mount is read-only: flagged "ro" in mountinfo, and writes fail.
+fn assert_read_only(mp: &Path) {
+    let (_, options) = support::mount_info(mp).expect("mount vanished");
+    assert!(
+        options.split(',').any(|o| o == "ro"),
+        "{} is not mounted read-only: {options}",
+        mp.display()
+    );
+    assert!(
+        fs::write(mp.join("fledge-write-probe"), b"x").is_err(),
+        "could create a file in the read-only mount {}",
+        mp.display()
+    );
+    let existing = mp.join("etc/debian_version");
+    assert!(existing.is_file(), "{} missing", existing.display());
+    assert!(
+        fs::OpenOptions::new().append(true).open(&existing).is_err(),
+        "could open {} for writing",
+        existing.display()
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // harness self-checks (need no fledge)
 // ---------------------------------------------------------------------------------
@@ -147,6 +169,8 @@ fn harness_fuse_view_of_oracle_matches_oracle() {
         .wait_mounted(MOUNT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(fstype, "fuse.fuse-overlayfs");
+    let (_, options) = support::mount_info(&mp).unwrap();
+    assert!(options.contains("noatime"), "mount options: {options}");
     let view = snapshot(&mp).unwrap_or_else(|e| panic!("snapshot of {}: {e}", mp.display()));
     // fuse-overlayfs does not always give all names of a hard-link group one inode
     // number; that is its quirk, not the harness's: every other property must match.
@@ -233,6 +257,7 @@ fn mount_as_root_matches_umoci_oracle() {
         .wait_mounted(MOUNT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(fstype, "fuse.fledge");
+    assert_read_only(&mp);
 
     support::assert_same_tree(
         &oracle,
@@ -357,6 +382,7 @@ fn mount_unprivileged_with_allow_other_matches_umoci_oracle() {
         .wait_mounted(MOUNT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(fstype, "fuse.fledge");
+    assert_read_only(&mp);
 
     // root reads it thanks to allow_other and sees the image's ownership
     support::assert_same_tree(

@@ -39,7 +39,7 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Print a SKIP line for `test` and return. In CI, `must_exist` turns it into a panic.
+/// Print the standard SKIP line for `test`.
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIP: {test}: {reason}");
 }
@@ -103,6 +103,12 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
 /// File system type of the mount whose mount point is exactly `mp` (the last one
 /// if stacked), from /proc/self/mountinfo.
 pub fn mount_fstype(mp: &Path) -> Option<String> {
+    mount_info(mp).map(|(fstype, _)| fstype)
+}
+
+/// (fstype, per-mount options such as "ro,nosuid,...") of the mount whose mount
+/// point is exactly `mp` (the last one if stacked), from /proc/self/mountinfo.
+pub fn mount_info(mp: &Path) -> Option<(String, String)> {
     use std::os::unix::ffi::OsStrExt;
     let mp = fs::canonicalize(mp).unwrap_or_else(|_| mp.to_path_buf());
     let want = mp.as_os_str().as_bytes();
@@ -113,11 +119,14 @@ pub fn mount_fstype(mp: &Path) -> Option<String> {
         let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
             continue;
         };
-        let Some(point) = left.split(' ').nth(4) else {
+        let mut fields = left.split(' ').skip(4);
+        let (Some(point), Some(options)) = (fields.next(), fields.next()) else {
             continue;
         };
         if unescape_mountinfo(point) == want {
-            found = right.split(' ').next().map(str::to_string);
+            if let Some(fstype) = right.split(' ').next() {
+                found = Some((fstype.to_string(), options.to_string()));
+            }
         }
     }
     found
