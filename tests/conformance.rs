@@ -19,7 +19,14 @@ use sha2::{Digest, Sha256};
 use support::treecmp::{self, snapshot};
 use support::FledgeMount;
 
-const FLEDGE: &str = env!("CARGO_BIN_EXE_fledge");
+/// The binary under test: this build's fledge, or `$FLEDGE_TEST_BIN` (e.g. a
+/// release build, or a fake used to check the harness itself).
+fn fledge_bin() -> PathBuf {
+    match std::env::var_os("FLEDGE_TEST_BIN") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_fledge")),
+    }
+}
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 const TEST_USER: &str = "fledge-test";
@@ -246,7 +253,7 @@ fn mount_as_root_matches_umoci_oracle() {
     let (mp, cache) = (dir.path().join("mnt"), dir.path().join("cache"));
     fs::create_dir(&mp).unwrap();
     fs::create_dir(&cache).unwrap();
-    let mut cmd = Command::new(FLEDGE);
+    let mut cmd = Command::new(fledge_bin());
     cmd.arg("mount")
         .arg("--cache-dir")
         .arg(&cache)
@@ -361,7 +368,7 @@ fn mount_unprivileged_with_allow_other_matches_umoci_oracle() {
     let dir = tempfile::tempdir().unwrap();
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let bin = dir.path().join("fledge");
-    fs::copy(FLEDGE, &bin).unwrap();
+    fs::copy(fledge_bin(), &bin).unwrap();
     fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).unwrap();
     let (mp, cache) = (dir.path().join("mnt"), dir.path().join("cache"));
     for d in [&mp, &cache] {
@@ -496,7 +503,7 @@ fn run_mount_expect_failure(dir: &Path, extra: &[&str], reference: &str) -> Stri
     let (mp, cache) = (dir.join("mnt"), dir.join("cache"));
     fs::create_dir_all(&mp).unwrap();
     fs::create_dir_all(&cache).unwrap();
-    let mut cmd = Command::new(FLEDGE);
+    let mut cmd = Command::new(fledge_bin());
     cmd.arg("mount")
         .args(extra)
         .arg("--cache-dir")
