@@ -6,7 +6,23 @@
 #   $OUT/oracle/debian-test/rootfs    umoci unpack of that image (as root)
 #   $OUT/cache/                       debootstrap tarball (re-runs skip the download)
 #
-# OUT defaults to /var/tmp/fledge-test-images (override with FLEDGE_TEST_IMAGES).
+# Layers of debian:test:
+#   1 debootstrap --variant=minbase bookworm (has a "./" root entry)
+#   2 apt-get install --no-install-recommends nginx-light curl libcap2-bin iputils-ping
+#     (ping carries security.capability cap_net_raw from its postinst)
+#   3 edits: whiteouts (/etc/motd, /usr/share/doc/curl), hard links (a new name for
+#     /usr/bin/curl, /opt/links/{a,b,c}), cap_net_bind_service on /usr/sbin/nginx,
+#     /opt/devs/{null (c 1,3), loop0 (b 7,0), fifo}, /opt/shared 3775, setuid
+#     /opt/suid-script, /opt/owned-70000 (70000:70000), /opt/xattr-file (user.x =
+#     00 ff 10), names with spaces/newline/UTF-8, symlinks, /opt/opaque-me/...,
+#     /var/www/html/index.html with a nanosecond mtime
+#   4 hand-made tar: opaque /etc/nginx/sites-enabled and /opt/opaque-me (marker after
+#     a new child), whiteout /opt/links/b, hard link /opt/links/d -> lower /opt/links/a,
+#     whiteout of the lower directory /usr/share/doc/nginx-common
+#   config: Entrypoint /usr/sbin/nginx, Cmd -g "daemon off;", 80/tcp, PATH + FOO=bar
+#
+# OUT defaults to /var/tmp/fledge-test-images (override with FLEDGE_TEST_IMAGES);
+# FLEDGE_DEBIAN_MIRROR overrides the mirror (default http://deb.debian.org/debian).
 # Needs root. Idempotent: a completed build of this script version exits at once.
 # Everything is built in $OUT/.build.* and moved into place at the end, so a failed
 # or interrupted run never leaves a half-built image behind.
