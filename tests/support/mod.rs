@@ -1,0 +1,343 @@
+//! Shared harness for fledge's integration tests (`mod support;`).
+//!
+//! - [`treecmp`]: snapshot a directory tree and diff it against another.
+//! - test images made by `scripts/make-test-images.sh` (location, skip/fail policy).
+//! - running `fledge mount` as a child and waiting for / tearing down the FUSE mount.
+#![allow(dead_code)]
+
+pub mod treecmp;
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Default output directory of scripts/make-test-images.sh.
+pub const DEFAULT_IMAGES_DIR: &str = "/var/tmp/fledge-test-images";
+/// How many diff lines a failing comparison prints.
+pub const DIFF_CAP: usize = 200;
+
+/// `$FLEDGE_TEST_IMAGES` or the default.
+pub fn images_dir() -> PathBuf {
+    match std::env::var_os("FLEDGE_TEST_IMAGES") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => PathBuf::from(DEFAULT_IMAGES_DIR),
+    }
+}
+
+/// Whether we run in CI, where a missing precondition must fail instead of skipping.
+pub fn in_ci() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Print the standard SKIP line for `test`.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIP: {test}: {reason}");
+}
+
+/// The Debian test image, as (OCI layout dir, image reference `oci:DIR:test`, oracle
+/// rootfs). None (after printing SKIP) when the images were not built; a panic in CI.
+pub struct DebianImage {
+    pub layout: PathBuf,
+    pub reference: String,
+    pub oracle_rootfs: PathBuf,
+}
+
+pub fn debian_image(test: &str) -> Option<DebianImage> {
+    let dir = images_dir();
+    let layout = dir.join("debian");
+    let oracle_rootfs = dir.join("oracle/debian-test/rootfs");
+    let ready = layout.join("index.json").is_file() && oracle_rootfs.is_dir();
+    if !ready {
+        let msg = format!(
+            "run scripts/make-test-images.sh first ({} or its oracle is missing)",
+            layout.join("index.json").display()
+        );
+        if in_ci() {
+            panic!("test image missing in CI: {msg}");
+        }
+        eprintln!("SKIP: {test}: {msg}");
+        return None;
+    }
+    Some(DebianImage {
+        reference: format!("oci:{}:test", layout.display()),
+        layout,
+        oracle_rootfs,
+    })
+}
+
+/// Decode the octal escapes (`\040` etc.) /proc/self/mountinfo uses in paths.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = u32::from(oct[0] - b'0') * 64
+                    + u32::from(oct[1] - b'0') * 8
+                    + u32::from(oct[2] - b'0');
+                if let Ok(byte) = u8::try_from(v) {
+                    out.push(byte);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// File system type of the mount whose mount point is exactly `mp` (the last one
+/// if stacked), from /proc/self/mountinfo.
+pub fn mount_fstype(mp: &Path) -> Option<String> {
+    mount_info(mp).map(|(fstype, _)| fstype)
+}
+
+/// (fstype, per-mount options such as "ro,nosuid,...") of the mount whose mount
+/// point is exactly `mp` (the last one if stacked), from /proc/self/mountinfo.
+pub fn mount_info(mp: &Path) -> Option<(String, String)> {
+    use std::os::unix::ffi::OsStrExt;
+    let mp = fs::canonicalize(mp).unwrap_or_else(|_| mp.to_path_buf());
+    let want = mp.as_os_str().as_bytes();
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut found = None;
+    for line in info.lines() {
+        let mut halves = line.splitn(2, " - ");
+        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
+            continue;
+        };
+        let mut fields = left.split(' ').skip(4);
+        let (Some(point), Some(options)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if unescape_mountinfo(point) == want {
+            if let Some(fstype) = right.split(' ').next() {
+                found = Some((fstype.to_string(), options.to_string()));
+            }
+        }
+    }
+    found
+}
+
+/// A running `fledge mount` child plus its mount point; tears everything down on drop.
+pub struct FledgeMount {
+    child: Option<Child>,
+    pub mountpoint: PathBuf,
+    pub log: PathBuf,
+}
+
+impl FledgeMount {
+    /// Spawn `cmd` (a fully built `fledge mount ...` command line, possibly wrapped in
+    /// runuser) with stdout+stderr going to `log`.
+    pub fn spawn(mut cmd: Command, mountpoint: &Path, log: &Path) -> io::Result<Self> {
+        let out = fs::File::create(log)?;
+        let err = out.try_clone()?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let child = cmd.spawn()?;
+        Ok(FledgeMount {
+            child: Some(child),
+            mountpoint: mountpoint.to_path_buf(),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait until the mount point shows a FUSE mount; fail early if the child exits.
+    /// Returns the fstype seen in mountinfo.
+    pub fn wait_mounted(&mut self, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(t) = mount_fstype(&self.mountpoint) {
+                if t.starts_with("fuse") {
+                    return Ok(t);
+                }
+            }
+            if let Some(child) = self.child.as_mut() {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        self.child = None;
+                        return Err(format!(
+                            "fledge mount exited with {status} before mounting; output:\n{}",
+                            self.log_text()
+                        ));
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(format!("waiting for fledge mount: {e}")),
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "no FUSE mount at {} after {timeout:?}; output:\n{}",
+                    self.mountpoint.display(),
+                    self.log_text()
+                ));
+            }
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Pid of the spawned child, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Non-blocking check whether the child has exited.
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait(),
+            None => Err(io::Error::other("fledge mount was already reaped")),
+        }
+    }
+
+    /// Send `sig` to the child and wait (up to `timeout`) for it to exit.
+    pub fn stop(&mut self, sig: Signal, timeout: Duration) -> Result<ExitStatus, String> {
+        let pid = self.pid().ok_or("fledge mount is not running")?;
+        let pid = i32::try_from(pid).map_err(|e| e.to_string())?;
+        self.stop_via(pid, sig, timeout)
+    }
+
+    /// Send `sig` to `pid` (the child or one of its descendants, e.g. the process
+    /// runuser started) and wait (up to `timeout`) for the child to exit.
+    pub fn stop_via(
+        &mut self,
+        pid: i32,
+        sig: Signal,
+        timeout: Duration,
+    ) -> Result<ExitStatus, String> {
+        let Some(mut child) = self.child.take() else {
+            return Err("fledge mount is not running".to_string());
+        };
+        kill(Pid::from_raw(pid), sig).map_err(|e| format!("kill({pid}, {sig}): {e}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "fledge mount did not exit within {timeout:?} after {sig}; output:\n{}",
+                        self.log_text()
+                    ));
+                }
+                Ok(None) => sleep(Duration::from_millis(50)),
+                Err(e) => return Err(format!("waiting for fledge mount: {e}")),
+            }
+        }
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        mount_fstype(&self.mountpoint).is_some_and(|t| t.starts_with("fuse"))
+    }
+}
+
+impl Drop for FledgeMount {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.is_mounted() {
+            force_unmount(&self.mountpoint);
+        }
+    }
+}
+
+/// Best-effort lazy unmount of a FUSE mount left behind by a failed test.
+pub fn force_unmount(mp: &Path) {
+    for (prog, args) in [
+        ("fusermount3", &["-u", "-z"][..]),
+        ("fusermount", &["-u", "-z"][..]),
+        ("umount", &["-l"][..]),
+    ] {
+        let ok = Command::new(prog)
+            .args(args)
+            .arg(mp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+    }
+}
+
+/// Whether `prog` is found on PATH.
+pub fn have_program(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(prog).is_file()))
+}
+
+/// Run a command to completion, capturing output; panics with the output on failure
+/// to start or non-zero exit.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed with {}:\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Options for comparing a mounted view with the umoci oracle: everything is
+/// compared, including the root directory (layer 1 of the test image has a "./"
+/// entry, whose metadata umoci applies to the bundle's rootfs).
+pub fn oracle_diff_options() -> treecmp::DiffOptions {
+    treecmp::DiffOptions::default()
+}
+
+/// Snapshot `actual`, compare it with the oracle snapshot and panic with a capped
+/// report of every difference.
+pub fn assert_same_tree(
+    oracle: &treecmp::Snapshot,
+    actual_root: &Path,
+    opts: &treecmp::DiffOptions,
+    what: &str,
+) {
+    let actual = treecmp::snapshot(actual_root)
+        .unwrap_or_else(|e| panic!("snapshot of {}: {e}", actual_root.display()));
+    let lines = treecmp::diff(oracle, &actual, opts);
+    assert!(
+        lines.is_empty(),
+        "{what}: {} differences (expected = oracle, actual = {}):\n{}",
+        lines.len(),
+        actual_root.display(),
+        treecmp::report(&lines, DIFF_CAP)
+    );
+    assert!(
+        actual.len() > 1 || oracle.len() <= 1,
+        "{what}: snapshot of {} is empty",
+        actual_root.display()
+    );
+}
