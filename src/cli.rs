@@ -1,7 +1,232 @@
-//! The command line.
+//! The command line: argument parsing, logging set-up, dispatch, and error reporting.
+//!
+//! Every command returns `Result<ExitCode, Error>`; an error is printed once, as the whole
+//! cause chain on one line plus a hint where one helps, and the process exits non-zero.
 
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::Error;
+use crate::fusefs::{self, MountOptions};
+use crate::image::{self, OpenOptions};
+use crate::inspect::InspectReport;
+use crate::source::Platform;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fledge",
+    version,
+    about = "Turn Docker/OCI container images into bootable microVM root filesystem images",
+    propagate_version = true
+)]
+struct Cli {
+    /// More output (-v: steps and decisions, -vv: debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Print only errors.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build a root filesystem image and its plugin manifest from fledge.toml.
+    Build(crate::build::BuildArgs),
+    /// Check what this host can do and which backend `build` will choose.
+    Doctor(crate::doctor::DoctorArgs),
+    /// Mount an image's merged layers read-only through FUSE (foreground until unmounted).
+    Mount(MountArgs),
+    /// Show an image's manifest digest, platform, config and layers.
+    Inspect(InspectArgs),
+    /// Print the version.
+    Version,
+}
+
+/// Options shared by every command that reads an image.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Platform to select from a multi-platform index, as os/arch[/variant] (default: this
+    /// host's).
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    pub platform: Option<String>,
+    /// Layer cache directory (default: $FLEDGE_CACHE_DIR, else $XDG_CACHE_HOME/fledge, else
+    /// ~/.cache/fledge).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl ImageArgs {
+    pub fn open_options(&self) -> Result<OpenOptions, Error> {
+        let platform = match &self.platform {
+            Some(p) => Platform::parse(p)?,
+            None => Platform::host(),
+        };
+        Ok(OpenOptions {
+            platform,
+            platform_explicit: self.platform.is_some(),
+            cache_dir: self.cache_dir.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct MountArgs {
+    /// Image reference, e.g. oci:./layout:tag.
+    reference: String,
+    /// Existing empty directory to mount on.
+    mountpoint: PathBuf,
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Let other users (and root) see the mount; the kernel then checks the image's own
+    /// permissions. Unprivileged users need `user_allow_other` in /etc/fuse.conf.
+    #[arg(long)]
+    allow_other: bool,
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// Image reference, e.g. oci:./layout:tag.
+    reference: String,
+    #[command(flatten)]
+    image: ImageArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
-    ExitCode::SUCCESS
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let ui = Ui {
+        verbose: cli.verbose,
+        quiet: cli.quiet,
+    };
+    match run(cli.command, &ui) {
+        Ok(code) => code,
+        Err(err) => {
+            report_error(&err);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// How chatty the commands should be.
+#[derive(Clone, Copy, Debug)]
+pub struct Ui {
+    pub verbose: u8,
+    pub quiet: bool,
+}
+
+impl Ui {
+    /// A progress line on stderr unless `-q`.
+    pub fn info(&self, msg: impl AsRef<str>) {
+        if !self.quiet {
+            eprintln!("{}", msg.as_ref());
+        }
+    }
+
+    /// Whether progress bars should be drawn.
+    pub fn progress_bars(&self) -> bool {
+        !self.quiet && std::io::stderr().is_terminal()
+    }
+}
+
+fn run(command: Command, ui: &Ui) -> Result<ExitCode, Error> {
+    match command {
+        Command::Build(args) => crate::build::run(&args, ui),
+        Command::Doctor(args) => crate::doctor::run(&args, ui),
+        Command::Mount(args) => mount(&args, ui),
+        Command::Inspect(args) => inspect(&args),
+        Command::Version => {
+            println!("fledge {}", env!("CARGO_PKG_VERSION"));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn mount(args: &MountArgs, ui: &Ui) -> Result<ExitCode, Error> {
+    let opts = args.image.open_options()?;
+    let opened = image::open_tree(&args.reference, &opts, ui)?;
+    let tree = Arc::new(opened.tree);
+    let mount_opts = MountOptions {
+        allow_other: args.allow_other,
+        fsname: format!("fledge:{}", args.reference),
+        ..MountOptions::default()
+    };
+    let mountpoint = args.mountpoint.clone();
+    fusefs::serve_foreground(tree, &args.mountpoint, &mount_opts, || {
+        ui.info(format!(
+            "mounted {} at {} (read-only); unmount or press Ctrl-C to stop",
+            args.reference,
+            mountpoint.display()
+        ));
+    })?;
+    ui.info(format!("unmounted {}", mountpoint.display()));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(args: &InspectArgs) -> Result<ExitCode, Error> {
+    let opts = args.image.open_options()?;
+    let (_source, resolved) = image::resolve(&args.reference, &opts)?;
+    let report = InspectReport::from_image(&resolved);
+    let mut out = std::io::stdout().lock();
+    let text = if args.json {
+        let mut s = serde_json::to_string_pretty(&report)
+            .map_err(|e| Error::Usage(format!("cannot encode the report as JSON: {e}")))?;
+        s.push('\n');
+        s
+    } else {
+        report.render_text()
+    };
+    // A closed pipe (e.g. `| head`) is not an error worth reporting.
+    let _ = out.write_all(text.as_bytes());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = EnvFilter::try_from_env("FLEDGE_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "fledge={default},{}",
+            if quiet { "error" } else { "warn" }
+        ))
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Print an error as one line (the whole cause chain) plus a hint line when there is one.
+pub fn report_error(err: &Error) {
+    let mut line = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // thiserror's `transparent` and `#[from]` wrappers often repeat their cause's text.
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = cause.source();
+    }
+    eprintln!("error: {line}");
+    if let Some(hint) = err.hint() {
+        eprintln!("hint: {hint}");
+    }
 }

@@ -1,9 +1,12 @@
-//! The crate-wide error: one variant per module error, so the CLI can print the whole chain.
+//! The crate-wide error: one variant per module error, so the CLI can print the whole chain
+//! once, plus a hint where there is an obvious remedy.
 
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum Error {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
@@ -12,6 +15,16 @@ pub enum Error {
     Merge(#[from] crate::merge::MergeError),
     #[error(transparent)]
     Fuse(#[from] crate::fusefs::FuseError),
+    #[error(transparent)]
+    Mapping(#[from] crate::mapping::MappingError),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    #[error(transparent)]
+    Run(#[from] crate::runner::RunError),
+    #[error(transparent)]
+    Build(#[from] crate::build::BuildError),
     #[error("{0}")]
     Usage(String),
 }
@@ -19,6 +32,43 @@ pub enum Error {
 impl Error {
     /// A one-line hint for the user, when the error has an obvious remedy.
     pub fn hint(&self) -> Option<String> {
-        None
+        use crate::source::SourceError as S;
+        match self {
+            Error::Config(e) => e.hint().map(str::to_string),
+            Error::Source(e) | Error::Layer(crate::layer::LayerError::Source { source: e, .. }) => {
+                match e {
+                    S::BadReference { .. } | S::UnsupportedTransport { .. } => Some(
+                        "name images as oci:DIR[:TAG] (an OCI image layout directory)".into(),
+                    ),
+                    S::UnknownTag { .. } | S::NoDefaultTag { .. } => {
+                        Some("pick one of the listed tags: oci:DIR:TAG".into())
+                    }
+                    S::PlatformNotFound { .. } => {
+                        Some("choose one of the listed platforms with --platform OS/ARCH".into())
+                    }
+                    S::DigestMismatch { .. } | S::SizeMismatch { .. } => Some(
+                        "the image is corrupt: copy or pull it again (skopeo copy ... oci:DIR:TAG)"
+                            .into(),
+                    ),
+                    S::NotALayout { .. } | S::EmptyLayout { .. } => Some(
+                        "point at a directory holding oci-layout and index.json (skopeo copy docker://IMG oci:DIR:TAG makes one)"
+                            .into(),
+                    ),
+                    _ => None,
+                }
+            }
+            Error::Layer(crate::layer::LayerError::Corrupt { .. }) => {
+                Some("the layer blob is damaged: copy or pull the image again".into())
+            }
+            Error::Layer(crate::layer::LayerError::UnsupportedMediaType { .. }) => Some(
+                "fledge reads tar, tar+gzip and tar+zstd layers (OCI and Docker media types)"
+                    .into(),
+            ),
+            Error::Fuse(e) => e.hint().map(str::to_string),
+            Error::Agent(e) => e.hint().map(str::to_string),
+            Error::Run(e) => e.hint(),
+            Error::Build(e) => e.hint(),
+            _ => None,
+        }
     }
 }

@@ -11,11 +11,15 @@
 //! - [`sys`]: the only module with `unsafe` code and raw syscalls.
 
 pub mod agent;
+pub mod build;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod fusefs;
+pub mod image;
 pub mod inspect;
+pub mod interrupt;
 pub mod layer;
 pub mod manifest;
 pub mod mapping;

@@ -44,7 +44,7 @@ pub struct Probe {
 }
 
 impl Probe {
-    fn new(id: &'static str, status: Status, detail: impl Into<String>) -> Probe {
+    pub fn new(id: &'static str, status: Status, detail: impl Into<String>) -> Probe {
         Probe {
             id,
             status,
@@ -53,7 +53,7 @@ impl Probe {
         }
     }
 
-    fn hint(mut self, hint: impl Into<String>) -> Probe {
+    pub fn hint(mut self, hint: impl Into<String>) -> Probe {
         self.hint = Some(hint.into());
         self
     }

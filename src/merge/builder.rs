@@ -260,6 +260,10 @@ impl TreeBuilder {
             .resolve_parent(&comps, true)
             .map_err(|e| inject_resolve_err(path, e))?
             .ok_or_else(|| inject_err(path, "parent directory cannot be created"))?;
+        let mut meta = meta;
+        if matches!(kind, NodeKind::Symlink { .. }) {
+            meta.mode = 0o777; // as on every Linux filesystem
+        }
         self.put_leaf(parent, leaf, kind, meta);
         Ok(())
     }

@@ -472,5 +472,11 @@ fn read_entry(layer: u32, file_len: u64, raw: RawEntry) -> Result<Option<Record>
             return Ok(None);
         }
     };
+    let mut meta = meta;
+    if matches!(action, Action::Leaf(NodeKind::Symlink { .. })) {
+        // Linux symlinks have no permissions of their own: they are always 0777, whatever
+        // the tar header says (umoci and the kernel agree).
+        meta.mode = 0o777;
+    }
     Ok(Some(Record { path, action, meta }))
 }

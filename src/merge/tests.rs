@@ -697,6 +697,15 @@ fn cases() -> Vec<Case> {
             ]),
         ),
         (
+            "symlinks are always 0777, whatever mode their header carries",
+            vec![vec![l("s", "t").mode(0o644), l("u", "/abs").mode(0o600).owner(5, 6)]],
+            s(&[
+                &format!("{ROOT_LINE} n=2"),
+                "/s l 777 0:0 @0 ->t n=1",
+                "/u l 777 5:6 @0 ->/abs n=1",
+            ]),
+        ),
+        (
             "root metadata from ./",
             vec![
                 vec![f("a", "a"), d("./").mode(0o700).owner(1, 2).mtime(99)],

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install every system package fledge's build, tests, VM tests and benchmarks use.
+# Debian 12 (bookworm). Runs `apt-get update` once, then one `apt-get install`.
+set -euo pipefail
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: run as root (sudo $0)" >&2
+    exit 1
+fi
+packages=(
+    # building fledge (loopdev-3 generates bindings with libclang)
+    build-essential pkg-config libclang-dev
+    # FUSE (rootless mounts go through the setuid fusermount3)
+    fuse3
+    # formatters and checkers
+    e2fsprogs xfsprogs btrfs-progs
+    # test images and oracles
+    debootstrap umoci skopeo attr libcap2-bin python3
+    # benchmarks
+    hyperfine time
+)
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+echo "install-deps: ok (${#packages[@]} packages)"

@@ -1,0 +1,286 @@
+//! Copy a merged [`Tree`] into a directory (the kernel backend's mounted filesystem), exactly:
+//! types, contents, ownership, modes with setuid/setgid/sticky, xattrs, device numbers,
+//! symlink targets, hard-link groups and nanosecond mtimes.
+//!
+//! Regular files are copied with `copy_file_range(2)` straight from the uncompressed layer
+//! file, so the bytes never pass through user space (nor through FUSE). Metadata is applied in
+//! the order that keeps it intact: owner first (chown clears setuid bits and file
+//! capabilities), then xattrs, then mode, then times (directories last, deepest first, after
+//! their children stopped changing them).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid};
+
+use crate::tree::{Content, Meta, NodeId, NodeKind, Tree, ROOT};
+
+use super::BuildError;
+
+/// Counts of what was copied.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CopyStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub hardlinks: u64,
+}
+
+/// Copy `tree` into the existing, empty directory `dest` (its root takes the tree root's
+/// metadata). `interrupted` is polled between entries.
+pub fn copy_tree(
+    tree: &Tree,
+    dest: &Path,
+    interrupted: &dyn Fn() -> bool,
+    progress: &dyn Fn(u64),
+) -> Result<CopyStats, BuildError> {
+    let mut c = Copier {
+        tree,
+        stats: CopyStats::default(),
+        linked: HashMap::new(),
+        dirs: Vec::new(),
+        interrupted,
+        progress,
+    };
+    c.dirs.push((dest.to_path_buf(), ROOT));
+    c.copy_dir(ROOT, dest)?;
+    // Directory metadata last, deepest first, so creating children does not disturb it.
+    let dirs = std::mem::take(&mut c.dirs);
+    for (path, id) in dirs.iter().rev() {
+        let meta = &tree.node(*id).meta;
+        apply_path_meta(path, meta, true)?;
+    }
+    Ok(c.stats)
+}
+
+struct Copier<'a> {
+    tree: &'a Tree,
+    stats: CopyStats,
+    /// First path created for every node with nlink > 1 (hard-link groups).
+    linked: HashMap<NodeId, PathBuf>,
+    /// Directories created, in creation (pre-)order.
+    dirs: Vec<(PathBuf, NodeId)>,
+    interrupted: &'a dyn Fn() -> bool,
+    progress: &'a dyn Fn(u64),
+}
+
+impl Copier<'_> {
+    fn copy_dir(&mut self, dir: NodeId, dir_path: &Path) -> Result<(), BuildError> {
+        let NodeKind::Dir { entries } = &self.tree.node(dir).kind else {
+            return Ok(());
+        };
+        for (name, child) in entries {
+            if (self.interrupted)() {
+                return Err(BuildError::Interrupted);
+            }
+            let path = dir_path.join(OsStr::from_bytes(name));
+            self.copy_entry(*child, &path)?;
+            self.stats.entries += 1;
+            if self.stats.entries % 1024 == 0 {
+                (self.progress)(self.stats.bytes);
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_entry(&mut self, id: NodeId, path: &Path) -> Result<(), BuildError> {
+        let node = self.tree.node(id);
+        let io = |e: std::io::Error| BuildError::Copy {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        let nix_io = |e: nix::Error| BuildError::Copy {
+            path: path.to_path_buf(),
+            source: std::io::Error::from(e),
+        };
+        if !matches!(node.kind, NodeKind::Dir { .. }) && node.nlink > 1 {
+            if let Some(first) = self.linked.get(&id) {
+                std::fs::hard_link(first, path).map_err(io)?;
+                self.stats.hardlinks += 1;
+                return Ok(());
+            }
+            self.linked.insert(id, path.to_path_buf());
+        }
+        match &node.kind {
+            NodeKind::Dir { .. } => {
+                std::fs::create_dir(path).map_err(io)?;
+                self.dirs.push((path.to_path_buf(), id));
+                self.copy_dir(id, path)?;
+            }
+            NodeKind::File { size, content } => {
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(io)?;
+                self.copy_content(id, *size, content, &file, path)?;
+                apply_fd_meta(&file, &node.meta).map_err(nix_io)?;
+                self.stats.bytes += size;
+            }
+            NodeKind::Symlink { target } => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(target), path).map_err(io)?;
+                apply_path_meta(path, &node.meta, false)?;
+            }
+            NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
+                let kind = if matches!(node.kind, NodeKind::CharDevice { .. }) {
+                    SFlag::S_IFCHR
+                } else {
+                    SFlag::S_IFBLK
+                };
+                let dev = nix::sys::stat::makedev(u64::from(*major), u64::from(*minor));
+                nix::sys::stat::mknod(path, kind, Mode::from_bits_truncate(0o600), dev)
+                    .map_err(nix_io)?;
+                apply_path_meta(path, &node.meta, true)?;
+            }
+            NodeKind::Fifo => {
+                nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o600)).map_err(nix_io)?;
+                apply_path_meta(path, &node.meta, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn copy_content(
+        &self,
+        id: NodeId,
+        size: u64,
+        content: &Content,
+        out: &File,
+        path: &Path,
+    ) -> Result<(), BuildError> {
+        let io = |e: std::io::Error| BuildError::Copy {
+            path: path.to_path_buf(),
+            source: e,
+        };
+        match content {
+            Content::Layer { layer, offset } => {
+                let src = &self.tree.layer_files[*layer as usize];
+                copy_range(src, *offset, out, size).map_err(io)
+            }
+            Content::HostFile(host) => {
+                let src = File::open(host).map_err(|e| BuildError::Copy {
+                    path: host.clone(),
+                    source: e,
+                })?;
+                copy_range(&src, 0, out, size).map_err(io)
+            }
+            Content::Bytes(_) => {
+                let mut buf = vec![0u8; size as usize];
+                let n = self.tree.read_at(id, 0, &mut buf).map_err(io)?;
+                std::io::Write::write_all(&mut &*out, &buf[..n]).map_err(io)
+            }
+        }
+    }
+}
+
+/// Copy `len` bytes from `src` at `offset` to the current position of `out`, in the kernel
+/// when possible (copy_file_range), else through a buffer.
+fn copy_range(src: &File, offset: u64, out: &File, len: u64) -> std::io::Result<()> {
+    let mut off_in = offset as i64;
+    let mut left = len;
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        match nix::fcntl::copy_file_range(src.as_fd(), Some(&mut off_in), out.as_fd(), None, chunk)
+        {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "source data ends before the file does",
+                ))
+            }
+            Ok(n) => left -= n as u64,
+            Err(nix::Error::EINTR) => {}
+            Err(nix::Error::EXDEV | nix::Error::ENOSYS | nix::Error::EOPNOTSUPP) => {
+                return copy_buffered(src, off_in as u64, out, left);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn copy_buffered(src: &File, mut offset: u64, out: &File, mut left: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; (1 << 20).min(left as usize)];
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = src.read_at(&mut buf[..want], offset)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "source data ends before the file does",
+            ));
+        }
+        (&*out).write_all(&buf[..n])?;
+        offset += n as u64;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn timespec(meta: &Meta) -> TimeSpec {
+    TimeSpec::new(meta.mtime.sec, i64::from(meta.mtime.nsec))
+}
+
+/// Owner, xattrs, mode, times on an open regular file.
+fn apply_fd_meta(file: &File, meta: &Meta) -> nix::Result<()> {
+    use xattr::FileExt;
+    nix::unistd::fchown(
+        file.as_fd(),
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+    )?;
+    for (name, value) in &meta.xattrs {
+        file.set_xattr(OsStr::from_bytes(name), value)
+            .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    }
+    nix::sys::stat::fchmod(file.as_fd(), Mode::from_bits_truncate(meta.mode & 0o7777))?;
+    let t = timespec(meta);
+    nix::sys::stat::futimens(file.as_fd(), &t, &t)
+}
+
+/// Owner, xattrs, mode (unless a symlink), times, by path without following symlinks.
+fn apply_path_meta(path: &Path, meta: &Meta, set_mode: bool) -> Result<(), BuildError> {
+    let err = |e: std::io::Error| BuildError::Copy {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let nerr = |e: nix::Error| err(std::io::Error::from(e));
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(Uid::from_raw(meta.uid)),
+        Some(Gid::from_raw(meta.gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(nerr)?;
+    for (name, value) in &meta.xattrs {
+        xattr::set(path, OsStr::from_bytes(name), value).map_err(err)?;
+    }
+    if set_mode {
+        nix::sys::stat::fchmodat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            Mode::from_bits_truncate(meta.mode & 0o7777),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )
+        .map_err(nerr)?;
+    }
+    let t = timespec(meta);
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(nerr)
+}

@@ -1,0 +1,230 @@
+//! ext4 specifics shared by both backends: offline size calibration with `resize2fs`, and the
+//! timestamp fix-up that `mkfs.ext4 -d` needs.
+//!
+//! `mkfs.ext4 -d` (e2fsprogs 1.47.0) stores whole seconds only and drops the epoch bits, so
+//! nanoseconds vanish and times after 2038 wrap to 1901-1970. After it ran, every inode whose
+//! mtime has a fraction or lies outside the 32-bit range gets its `mtime_extra` field written
+//! by `debugfs -w` (nanoseconds << 2 | epoch bits), which makes the result exact.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::size::{SizePlan, MIB};
+use super::{tool, BuildError};
+use crate::tree::{NodeId, Tree};
+
+/// Values from `dumpe2fs -h`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SuperInfo {
+    pub block_count: u64,
+    pub free_blocks: u64,
+    pub reserved_blocks: u64,
+    pub block_size: u64,
+}
+
+impl SuperInfo {
+    /// Free bytes as `statvfs` will report them to an unprivileged process once mounted:
+    /// ext4 holds back 2% of the blocks (at most 4096) for itself, plus the root reserve.
+    pub fn user_free_bytes(&self) -> u64 {
+        let resv = (self.block_count / 50).min(4096);
+        self.free_blocks
+            .saturating_sub(resv)
+            .saturating_sub(self.reserved_blocks)
+            * self.block_size
+    }
+}
+
+pub fn parse_dumpe2fs(text: &str) -> Option<SuperInfo> {
+    let mut info = SuperInfo::default();
+    let mut seen = 0;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim().parse::<u64>();
+        let slot = match key.trim() {
+            "Block count" => &mut info.block_count,
+            "Free blocks" => &mut info.free_blocks,
+            "Reserved block count" => &mut info.reserved_blocks,
+            "Block size" => &mut info.block_size,
+            _ => continue,
+        };
+        *slot = value.ok()?;
+        seen += 1;
+    }
+    (seen == 4 && info.block_size > 0).then_some(info)
+}
+
+pub fn super_info(image: &Path) -> Result<SuperInfo, BuildError> {
+    let out = tool("dumpe2fs", &["-h".to_string(), image.display().to_string()])?;
+    parse_dumpe2fs(&out).ok_or_else(|| BuildError::Unexpected {
+        what: format!("dumpe2fs -h {}", image.display()),
+        detail: "no block counts in its output".into(),
+    })
+}
+
+/// Resize the (unmounted) ext4 image until its free space is inside the accepted window.
+/// Returns the final free bytes and the number of resizes.
+pub fn calibrate(image: &Path, plan: &SizePlan) -> Result<(u64, u32), BuildError> {
+    let mut resizes = 0;
+    for _ in 0..5 {
+        let info = super_info(image)?;
+        let free = info.user_free_bytes();
+        if free >= plan.buffer_bytes && free <= plan.max_free() {
+            truncate_to(image, info.block_count * info.block_size)?;
+            return Ok((free, resizes));
+        }
+        let delta = plan.target_free() as i64 - free as i64;
+        let new_bytes = (info.block_count * info.block_size) as i64 + delta;
+        let new_bytes = (new_bytes.max(MIB as i64) as u64).div_ceil(MIB) * MIB;
+        let new_blocks = new_bytes / info.block_size;
+        if new_bytes > info.block_count * info.block_size {
+            truncate_to(image, new_bytes)?;
+        }
+        // -f: the filesystem was made moments ago by us; skip resize2fs's "fsck first" rule.
+        tool(
+            "resize2fs",
+            &[
+                "-f".to_string(),
+                image.display().to_string(),
+                new_blocks.to_string(),
+            ],
+        )?;
+        resizes += 1;
+    }
+    let info = super_info(image)?;
+    let free = info.user_free_bytes();
+    truncate_to(image, info.block_count * info.block_size)?;
+    if free < plan.buffer_bytes {
+        return Err(BuildError::Unexpected {
+            what: format!("sizing {}", image.display()),
+            detail: format!(
+                "free space {} MiB stayed below the {} MiB buffer after resizing",
+                free / MIB,
+                plan.buffer_bytes / MIB
+            ),
+        });
+    }
+    Ok((free, resizes))
+}
+
+fn truncate_to(image: &Path, bytes: u64) -> Result<(), BuildError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(|e| BuildError::Io {
+            path: image.to_path_buf(),
+            source: e,
+        })?;
+    f.set_len(bytes).map_err(|e| BuildError::Io {
+        path: image.to_path_buf(),
+        source: e,
+    })
+}
+
+/// The `mtime_extra` value for a timestamp: nanoseconds << 2 | epoch bits.
+pub fn mtime_extra(sec: i64, nsec: u32) -> u32 {
+    let epoch = ((sec - i64::from(sec as i32)) >> 32) & 3;
+    (nsec << 2) | epoch as u32
+}
+
+/// Whether `mkfs.ext4 -d` stores this mtime exactly by itself.
+fn needs_fixup(sec: i64, nsec: u32) -> bool {
+    nsec != 0 || sec != i64::from(sec as i32)
+}
+
+/// The debugfs script that repairs what `mkfs.ext4 -d` truncated, or an error listing the
+/// paths that debugfs cannot address.
+pub fn fixup_script(tree: &Tree) -> Result<String, BuildError> {
+    let mut script = String::new();
+    let mut done: HashSet<NodeId> = HashSet::new();
+    let mut unaddressable = Vec::new();
+    tree.walk(|path, id| {
+        let m = &tree.node(id).meta.mtime;
+        if !needs_fixup(m.sec, m.nsec) || !done.insert(id) {
+            return;
+        }
+        match std::str::from_utf8(path) {
+            Ok(p) if !p.contains(['"', '\n', '\\']) && !p.chars().any(char::is_control) => {
+                let _ = writeln!(
+                    script,
+                    "sif \"{}\" mtime_extra {:#x}",
+                    p,
+                    mtime_extra(m.sec, m.nsec)
+                );
+            }
+            _ => unaddressable.push(String::from_utf8_lossy(path).escape_debug().to_string()),
+        }
+    });
+    if unaddressable.is_empty() {
+        Ok(script)
+    } else {
+        Err(BuildError::Unrepresentable {
+            backend: "userspace ext4 (debugfs)",
+            what: "sub-second or post-2038 mtimes on paths debugfs cannot name".into(),
+            paths: unaddressable,
+        })
+    }
+}
+
+/// Apply a fix-up script with `debugfs -w -f`.
+pub fn apply_fixups(image: &Path, script: &str, work: &Path) -> Result<usize, BuildError> {
+    let lines = script.lines().count();
+    if lines == 0 {
+        return Ok(0);
+    }
+    let file = work.join("debugfs.cmds");
+    std::fs::write(&file, script).map_err(|e| BuildError::Io {
+        path: file.clone(),
+        source: e,
+    })?;
+    let out = tool(
+        "debugfs",
+        &[
+            "-w".to_string(),
+            "-f".into(),
+            file.display().to_string(),
+            image.display().to_string(),
+        ],
+    )?;
+    // debugfs reports per-command failures on its output but still exits 0.
+    if let Some(bad) = out
+        .lines()
+        .find(|l| l.contains("not found") || l.contains("Couldn't") || l.contains("invalid"))
+    {
+        return Err(BuildError::Unexpected {
+            what: format!("debugfs timestamp fix-up of {}", image.display()),
+            detail: bad.trim().to_string(),
+        });
+    }
+    Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_encoding() {
+        assert_eq!(mtime_extra(0, 0), 0);
+        assert_eq!(mtime_extra(1, 123_456_789), 123_456_789 << 2);
+        // 2100-01-01 needs epoch 1; 1960 needs none.
+        assert_eq!(mtime_extra(4_102_444_800, 0), 1);
+        assert_eq!(mtime_extra(-315_619_200, 500), 500 << 2);
+        assert!(needs_fixup(4_102_444_800, 0));
+        assert!(!needs_fixup(-315_619_200, 0));
+        assert!(needs_fixup(5, 1));
+    }
+
+    #[test]
+    fn dumpe2fs_parsing() {
+        let text = "Inode count:              16384\nBlock count:              65536\n\
+                    Reserved block count:     0\nFree blocks:              56023\n\
+                    Block size:               4096\n";
+        let info = parse_dumpe2fs(text).unwrap();
+        assert_eq!(info.block_count, 65536);
+        assert_eq!(info.user_free_bytes(), (56023 - 1310) * 4096);
+        assert!(parse_dumpe2fs("Block count: x").is_none());
+    }
+}

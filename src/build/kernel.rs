@@ -1,0 +1,337 @@
+//! The kernel backend: image file -> loop device -> mkfs -> mount -> copy the merged tree
+//! straight from the layer data -> size correction -> unmount -> detach. Needs root (or
+//! CAP_SYS_ADMIN with access to /dev/loop-control).
+//!
+//! The loop device and the mount are RAII guards: they are released on success, on every
+//! error, and on Ctrl-C/SIGTERM (the interrupt flag turns into an error that unwinds through
+//! them).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use loopdev::{LoopControl, LoopDevice};
+use sys_mount::{FilesystemType, Mount, Unmount, UnmountFlags};
+
+use super::size::{SizePlan, MIB};
+use super::{ext4, tool, BuildError, BuildReport};
+use crate::config::FsType;
+use crate::tree::Tree;
+
+/// An attached loop device, detached on drop.
+pub struct LoopGuard {
+    dev: Option<LoopDevice>,
+    path: PathBuf,
+}
+
+impl LoopGuard {
+    /// Attach `image` to a free loop device (retrying when another process takes the device
+    /// between "find free" and "attach").
+    pub fn attach(image: &Path) -> Result<LoopGuard, BuildError> {
+        let ctl = LoopControl::open().map_err(|e| BuildError::Loop {
+            what: "open /dev/loop-control".into(),
+            source: e,
+        })?;
+        let mut last = None;
+        for _ in 0..8 {
+            let dev = ctl.next_free().map_err(|e| BuildError::Loop {
+                what: "find a free loop device".into(),
+                source: e,
+            })?;
+            match dev.with().autoclear(true).attach(image) {
+                Ok(()) => {
+                    let path = dev.path().unwrap_or_else(|| PathBuf::from("/dev/loop?"));
+                    tracing::debug!("attached {} to {}", image.display(), path.display());
+                    return Ok(LoopGuard {
+                        dev: Some(dev),
+                        path,
+                    });
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
+                Err(e) => {
+                    return Err(BuildError::Loop {
+                        what: format!("attach {}", image.display()),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Err(BuildError::Loop {
+            what: format!("attach {} (every free device was taken)", image.display()),
+            source: last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY)),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tell the loop driver that the backing file changed size.
+    pub fn refresh_capacity(&self) -> Result<(), BuildError> {
+        if let Some(dev) = &self.dev {
+            dev.set_capacity().map_err(|e| BuildError::Loop {
+                what: format!("resize {}", self.path.display()),
+                source: e,
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn detach(mut self) -> Result<(), BuildError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), BuildError> {
+        if let Some(dev) = self.dev.take() {
+            match dev.detach() {
+                Ok(()) => {}
+                // Autoclear already released it once the last user closed it.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+                Err(e) => {
+                    return Err(BuildError::Loop {
+                        what: format!("detach {}", self.path.display()),
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// A mounted filesystem, unmounted on drop (lazily if a normal unmount fails).
+pub struct MountGuard {
+    mount: Option<Mount>,
+    target: PathBuf,
+}
+
+impl MountGuard {
+    pub fn mount(dev: &Path, target: &Path, fs: FsType) -> Result<MountGuard, BuildError> {
+        let data = match fs {
+            // The image is sparse and fresh: nothing to zero, nothing to discard.
+            FsType::Ext4 => "noinit_itable",
+            FsType::Xfs | FsType::Btrfs => "",
+        };
+        let mut builder = Mount::builder().fstype(FilesystemType::Manual(fs.as_str()));
+        if !data.is_empty() {
+            builder = builder.data(data);
+        }
+        let mount = builder.mount(dev, target).map_err(|e| BuildError::Mount {
+            what: format!("mount {} on {}", dev.display(), target.display()),
+            source: e,
+        })?;
+        Ok(MountGuard {
+            mount: Some(mount),
+            target: target.to_path_buf(),
+        })
+    }
+
+    pub fn unmount(mut self) -> Result<(), BuildError> {
+        self.release(false)
+    }
+
+    fn release(&mut self, lazy_fallback: bool) -> Result<(), BuildError> {
+        if let Some(mount) = self.mount.take() {
+            if let Err(e) = mount.unmount(UnmountFlags::empty()) {
+                if lazy_fallback {
+                    let _ = mount.unmount(UnmountFlags::DETACH);
+                }
+                return Err(BuildError::Mount {
+                    what: format!("unmount {}", self.target.display()),
+                    source: e,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.release(true) {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// Free bytes an unprivileged process could still write on the mounted filesystem.
+fn free_bytes(mountpoint: &Path) -> Result<u64, BuildError> {
+    let st = nix::sys::statvfs::statvfs(mountpoint).map_err(|e| BuildError::Copy {
+        path: mountpoint.to_path_buf(),
+        source: e.into(),
+    })?;
+    Ok(st.blocks_available() * st.fragment_size())
+}
+
+/// mkfs arguments shared by both backends (without the device or the -d/--rootdir source).
+pub fn mkfs_args(fs: FsType, plan: &SizePlan) -> (&'static str, Vec<String>) {
+    match fs {
+        FsType::Ext4 => (
+            "mkfs.ext4",
+            vec![
+                "-F".into(),
+                "-q".into(),
+                "-b".into(),
+                "4096".into(),
+                "-m".into(),
+                "0".into(),
+                "-I".into(),
+                "256".into(),
+                "-N".into(),
+                plan.inodes.to_string(),
+                "-E".into(),
+                "nodiscard,assume_storage_prezeroed=1".into(),
+            ],
+        ),
+        FsType::Xfs => ("mkfs.xfs", vec!["-f".into(), "-q".into(), "-K".into()]),
+        FsType::Btrfs => ("mkfs.btrfs", vec!["-f".into(), "-q".into(), "-K".into()]),
+    }
+}
+
+/// Build `image` (already created at `plan.image_bytes`) with the kernel backend.
+pub fn build(
+    tree: &Tree,
+    fs: FsType,
+    plan: &SizePlan,
+    image: &Path,
+    work: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<BuildReport, BuildError> {
+    let lo = LoopGuard::attach(image)?;
+    let (mkfs, mut args) = mkfs_args(fs, plan);
+    args.push(lo.path().display().to_string());
+    tool(mkfs, &args)?;
+
+    let target = work.join("mnt");
+    std::fs::create_dir_all(&target).map_err(|e| BuildError::Io {
+        path: target.clone(),
+        source: e,
+    })?;
+    let mnt = MountGuard::mount(lo.path(), &target, fs)?;
+    if fs == FsType::Ext4 {
+        // mkfs made lost+found; the image does not have it unless the tree does.
+        let lf = target.join("lost+found");
+        if tree.resolve(Path::new("/lost+found")).is_none() {
+            let _ = std::fs::remove_dir(&lf);
+        }
+    }
+    let stats = super::copy::copy_tree(tree, &target, &crate::interrupt::requested, progress)?;
+
+    // Correct the size while mounted where the filesystem can be resized online.
+    let mut resizes = 0;
+    let file = File::options()
+        .write(true)
+        .open(image)
+        .map_err(|e| BuildError::Io {
+            path: image.to_path_buf(),
+            source: e,
+        })?;
+    if fs != FsType::Ext4 {
+        for _ in 0..4 {
+            sync_fs(&target, fs)?;
+            let free = free_bytes(&target)?;
+            if free >= plan.buffer_bytes && free <= plan.max_free() {
+                break;
+            }
+            let size = file
+                .metadata()
+                .map_err(|e| BuildError::Io {
+                    path: image.to_path_buf(),
+                    source: e,
+                })?
+                .len();
+            let wanted = (size as i64 + plan.target_free() as i64 - free as i64).max(0) as u64;
+            let wanted = wanted.div_ceil(MIB) * MIB;
+            if wanted > size {
+                file.set_len(wanted).map_err(|e| BuildError::Io {
+                    path: image.to_path_buf(),
+                    source: e,
+                })?;
+                lo.refresh_capacity()?;
+                match fs {
+                    FsType::Xfs => tool("xfs_growfs", &[target.display().to_string()])?,
+                    FsType::Btrfs => tool(
+                        "btrfs",
+                        &[
+                            "filesystem".to_string(),
+                            "resize".into(),
+                            "max".into(),
+                            target.display().to_string(),
+                        ],
+                    )?,
+                    FsType::Ext4 => unreachable!("ext4 is resized offline"),
+                };
+            } else if fs == FsType::Btrfs {
+                tool(
+                    "btrfs",
+                    &[
+                        "filesystem".to_string(),
+                        "resize".into(),
+                        wanted.to_string(),
+                        target.display().to_string(),
+                    ],
+                )?;
+                sync_fs(&target, fs)?;
+                file.set_len(wanted).map_err(|e| BuildError::Io {
+                    path: image.to_path_buf(),
+                    source: e,
+                })?;
+                lo.refresh_capacity()?;
+            } else {
+                // xfs cannot shrink: the estimate was too generous; keep what we have.
+                break;
+            }
+            resizes += 1;
+        }
+    }
+    let free = {
+        sync_fs(&target, fs)?;
+        free_bytes(&target)?
+    };
+    mnt.unmount()?;
+    lo.detach()?;
+    let free = if fs == FsType::Ext4 {
+        let (free, n) = ext4::calibrate(image, plan)?;
+        resizes += n;
+        free
+    } else {
+        free
+    };
+    Ok(BuildReport {
+        entries: stats.entries,
+        bytes: stats.bytes,
+        free_bytes: free,
+        resizes,
+    })
+}
+
+fn sync_fs(target: &Path, fs: FsType) -> Result<(), BuildError> {
+    if fs == FsType::Btrfs {
+        // btrfs accounts space lazily; a sync makes statfs honest.
+        tool(
+            "btrfs",
+            &[
+                "filesystem".to_string(),
+                "sync".into(),
+                target.display().to_string(),
+            ],
+        )?;
+    } else {
+        let dir = File::open(target).map_err(|e| BuildError::Io {
+            path: target.to_path_buf(),
+            source: e,
+        })?;
+        nix::unistd::syncfs(&dir).map_err(|e| BuildError::Io {
+            path: target.to_path_buf(),
+            source: e.into(),
+        })?;
+    }
+    Ok(())
+}

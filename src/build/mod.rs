@@ -1,0 +1,525 @@
+//! `fledge build`: from fledge.toml to a root filesystem image and its plugin manifest.
+//!
+//! 1. Load and validate fledge.toml (and manifest.toml), plan the mappings, check that the
+//!    output directory is writable: every cheap check runs before any heavy work.
+//! 2. Resolve the image, decode its layers into the cache, merge them ([`crate::image`]).
+//! 3. Inject `/etc/fsify-entrypoint`, the agent and the mappings into the merged view (no file
+//!    is edited on disk), then freeze the tree.
+//! 4. Choose the backend ([`select`]) with the same probes `fledge doctor` reports.
+//! 5. Size the image from the tree ([`size`]), build it in a private work directory next to
+//!    the output ([`kernel`] or [`userspace`]), correct its size, checksum it.
+//! 6. Move the image and its manifest into place with `rename(2)`: a failed or interrupted
+//!    build leaves nothing at the output paths, and an existing output untouched.
+
+mod copy;
+mod ext4;
+pub(crate) mod kernel;
+pub mod select;
+pub mod size;
+mod userspace;
+mod xfsproto;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::cli::{ImageArgs, Ui};
+use crate::config::Config;
+use crate::error::Error;
+use crate::manifest::{self, ImageRuntimeConfig, ManifestInputs, ManifestOverrides};
+use crate::mapping::{self, PlannedKind};
+use crate::runner::{RunError, Tool};
+use crate::tree::{Content, Meta, NodeKind, Timestamp};
+
+pub use select::Backend;
+
+/// Which formatter backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// Probe the host and pick the fastest faithful backend.
+    Auto,
+    /// Loop device + mkfs + mount + copy (root).
+    Kernel,
+    /// mkfs reading the FUSE view (`mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`).
+    Userspace,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Build configuration.
+    #[arg(short, long, value_name = "FILE", default_value = "fledge.toml")]
+    pub config: PathBuf,
+    /// Output image path (default: derived from the image reference, e.g. nginx.img).
+    #[arg(short, long, value_name = "OUT.img")]
+    pub output: Option<PathBuf>,
+    /// Plugin manifest settings (name, version, runtime, resources, ...).
+    #[arg(long, value_name = "manifest.toml")]
+    pub manifest: Option<PathBuf>,
+    /// Formatter backend.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    #[command(flatten)]
+    pub image: ImageArgs,
+}
+
+/// Errors of the build itself (config, image and tool errors have their own types).
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Tool(#[from] RunError),
+    #[error("cannot {what}: {source}")]
+    Loop {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot {what}: {source}")]
+    Mount {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Copy {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("output directory {} is not usable: {source}", dir.display())]
+    OutputDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: {detail}")]
+    Unexpected { what: String, detail: String },
+    #[error("the {backend} backend cannot represent {what}: {}", list_paths(paths))]
+    Unrepresentable {
+        backend: &'static str,
+        what: String,
+        paths: Vec<String>,
+    },
+    #[error("no backend can build {fs} images here: {reasons}")]
+    NoBackend { fs: &'static str, reasons: String },
+    #[error("the {backend} backend cannot run here: {reason}")]
+    BackendUnavailable {
+        backend: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Fuse(#[from] crate::fusefs::FuseError),
+    #[error("interrupted")]
+    Interrupted,
+}
+
+fn list_paths(paths: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = paths
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if paths.len() > SHOWN {
+        s.push_str(&format!(" and {} more", paths.len() - SHOWN));
+    }
+    s
+}
+
+impl BuildError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            BuildError::Tool(e) => e.hint(),
+            BuildError::Loop { .. } | BuildError::Mount { .. } => {
+                Some("the kernel backend needs root; run as root or use --backend userspace".into())
+            }
+            BuildError::OutputDir { .. } => {
+                Some("choose a writable output directory with -o DIR/NAME.img".into())
+            }
+            BuildError::Unrepresentable { .. } => {
+                Some("use the kernel backend (--backend kernel, as root)".into())
+            }
+            BuildError::NoBackend { .. } | BuildError::BackendUnavailable { .. } => {
+                Some("run `fledge doctor` to see what is missing and how to fix it".into())
+            }
+            BuildError::Copy { source, .. } | BuildError::Io { source, .. }
+                if source.raw_os_error() == Some(libc::ENOSPC) =>
+            {
+                Some("the disk holding the output is full; free space or choose another -o".into())
+            }
+            BuildError::Fuse(e) => e.hint().map(str::to_string),
+            _ => None,
+        }
+    }
+
+    /// Whether a formatter failed because the image was too small.
+    fn is_out_of_space(&self) -> bool {
+        match self {
+            BuildError::Tool(RunError::Failed { stderr, .. }) => {
+                let s = stderr.to_ascii_lowercase();
+                s.contains("no space left")
+                    || s.contains("could not allocate block")
+                    || s.contains("enospc")
+                    || s.contains("not enough free space")
+                    || s.contains("is too small")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Run an external tool through the runner; returns its stdout and stderr, joined.
+fn tool(program: &str, args: &[String]) -> Result<String, BuildError> {
+    check_interrupt()?;
+    let out = Tool::new(program).args(args).run().map_err(|e| {
+        if crate::interrupt::requested() {
+            BuildError::Interrupted
+        } else {
+            BuildError::Tool(e)
+        }
+    })?;
+    check_interrupt()?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok(text)
+}
+
+fn check_interrupt() -> Result<(), BuildError> {
+    if crate::interrupt::requested() {
+        Err(BuildError::Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// What a backend did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BuildReport {
+    pub entries: u64,
+    pub bytes: u64,
+    /// Free bytes in the finished filesystem (0 when the backend cannot measure it offline).
+    pub free_bytes: u64,
+    pub resizes: u32,
+}
+
+pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
+    crate::interrupt::install().map_err(|e| BuildError::Unexpected {
+        what: "installing signal handlers".into(),
+        detail: e.to_string(),
+    })?;
+    let started = Instant::now();
+
+    // 1. Every cheap check first.
+    let cfg = Config::load(&args.config)?;
+    let overrides = args
+        .manifest
+        .as_deref()
+        .map(ManifestOverrides::load)
+        .transpose()?;
+    let reference = cfg.source.image.clone();
+    let output = absolute(
+        args.output
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::config::default_output_name(&reference))),
+    )?;
+    let manifest_path = manifest::manifest_path_for(&output);
+    let out_dir = output
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let planned = mapping::plan_mappings(&cfg.dir, &cfg.mappings)?;
+    let fs = cfg.filesystem.fs_type;
+    let probes = select::Probed::run(fs);
+    // Fail early when nothing can build this type at all (the tree is not needed for that).
+    select::precheck(args.backend, fs, &probes)?;
+    let work = tempfile::Builder::new()
+        .prefix(".fledge-build-")
+        .tempdir_in(&out_dir)
+        .map_err(|e| BuildError::OutputDir {
+            dir: out_dir.clone(),
+            source: e,
+        })?;
+
+    // 2. The image.
+    let opts = args.image.open_options()?;
+    let merged = crate::image::merge(&reference, &opts, ui)?;
+    check_interrupt()?;
+
+    // 3. Injection through the merged view.
+    let mut merged = merged;
+    let stamp = source_date(&merged.resolved);
+    let meta = |mode: u32| Meta {
+        mode,
+        uid: 0,
+        gid: 0,
+        mtime: stamp,
+        xattrs: Vec::new(),
+    };
+    let b = &mut merged.builder;
+    b.insert(
+        b"/etc/fsify-entrypoint",
+        NodeKind::File {
+            size: merged.resolved.config_raw.len() as u64,
+            content: Content::Bytes(merged.resolved.config_raw.clone().into()),
+        },
+        meta(0o644),
+    )?;
+    if let Some(agent) = &cfg.agent {
+        let cache = crate::image::cache_dir(&opts)?;
+        let path = crate::agent::fetch_agent(agent, &cfg.dir, &cache)?;
+        let size = std::fs::metadata(&path)
+            .map_err(|e| BuildError::Io {
+                path: path.clone(),
+                source: e,
+            })?
+            .len();
+        b.insert(
+            crate::agent::AGENT_DEST.as_bytes(),
+            NodeKind::File {
+                size,
+                content: Content::HostFile(path),
+            },
+            meta(crate::agent::AGENT_MODE),
+        )?;
+    }
+    for entry in &planned {
+        let m = Meta {
+            mode: entry.mode,
+            uid: entry.uid,
+            gid: entry.gid,
+            mtime: entry.mtime,
+            xattrs: Vec::new(),
+        };
+        match &entry.kind {
+            PlannedKind::Dir => b.mkdir_all(&entry.dest, m)?,
+            PlannedKind::File { host_path, size } => b.insert(
+                &entry.dest,
+                NodeKind::File {
+                    size: *size,
+                    content: Content::HostFile(host_path.clone()),
+                },
+                m,
+            )?,
+            PlannedKind::Symlink { target } => b.insert(
+                &entry.dest,
+                NodeKind::Symlink {
+                    target: target.clone().into(),
+                },
+                m,
+            )?,
+        }
+    }
+    let (resolved, tree) = merged.freeze();
+    let tree = Arc::new(tree);
+
+    // 4. Backend.
+    let backend = select::choose(args.backend, fs, &tree, &probes)?;
+    if ui.verbose > 0 {
+        ui.info(format!("backend: {} ({})", backend.name(), backend.reason));
+    }
+
+    // 5. Size and build.
+    let buffer = cfg.filesystem.buffer_bytes(size::content_bytes(&tree, fs));
+    let plan = size::plan(&tree, fs, buffer);
+    tracing::info!(
+        "content {} MiB, buffer {} MiB, initial image {} MiB, {} inodes",
+        plan.content_bytes / size::MIB,
+        plan.buffer_bytes / size::MIB,
+        plan.image_bytes / size::MIB,
+        plan.inodes
+    );
+    let image_tmp = work.path().join("image.img");
+    create_image(&image_tmp, plan.image_bytes, cfg.filesystem.preallocate)?;
+    let progress = progress_for(ui, tree.stats().file_bytes);
+    let report = match backend.kind {
+        select::BackendKind::Kernel => {
+            kernel::build(&tree, fs, &plan, &image_tmp, work.path(), &|n| {
+                progress.set_position(n)
+            })?
+        }
+        select::BackendKind::Userspace => {
+            userspace::build(Arc::clone(&tree), fs, &plan, &image_tmp, work.path())?
+        }
+    };
+    progress.finish_and_clear();
+    if cfg.filesystem.preallocate {
+        preallocate(&image_tmp)?;
+    }
+    check_interrupt()?;
+    let checksum = sha256_file(&image_tmp)?;
+
+    // 6. Manifest, then both into place.
+    let runtime = ImageRuntimeConfig::from_oci(&resolved.config);
+    let plugin = manifest::build_manifest(&ManifestInputs {
+        image_ref: &reference,
+        image_digest: Some(&resolved.manifest_digest),
+        image_path: &output,
+        image_sha256: &checksum,
+        fs_type: fs,
+        image_config: &runtime,
+        overrides: overrides.as_ref(),
+    })?;
+    let manifest_tmp = work.path().join("manifest.json");
+    plugin.write(&manifest_tmp)?;
+    check_interrupt()?;
+    rename(&image_tmp, &output)?;
+    rename(&manifest_tmp, &manifest_path)?;
+
+    let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+    ui.info(format!(
+        "built {} ({}, {} MiB, {} MiB free, backend {}) and {} in {:.1}s",
+        output.display(),
+        fs.as_str(),
+        size / size::MIB,
+        report.free_bytes / size::MIB,
+        backend.name(),
+        manifest_path.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Timestamp for injected files: `SOURCE_DATE_EPOCH` when set, else the image's creation
+/// time, else the epoch, so the same inputs give the same tree.
+fn source_date(resolved: &crate::source::ResolvedImage) -> Timestamp {
+    if let Some(sec) = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
+    {
+        return Timestamp::new(sec, 0);
+    }
+    resolved
+        .config
+        .created()
+        .as_deref()
+        .and_then(parse_rfc3339_seconds)
+        .map(|s| Timestamp::new(s, 0))
+        .unwrap_or_default()
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time like `2024-01-02T03:04:05.123Z`.
+fn parse_rfc3339_seconds(s: &str) -> Option<i64> {
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.split('-');
+    let (y, m, day) = (
+        d.next()?.parse::<i64>().ok()?,
+        d.next()?.parse::<i64>().ok()?,
+        d.next()?.parse::<i64>().ok()?,
+    );
+    let hms = time.get(..8)?;
+    let mut t = hms.split(':');
+    let (hh, mm, ss) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+fn absolute(p: PathBuf) -> Result<PathBuf, BuildError> {
+    std::path::absolute(&p).map_err(|e| BuildError::Io { path: p, source: e })
+}
+
+fn create_image(path: &Path, size: u64, preallocate: bool) -> Result<(), BuildError> {
+    let err = |e| BuildError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let f = std::fs::File::create(path).map_err(err)?;
+    if preallocate {
+        nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, size as i64)
+            .map_err(|e| err(e.into()))?;
+    } else {
+        f.set_len(size).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Allocate every block of the finished image (`preallocate = true`).
+fn preallocate(path: &Path) -> Result<(), BuildError> {
+    let err = |e| BuildError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    nix::fcntl::fallocate(
+        &f,
+        nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        0,
+        len as i64,
+    )
+    .map_err(|e| err(e.into()))
+}
+
+fn sha256_file(path: &Path) -> Result<String, BuildError> {
+    let err = |e| BuildError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let mut f = std::fs::File::open(path).map_err(err)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        check_interrupt()?;
+        let n = f.read(&mut buf).map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), BuildError> {
+    std::fs::rename(from, to).map_err(|e| BuildError::Io {
+        path: to.to_path_buf(),
+        source: e,
+    })
+}
+
+fn progress_for(ui: &Ui, total: u64) -> indicatif::ProgressBar {
+    if !ui.progress_bars() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "copying {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339() {
+        assert_eq!(parse_rfc3339_seconds("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            parse_rfc3339_seconds("2024-02-29T12:34:56.789Z"),
+            Some(1_709_210_096)
+        );
+        assert_eq!(parse_rfc3339_seconds("garbage"), None);
+    }
+}

@@ -1,0 +1,348 @@
+//! Backend selection: which backend can build which filesystem type here, decided from the
+//! same probes `fledge doctor` reports ([`crate::probe`]), and which one `auto` picks.
+//!
+//! Order of preference for `auto`: the kernel backend (fastest: file contents go from the
+//! layer cache to the image with `copy_file_range`, no FUSE round trip), then the userspace
+//! backend when it can reproduce this tree exactly.
+
+use serde::Serialize;
+
+use super::BuildError;
+use super::{userspace, BackendChoice};
+use crate::config::FsType;
+use crate::probe::{self, Probe, Status};
+use crate::tree::Tree;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Kernel,
+    Userspace,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Kernel => "kernel",
+            BackendKind::Userspace => "userspace",
+        }
+    }
+}
+
+/// The chosen backend and why.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub kind: BackendKind,
+    pub reason: String,
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+}
+
+/// The probe results a selection is based on.
+pub struct Probed {
+    pub probes: Vec<Probe>,
+}
+
+impl Probed {
+    /// Run the probes (the same set `fledge doctor` runs).
+    pub fn run(_fs: FsType) -> Probed {
+        Probed {
+            probes: {
+                let mut p = probe::probe_all();
+                p.extend(live_probes(&p));
+                p
+            },
+        }
+    }
+
+    fn ok(&self, id: &str) -> Result<(), String> {
+        match probe::find(&self.probes, id) {
+            Some(p) if p.is_ok() => Ok(()),
+            Some(p) => Err(format!("{}: {}", p.id, p.detail)),
+            None => Err(format!("{id}: not probed")),
+        }
+    }
+
+    fn all_ok(&self, ids: &[&str]) -> Result<(), String> {
+        let failed: Vec<String> = ids.iter().filter_map(|id| self.ok(id).err()).collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    fn is_root(&self) -> bool {
+        self.ok("privileges.euid").is_ok()
+    }
+}
+
+/// Probe ids the kernel backend needs for `fs`.
+pub fn kernel_requirements(fs: FsType) -> Vec<&'static str> {
+    let mut ids = vec![
+        "privileges.cap_sys_admin",
+        "kernel.loop_control",
+        "kernel.loop_attach",
+    ];
+    match fs {
+        FsType::Ext4 => ids.extend(["kernel.fs_ext4", "tools.mkfs_ext4", "tools.resize2fs"]),
+        FsType::Xfs => ids.extend(["kernel.fs_xfs", "tools.mkfs_xfs"]),
+        FsType::Btrfs => ids.extend(["kernel.fs_btrfs", "tools.mkfs_btrfs", "tools.btrfs"]),
+    }
+    ids
+}
+
+/// Probe ids the userspace backend needs for `fs` (not counting tree fidelity).
+pub fn userspace_requirements(fs: FsType, root: bool) -> Vec<&'static str> {
+    let mut ids = vec!["fuse.dev", "kernel.fs_fuse", "fuse.mount"];
+    if !root {
+        ids.push("fuse.fusermount3");
+    }
+    match fs {
+        FsType::Ext4 => ids.extend(["tools.mkfs_ext4", "tools.resize2fs", "tools.debugfs"]),
+        FsType::Xfs => ids.extend(["tools.mkfs_xfs"]),
+        FsType::Btrfs => ids.extend(["tools.mkfs_btrfs"]),
+    }
+    ids
+}
+
+/// Whether each backend can run for `fs` on this host (ignoring the tree).
+pub fn availability(fs: FsType, probed: &Probed) -> [(BackendKind, Result<(), String>); 2] {
+    [
+        (BackendKind::Kernel, probed.all_ok(&kernel_requirements(fs))),
+        (
+            BackendKind::Userspace,
+            probed.all_ok(&userspace_requirements(fs, probed.is_root())),
+        ),
+    ]
+}
+
+/// Fail before any heavy work when the requested backend (or, for auto, every backend) cannot
+/// run here.
+pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<(), BuildError> {
+    let avail = availability(fs, probed);
+    let want = |k: BackendKind| avail.iter().find(|(kind, _)| *kind == k).map(|(_, r)| r);
+    match choice {
+        BackendChoice::Kernel => want(BackendKind::Kernel)
+            .and_then(|r| r.clone().err())
+            .map_or(Ok(()), |reason| {
+                Err(BuildError::BackendUnavailable {
+                    backend: "kernel",
+                    reason,
+                })
+            }),
+        BackendChoice::Userspace => want(BackendKind::Userspace)
+            .and_then(|r| r.clone().err())
+            .map_or(Ok(()), |reason| {
+                Err(BuildError::BackendUnavailable {
+                    backend: "userspace",
+                    reason,
+                })
+            }),
+        BackendChoice::Auto => {
+            if avail.iter().any(|(_, r)| r.is_ok()) {
+                Ok(())
+            } else {
+                Err(BuildError::NoBackend {
+                    fs: fs.as_str(),
+                    reasons: avail
+                        .iter()
+                        .map(|(k, r)| {
+                            format!("{}: {}", k.name(), r.clone().err().unwrap_or_default())
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                })
+            }
+        }
+    }
+}
+
+/// What `auto` picks for `fs` on this host, ignoring what a particular tree needs: the kernel
+/// backend when it can run, else the userspace one (never for xfs, whose protofiles lose
+/// timestamps). `fledge doctor` reports this.
+pub fn auto_choice(fs: FsType, probed: &Probed) -> Option<BackendKind> {
+    let [(_, kernel), (_, user)] = availability(fs, probed);
+    if kernel.is_ok() {
+        Some(BackendKind::Kernel)
+    } else if user.is_ok() && fs != FsType::Xfs {
+        Some(BackendKind::Userspace)
+    } else {
+        None
+    }
+}
+
+/// Choose the backend for this tree.
+pub fn choose(
+    choice: BackendChoice,
+    fs: FsType,
+    tree: &Tree,
+    probed: &Probed,
+) -> Result<Backend, BuildError> {
+    precheck(choice, fs, probed)?;
+    let [(_, kernel), (_, user)] = availability(fs, probed);
+    let gaps = userspace::unrepresentable(tree, fs);
+    match choice {
+        BackendChoice::Kernel => Ok(Backend {
+            kind: BackendKind::Kernel,
+            reason: "requested with --backend kernel".into(),
+        }),
+        BackendChoice::Userspace => match gaps {
+            Some((what, paths)) => Err(BuildError::Unrepresentable {
+                backend: "userspace",
+                what,
+                paths,
+            }),
+            None => {
+                if fs == FsType::Xfs {
+                    tracing::warn!(
+                        "mkfs.xfs -p sets every timestamp to the build time; \
+                         build as root (kernel backend) to keep the image's mtimes"
+                    );
+                }
+                Ok(Backend {
+                    kind: BackendKind::Userspace,
+                    reason: "requested with --backend userspace".into(),
+                })
+            }
+        },
+        BackendChoice::Auto => {
+            if kernel.is_ok() {
+                return Ok(Backend {
+                    kind: BackendKind::Kernel,
+                    reason: "loop devices and mount are available (fastest: no FUSE round trip)"
+                        .into(),
+                });
+            }
+            let kernel_why = kernel.err().unwrap_or_default();
+            let gaps = match (fs, gaps) {
+                (FsType::Xfs, None) => Some((
+                    "timestamps (mkfs.xfs protofiles give every inode the build time; \
+                     pass --backend userspace to accept that)"
+                        .to_string(),
+                    vec!["/".to_string()],
+                )),
+                (_, gaps) => gaps,
+            };
+            match (user, gaps) {
+                (Ok(()), None) => Ok(Backend {
+                    kind: BackendKind::Userspace,
+                    reason: format!("kernel backend unavailable ({kernel_why})"),
+                }),
+                (Ok(()), Some((what, paths))) => Err(BuildError::Unrepresentable {
+                    backend: "userspace",
+                    what: format!("{what} (and the kernel backend is unavailable: {kernel_why})"),
+                    paths,
+                }),
+                (Err(user_why), _) => Err(BuildError::NoBackend {
+                    fs: fs.as_str(),
+                    reasons: format!("kernel: {kernel_why}; userspace: {user_why}"),
+                }),
+            }
+        }
+    }
+}
+
+/// Probes that try the real thing: attach a loop device to a scratch file, and mount a
+/// one-directory tree through FUSE. They run only when their cheap preconditions passed.
+pub fn live_probes(cheap: &[Probe]) -> Vec<Probe> {
+    let ok = |id: &str| probe::find(cheap, id).is_some_and(Probe::is_ok);
+    let scratch = tempfile::Builder::new().prefix("fledge-probe-").tempdir();
+    let mut out = Vec::new();
+    out.push(if !ok("kernel.loop_control") {
+        Probe::new(
+            "kernel.loop_attach",
+            Status::Fail,
+            "skipped: /dev/loop-control is not usable",
+        )
+        .hint("run as root for the kernel backend")
+    } else {
+        match &scratch {
+            Err(e) => Probe::new(
+                "kernel.loop_attach",
+                Status::Fail,
+                format!("no scratch dir: {e}"),
+            ),
+            Ok(dir) => probe_loop_attach(dir.path()),
+        }
+    });
+    out.push(if !ok("fuse.dev") {
+        Probe::new(
+            "fuse.mount",
+            Status::Fail,
+            "skipped: /dev/fuse is not usable",
+        )
+        .hint("make /dev/fuse accessible (chmod 0666 /dev/fuse) or run as root")
+    } else {
+        match &scratch {
+            Err(e) => Probe::new("fuse.mount", Status::Fail, format!("no scratch dir: {e}")),
+            Ok(dir) => probe_fuse_mount(dir.path()),
+        }
+    });
+    out
+}
+
+fn probe_loop_attach(dir: &std::path::Path) -> Probe {
+    const ID: &str = "kernel.loop_attach";
+    let file = dir.join("loop.img");
+    let attach = std::fs::File::create(&file)
+        .and_then(|f| f.set_len(1 << 20))
+        .map_err(|e| e.to_string())
+        .and_then(|()| super::kernel::LoopGuard::attach(&file).map_err(|e| e.to_string()));
+    match attach {
+        Ok(lo) => {
+            let dev = lo.path().display().to_string();
+            match lo.detach() {
+                Ok(()) => Probe::new(ID, Status::Ok, format!("attached and detached {dev}")),
+                Err(e) => Probe::new(ID, Status::Fail, e.to_string()),
+            }
+        }
+        Err(e) => Probe::new(ID, Status::Fail, e)
+            .hint("the kernel backend needs root with access to /dev/loop-control and /dev/loop*"),
+    }
+}
+
+fn probe_fuse_mount(dir: &std::path::Path) -> Probe {
+    const ID: &str = "fuse.mount";
+    let mnt = dir.join("fuse");
+    let tree = std::sync::Arc::new(crate::tree::Tree {
+        nodes: vec![crate::tree::Node {
+            kind: crate::tree::NodeKind::Dir {
+                entries: Vec::new(),
+            },
+            meta: crate::tree::Meta {
+                mode: 0o755,
+                ..Default::default()
+            },
+            nlink: 2,
+            parent: crate::tree::ROOT,
+        }],
+        layer_files: Vec::new(),
+    });
+    let result = std::fs::create_dir(&mnt)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            crate::fusefs::MountedView::mount(tree, &mnt, &crate::fusefs::MountOptions::default())
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|view| {
+            let listed = std::fs::read_dir(view.mountpoint()).map(|d| d.count());
+            let unmounted = view.unmount().map_err(|e| e.to_string());
+            match (listed, unmounted) {
+                (Ok(0), Ok(())) => Ok(()),
+                (Ok(n), Ok(())) => Err(format!("test mount listed {n} entries instead of 0")),
+                (Err(e), _) => Err(format!("test mount unreadable: {e}")),
+                (_, Err(e)) => Err(e),
+            }
+        });
+    match result {
+        Ok(()) => Probe::new(ID, Status::Ok, "mounted, read and unmounted a test filesystem"),
+        Err(e) => Probe::new(ID, Status::Fail, e).hint(
+            "the userspace backend needs FUSE: /dev/fuse accessible and fusermount3 (package fuse3) setuid",
+        ),
+    }
+}

@@ -1,0 +1,137 @@
+//! The userspace backend: no loop device, no mount(2). The merged tree is mounted through
+//! FUSE (which an unprivileged user may do) and a formatter that can populate a filesystem
+//! from a directory reads it: `mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`.
+//!
+//! What each formatter cannot carry is found before anything is built
+//! ([`unrepresentable`]); the backend choice uses that to pick another backend, and an
+//! explicit `--backend userspace` stops with the list of affected paths.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::size::{SizePlan, MIB};
+use super::{ext4, kernel, tool, xfsproto, BuildError, BuildReport};
+use crate::config::FsType;
+use crate::fusefs::{MountOptions, MountedView};
+use crate::tree::Tree;
+
+/// Paths (with the reason) that the userspace formatter for `fs` cannot reproduce exactly.
+pub fn unrepresentable(tree: &Tree, fs: FsType) -> Option<(String, Vec<String>)> {
+    match fs {
+        // debugfs repairs mtimes; everything else mkfs.ext4 -d copies.
+        FsType::Ext4 => ext4::fixup_script(tree).err().map(|e| match e {
+            BuildError::Unrepresentable { what, paths, .. } => (what, paths),
+            other => (other.to_string(), Vec::new()),
+        }),
+        FsType::Btrfs => {
+            // mkfs.btrfs --rootdir (btrfs-progs 6.2) keeps whole seconds only.
+            let mut paths = Vec::new();
+            tree.walk(|path, id| {
+                if tree.node(id).meta.mtime.nsec != 0 && paths.len() < 10_000 {
+                    paths.push(String::from_utf8_lossy(path).escape_debug().to_string());
+                }
+            });
+            (!paths.is_empty()).then(|| {
+                (
+                    "sub-second mtimes (mkfs.btrfs --rootdir keeps whole seconds)".to_string(),
+                    paths,
+                )
+            })
+        }
+        FsType::Xfs => xfsproto::unrepresentable(tree),
+    }
+}
+
+/// Build `image` (created at `plan.image_bytes`) from the FUSE view of `tree`.
+pub fn build(
+    tree: Arc<Tree>,
+    fs: FsType,
+    plan: &SizePlan,
+    image: &Path,
+    work: &Path,
+) -> Result<BuildReport, BuildError> {
+    let mnt = work.join("view");
+    std::fs::create_dir_all(&mnt).map_err(|e| BuildError::Io {
+        path: mnt.clone(),
+        source: e,
+    })?;
+    let view = MountedView::mount(Arc::clone(&tree), &mnt, &MountOptions::default())?;
+    let stats = tree.stats();
+    let mut size = plan.image_bytes;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        set_len(image, size)?;
+        let result = match fs {
+            FsType::Ext4 => {
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan);
+                args.extend(["-d".to_string(), mnt.display().to_string()]);
+                args.push(image.display().to_string());
+                tool(mkfs, &args).map(|_| ())
+            }
+            FsType::Btrfs => {
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan);
+                args.extend(["--rootdir".to_string(), mnt.display().to_string()]);
+                args.push(image.display().to_string());
+                tool(mkfs, &args).map(|_| ())
+            }
+            FsType::Xfs => {
+                let proto = work.join("xfs.proto");
+                xfsproto::write(&tree, &mnt, &proto)?;
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan);
+                args.extend(["-p".to_string(), proto.display().to_string()]);
+                args.push(image.display().to_string());
+                tool(mkfs, &args).map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => break,
+            // Too small after all (the estimate is a model): grow and try again.
+            Err(e) if attempts < 4 && e.is_out_of_space() => {
+                tracing::info!("{} was too small, retrying larger", image.display());
+                size = (size + size / 2).div_ceil(MIB) * MIB;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    view.unmount()?;
+    if fs == FsType::Xfs {
+        let fixed = xfsproto::fix_sticky(&tree, image)?;
+        tracing::debug!("restored {fixed} sticky bits with xfs_db");
+    }
+
+    let (free, resizes) = match fs {
+        FsType::Ext4 => {
+            let script = ext4::fixup_script(&tree)?;
+            let fixed = ext4::apply_fixups(image, &script, work)?;
+            if fixed > 0 {
+                tracing::info!("repaired {fixed} mtimes that mkfs.ext4 -d truncated");
+            }
+            ext4::calibrate(image, plan)?
+        }
+        // No offline resize for these; the estimate stands (tests check the window).
+        FsType::Btrfs | FsType::Xfs => (0, 0),
+    };
+    Ok(BuildReport {
+        entries: stats.entries,
+        bytes: stats.file_bytes,
+        free_bytes: free,
+        resizes: resizes + attempts - 1,
+    })
+}
+
+fn set_len(image: &Path, size: u64) -> Result<(), BuildError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .map_err(|e| BuildError::Io {
+            path: image.to_path_buf(),
+            source: e,
+        })?;
+    f.set_len(0)
+        .and_then(|()| f.set_len(size))
+        .map_err(|e| BuildError::Io {
+            path: image.to_path_buf(),
+            source: e,
+        })
+}

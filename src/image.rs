@@ -1,0 +1,117 @@
+//! From a reference to a merged tree: resolve the image, make sure every layer is in the
+//! uncompressed layer cache (verified), and merge the layers.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cli::Ui;
+use crate::error::Error;
+use crate::layer::{LayerError, LayerStore};
+use crate::merge::{MergeError, TreeBuilder};
+use crate::source::{self, ImageSource, Platform, ResolvedImage};
+use crate::tree::Tree;
+
+/// How to open an image.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    pub platform: Platform,
+    /// The platform was asked for (`--platform`): an image for another platform is an error
+    /// rather than a warning.
+    pub platform_explicit: bool,
+    /// Layer cache directory; `None` means [`LayerStore::default_dir`].
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// A resolved image whose layers are merged but not yet frozen, so that files can be added
+/// (the build injects its own files through the same view).
+pub struct MergedImage {
+    pub resolved: ResolvedImage,
+    pub builder: TreeBuilder,
+    pub layer_files: Vec<Arc<File>>,
+}
+
+impl MergedImage {
+    pub fn freeze(self) -> (ResolvedImage, Tree) {
+        (self.resolved, self.builder.freeze(self.layer_files))
+    }
+}
+
+/// A resolved image with its frozen tree.
+pub struct OpenedImage {
+    pub resolved: ResolvedImage,
+    pub tree: Tree,
+}
+
+/// The cache directory to use: the option, else the layer store's default.
+pub fn cache_dir(opts: &OpenOptions) -> Result<PathBuf, Error> {
+    match &opts.cache_dir {
+        Some(d) => Ok(d.clone()),
+        None => Ok(LayerStore::default_dir()?),
+    }
+}
+
+/// Open the source and resolve the reference for the platform.
+pub fn resolve(
+    reference: &str,
+    opts: &OpenOptions,
+) -> Result<(Box<dyn ImageSource>, ResolvedImage), Error> {
+    let src = source::open(reference)?;
+    let resolved = src.resolve(&opts.platform)?;
+    if opts.platform_explicit && !opts.platform.matches(&resolved.platform) {
+        return Err(source::SourceError::PlatformNotFound {
+            wanted: opts.platform.to_string(),
+            blob: resolved.manifest_digest.clone(),
+            available: vec![resolved.platform.to_string()],
+        }
+        .into());
+    }
+    Ok((src, resolved))
+}
+
+/// Resolve, fetch/decode the layers into the cache and merge them.
+pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage, Error> {
+    let started = Instant::now();
+    let (src, resolved) = resolve(reference, opts)?;
+    tracing::info!(
+        "resolved {} to {} ({}, {} layers)",
+        reference,
+        resolved.manifest_digest,
+        resolved.platform,
+        resolved.layers.len()
+    );
+    let store = LayerStore::new(cache_dir(opts)?);
+    let paths = store.uncompressed_all(src.as_ref(), &resolved)?;
+    let decoded = started.elapsed();
+    let mut builder = TreeBuilder::new();
+    let mut layer_files = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        let file = File::open(path).map_err(|e| LayerError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        builder
+            .apply_layer(i as u32, &file)
+            .map_err(|e: MergeError| Error::Merge(e))?;
+        layer_files.push(Arc::new(file));
+    }
+    if ui.verbose > 0 {
+        ui.info(format!(
+            "layers ready in {:.2}s, merged in {:.2}s",
+            decoded.as_secs_f64(),
+            (started.elapsed() - decoded).as_secs_f64()
+        ));
+    }
+    Ok(MergedImage {
+        resolved,
+        builder,
+        layer_files,
+    })
+}
+
+/// Resolve, fetch and merge, then freeze: the read-only tree of the image as it is.
+pub fn open_tree(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<OpenedImage, Error> {
+    let (resolved, tree) = merge(reference, opts, ui)?.freeze();
+    Ok(OpenedImage { resolved, tree })
+}
