@@ -198,15 +198,14 @@ fn init_logging(verbose: u8, quiet: bool) {
         (false, 1) => "info",
         (false, _) => "debug",
     };
-    let filter = EnvFilter::try_from_env("FLEDGE_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!(
-            "fledge={default},{}",
-            if quiet { "error" } else { "warn" }
-        ))
-    });
+    // Other crates (fuser) only speak up on errors unless -vv asks for more.
+    let others = if verbose >= 2 { "warn" } else { "error" };
+    let filter = EnvFilter::try_from_env("FLEDGE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{others},fledge={default}")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time()
         .try_init();

@@ -368,6 +368,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     })?;
     let manifest_tmp = work.path().join("manifest.json");
     plugin.write(&manifest_tmp)?;
+    make_readable(&manifest_tmp)?;
     check_interrupt()?;
     rename(&image_tmp, &output)?;
     rename(&manifest_tmp, &manifest_path)?;
@@ -486,6 +487,17 @@ fn sha256_file(path: &Path) -> Result<String, BuildError> {
         h.update(&buf[..n]);
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// Outputs are ordinary files: 0644 (temporary files start out 0600).
+fn make_readable(path: &Path) -> Result<(), BuildError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| {
+        BuildError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    })
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), BuildError> {
