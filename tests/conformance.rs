@@ -29,7 +29,7 @@ fn fledge_bin() -> PathBuf {
 }
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
-const TEST_USER: &str = "fledge-test";
+use support::TEST_USER;
 
 fn have_fuse() -> bool {
     Path::new("/dev/fuse").exists()
@@ -203,7 +203,7 @@ fn harness_unprivileged_fuse_lifecycle() {
         support::skip(test, "fuse-overlayfs not installed");
         return;
     }
-    let (uid, gid) = match unprivileged_preconditions() {
+    let (uid, gid) = match support::unprivileged_preconditions() {
         Ok(ids) => ids,
         Err(reason) => {
             support::skip(test, &reason);
@@ -279,65 +279,6 @@ fn mount_as_root_matches_umoci_oracle() {
 // 2. unprivileged mount with --allow-other
 // ---------------------------------------------------------------------------------
 
-fn setup_wanted() -> bool {
-    support::in_ci() || std::env::var("FLEDGE_TEST_SETUP").is_ok_and(|v| v == "1")
-}
-
-fn fuse_conf_allows_other() -> bool {
-    fs::read_to_string("/etc/fuse.conf")
-        .is_ok_and(|s| s.lines().any(|l| l.trim() == "user_allow_other"))
-}
-
-fn dev_fuse_is_world_rw() -> bool {
-    fs::metadata("/dev/fuse").is_ok_and(|m| m.permissions().mode() & 0o666 == 0o666)
-}
-
-/// Ensure the unprivileged-mount preconditions, fixing them when allowed.
-/// Returns the test user's (uid, gid), or the reason to skip.
-fn unprivileged_preconditions() -> Result<(u32, u32), String> {
-    if !support::is_root() {
-        return Err("needs root (creates the mount point for, and runs as, the test user)".into());
-    }
-    for prog in ["runuser", "fusermount3"] {
-        if !support::have_program(prog) {
-            return Err(format!("{prog} not installed"));
-        }
-    }
-    if !have_fuse() {
-        return Err("/dev/fuse not available".into());
-    }
-    let setup = setup_wanted();
-    let mut user = nix::unistd::User::from_name(TEST_USER).ok().flatten();
-    if user.is_none() && setup {
-        support::run_ok(Command::new("useradd").args(["--system", "--create-home", TEST_USER]));
-        user = nix::unistd::User::from_name(TEST_USER).ok().flatten();
-    }
-    let Some(user) = user else {
-        return Err(format!(
-            "user {TEST_USER} missing (set FLEDGE_TEST_SETUP=1 to create it)"
-        ));
-    };
-    if !dev_fuse_is_world_rw() {
-        if !setup {
-            return Err("/dev/fuse is not mode 0666 (set FLEDGE_TEST_SETUP=1)".into());
-        }
-        fs::set_permissions("/dev/fuse", fs::Permissions::from_mode(0o666))
-            .map_err(|e| format!("chmod /dev/fuse: {e}"))?;
-    }
-    if !fuse_conf_allows_other() {
-        if !setup {
-            return Err("/etc/fuse.conf lacks user_allow_other (set FLEDGE_TEST_SETUP=1)".into());
-        }
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open("/etc/fuse.conf")
-            .map_err(|e| format!("open /etc/fuse.conf: {e}"))?;
-        writeln!(f, "\nuser_allow_other").map_err(|e| format!("write /etc/fuse.conf: {e}"))?;
-    }
-    Ok((user.uid.as_raw(), user.gid.as_raw()))
-}
-
 /// Pids of the direct children of `pid` (runuser forks the real command).
 fn child_pids(pid: u32) -> Vec<i32> {
     let mut out = Vec::new();
@@ -357,7 +298,7 @@ fn mount_unprivileged_with_allow_other_matches_umoci_oracle() {
     let Some(img) = support::debian_image(test) else {
         return;
     };
-    let (uid, gid) = match unprivileged_preconditions() {
+    let (uid, gid) = match support::unprivileged_preconditions() {
         Ok(ids) => ids,
         Err(reason) => {
             support::skip(test, &reason);

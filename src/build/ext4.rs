@@ -138,15 +138,25 @@ fn needs_fixup(sec: i64, nsec: u32) -> bool {
 /// paths that debugfs cannot address.
 pub fn fixup_script(tree: &Tree) -> Result<String, BuildError> {
     let mut script = String::new();
+    // mkfs makes /lost+found; the image keeps it only if it had one.
+    if tree.resolve(Path::new("/lost+found")).is_none() {
+        script.push_str("rmdir /lost+found\n");
+    }
     let mut done: HashSet<NodeId> = HashSet::new();
     let mut unaddressable = Vec::new();
     tree.walk(|path, id| {
         let m = &tree.node(id).meta.mtime;
-        if !needs_fixup(m.sec, m.nsec) || !done.insert(id) {
+        // The root's mtime is always written: mkfs leaves it at the build time, and removing
+        // lost+found changes it again.
+        let is_root = path == b"/";
+        if !is_root && (!needs_fixup(m.sec, m.nsec) || !done.insert(id)) {
             return;
         }
         match std::str::from_utf8(path) {
             Ok(p) if !p.contains(['"', '\n', '\\']) && !p.chars().any(char::is_control) => {
+                if is_root {
+                    let _ = writeln!(script, "sif \"/\" mtime @{}", m.sec as i32);
+                }
                 let _ = writeln!(
                     script,
                     "sif \"{}\" mtime_extra {:#x}",
@@ -188,10 +198,11 @@ pub fn apply_fixups(image: &Path, script: &str, work: &Path) -> Result<usize, Bu
             image.display().to_string(),
         ],
     )?;
-    // debugfs reports per-command failures on its output but still exits 0.
+    // debugfs reports per-command failures on its output but still exits 0; its own
+    // banner and the echoed commands are the only other lines.
     if let Some(bad) = out
         .lines()
-        .find(|l| l.contains("not found") || l.contains("Couldn't") || l.contains("invalid"))
+        .find(|l| !l.starts_with("debugfs ") && !l.starts_with("debugfs:") && !l.trim().is_empty())
     {
         return Err(BuildError::Unexpected {
             what: format!("debugfs timestamp fix-up of {}", image.display()),

@@ -307,7 +307,7 @@ pub fn build(
     Ok(BuildReport {
         entries: stats.entries,
         bytes: stats.bytes,
-        free_bytes: free,
+        free_bytes: Some(free),
         resizes,
     })
 }

@@ -204,8 +204,8 @@ fn check_interrupt() -> Result<(), BuildError> {
 pub struct BuildReport {
     pub entries: u64,
     pub bytes: u64,
-    /// Free bytes in the finished filesystem (0 when the backend cannot measure it offline).
-    pub free_bytes: u64,
+    /// Free bytes in the finished filesystem (None when it cannot be measured offline).
+    pub free_bytes: Option<u64>,
     pub resizes: u32,
 }
 
@@ -374,12 +374,15 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     rename(&manifest_tmp, &manifest_path)?;
 
     let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+    let free = report.free_bytes.map_or_else(
+        || "free space not measured".to_string(),
+        |f| format!("{} MiB free", f / size::MIB),
+    );
     ui.info(format!(
-        "built {} ({}, {} MiB, {} MiB free, backend {}) and {} in {:.1}s",
+        "built {} ({}, {} MiB, {free}, backend {}) and {} in {:.1}s",
         output.display(),
         fs.as_str(),
         size / size::MIB,
-        report.free_bytes / size::MIB,
         backend.name(),
         manifest_path.display(),
         started.elapsed().as_secs_f64()

@@ -156,9 +156,10 @@ pub fn plan(tree: &Tree, fs: FsType, buffer_bytes: u64) -> SizePlan {
             s
         }
         FsType::Xfs => {
-            // Log (at least 64 MiB on filesystems of 300 MiB and up in xfsprogs 6.x), AG
-            // headers and free-space btrees, per-AG reservations (~2%).
-            let s = base + 64 * MIB + base / 25 + 8 * MIB;
+            // Log, AG headers, free-space btrees and per-AG reservations. xfs cannot shrink,
+            // so this errs low: the kernel backend grows the result to the target with
+            // xfs_growfs.
+            let s = base + 56 * MIB + base / 50;
             s.max(XFS_MIN_BYTES)
         }
         FsType::Btrfs => {

@@ -24,19 +24,25 @@ pub fn unrepresentable(tree: &Tree, fs: FsType) -> Option<(String, Vec<String>)>
             other => (other.to_string(), Vec::new()),
         }),
         FsType::Btrfs => {
-            // mkfs.btrfs --rootdir (btrfs-progs 6.2) keeps whole seconds only.
+            // mkfs.btrfs --rootdir (btrfs-progs 6.2, and still 6.14) keeps whole seconds only
+            // and writes device numbers as 0.
+            let mut reasons = std::collections::BTreeSet::new();
             let mut paths = Vec::new();
             tree.walk(|path, id| {
-                if tree.node(id).meta.mtime.nsec != 0 && paths.len() < 10_000 {
+                let node = tree.node(id);
+                let reason = if node.rdev() != 0 {
+                    "device numbers (mkfs.btrfs --rootdir writes 0,0)"
+                } else if node.meta.mtime.nsec != 0 {
+                    "sub-second mtimes (mkfs.btrfs --rootdir keeps whole seconds)"
+                } else {
+                    return;
+                };
+                reasons.insert(reason);
+                if paths.len() < 10_000 {
                     paths.push(String::from_utf8_lossy(path).escape_debug().to_string());
                 }
             });
-            (!paths.is_empty()).then(|| {
-                (
-                    "sub-second mtimes (mkfs.btrfs --rootdir keeps whole seconds)".to_string(),
-                    paths,
-                )
-            })
+            (!paths.is_empty()).then(|| (reasons.into_iter().collect::<Vec<_>>().join(", "), paths))
         }
         FsType::Xfs => xfsproto::unrepresentable(tree),
     }
@@ -107,10 +113,11 @@ pub fn build(
             if fixed > 0 {
                 tracing::info!("repaired {fixed} mtimes that mkfs.ext4 -d truncated");
             }
-            ext4::calibrate(image, plan)?
+            let (free, n) = ext4::calibrate(image, plan)?;
+            (Some(free), n)
         }
         // No offline resize for these; the estimate stands (tests check the window).
-        FsType::Btrfs | FsType::Xfs => (0, 0),
+        FsType::Btrfs | FsType::Xfs => (None, 0),
     };
     Ok(BuildReport {
         entries: stats.entries,

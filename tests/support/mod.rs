@@ -9,6 +9,7 @@ pub mod treecmp;
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output};
 use std::thread::sleep;
@@ -340,4 +341,67 @@ pub fn assert_same_tree(
         "{what}: snapshot of {} is empty",
         actual_root.display()
     );
+}
+
+/// The unprivileged user the rootless tests run as.
+pub const TEST_USER: &str = "fledge-test";
+
+pub fn setup_wanted() -> bool {
+    in_ci() || std::env::var("FLEDGE_TEST_SETUP").is_ok_and(|v| v == "1")
+}
+
+pub fn fuse_conf_allows_other() -> bool {
+    std::fs::read_to_string("/etc/fuse.conf")
+        .is_ok_and(|s| s.lines().any(|l| l.trim() == "user_allow_other"))
+}
+
+pub fn dev_fuse_is_world_rw() -> bool {
+    std::fs::metadata("/dev/fuse").is_ok_and(|m| m.permissions().mode() & 0o666 == 0o666)
+}
+
+/// Ensure the unprivileged-mount preconditions, fixing them when allowed.
+/// Returns the test user's (uid, gid), or the reason to skip.
+pub fn unprivileged_preconditions() -> Result<(u32, u32), String> {
+    if !is_root() {
+        return Err("needs root (creates the mount point for, and runs as, the test user)".into());
+    }
+    for prog in ["runuser", "fusermount3"] {
+        if !have_program(prog) {
+            return Err(format!("{prog} not installed"));
+        }
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return Err("/dev/fuse not available".into());
+    }
+    let setup = setup_wanted();
+    let mut user = nix::unistd::User::from_name(TEST_USER).ok().flatten();
+    if user.is_none() && setup {
+        run_ok(Command::new("useradd").args(["--system", "--create-home", TEST_USER]));
+        user = nix::unistd::User::from_name(TEST_USER).ok().flatten();
+    }
+    let Some(user) = user else {
+        return Err(format!(
+            "user {TEST_USER} missing (set FLEDGE_TEST_SETUP=1 to create it)"
+        ));
+    };
+    if !dev_fuse_is_world_rw() {
+        if !setup {
+            return Err("/dev/fuse is not mode 0666 (set FLEDGE_TEST_SETUP=1)".into());
+        }
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| format!("chmod /dev/fuse: {e}"))?;
+    }
+    if !fuse_conf_allows_other() {
+        if !setup {
+            return Err("/etc/fuse.conf lacks user_allow_other (set FLEDGE_TEST_SETUP=1)".into());
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open("/etc/fuse.conf")
+            .map_err(|e| format!("open /etc/fuse.conf: {e}"))?;
+        std::io::Write::write_all(&mut f, b"\nuser_allow_other\n")
+            .map_err(|e| format!("write /etc/fuse.conf: {e}"))?;
+    }
+    Ok((user.uid.as_raw(), user.gid.as_raw()))
 }

@@ -1,0 +1,617 @@
+//! `fledge build` end to end on the Debian test image: for every filesystem type and every
+//! backend that supports it, the mounted image equals `umoci unpack` of the image plus the
+//! injected files, passes its filesystem checker, keeps the free-space window, is sparse or
+//! preallocated as asked, and comes with a manifest whose checksum is the image's.
+//! Rootless builds (the `fledge-test` user, userspace backend) equal root's builds.
+//!
+//! Needs root (loop mounts to inspect the results); prints SKIP otherwise.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use sha2::{Digest, Sha256};
+use support::treecmp::{self, snapshot, Snapshot};
+
+const MIB: u64 = 1 << 20;
+const BUFFER_MB: u64 = 100;
+
+fn fledge_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
+}
+
+fn root_or_skip(test: &str) -> bool {
+    if support::is_root() {
+        true
+    } else {
+        support::skip(
+            test,
+            "needs root (loop-mounts the built images to inspect them)",
+        );
+        false
+    }
+}
+
+/// A scratch directory with a fledge.toml for the Debian image.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new(reference: &str, fs: &str, extra: &str) -> Project {
+        let dir = tempfile::Builder::new()
+            .prefix("fledge-build-test-")
+            .tempdir()
+            .unwrap();
+        let toml = format!(
+            "version = \"1\"\nstrategy = \"oci_rootfs\"\n\n[source]\nimage = \"{reference}\"\n\n\
+             [filesystem]\ntype = \"{fs}\"\nsize_buffer_mb = {BUFFER_MB}\npreallocate = false\n{extra}"
+        );
+        fs::write(dir.path().join("fledge.toml"), toml).unwrap();
+        Project { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn build(&self, out: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(fledge_bin());
+        cmd.current_dir(self.path())
+            .env("FLEDGE_CACHE_DIR", self.path().join("cache"))
+            .arg("build")
+            .args(["-c", "fledge.toml", "-o", out])
+            .args(args);
+        cmd.output().unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A loop mount of a built image, unmounted on drop.
+struct LoopMount {
+    dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    fn new(image: &Path, fs: &str, read_only: bool) -> LoopMount {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = if read_only { "loop,ro" } else { "loop" };
+        support::run_ok(
+            Command::new("mount")
+                .args(["-t", fs, "-o", opts])
+                .arg(image)
+                .arg(dir.path()),
+        );
+        LoopMount { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Free bytes as an unprivileged process sees them.
+    fn free_bytes(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(self.path()).unwrap();
+        st.blocks_available() * st.fragment_size()
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+fn fsck(image: &Path, fs: &str) {
+    let (prog, args): (&str, Vec<&str>) = match fs {
+        "ext4" => ("e2fsck", vec!["-fn"]),
+        "xfs" => ("xfs_repair", vec!["-n"]),
+        _ => ("btrfs", vec!["check"]),
+    };
+    let out = Command::new(prog).args(&args).arg(image).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} {} failed:\n{}",
+        image.display(),
+        text(&out)
+    );
+}
+
+fn sha256_file(path: &Path) -> String {
+    let mut h = Sha256::new();
+    let mut f = fs::File::open(path).unwrap();
+    std::io::copy(&mut f, &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+fn oracle(img: &support::DebianImage) -> Snapshot {
+    snapshot(&img.oracle_rootfs).unwrap()
+}
+
+/// Compare a mounted image with the oracle; the injected config file is checked apart.
+fn assert_matches_oracle(
+    oracle: &Snapshot,
+    mounted: &Path,
+    img: &support::DebianImage,
+    what: &str,
+) {
+    let opts = treecmp::DiffOptions::default().ignore("/etc/fsify-entrypoint");
+    support::assert_same_tree(oracle, mounted, &opts, what);
+    // /etc/fsify-entrypoint is the image config blob, byte for byte, root-owned 0644.
+    let config = image_config_blob(&img.layout);
+    let injected = fs::read(mounted.join("etc/fsify-entrypoint")).unwrap();
+    assert_eq!(injected, config, "{what}: /etc/fsify-entrypoint differs");
+    let md = fs::metadata(mounted.join("etc/fsify-entrypoint")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o644, 0, 0));
+}
+
+fn image_config_blob(layout: &Path) -> Vec<u8> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| fs::read(layout.join("blobs/sha256").join(&d[7..])).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    blob(manifest["config"]["digest"].as_str().unwrap())
+}
+
+/// Build one (fs, backend) case and check everything about the result.
+fn check_case(fs_type: &str, backend: &str) {
+    let test = format!("build_{fs_type}_{backend}");
+    if !root_or_skip(&test) {
+        return;
+    }
+    let Some(img) = support::debian_image(&test) else {
+        return;
+    };
+    let project = Project::new(&img.reference, fs_type, "");
+    let out = project.build("out/debian.img", &["--backend", backend, "-v"]);
+    // -o into a directory that does not exist yet is an error; make it first.
+    assert!(
+        !out.status.success(),
+        "building into a missing directory should fail:\n{}",
+        text(&out)
+    );
+    fs::create_dir(project.path().join("out")).unwrap();
+    let out = project.build("out/debian.img", &["--backend", backend, "-v"]);
+    assert!(
+        out.status.success(),
+        "{test}: build failed:\n{}",
+        text(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("backend: {backend}")),
+        "{test}: -v does not say the backend:\n{stderr}"
+    );
+    let image = project.path().join("out/debian.img");
+    let manifest_path = project.path().join("out/debian.manifest.json");
+
+    // Nothing but the outputs is left beside them.
+    let mut left: Vec<String> = fs::read_dir(project.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["debian.img", "debian.manifest.json"]);
+
+    fsck(&image, fs_type);
+
+    // Sparse: far fewer blocks allocated than the file's size.
+    let md = fs::metadata(&image).unwrap();
+    assert!(
+        md.blocks() * 512 < md.len(),
+        "{test}: image is not sparse ({} allocated of {})",
+        md.blocks() * 512,
+        md.len()
+    );
+
+    // The manifest.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(
+        manifest["rootfs"]["checksum"],
+        format!("sha256:{}", sha256_file(&image))
+    );
+    assert_eq!(manifest["rootfs"]["format"], fs_type);
+    assert_eq!(
+        manifest["rootfs"]["url"],
+        image.canonicalize().unwrap().display().to_string()
+    );
+    assert_eq!(
+        manifest["workload"]["entrypoint"],
+        serde_json::json!(["/usr/sbin/nginx", "-g", "daemon off;"])
+    );
+    assert_eq!(manifest["workload"]["base_url"], "http://127.0.0.1:80");
+
+    // Contents equal the oracle.
+    let oracle = oracle(&img);
+    {
+        let m = LoopMount::new(&image, fs_type, true);
+        assert_matches_oracle(&oracle, m.path(), &img, &test);
+    }
+    // Free space: at least the buffer, at most buffer + 10% + 16 MiB (measured read-write:
+    // btrfs reports less on read-only mounts).
+    let m = LoopMount::new(&image, fs_type, false);
+    let free = m.free_bytes();
+    let (min, max) = (
+        BUFFER_MB * MIB,
+        BUFFER_MB * MIB + BUFFER_MB * MIB / 10 + 16 * MIB,
+    );
+    eprintln!(
+        "{test}: image {} MiB, free {} MiB (window {}..{} MiB)",
+        md.len() / MIB,
+        free / MIB,
+        min / MIB,
+        max / MIB
+    );
+    assert!(free >= min, "{test}: only {} MiB free", free / MIB);
+    assert!(
+        free <= max || (fs_type, backend) == ("btrfs", "userspace"),
+        "{test}: {} MiB free, more than {} MiB",
+        free / MIB,
+        max / MIB
+    );
+}
+
+#[test]
+fn build_ext4_kernel() {
+    check_case("ext4", "kernel");
+}
+
+#[test]
+fn build_ext4_userspace() {
+    check_case("ext4", "userspace");
+}
+
+#[test]
+fn build_xfs_kernel() {
+    check_case("xfs", "kernel");
+}
+
+#[test]
+fn build_btrfs_kernel() {
+    check_case("btrfs", "kernel");
+}
+
+/// mkfs.btrfs --rootdir cannot write device numbers or sub-second mtimes: on the Debian
+/// image (which has /dev nodes and a nanosecond mtime) fledge refuses, naming the paths.
+#[test]
+fn build_btrfs_userspace_refuses_devices() {
+    let test = "build_btrfs_userspace_refuses_devices";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let project = Project::new(&img.reference, "btrfs", "");
+    let out = project.build("debian.img", &["--backend", "userspace"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("device numbers"), "{stderr}");
+    assert!(stderr.contains("/dev/console"), "{stderr}");
+    assert!(!project.path().join("debian.img").exists());
+}
+
+/// On an image without device nodes and sub-second mtimes (like most registry images), the
+/// userspace btrfs build equals the kernel build, except the root directory's mtime, which
+/// btrfs-progs 6.2 sets to the time of mkfs.
+#[test]
+fn build_btrfs_userspace_equals_kernel() {
+    let test = "build_btrfs_userspace_equals_kernel";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let derived = tempfile::tempdir().unwrap();
+    let reference = derive_registry_like(&img, derived.path());
+    let project = Project::new(&reference, "btrfs", "");
+    for (out, backend) in [("k.img", "kernel"), ("u.img", "userspace")] {
+        let o = project.build(out, &["--backend", backend]);
+        assert!(o.status.success(), "{backend}: {}", text(&o));
+        fsck(&project.path().join(out), "btrfs");
+    }
+    let kernel = {
+        let m = LoopMount::new(&project.path().join("k.img"), "btrfs", true);
+        snapshot(m.path()).unwrap()
+    };
+    let m = LoopMount::new(&project.path().join("u.img"), "btrfs", false);
+    support::assert_same_tree(
+        &kernel,
+        m.path(),
+        &treecmp::DiffOptions {
+            ignore_root_mtime: true,
+            ..Default::default()
+        },
+        "btrfs userspace vs kernel",
+    );
+    let free = m.free_bytes();
+    assert!(free >= BUFFER_MB * MIB, "only {} MiB free", free / MIB);
+}
+
+/// A copy of the Debian test image (blobs hard-linked) with one more layer that deletes every
+/// device node and gives the one file with a sub-second mtime a whole-second one: what images
+/// from a registry usually look like (Docker keeps /dev empty).
+fn derive_registry_like(img: &support::DebianImage, dir: &Path) -> String {
+    let layout = dir.join("layout");
+    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
+    for e in fs::read_dir(img.layout.join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        fs::hard_link(e.path(), layout.join("blobs/sha256").join(e.file_name())).unwrap();
+    }
+    fs::copy(img.layout.join("oci-layout"), layout.join("oci-layout")).unwrap();
+    // The extra layer: whiteouts for device nodes, index.html again at a whole second.
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut stack = vec![img.oracle_rootfs.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let rel = e
+                    .path()
+                    .strip_prefix(&img.oracle_rootfs)
+                    .unwrap()
+                    .to_path_buf();
+                let wh = rel.with_file_name(format!(
+                    ".wh.{}",
+                    rel.file_name().unwrap().to_string_lossy()
+                ));
+                let mut h = tar::Header::new_gnu();
+                h.set_size(0);
+                h.set_mode(0o644);
+                h.set_entry_type(tar::EntryType::Regular);
+                builder.append_data(&mut h, wh, std::io::empty()).unwrap();
+            }
+        }
+    }
+    let html = fs::read(img.oracle_rootfs.join("var/www/html/index.html")).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(html.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_entry_type(tar::EntryType::Regular);
+    builder
+        .append_data(&mut h, "var/www/html/index.html", &html[..])
+        .unwrap();
+    let layer = builder.into_inner().unwrap();
+    let put = |data: &[u8]| -> String {
+        let hex = hex::encode(Sha256::digest(data));
+        fs::write(layout.join("blobs/sha256").join(&hex), data).unwrap();
+        format!("sha256:{hex}")
+    };
+    let layer_digest = put(&layer);
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(img.layout.join("index.json")).unwrap()).unwrap();
+    let blob = |d: &str| fs::read(img.layout.join("blobs/sha256").join(&d[7..])).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(layer_digest.clone().into());
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = put(&config_bytes).into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    manifest["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": layer_digest,
+            "size": layer.len(),
+        }));
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let new_index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": put(&manifest_bytes),
+            "size": manifest_bytes.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "nodev"},
+        }],
+    });
+    fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&new_index).unwrap(),
+    )
+    .unwrap();
+    format!("oci:{}:nodev", layout.display())
+}
+
+/// The xfs protofile cannot carry this image's xattrs and hard links: fledge says so, listing
+/// the paths, and builds nothing.
+#[test]
+fn build_xfs_userspace_refuses_with_paths() {
+    let test = "build_xfs_userspace_refuses_with_paths";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let project = Project::new(&img.reference, "xfs", "");
+    let out = project.build("debian.img", &["--backend", "userspace"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/opt/links/a"), "{stderr}");
+    assert!(stderr.contains("/opt/xattr-file"), "{stderr}");
+    assert!(stderr.contains("hint:"), "{stderr}");
+    assert!(!project.path().join("debian.img").exists());
+}
+
+/// `preallocate = true` gives a fully allocated image.
+#[test]
+fn build_preallocated() {
+    let test = "build_preallocated";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let project = Project::new(&img.reference, "ext4", "");
+    let toml = fs::read_to_string(project.path().join("fledge.toml"))
+        .unwrap()
+        .replace("preallocate = false", "preallocate = true");
+    fs::write(project.path().join("fledge.toml"), toml).unwrap();
+    let out = project.build("d.img", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let md = fs::metadata(project.path().join("d.img")).unwrap();
+    assert!(
+        md.blocks() * 512 >= md.len(),
+        "preallocated image has holes: {} allocated of {}",
+        md.blocks() * 512,
+        md.len()
+    );
+    fsck(&project.path().join("d.img"), "ext4");
+}
+
+/// Run fledge as the unprivileged test user with auto backend selection; the result must
+/// equal root's build of the same type, entry by entry.
+fn rootless_case(fs_type: &str) {
+    let test = format!("rootless_{fs_type}_equals_root");
+    if !root_or_skip(&test) {
+        return;
+    }
+    let Some(img) = support::debian_image(&test) else {
+        return;
+    };
+    // btrfs rootless builds need an image mkfs.btrfs --rootdir can carry (see
+    // build_btrfs_userspace_refuses_devices).
+    let derived = tempfile::tempdir().unwrap();
+    let reference = if fs_type == "btrfs" {
+        let r = derive_registry_like(&img, derived.path());
+        make_world_readable(derived.path());
+        r
+    } else {
+        img.reference.clone()
+    };
+    let (uid, gid) = match support::unprivileged_preconditions() {
+        Ok(ids) => ids,
+        Err(reason) => {
+            if support::in_ci() {
+                panic!("{test}: {reason}");
+            }
+            support::skip(&test, &reason);
+            return;
+        }
+    };
+    // Root's build.
+    let root_project = Project::new(&reference, fs_type, "");
+    let out = root_project.build("root.img", &["--backend", "kernel"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The user's build, in a directory the user owns, with a copy of the binary it can run.
+    let user_project = Project::new(&reference, fs_type, "");
+    let bin_dir = user_project.path().join("bin");
+    fs::create_dir(&bin_dir).unwrap();
+    fs::copy(fledge_bin(), bin_dir.join("fledge")).unwrap();
+    for entry in ["", "bin", "bin/fledge", "fledge.toml"] {
+        nix::unistd::chown(
+            &user_project.path().join(entry),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap();
+    }
+    let out = Command::new("runuser")
+        .args(["-u", support::TEST_USER, "--"])
+        .arg(bin_dir.join("fledge"))
+        .args(["build", "-v", "-c", "fledge.toml", "-o", "user.img"])
+        .current_dir(user_project.path())
+        .env("FLEDGE_CACHE_DIR", user_project.path().join("cache"))
+        .env("HOME", user_project.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{test}: rootless build failed:\n{}",
+        text(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("backend: userspace"),
+        "{test}: rootless build did not choose userspace:\n{stderr}"
+    );
+    let user_image = user_project.path().join("user.img");
+    assert_eq!(fs::metadata(&user_image).unwrap().uid(), uid);
+    fsck(&user_image, fs_type);
+
+    let root_snap = {
+        let m = LoopMount::new(&root_project.path().join("root.img"), fs_type, true);
+        snapshot(m.path()).unwrap()
+    };
+    let m = LoopMount::new(&user_image, fs_type, true);
+    support::assert_same_tree(
+        &root_snap,
+        m.path(),
+        &treecmp::DiffOptions {
+            // btrfs-progs 6.2 gives the root directory the time of mkfs.
+            ignore_root_mtime: fs_type == "btrfs",
+            ..Default::default()
+        },
+        &format!("{test}: user's {fs_type} image vs root's"),
+    );
+}
+
+fn make_world_readable(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+}
+
+#[test]
+fn rootless_ext4_equals_root() {
+    rootless_case("ext4");
+}
+
+#[test]
+fn rootless_btrfs_equals_root() {
+    rootless_case("btrfs");
+}
+
+/// `-q` prints nothing on success; the default prints one summary line.
+#[test]
+fn quiet_prints_nothing() {
+    let test = "quiet_prints_nothing";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let project = Project::new(&img.reference, "ext4", "");
+    let out = project.build("q.img", &["-q"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}",
+        text(&out)
+    );
+    let out = project.build("q2.img", &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("built "), "{stderr}");
+}
