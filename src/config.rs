@@ -101,7 +101,21 @@ impl ConfigError {
                 Some("mappings are \"host/path\" = \"/absolute/destination\"")
             }
             ConfigError::Invalid { hint, .. } => hint.as_deref(),
-            _ => None,
+            ConfigError::Read { .. } => {
+                Some("check the file's permissions, or pass another with -c")
+            }
+            ConfigError::Syntax { .. } => {
+                Some("fix the TOML at that line and column (strings need double quotes)")
+            }
+            ConfigError::UnknownKey { .. } => {
+                Some("remove or rename the key; README 'Configuration' lists every key")
+            }
+            ConfigError::InvalidStrategy { .. } | ConfigError::UnsupportedStrategy { .. } => {
+                Some("set strategy = \"oci_rootfs\"")
+            }
+            ConfigError::InvalidFilesystemType { .. } => {
+                Some("set [filesystem] type to \"ext4\", \"xfs\" or \"btrfs\"")
+            }
         }
     }
 

@@ -64,6 +64,19 @@ impl Error {
                 "fledge reads tar, tar+gzip and tar+zstd layers (OCI and Docker media types)"
                     .into(),
             ),
+            Error::Layer(crate::layer::LayerError::DiffIdMismatch { .. }) => Some(
+                "the image's config does not match its layers: rebuild or re-pull it".into(),
+            ),
+            Error::Layer(crate::layer::LayerError::Io { .. } | crate::layer::LayerError::NoCacheDir) => {
+                Some("check the cache directory (--cache-dir or FLEDGE_CACHE_DIR) is writable and has space".into())
+            }
+            Error::Merge(_) => Some(
+                "the image's layers are malformed; `fledge inspect` shows which layer is which".into(),
+            ),
+            Error::Mapping(_) => Some(
+                "in [mappings], host paths are relative to fledge.toml's directory and must exist".into(),
+            ),
+            Error::Manifest(_) => Some("check manifest.toml (README 'Manifest')".into()),
             Error::Fuse(e) => e.hint().map(str::to_string),
             Error::Agent(e) => e.hint().map(str::to_string),
             Error::Run(e) => e.hint(),

@@ -7,6 +7,7 @@
 //! standard error.
 
 use std::ffi::{OsStr, OsString};
+use std::io::Read as _;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -198,16 +199,45 @@ impl Tool {
             package: package_for(&self.program),
         })?;
         tracing::debug!(command = %self.command_line(), path = %path.display(), "running");
-        Command::new(&path)
+        let spawn_err = |source| RunError::Spawn {
+            program: self.program.clone(),
+            source,
+        };
+        let mut child = Command::new(&path)
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .output()
-            .map_err(|source| RunError::Spawn {
-                program: self.program.clone(),
-                source,
+            .spawn()
+            .map_err(spawn_err)?;
+        // Drain both pipes on threads so a chatty tool never blocks, and poll the child so a
+        // Ctrl-C/SIGTERM delivered to fledge alone still stops it promptly.
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut p) = pipe {
+                    let _ = p.read_to_end(&mut buf);
+                }
+                buf
             })
+        };
+        let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let status = loop {
+            match child.try_wait().map_err(spawn_err)? {
+                Some(status) => break status,
+                None if crate::interrupt::requested() => {
+                    let _ = child.kill();
+                    break child.wait().map_err(spawn_err)?;
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        Ok(Output {
+            status,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        })
     }
 }
 

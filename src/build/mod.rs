@@ -100,6 +100,15 @@ pub enum BuildError {
     },
     #[error("{what}: {detail}")]
     Unexpected { what: String, detail: String },
+    #[error(
+        "not enough space in {}: the image needs about {} MiB, {} MiB are free",
+        dir.display(), needed >> 20, available >> 20
+    )]
+    NoSpace {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error("the {backend} backend cannot represent {what}: {}", list_paths(paths))]
     Unrepresentable {
         backend: &'static str,
@@ -107,11 +116,16 @@ pub enum BuildError {
         paths: Vec<String>,
     },
     #[error("no backend can build {fs} images here: {reasons}")]
-    NoBackend { fs: &'static str, reasons: String },
+    NoBackend {
+        fs: &'static str,
+        reasons: String,
+        hint: Option<String>,
+    },
     #[error("the {backend} backend cannot run here: {reason}")]
     BackendUnavailable {
         backend: &'static str,
         reason: String,
+        hint: Option<String>,
     },
     #[error(transparent)]
     Fuse(#[from] crate::fusefs::FuseError),
@@ -146,8 +160,11 @@ impl BuildError {
             BuildError::Unrepresentable { .. } => {
                 Some("use the kernel backend (--backend kernel, as root)".into())
             }
-            BuildError::NoBackend { .. } | BuildError::BackendUnavailable { .. } => {
-                Some("run `fledge doctor` to see what is missing and how to fix it".into())
+            BuildError::NoBackend { hint, .. } | BuildError::BackendUnavailable { hint, .. } => {
+                Some(match hint {
+                    Some(h) => format!("{h} (`fledge doctor` shows every check)"),
+                    None => "run `fledge doctor` to see what is missing and how to fix it".into(),
+                })
             }
             BuildError::Copy { source, .. } | BuildError::Io { source, .. }
                 if source.raw_os_error() == Some(libc::ENOSPC) =>
@@ -155,7 +172,16 @@ impl BuildError {
                 Some("the disk holding the output is full; free space or choose another -o".into())
             }
             BuildError::Fuse(e) => e.hint().map(str::to_string),
-            _ => None,
+            BuildError::Interrupted => Some("nothing was written; run the build again".into()),
+            BuildError::NoSpace { .. } => {
+                Some("free space there, or write the image elsewhere with -o DIR/NAME.img".into())
+            }
+            BuildError::Copy { .. } | BuildError::Io { .. } => {
+                Some("check the output directory's permissions and free space".into())
+            }
+            BuildError::Unexpected { .. } => {
+                Some("run again with -vv and report the output if it persists".into())
+            }
         }
     }
 
@@ -335,6 +361,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         plan.image_bytes / size::MIB,
         plan.inodes
     );
+    check_space(&out_dir, &plan, cfg.filesystem.preallocate)?;
     let image_tmp = work.path().join("image.img");
     create_image(&image_tmp, plan.image_bytes, cfg.filesystem.preallocate)?;
     let progress = progress_for(ui, tree.stats().file_bytes);
@@ -436,6 +463,28 @@ fn parse_rfc3339_seconds(s: &str) -> Option<i64> {
 
 fn absolute(p: PathBuf) -> Result<PathBuf, BuildError> {
     std::path::absolute(&p).map_err(|e| BuildError::Io { path: p, source: e })
+}
+
+/// Refuse to start when the output filesystem cannot hold the image: the written part of a
+/// sparse image (contents and metadata, not the free buffer), or all of a preallocated one.
+fn check_space(dir: &Path, plan: &size::SizePlan, preallocate: bool) -> Result<(), BuildError> {
+    let Ok(st) = nix::sys::statvfs::statvfs(dir) else {
+        return Ok(()); // unknown: let the build find out
+    };
+    let available = st.blocks_available() * st.fragment_size();
+    let needed = if preallocate {
+        plan.image_bytes
+    } else {
+        plan.image_bytes.saturating_sub(plan.buffer_bytes)
+    };
+    if available < needed {
+        return Err(BuildError::NoSpace {
+            dir: dir.to_path_buf(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
 }
 
 fn create_image(path: &Path, size: u64, preallocate: bool) -> Result<(), BuildError> {

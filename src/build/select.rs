@@ -76,6 +76,14 @@ impl Probed {
         }
     }
 
+    /// The hint of the first failing probe among `ids`.
+    fn first_hint(&self, ids: &[&str]) -> Option<String> {
+        ids.iter()
+            .filter_map(|id| probe::find(&self.probes, id))
+            .find(|p| !p.is_ok() && p.hint.is_some())
+            .and_then(|p| p.hint.clone())
+    }
+
     fn is_root(&self) -> bool {
         self.ok("privileges.euid").is_ok()
     }
@@ -126,6 +134,8 @@ pub fn availability(fs: FsType, probed: &Probed) -> [(BackendKind, Result<(), St
 pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<(), BuildError> {
     let avail = availability(fs, probed);
     let want = |k: BackendKind| avail.iter().find(|(kind, _)| *kind == k).map(|(_, r)| r);
+    let kernel_hint = || probed.first_hint(&kernel_requirements(fs));
+    let user_hint = || probed.first_hint(&userspace_requirements(fs, probed.is_root()));
     match choice {
         BackendChoice::Kernel => want(BackendKind::Kernel)
             .and_then(|r| r.clone().err())
@@ -133,6 +143,7 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
                 Err(BuildError::BackendUnavailable {
                     backend: "kernel",
                     reason,
+                    hint: kernel_hint(),
                 })
             }),
         BackendChoice::Userspace => want(BackendKind::Userspace)
@@ -141,6 +152,7 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
                 Err(BuildError::BackendUnavailable {
                     backend: "userspace",
                     reason,
+                    hint: user_hint(),
                 })
             }),
         BackendChoice::Auto => {
@@ -156,6 +168,7 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
                         })
                         .collect::<Vec<_>>()
                         .join("; "),
+                    hint: user_hint().or_else(kernel_hint),
                 })
             }
         }
@@ -241,6 +254,9 @@ pub fn choose(
                 (Err(user_why), _) => Err(BuildError::NoBackend {
                     fs: fs.as_str(),
                     reasons: format!("kernel: {kernel_why}; userspace: {user_why}"),
+                    hint: probed
+                        .first_hint(&userspace_requirements(fs, probed.is_root()))
+                        .or_else(|| probed.first_hint(&kernel_requirements(fs))),
                 }),
             }
         }

@@ -1,0 +1,316 @@
+//! `fledge build` with bad input: each case must end with a non-zero exit, one `error:` line
+//! naming the cause, a `hint:` line, no panic, and nothing left behind (no output, no work
+//! directory, no loop device, no mount).
+
+mod support;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fledge_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
+}
+
+const GOOD_TOML: &str =
+    "version = \"1\"\nstrategy = \"oci_rootfs\"\n\n[source]\nimage = \"IMAGE\"\n\n\
+                         [filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 10\n";
+
+/// One bad-input case.
+struct Case {
+    name: &'static str,
+    /// fledge.toml text (IMAGE is replaced by the test image reference); None: no file.
+    toml: Option<String>,
+    /// Files to create beside fledge.toml.
+    files: Vec<(&'static str, &'static [u8])>,
+    /// Output path, relative to the project dir.
+    output: String,
+    /// Substrings the error line must contain.
+    expect: Vec<String>,
+    /// Needs the Debian test image (the failure comes after reading it).
+    needs_image: bool,
+    /// Command prefix (e.g. unshare to hide a tool); empty: run fledge directly.
+    wrap: Vec<String>,
+}
+
+fn case(name: &'static str, toml: &str, expect: &[&str]) -> Case {
+    Case {
+        name,
+        toml: Some(toml.to_string()),
+        files: Vec::new(),
+        output: "out.img".into(),
+        expect: expect.iter().map(|s| s.to_string()).collect(),
+        needs_image: false,
+        wrap: Vec::new(),
+    }
+}
+
+fn with_mapping(extra: &str) -> String {
+    format!("{GOOD_TOML}\n[mappings]\n{extra}\n")
+}
+
+/// Serve `body` once to every connection on 127.0.0.1, in the background.
+fn serve(body: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(body);
+        }
+    });
+    format!("http://{addr}/kestrel")
+}
+
+/// Loop devices whose backing file lies under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let out = Command::new("losetup").args(["-a"]).output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .map(str::to_string)
+        .collect()
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .map(str::to_string)
+        .collect()
+}
+
+fn run_case(c: &Case, image_ref: &str) {
+    let dir = tempfile::Builder::new()
+        .prefix("fledge-bad-input-")
+        .tempdir()
+        .unwrap();
+    let project = dir.path();
+    if let Some(t) = &c.toml {
+        fs::write(project.join("fledge.toml"), t.replace("IMAGE", image_ref)).unwrap();
+    }
+    for (name, data) in &c.files {
+        fs::write(project.join(name), data).unwrap();
+    }
+    let before: Vec<_> = fs::read_dir(project)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut cmd = if c.wrap.is_empty() {
+        Command::new(fledge_bin())
+    } else {
+        let mut cmd = Command::new(&c.wrap[0]);
+        cmd.args(&c.wrap[1..]).arg(fledge_bin());
+        cmd
+    };
+    let out: Output = cmd
+        .current_dir(project)
+        .env("FLEDGE_CACHE_DIR", project.join("cache"))
+        .env("FLEDGE_RELEASE_BASE_URL", "http://127.0.0.1:9")
+        .args(["build", "-c", "fledge.toml", "-o", &c.output])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let name = c.name;
+    assert!(!out.status.success(), "{name}: succeeded:\n{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{name}: exit status\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{name}: panic:\n{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("error: "))
+        .collect();
+    assert_eq!(
+        errors.len(),
+        1,
+        "{name}: want exactly one error line:\n{stderr}"
+    );
+    for want in &c.expect {
+        assert!(
+            errors[0].contains(want.as_str()),
+            "{name}: error line lacks {want:?}:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.lines().any(|l| l.starts_with("hint: ")),
+        "{name}: no hint:\n{stderr}"
+    );
+    // Nothing left behind: only what the test created (and the layer cache).
+    let after: Vec<_> = fs::read_dir(project)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "cache")
+        .collect();
+    for n in &after {
+        assert!(
+            before.contains(n),
+            "{name}: left {} behind:\n{stderr}",
+            n.to_string_lossy()
+        );
+    }
+    let out_path = project.join(&c.output);
+    if let Some(parent) = out_path.parent().filter(|p| p.is_dir()) {
+        let extra: Vec<_> = fs::read_dir(parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".fledge") || n.ends_with(".img") || n.ends_with(".json"))
+            .collect();
+        assert!(extra.is_empty(), "{name}: left {extra:?} in the output dir");
+    }
+    assert!(loops_under(project).is_empty(), "{name}: loop device left");
+    assert!(mounts_under(project).is_empty(), "{name}: mount left");
+    eprintln!("{name}: ok: {}", errors[0]);
+}
+
+#[test]
+fn bad_config_inputs() {
+    let cases = vec![
+        Case {
+            toml: None,
+            ..case("missing config", "", &["fledge.toml"])
+        },
+        case(
+            "bad TOML",
+            "version = \"1\"\nstrategy = oci_rootfs\n",
+            &["fledge.toml", "2:"],
+        ),
+        case(
+            "unknown key",
+            &GOOD_TOML.replace("size_buffer_mb", "size_bufer_mb"),
+            &["size_bufer_mb", "size_buffer_mb"],
+        ),
+        case(
+            "unknown strategy",
+            &GOOD_TOML.replace("oci_rootfs", "tarball"),
+            &["tarball"],
+        ),
+        case(
+            "unknown filesystem type",
+            &GOOD_TOML.replace("ext4", "zfs"),
+            &["zfs", "ext4, xfs, btrfs"],
+        ),
+        case(
+            "negative buffer",
+            &GOOD_TOML.replace("= 10", "= -5"),
+            &["size_buffer_mb"],
+        ),
+        case(
+            "missing image",
+            &GOOD_TOML.replace("IMAGE", "oci:/nonexistent/fledge-layout:t"),
+            &["/nonexistent/fledge-layout"],
+        ),
+        case(
+            "mapping source missing",
+            &with_mapping("\"no-such-file\" = \"/etc/x\""),
+            &["no-such-file"],
+        ),
+        case(
+            "mapping destination relative",
+            &with_mapping("\"fledge.toml\" = \"etc/x\""),
+            &["etc/x"],
+        ),
+        case(
+            "mapping destination with ..",
+            &with_mapping("\"fledge.toml\" = \"/etc/../x\""),
+            &["/etc/../x"],
+        ),
+    ];
+    for c in &cases {
+        run_case(c, "oci:/nonexistent:t");
+    }
+}
+
+#[test]
+fn bad_inputs_with_image() {
+    let test = "bad_inputs_with_image";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let url = serve(b"\x7fELF not really an agent");
+    let mut cases = vec![Case {
+        needs_image: true,
+        ..case(
+            "agent checksum mismatch",
+            &format!(
+                "{GOOD_TOML}\n[agent]\nsource_strategy = \"http\"\nurl = \"{url}\"\nchecksum = \"sha256:{}\"\n",
+                "0".repeat(64)
+            ),
+            &["sha256", "expected", &url],
+        )
+    }];
+    cases.push(Case {
+        needs_image: true,
+        output: "missing-dir/out.img".into(),
+        ..case("output directory missing", GOOD_TOML, &["missing-dir"])
+    });
+    if support::is_root() {
+        // A read-only output directory (root ignores permission bits, so use a ro mount).
+        let ro = tempfile::tempdir().unwrap();
+        support::run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "ro,size=1m", "fledge-ro"])
+                .arg(ro.path()),
+        );
+        cases.push(Case {
+            needs_image: true,
+            output: ro.path().join("out.img").display().to_string(),
+            ..case(
+                "unwritable output directory",
+                GOOD_TOML,
+                &[&ro.path().display().to_string()],
+            )
+        });
+        // Disk full: a 64 MiB tmpfs cannot hold a ~200 MiB image.
+        let small = tempfile::tempdir().unwrap();
+        support::run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=64m", "fledge-small"])
+                .arg(small.path()),
+        );
+        cases.push(Case {
+            needs_image: true,
+            output: small.path().join("out.img").display().to_string(),
+            ..case("disk full", GOOD_TOML, &["not enough space", "MiB"])
+        });
+        // A required tool missing: hide /usr/sbin (mkfs.*, e2fsck, ...) in a private mount
+        // namespace.
+        if support::have_program("unshare") {
+            cases.push(Case {
+                needs_image: true,
+                wrap: vec![
+                    "unshare".into(),
+                    "-m".into(),
+                    "sh".into(),
+                    "-c".into(),
+                    "mount -t tmpfs none /usr/sbin && exec \"$0\" \"$@\"".into(),
+                ],
+                ..case("required tool missing", GOOD_TOML, &["mkfs.ext4"])
+            });
+        }
+        for c in &cases {
+            assert!(c.needs_image);
+            run_case(c, &img.reference);
+        }
+        for d in [&ro, &small] {
+            let _ = Command::new("umount").arg(d.path()).status();
+        }
+    } else {
+        support::skip(
+            test,
+            "the read-only, disk-full and missing-tool cases need root",
+        );
+        for c in &cases {
+            run_case(c, &img.reference);
+        }
+    }
+}
