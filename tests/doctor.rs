@@ -1,0 +1,212 @@
+//! `fledge doctor`: its verdicts as root, as an unprivileged user, and as an unprivileged user
+//! without FUSE; its JSON schema and exit codes; and agreement with `fledge build -v`.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fledge_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
+}
+
+fn doctor_json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json is not JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn check(report: &serde_json::Value, id: &str) -> String {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id}"))["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn chosen(report: &serde_json::Value, fs: &str) -> Option<String> {
+    report["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fs"] == fs)
+        .unwrap()["chosen"]
+        .as_str()
+        .map(str::to_string)
+}
+
+/// The stable parts of the schema, documented in the README.
+fn assert_schema(r: &serde_json::Value) {
+    assert_eq!(r["schema"], "fledge-doctor/1");
+    for c in r["checks"].as_array().unwrap() {
+        assert!(c["id"].is_string() && c["detail"].is_string(), "{c}");
+        assert!(["ok", "warn", "fail"].contains(&c["status"].as_str().unwrap()));
+        if c["status"] == "fail" {
+            assert!(c["hint"].is_string(), "failing check without a hint: {c}");
+        }
+    }
+    let fss: Vec<&str> = r["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["fs"].as_str().unwrap())
+        .collect();
+    assert_eq!(fss, ["ext4", "xfs", "btrfs"]);
+    for f in r["filesystems"].as_array().unwrap() {
+        for b in f["backends"].as_array().unwrap() {
+            assert!(["kernel", "userspace"].contains(&b["backend"].as_str().unwrap()));
+            assert!(b["available"].is_boolean() && b["detail"].is_string());
+        }
+    }
+    assert!(["all", "some", "none"].contains(&r["verdict"].as_str().unwrap()));
+    assert!(r["elapsed_ms"].is_u64());
+}
+
+#[test]
+fn doctor_as_root_picks_kernel_and_agrees_with_build() {
+    let test = "doctor_as_root_picks_kernel_and_agrees_with_build";
+    if !support::is_root() {
+        support::skip(test, "needs root");
+        return;
+    }
+    let out = Command::new(fledge_bin())
+        .args(["doctor", "--json"])
+        .output()
+        .unwrap();
+    let r = doctor_json(&out);
+    assert_schema(&r);
+    assert_eq!(out.status.code(), Some(0), "{r}");
+    assert_eq!(r["verdict"], "all");
+    assert_eq!(check(&r, "kernel.loop_attach"), "ok");
+    assert_eq!(check(&r, "fuse.mount"), "ok");
+    for fs in ["ext4", "xfs", "btrfs"] {
+        assert_eq!(chosen(&r, fs).as_deref(), Some("kernel"), "{fs}");
+    }
+    eprintln!("doctor (root) took {} ms", r["elapsed_ms"]);
+    assert!(r["elapsed_ms"].as_u64().unwrap() < 5000, "doctor is far too slow");
+
+    // The table form carries the same verdict.
+    let table = Command::new(fledge_bin()).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("verdict: all"), "{text}");
+
+    // build -v reports the backend doctor predicted.
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("fledge.toml"),
+        format!(
+            "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{}\"\n[filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 10\n",
+            img.reference
+        ),
+    )
+    .unwrap();
+    let out = Command::new(fledge_bin())
+        .current_dir(dir.path())
+        .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
+        .args(["build", "-v"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let predicted = chosen(&r, "ext4").unwrap();
+    assert!(
+        stderr.contains(&format!("backend: {predicted} ")),
+        "doctor predicted {predicted}, build said:\n{stderr}"
+    );
+}
+
+/// Run doctor --json as the test user, optionally with /dev/fuse hidden from it (a private
+/// mount namespace binds a root-only file over /dev/fuse).
+fn doctor_as_user(hide_fuse: bool) -> Option<(Output, serde_json::Value)> {
+    let test = if hide_fuse {
+        "doctor_unprivileged_without_fuse"
+    } else {
+        "doctor_unprivileged"
+    };
+    if !support::is_root() {
+        support::skip(test, "needs root to run as the test user");
+        return None;
+    }
+    if let Err(reason) = support::unprivileged_preconditions() {
+        if support::in_ci() {
+            panic!("{test}: {reason}");
+        }
+        support::skip(test, &reason);
+        return None;
+    }
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = bin_dir.path().join("fledge");
+    std::fs::copy(fledge_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut script = String::new();
+    if hide_fuse {
+        let blocker = bin_dir.path().join("no-fuse");
+        std::fs::write(&blocker, b"").unwrap();
+        std::fs::set_permissions(&blocker, std::fs::Permissions::from_mode(0o600)).unwrap();
+        script.push_str(&format!("mount --bind {} /dev/fuse && ", blocker.display()));
+    }
+    script.push_str(&format!(
+        "exec runuser -u {} -- env HOME=/tmp {} doctor --json",
+        support::TEST_USER,
+        bin.display()
+    ));
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let r = doctor_json(&out);
+    assert_schema(&r);
+    Some((out, r))
+}
+
+#[test]
+fn doctor_unprivileged() {
+    let Some((out, r)) = doctor_as_user(false) else {
+        return;
+    };
+    assert_eq!(check(&r, "privileges.euid"), "warn");
+    assert_eq!(check(&r, "kernel.loop_attach"), "fail");
+    assert_eq!(check(&r, "fuse.mount"), "ok");
+    assert_eq!(chosen(&r, "ext4").as_deref(), Some("userspace"));
+    assert_eq!(chosen(&r, "btrfs").as_deref(), Some("userspace"));
+    // xfs has no faithful rootless backend: some types can be built -> exit 2.
+    assert_eq!(chosen(&r, "xfs"), None);
+    assert_eq!(r["verdict"], "some");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn doctor_unprivileged_without_fuse() {
+    let Some((out, r)) = doctor_as_user(true) else {
+        return;
+    };
+    assert_eq!(check(&r, "fuse.dev"), "fail");
+    for fs in ["ext4", "xfs", "btrfs"] {
+        assert_eq!(chosen(&r, fs), None, "{fs}");
+    }
+    assert_eq!(r["verdict"], "none");
+    assert_eq!(out.status.code(), Some(1));
+    let hints: Vec<&str> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "fail")
+        .filter_map(|c| c["hint"].as_str())
+        .collect();
+    assert!(
+        hints.iter().any(|h| h.contains("/dev/fuse")),
+        "no hint says how to fix FUSE: {hints:?}"
+    );
+}
