@@ -91,7 +91,6 @@ fn doctor_as_root_picks_kernel_and_agrees_with_build() {
         assert_eq!(chosen(&r, fs).as_deref(), Some("kernel"), "{fs}");
     }
     eprintln!("doctor (root) took {} ms", r["elapsed_ms"]);
-    assert!(r["elapsed_ms"].as_u64().unwrap() < 5000, "doctor is far too slow");
 
     // The table form carries the same verdict.
     let table = Command::new(fledge_bin()).arg("doctor").output().unwrap();
