@@ -15,8 +15,10 @@ packages=(
     e2fsprogs xfsprogs btrfs-progs
     # test images and oracles
     debootstrap umoci skopeo attr libcap2-bin python3
+    # VM tests (vm-tests/run)
+    qemu-system-x86 linux-image-amd64
     # benchmarks
-    hyperfine time
+    hyperfine time bc zstd
 )
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq

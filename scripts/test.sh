@@ -17,4 +17,6 @@ export CI="${CI:-}" FLEDGE_TEST_SETUP=1
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets -- --test-threads=2
+cargo build --release --quiet
+FLEDGE_SKIP_INSTALL=1 FLEDGE_BIN="$PWD/target/release/fledge" vm-tests/run
 echo "test.sh: all tests passed in $(( $(date +%s) - start )) s"

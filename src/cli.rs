@@ -98,6 +98,9 @@ struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    /// Also fetch and merge the layers, and report the merged tree's totals.
+    #[arg(long)]
+    tree: bool,
 }
 
 /// Entry point used by `main.rs`.
@@ -143,7 +146,7 @@ fn run(command: Command, ui: &Ui) -> Result<ExitCode, Error> {
         Command::Build(args) => crate::build::run(&args, ui),
         Command::Doctor(args) => crate::doctor::run(&args, ui),
         Command::Mount(args) => mount(&args, ui),
-        Command::Inspect(args) => inspect(&args),
+        Command::Inspect(args) => inspect(&args, ui),
         Command::Version => {
             println!("fledge {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -172,10 +175,17 @@ fn mount(args: &MountArgs, ui: &Ui) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn inspect(args: &InspectArgs) -> Result<ExitCode, Error> {
+fn inspect(args: &InspectArgs, ui: &Ui) -> Result<ExitCode, Error> {
     let opts = args.image.open_options()?;
-    let (_source, resolved) = image::resolve(&args.reference, &opts)?;
-    let report = InspectReport::from_image(&resolved);
+    let report = if args.tree {
+        let opened = image::open_tree(&args.reference, &opts, ui)?;
+        let mut report = InspectReport::from_image(&opened.resolved);
+        report.tree = Some(opened.tree.stats());
+        report
+    } else {
+        let (_source, resolved) = image::resolve(&args.reference, &opts)?;
+        InspectReport::from_image(&resolved)
+    };
     let mut out = std::io::stdout().lock();
     let text = if args.json {
         let mut s = serde_json::to_string_pretty(&report)

@@ -37,6 +37,9 @@ pub struct InspectReport {
     pub stop_signal: Option<String>,
     pub layers: Vec<LayerReport>,
     pub total_compressed_size: u64,
+    /// The merged tree's totals (`fledge inspect --tree`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tree: Option<crate::tree::TreeStats>,
 }
 
 impl InspectReport {
@@ -78,6 +81,7 @@ impl InspectReport {
             stop_signal: non_empty(cfg.and_then(|c| c.stop_signal().as_ref())),
             total_compressed_size: layers.iter().fold(0u64, |a, l| a.saturating_add(l.size)),
             layers,
+            tree: None,
         }
     }
 
@@ -148,6 +152,21 @@ impl InspectReport {
                 l.digest,
                 human_size(l.size),
                 l.media_type
+            );
+        }
+        if let Some(t) = &self.tree {
+            let _ = writeln!(
+                out,
+                "{:<W$}{} entries: {} files ({}), {} directories, {} symlinks, {} devices, {} fifos; {} inodes",
+                "Merged tree:",
+                t.entries,
+                t.files,
+                human_size(t.file_bytes),
+                t.dirs,
+                t.symlinks,
+                t.devices,
+                t.fifos,
+                t.inodes
             );
         }
         out

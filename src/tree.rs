@@ -156,7 +156,7 @@ impl Node {
 }
 
 /// Totals over a tree, used for sizing images and for reports.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TreeStats {
     pub dirs: u64,
     pub files: u64,

@@ -320,7 +320,9 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
             mode: entry.mode,
             uid: entry.uid,
             gid: entry.gid,
-            mtime: entry.mtime,
+            // Whole seconds: a host file's sub-second mtime is noise, and every formatter
+            // keeps whole seconds.
+            mtime: Timestamp::new(entry.mtime.sec, 0),
             xattrs: Vec::new(),
         };
         match &entry.kind {
