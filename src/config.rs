@@ -100,7 +100,10 @@ impl ConfigError {
             ConfigError::InvalidMapping { .. } => {
                 Some("mappings are \"host/path\" = \"/absolute/destination\"")
             }
-            ConfigError::Invalid { hint, .. } => hint.as_deref(),
+            ConfigError::Invalid { hint, .. } => Some(
+                hint.as_deref()
+                    .unwrap_or("README 'Configuration' lists every key and its values"),
+            ),
             ConfigError::Read { .. } => {
                 Some("check the file's permissions, or pass another with -c")
             }
@@ -743,12 +746,12 @@ mod tests {
             (
                 "version = \"1\"\nstrategy = \"initramfs\"\n".into(),
                 "strategy 'initramfs' is not supported by fledge (only 'oci_rootfs')",
-                None,
+                Some("set strategy = \"oci_rootfs\""),
             ),
             (
                 "version = \"1\"\nstrategy = \"docker\"\n".into(),
                 "invalid strategy 'docker', must be one of: oci_rootfs",
-                None,
+                Some("set strategy = \"oci_rootfs\""),
             ),
             (
                 HEAD.into(),
@@ -763,7 +766,7 @@ mod tests {
             (
                 format!("{HEAD}{img}[filesystem]\ntype = \"zfs\"\n"),
                 "invalid filesystem type 'zfs', must be one of: ext4, xfs, btrfs",
-                None,
+                Some("set [filesystem] type to \"ext4\", \"xfs\" or \"btrfs\""),
             ),
             (
                 format!("{HEAD}{img}[filesystem]\nsize_buffer_mb = -5\n"),
@@ -773,62 +776,62 @@ mod tests {
             (
                 format!("{HEAD}{img}[filesystem]\npreallocat = true\n"),
                 "unknown key 'preallocat' in [filesystem] (did you mean 'preallocate'?)",
-                None,
+                Some("remove or rename the key; README 'Configuration' lists every key"),
             ),
             (
                 format!("{HEAD}{img}[filesystem]\ncompression = true\n"),
                 "unknown key 'compression' in [filesystem]",
-                None,
+                Some("remove or rename the key; README 'Configuration' lists every key"),
             ),
             (
                 format!("{HEAD}{img}strateg = 1\n"),
                 "unknown key 'strateg' in [source]",
-                None,
+                Some("remove or rename the key; README 'Configuration' lists every key"),
             ),
             (
                 format!("{HEAD}imag = \"x\"\n"),
                 "unknown key 'imag' in the top-level table",
-                None,
+                Some("remove or rename the key; README 'Configuration' lists every key"),
             ),
             (
                 format!("versio = \"1\"\n{HEAD}"),
                 "unknown key 'versio' in the top-level table (did you mean 'version'?)",
-                None,
+                Some("remove or rename the key; README 'Configuration' lists every key"),
             ),
             (
                 format!("{HEAD}[sources]\nimage = \"x\"\n"),
                 "unknown key 'sources' in the top-level table (did you mean 'source'?)",
-                None,
+                Some("remove or rename the key; README 'Configuration' lists every key"),
             ),
             (
                 format!("{HEAD}{img}[agent]\nsource_strategy = \"release\"\nurll = \"u\"\n"),
                 "unknown key 'urll' in [agent] (did you mean 'url'?)",
-                None,
+                Some("remove or rename the key; README 'Configuration' lists every key"),
             ),
             (
                 format!("{HEAD}{img}[agent]\nversion = \"latest\"\n"),
                 "'agent.source_strategy' is required, must be one of: release, local, http",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!("{HEAD}{img}[agent]\nsource_strategy = \"ftp\"\n"),
                 "invalid agent source_strategy 'ftp', must be one of: release, local, http",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!("{HEAD}{img}[agent]\nsource_strategy = \"release\"\n"),
                 "'agent.version' is required for source_strategy = \"release\"",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!("{HEAD}{img}[agent]\nsource_strategy = \"local\"\n"),
                 "'agent.path' is required for source_strategy = \"local\"",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!("{HEAD}{img}[agent]\nsource_strategy = \"http\"\n"),
                 "'agent.url' is required for source_strategy = \"http\"",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!(
@@ -840,14 +843,14 @@ mod tests {
             (
                 format!("{HEAD}{img}[agent]\nsource_strategy = \"http\"\nurl = \"ftp://x/k\"\n"),
                 "invalid 'agent.url' 'ftp://x/k': must start with http:// or https://",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!(
                     "{HEAD}{img}[agent]\nsource_strategy = \"http\"\nurl = \"http://x/k\"\nchecksum = \"sha256:abc\"\n"
                 ),
                 "invalid 'agent.checksum' 'sha256:abc': expected 64 hex digits, optionally prefixed with 'sha256:'",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!(
@@ -855,7 +858,7 @@ mod tests {
                     "g".repeat(64)
                 ),
                 "invalid 'agent.checksum' 'gggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggg': expected 64 hex digits, optionally prefixed with 'sha256:'",
-                None,
+                Some("README 'Configuration' lists every key and its values"),
             ),
             (
                 format!("{HEAD}{img}[mappings]\n\"a\" = \"etc/a\"\n"),

@@ -111,6 +111,7 @@ pub struct Tool {
     program: String,
     args: Vec<OsString>,
     ok_codes: Vec<i32>,
+    envs: Vec<(OsString, OsString)>,
 }
 
 impl Tool {
@@ -119,7 +120,15 @@ impl Tool {
             program: program.to_string(),
             args: Vec::new(),
             ok_codes: vec![0],
+            envs: Vec::new(),
         }
+    }
+
+    /// Set an environment variable for the tool only.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Tool {
+        self.envs
+            .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
+        self
     }
 
     pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Tool {
@@ -205,6 +214,7 @@ impl Tool {
         };
         let mut child = Command::new(&path)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

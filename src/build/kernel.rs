@@ -172,26 +172,34 @@ fn free_bytes(mountpoint: &Path) -> Result<u64, BuildError> {
 
 /// mkfs arguments shared by both backends (without the device or the -d/--rootdir source).
 pub fn mkfs_args(fs: FsType, plan: &SizePlan) -> (&'static str, Vec<String>) {
+    let repro = super::repro();
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<String>>();
     match fs {
-        FsType::Ext4 => (
-            "mkfs.ext4",
-            vec![
-                "-F".into(),
-                "-q".into(),
-                "-b".into(),
-                "4096".into(),
-                "-m".into(),
-                "0".into(),
-                "-I".into(),
-                "256".into(),
-                "-N".into(),
-                plan.inodes.to_string(),
-                "-E".into(),
-                "nodiscard,assume_storage_prezeroed=1".into(),
-            ],
-        ),
-        FsType::Xfs => ("mkfs.xfs", vec!["-f".into(), "-q".into(), "-K".into()]),
-        FsType::Btrfs => ("mkfs.btrfs", vec!["-f".into(), "-q".into(), "-K".into()]),
+        FsType::Ext4 => {
+            let mut ext = "nodiscard,assume_storage_prezeroed=1".to_string();
+            let mut args = s(&["-F", "-q", "-b", "4096", "-m", "0", "-I", "256"]);
+            args.extend(["-N".to_string(), plan.inodes.to_string()]);
+            if let Some(r) = repro {
+                ext.push_str(&format!(",hash_seed={}", r.hash_seed));
+                args.extend(["-U".to_string(), r.uuid.clone()]);
+            }
+            args.extend(["-E".to_string(), ext]);
+            ("mkfs.ext4", args)
+        }
+        FsType::Xfs => {
+            let mut args = s(&["-f", "-q", "-K"]);
+            if let Some(r) = repro {
+                args.extend(["-m".to_string(), format!("uuid={}", r.uuid)]);
+            }
+            ("mkfs.xfs", args)
+        }
+        FsType::Btrfs => {
+            let mut args = s(&["-f", "-q", "-K"]);
+            if let Some(r) = repro {
+                args.extend(["-U".to_string(), r.uuid.clone()]);
+            }
+            ("mkfs.btrfs", args)
+        }
     }
 }
 

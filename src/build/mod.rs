@@ -14,6 +14,7 @@
 mod copy;
 mod ext4;
 pub(crate) mod kernel;
+pub mod recover;
 pub mod select;
 pub mod size;
 mod userspace;
@@ -201,10 +202,52 @@ impl BuildError {
     }
 }
 
+/// Settings that make a build reproducible (`SOURCE_DATE_EPOCH`): a fixed clock for the
+/// e2fsprogs tools and a filesystem UUID and directory hash seed derived from the inputs.
+#[derive(Clone, Debug)]
+pub struct Repro {
+    pub epoch: i64,
+    pub uuid: String,
+    pub hash_seed: String,
+}
+
+static REPRO: std::sync::OnceLock<Repro> = std::sync::OnceLock::new();
+
+/// The reproducibility settings of this build, if `SOURCE_DATE_EPOCH` is set.
+pub fn repro() -> Option<&'static Repro> {
+    REPRO.get()
+}
+
+/// A UUID (version 4 layout) from a hash of `parts`.
+fn derived_uuid(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let mut b: [u8; 16] = h.finalize()[..16].try_into().unwrap_or([0; 16]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let x = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &x[..8],
+        &x[8..12],
+        &x[12..16],
+        &x[16..20],
+        &x[20..]
+    )
+}
+
 /// Run an external tool through the runner; returns its stdout and stderr, joined.
 fn tool(program: &str, args: &[String]) -> Result<String, BuildError> {
     check_interrupt()?;
-    let out = Tool::new(program).args(args).run().map_err(|e| {
+    let mut t = Tool::new(program).args(args);
+    if let Some(r) = repro() {
+        // e2fsprogs reads its clock from here (superblock and inode times it sets itself).
+        t = t.env("E2FSPROGS_FAKE_TIME", r.epoch.to_string());
+    }
+    let out = t.run().map_err(|e| {
         if crate::interrupt::requested() {
             BuildError::Interrupted
         } else {
@@ -265,13 +308,29 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     let probes = select::Probed::run(fs);
     // Fail early when nothing can build this type at all (the tree is not needed for that).
     select::precheck(args.backend, fs, &probes)?;
+    // Release what builds killed with SIGKILL left here (theirs only), then claim our own
+    // work directory next to the output.
+    let recovered = recover::recover(&out_dir);
+    if !recovered.dirs.is_empty() {
+        ui.info(format!(
+            "released {} mount(s) and {} loop device(s) left by {} killed build(s) in {}",
+            recovered.mounts,
+            recovered.loops,
+            recovered.dirs.len(),
+            out_dir.display()
+        ));
+    }
     let work = tempfile::Builder::new()
-        .prefix(".fledge-build-")
+        .prefix(recover::PREFIX)
         .tempdir_in(&out_dir)
         .map_err(|e| BuildError::OutputDir {
             dir: out_dir.clone(),
             source: e,
         })?;
+    recover::claim(work.path()).map_err(|e| BuildError::OutputDir {
+        dir: out_dir.clone(),
+        source: e,
+    })?;
 
     // 2. The image.
     let opts = args.image.open_options()?;
@@ -346,6 +405,20 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     }
     let (resolved, tree) = merged.freeze();
     let tree = Arc::new(tree);
+    if let Some(epoch) = source_date_epoch() {
+        let config_text = std::fs::read(&cfg.path).unwrap_or_default();
+        let inputs: [&[u8]; 4] = [
+            resolved.manifest_digest.as_bytes(),
+            &config_text,
+            env!("CARGO_PKG_VERSION").as_bytes(),
+            &epoch.to_le_bytes(),
+        ];
+        let _ = REPRO.set(Repro {
+            epoch,
+            uuid: derived_uuid(&[b"uuid", &inputs.concat()]),
+            hash_seed: derived_uuid(&[b"hash_seed", &inputs.concat()]),
+        });
+    }
 
     // 4. Backend.
     let backend = select::choose(args.backend, fs, &tree, &probes)?;
@@ -422,10 +495,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
 /// Timestamp for injected files: `SOURCE_DATE_EPOCH` when set, else the image's creation
 /// time, else the epoch, so the same inputs give the same tree.
 fn source_date(resolved: &crate::source::ResolvedImage) -> Timestamp {
-    if let Some(sec) = std::env::var("SOURCE_DATE_EPOCH")
-        .ok()
-        .and_then(|s| s.trim().parse::<i64>().ok())
-    {
+    if let Some(sec) = source_date_epoch() {
         return Timestamp::new(sec, 0);
     }
     resolved
@@ -435,6 +505,13 @@ fn source_date(resolved: &crate::source::ResolvedImage) -> Timestamp {
         .and_then(parse_rfc3339_seconds)
         .map(|s| Timestamp::new(s, 0))
         .unwrap_or_default()
+}
+
+/// `SOURCE_DATE_EPOCH`, when set to an integer.
+fn source_date_epoch() -> Option<i64> {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok())
 }
 
 /// Seconds since the epoch of an RFC 3339 UTC time like `2024-01-02T03:04:05.123Z`.

@@ -224,6 +224,20 @@ pub fn choose(
             }
         },
         BackendChoice::Auto => {
+            // With SOURCE_DATE_EPOCH, ext4 is built by the userspace backend: mkfs.ext4 -d is
+            // deterministic given a fixed clock, UUID and hash seed; a kernel mount is not.
+            if fs == FsType::Ext4
+                && std::env::var_os("SOURCE_DATE_EPOCH").is_some()
+                && user.is_ok()
+                && gaps.is_none()
+            {
+                return Ok(Backend {
+                    kind: BackendKind::Userspace,
+                    reason:
+                        "SOURCE_DATE_EPOCH is set: the userspace ext4 build is byte-reproducible"
+                            .into(),
+                });
+            }
             if kernel.is_ok() {
                 return Ok(Backend {
                     kind: BackendKind::Kernel,

@@ -1,0 +1,71 @@
+//! With `SOURCE_DATE_EPOCH` set, two builds of the same image and config give byte-identical
+//! ext4 images and the same manifest checksum; another epoch gives another image.
+
+mod support;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+fn fledge_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
+}
+
+/// Build in a fresh directory (and a fresh cache) and return (image sha256, manifest checksum,
+/// stderr).
+fn build(reference: &str, epoch: &str) -> (String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("fledge.toml"),
+        format!(
+            "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{reference}\"\n\
+             [filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 32\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(fledge_bin())
+        .current_dir(dir.path())
+        .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
+        .env("SOURCE_DATE_EPOCH", epoch)
+        .args(["build", "-v", "-o", "r.img"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    let sha = sha256_file(&dir.path().join("r.img"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.path().join("r.manifest.json")).unwrap()).unwrap();
+    let checksum = manifest["rootfs"]["checksum"].as_str().unwrap().to_string();
+    assert_eq!(checksum, format!("sha256:{sha}"));
+    (sha, checksum, stderr)
+}
+
+fn sha256_file(p: &Path) -> String {
+    let mut h = Sha256::new();
+    std::io::copy(&mut fs::File::open(p).unwrap(), &mut h).unwrap();
+    hex::encode(h.finalize())
+}
+
+#[test]
+fn source_date_epoch_gives_identical_ext4_images() {
+    let test = "source_date_epoch_gives_identical_ext4_images";
+    if !Path::new("/dev/fuse").exists() {
+        support::skip(
+            test,
+            "needs FUSE (the reproducible ext4 build is the userspace one)",
+        );
+        return;
+    }
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let (a, ca, log) = build(&img.reference, "1700000000");
+    assert!(log.contains("backend: userspace"), "{log}");
+    let (b, cb, _) = build(&img.reference, "1700000000");
+    assert_eq!(a, b, "two builds with the same SOURCE_DATE_EPOCH differ");
+    assert_eq!(ca, cb);
+    let (c, _, _) = build(&img.reference, "1700000001");
+    assert_ne!(a, c, "the epoch does not reach the image");
+}
