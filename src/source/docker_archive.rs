@@ -305,7 +305,7 @@ mod tests {
     /// A docker-archive with one image per `(tags, gzip?)`; each image has two layers.
     fn build(images: &[(&[&str], bool)], corrupt_first_layer: bool) -> Built {
         let mut b = tar::Builder::new(Vec::new());
-        let mut add = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
+        let add = |b: &mut tar::Builder<Vec<u8>>, name: &str, data: &[u8]| {
             let mut h = tar::Header::new_gnu();
             h.set_size(data.len() as u64);
             h.set_mode(0o644);
