@@ -87,7 +87,12 @@ impl ImageArgs {
             let tmp = tempfile::Builder::new()
                 .prefix("fledge-cache-")
                 .tempdir_in(&base)
-                .map_err(|e| Error::Usage(format!("cannot create a temporary cache in {}: {e}", base.display())))?;
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "cannot create a temporary cache in {}: {e}",
+                        base.display()
+                    ))
+                })?;
             (Some(tmp.path().to_path_buf()), Some(Arc::new(tmp)))
         } else {
             (self.cache_dir.clone(), None)

@@ -36,7 +36,8 @@ impl OpenOptions {
     pub fn source_options(&self) -> Result<source::SourceOptions, Error> {
         let mut s = source::SourceOptions::from_env();
         s.cache_dir = Some(cache_dir(self)?);
-        s.insecure_registries.extend(self.insecure_registries.iter().cloned());
+        s.insecure_registries
+            .extend(self.insecure_registries.iter().cloned());
         if self.registry_ca.is_some() {
             s.registry_ca = self.registry_ca.clone();
         }

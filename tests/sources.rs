@@ -112,7 +112,8 @@ impl Registry {
         if let Some(c) = creds {
             cmd.arg(format!("--dest-creds={c}"));
         }
-        cmd.arg(src).arg(format!("docker://{}/{repo_tag}", self.host()));
+        cmd.arg(src)
+            .arg(format!("docker://{}/{repo_tag}", self.host()));
         support::run_ok(&mut cmd);
     }
 
@@ -155,11 +156,7 @@ impl Env {
     fn login(&self, host: &str, user: &str, pass: &str) {
         let auth = base64(format!("{user}:{pass}").as_bytes());
         let cfg = serde_json::json!({"auths": {host: {"auth": auth}}});
-        fs::write(
-            self.dir.path().join("docker/config.json"),
-            cfg.to_string(),
-        )
-        .unwrap();
+        fs::write(self.dir.path().join("docker/config.json"), cfg.to_string()).unwrap();
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -169,7 +166,10 @@ impl Env {
             .arg(self.cache())
             .env("DOCKER_CONFIG", self.dir.path().join("docker"))
             .env_remove("REGISTRY_AUTH_FILE")
-            .env("DOCKER_HOST", format!("unix://{}/no-daemon.sock", self.dir.path().display()))
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}/no-daemon.sock", self.dir.path().display()),
+            )
             .env_remove("FLEDGE_INSECURE_REGISTRIES")
             .stdin(Stdio::null());
         c
@@ -189,8 +189,15 @@ impl Env {
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "{args:?} succeeded:\n{stderr}");
         assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
-        let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error: ")).collect();
-        assert_eq!(errors.len(), 1, "{args:?}: expected one error line:\n{stderr}");
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.starts_with("error: "))
+            .collect();
+        assert_eq!(
+            errors.len(),
+            1,
+            "{args:?}: expected one error line:\n{stderr}"
+        );
         stderr
     }
 
@@ -253,7 +260,10 @@ fn inspect(env: &Env, reference: &str, extra: &[&str]) -> (String, String, Vec<S
         .map(|l| l["diff_id"].as_str().unwrap().to_string())
         .collect();
     (
-        v["manifest_digest"].as_str().unwrap_or_default().to_string(),
+        v["manifest_digest"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
         v["platform"].as_str().unwrap_or_default().to_string(),
         diff_ids,
     )
@@ -267,18 +277,28 @@ fn debian(test: &str) -> Option<support::DebianImage> {
 }
 
 /// Mount `reference` with fledge and snapshot the tree (None without root or FUSE).
-fn mounted_snapshot(env: &Env, reference: &str, extra_env: &[(&str, String)]) -> Option<treecmp::Snapshot> {
+fn mounted_snapshot(
+    env: &Env,
+    reference: &str,
+    extra_env: &[(&str, String)],
+) -> Option<treecmp::Snapshot> {
     if !support::is_root() || !Path::new("/dev/fuse").exists() {
         return None;
     }
-    let mp = env.dir.path().join(format!("mnt-{}", sha_hex(reference.as_bytes())));
+    let mp = env
+        .dir
+        .path()
+        .join(format!("mnt-{}", sha_hex(reference.as_bytes())));
     fs::create_dir_all(&mp).unwrap();
     let mut cmd = env.cmd(&["mount", reference]);
     cmd.arg(&mp);
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let log = env.dir.path().join(format!("mount-{}.log", sha_hex(reference.as_bytes())));
+    let log = env
+        .dir
+        .path()
+        .join(format!("mount-{}.log", sha_hex(reference.as_bytes())));
     let mut m = FledgeMount::spawn(cmd, &mp, &log).unwrap();
     m.wait_mounted(Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{reference}: {e}"));
@@ -340,7 +360,11 @@ fn registry_and_archives_match_the_oci_layout() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("from registry 127.0.0.1:"), "{text}");
     assert!(!env.cached_blobs().is_empty());
-    assert!(env.cache_leftovers().is_empty(), "{:?}", env.cache_leftovers());
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
     // With the registry gone, decoded layers still serve a mount-free check: pull again
     // needs only the manifest, so stop here and compare trees instead.
     let oracle = mounted_snapshot(&env, &img.reference, &[]);
@@ -351,13 +375,19 @@ fn registry_and_archives_match_the_oci_layout() {
             assert!(lines.is_empty(), "{s}:\n{}", treecmp::report(&lines, 50));
         }
     } else {
-        support::skip(test, "tree comparison needs root and /dev/fuse (layer diff_ids were compared)");
+        support::skip(
+            test,
+            "tree comparison needs root and /dev/fuse (layer diff_ids were compared)",
+        );
     }
 
     // `cache prune` empties the cache and says how much it freed.
     let out = env.ok(&["cache", "prune"]);
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("MiB freed") && !text.contains(" 0 files"), "{text}");
+    assert!(
+        text.contains("MiB freed") && !text.contains(" 0 files"),
+        "{text}"
+    );
     assert!(env.cached_blobs().is_empty());
     assert!(!env.cache().join("layers").exists());
 
@@ -384,7 +414,12 @@ fn multi_platform_index_from_the_registry() {
     let layout = env.dir.path().join("multi");
     make_multi_platform_layout(&layout);
     let reg = Registry::start(None);
-    reg.push(&format!("oci:{}:multi", layout.display()), "multi:v1", None, true);
+    reg.push(
+        &format!("oci:{}:multi", layout.display()),
+        "multi:v1",
+        None,
+        true,
+    );
     let r = format!("docker://{}/multi:v1", reg.host());
     let (amd, p_amd, l_amd) = inspect(&env, &r, &["--platform", "linux/amd64"]);
     let (arm, p_arm, l_arm) = inspect(&env, &r, &["--platform", "linux/arm64"]);
@@ -394,7 +429,10 @@ fn multi_platform_index_from_the_registry() {
     assert_ne!(l_amd, l_arm);
     // The same as the layout it came from.
     let local = format!("oci:{}:multi", layout.display());
-    assert_eq!(inspect(&env, &local, &["--platform", "linux/arm64"]).2, l_arm);
+    assert_eq!(
+        inspect(&env, &local, &["--platform", "linux/arm64"]).2,
+        l_arm
+    );
     let err = env.fail(&["inspect", &r, "--platform", "linux/s390x"]);
     assert!(
         err.contains("linux/s390x") && err.contains("linux/amd64, linux/arm64"),
@@ -452,18 +490,23 @@ fn registry_errors_name_what_failed() {
 
     let err = env.fail(&["inspect", &format!("docker://{host}/debian:nope")]);
     assert!(
-        err.contains("manifest nope not found in repository debian") && err.contains("tags present: test"),
+        err.contains("manifest nope not found in repository debian")
+            && err.contains("tags present: test"),
         "{err}"
     );
     let err = env.fail(&["inspect", &format!("docker://{host}/nosuch/repo:x")]);
-    assert!(err.contains("repository nosuch/repo not found on registry"), "{err}");
+    assert!(
+        err.contains("repository nosuch/repo not found on registry"),
+        "{err}"
+    );
 
     // Registry down: a quick, clear, one-line error.
     let down = free_port();
     let started = Instant::now();
     let err = env.fail(&["inspect", &format!("docker://127.0.0.1:{down}/debian:test")]);
     assert!(
-        err.contains(&format!("cannot reach registry 127.0.0.1:{down}")) && err.contains("connection refused"),
+        err.contains(&format!("cannot reach registry 127.0.0.1:{down}"))
+            && err.contains("connection refused"),
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -487,10 +530,23 @@ fn registry_errors_name_what_failed() {
     let err = env.fail(&["pull", &format!("docker://{host}/debian:test")]);
     assert!(err.contains(&digest) && err.contains("corrupt"), "{err}");
     let hex = digest.trim_start_matches("sha256:");
-    assert!(!env.cached_blobs().iter().any(|b| b == hex), "corrupt blob was cached");
-    assert!(env.cache_leftovers().is_empty(), "{:?}", env.cache_leftovers());
-    let diff_id = victim["diff_id"].as_str().unwrap().trim_start_matches("sha256:");
-    assert!(!env.cache().join(format!("layers/sha256/{diff_id}.tar")).exists());
+    assert!(
+        !env.cached_blobs().iter().any(|b| b == hex),
+        "corrupt blob was cached"
+    );
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
+    let diff_id = victim["diff_id"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    assert!(!env
+        .cache()
+        .join(format!("layers/sha256/{diff_id}.tar"))
+        .exists());
 
     // Archives without the requested reference list what they hold.
     let docker_ar = env.dir.path().join("debian-docker.tar");
@@ -500,7 +556,10 @@ fn registry_errors_name_what_failed() {
         &img.reference,
         &format!("docker-archive:{}:debian:test", docker_ar.display()),
     ]));
-    let err = env.fail(&["inspect", &format!("docker-archive:{}:debian:other", docker_ar.display())]);
+    let err = env.fail(&[
+        "inspect",
+        &format!("docker-archive:{}:debian:other", docker_ar.display()),
+    ]);
     assert!(
         err.contains("has no image named debian:other") && err.contains("debian:test"),
         "{err}"
@@ -538,10 +597,17 @@ fn interrupted_download_is_resumed() {
     let data = fs::read(reg.blob_data(digest)).unwrap();
     let blobs = env.cache().join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();
-    fs::write(blobs.join(format!(".partial-{hex}")), &data[..data.len() / 3]).unwrap();
+    fs::write(
+        blobs.join(format!(".partial-{hex}")),
+        &data[..data.len() / 3],
+    )
+    .unwrap();
     let out = env.ok(&["-v", "pull", &r]);
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains(&format!("resuming the download of {digest}")), "{log}");
+    assert!(
+        log.contains(&format!("resuming the download of {digest}")),
+        "{log}"
+    );
     assert_eq!(fs::read(blobs.join(hex)).unwrap(), data);
     assert!(env.cache_leftovers().is_empty());
 
@@ -549,10 +615,18 @@ fn interrupted_download_is_resumed() {
     let env = Env::new();
     let blobs = env.cache().join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();
-    fs::write(blobs.join(format!(".partial-{hex}")), vec![0u8; data.len() / 3]).unwrap();
+    fs::write(
+        blobs.join(format!(".partial-{hex}")),
+        vec![0u8; data.len() / 3],
+    )
+    .unwrap();
     let err = env.fail(&["pull", &r]);
     assert!(err.contains(digest), "{err}");
-    assert!(env.cache_leftovers().is_empty(), "{:?}", env.cache_leftovers());
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
     // ... and the next pull starts afresh and succeeds.
     env.ok(&["pull", &r]);
 }
@@ -590,13 +664,23 @@ fn docker_daemon_through_podman() {
         &img.reference,
         &format!("docker-archive:{}:localhost/debian:test", ar.display()),
     ]));
-    support::run_ok(&mut podman(&["load", "-q", "-i", &ar.display().to_string()]));
+    support::run_ok(&mut podman(&[
+        "load",
+        "-q",
+        "-i",
+        &ar.display().to_string(),
+    ]));
     let sock = env.dir.path().join("podman.sock");
-    let mut service = podman(&["system", "service", "--time=0", &format!("unix://{}", sock.display())])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut service = podman(&[
+        "system",
+        "service",
+        "--time=0",
+        &format!("unix://{}", sock.display()),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -622,7 +706,11 @@ fn docker_daemon_through_podman() {
         let out = support::run_ok(&mut c);
         let log = String::from_utf8_lossy(&out.stderr);
         assert!(log.contains("from Docker daemon at unix://"), "{log}");
-        assert!(env.cache_leftovers().is_empty(), "{:?}", env.cache_leftovers());
+        assert!(
+            env.cache_leftovers().is_empty(),
+            "{:?}",
+            env.cache_leftovers()
+        );
 
         // Unknown image in the daemon, no registry: both are named.
         let mut c = env.cmd(&["inspect", "docker-daemon:localhost/nothere:x"]);
@@ -633,9 +721,12 @@ fn docker_daemon_through_podman() {
         assert!(err.contains("has no image localhost/nothere:x"), "{err}");
 
         if let Some(oracle) = mounted_snapshot(&env, &img.reference, &[]) {
-            let snap =
-                mounted_snapshot(&env, "docker-daemon:localhost/debian:test", &[("DOCKER_HOST", host.clone())])
-                    .unwrap();
+            let snap = mounted_snapshot(
+                &env,
+                "docker-daemon:localhost/debian:test",
+                &[("DOCKER_HOST", host.clone())],
+            )
+            .unwrap();
             let lines = treecmp::diff(&oracle, &snap, &treecmp::DiffOptions::default());
             assert!(lines.is_empty(), "daemon:\n{}", treecmp::report(&lines, 50));
         }
@@ -672,7 +763,11 @@ fn tar_with_file(name: &str, content: &[u8]) -> Vec<u8> {
 /// An OCI layout tagged `multi` whose index holds an amd64 and an arm64 image.
 fn make_multi_platform_layout(layout: &Path) {
     fs::create_dir_all(layout).unwrap();
-    fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     let mut manifests = Vec::new();
     for arch in ["amd64", "arm64"] {
         let tar = tar_with_file("etc/arch", arch.as_bytes());

@@ -323,7 +323,12 @@ impl LayerStore {
             match fs::remove_dir(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(LayerError::Io { path: dir, source: e }),
+                Err(e) => {
+                    return Err(LayerError::Io {
+                        path: dir,
+                        source: e,
+                    })
+                }
             }
         }
         Ok(report)
@@ -855,7 +860,13 @@ mod tests {
         }
         fs::write(cache.path().join("keep.txt"), b"mine").unwrap();
         let r = store.prune().unwrap();
-        assert_eq!(r, PruneReport { files: 4, bytes: 42 });
+        assert_eq!(
+            r,
+            PruneReport {
+                files: 4,
+                bytes: 42
+            }
+        );
         for sub in CACHE_SUBDIRS {
             assert!(!cache.path().join(sub).exists(), "{sub}");
         }

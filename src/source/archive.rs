@@ -17,7 +17,10 @@ const MAX_LINK_DEPTH: usize = 16;
 
 #[derive(Clone, Debug)]
 enum Member {
-    File { offset: u64, size: u64 },
+    File {
+        offset: u64,
+        size: u64,
+    },
     /// A symbolic or hard link, with its target as a normalised archive path.
     Link(String),
 }
@@ -185,7 +188,9 @@ impl Read for MemberReader {
         if self.remaining == 0 || buf.is_empty() {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
         let n = self.file.read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
             return Err(io::Error::new(
@@ -203,7 +208,10 @@ impl Read for MemberReader {
 mod tests {
     use super::*;
 
-    fn tar_with(entries: &[(&str, Option<&[u8]>, Option<&str>)]) -> tempfile::NamedTempFile {
+    /// (name, file content, symlink target); neither content nor target means a directory.
+    type Spec<'a> = (&'a str, Option<&'a [u8]>, Option<&'a str>);
+
+    fn tar_with(entries: &[Spec]) -> tempfile::NamedTempFile {
         let mut b = tar::Builder::new(Vec::new());
         for (name, data, link) in entries {
             let mut h = tar::Header::new_gnu();
@@ -265,11 +273,17 @@ mod tests {
         std::fs::write(f.path(), &data[..50_000]).unwrap();
         let e = TarIndex::open(f.path()).unwrap_err();
         assert!(matches!(e, SourceError::BadArchive { .. }), "{e}");
-        assert!(e.to_string().contains(&f.path().display().to_string()), "{e}");
+        assert!(
+            e.to_string().contains(&f.path().display().to_string()),
+            "{e}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let e = TarIndex::open(dir.path()).unwrap_err();
-        assert!(matches!(e, SourceError::BadArchive { .. } | SourceError::Io { .. }), "{e}");
+        assert!(
+            matches!(e, SourceError::BadArchive { .. } | SourceError::Io { .. }),
+            "{e}"
+        );
         let e = TarIndex::open(&dir.path().join("nope.tar")).unwrap_err();
         assert!(matches!(e, SourceError::Io { .. }), "{e}");
     }

@@ -94,10 +94,11 @@ pub fn lookup_in(files: &[PathBuf], registry: &str) -> Result<Option<Credentials
                 })
             }
         };
-        let cfg: ConfigFile = serde_json::from_slice(&raw).map_err(|e| SourceError::AuthConfig {
-            path: file.clone(),
-            reason: format!("invalid JSON: {e}"),
-        })?;
+        let cfg: ConfigFile =
+            serde_json::from_slice(&raw).map_err(|e| SourceError::AuthConfig {
+                path: file.clone(),
+                reason: format!("invalid JSON: {e}"),
+            })?;
         if let Some(c) = from_config(&cfg, file, registry)? {
             tracing::debug!("credentials for {registry} from {}", file.display());
             return Ok(Some(c));
@@ -226,8 +227,8 @@ fn run_helper(helper: &str, registry: &str) -> Result<Option<Credentials>, Sourc
         }
         return Err(fail(format!("{}: {}", out.status, msg)));
     }
-    let ans: HelperAnswer = serde_json::from_slice(&out.stdout)
-        .map_err(|e| fail(format!("unexpected answer: {e}")))?;
+    let ans: HelperAnswer =
+        serde_json::from_slice(&out.stdout).map_err(|e| fail(format!("unexpected answer: {e}")))?;
     Ok(Some(Credentials {
         username: ans.username,
         password: ans.secret,
@@ -333,7 +334,11 @@ mod tests {
                                           "only.example": {"auth": b("carol:pw4")}}}),
         );
         let files = vec![a.clone(), d.path().join("missing.json"), second];
-        let get = |r: &str| lookup_in(&files, r).unwrap().map(|c| (c.username, c.password));
+        let get = |r: &str| {
+            lookup_in(&files, r)
+                .unwrap()
+                .map(|c| (c.username, c.password))
+        };
         let pair = |u: &str, p: &str| Some((u.to_string(), p.to_string()));
         assert_eq!(get("127.0.0.1:5000"), pair("alice", "pw1"));
         assert_eq!(get("docker.io"), pair("hub", "pw2"));
@@ -346,9 +351,10 @@ mod tests {
             "c.json",
             serde_json::json!({"auths": {"h": {"auth": "!!!"}}}),
         );
-        let e = lookup_in(&[broken.clone()], "h").unwrap_err();
+        let e = lookup_in(std::slice::from_ref(&broken), "h").unwrap_err();
         assert!(
-            e.to_string().contains(&broken.display().to_string()) && e.to_string().contains("base64"),
+            e.to_string().contains(&broken.display().to_string())
+                && e.to_string().contains("base64"),
             "{e}"
         );
         std::fs::write(&broken, "{not json").unwrap();
@@ -396,7 +402,8 @@ mod tests {
         };
         let e = from_config(&cfg, f, "x.example").unwrap_err();
         assert!(
-            e.to_string().contains("docker-credential-fledge-missing-helper"),
+            e.to_string()
+                .contains("docker-credential-fledge-missing-helper"),
             "{e}"
         );
     }

@@ -140,9 +140,8 @@ impl<R: BufRead> Read for ChunkedReader<R> {
         if self.left == 0 {
             let l = self.line()?;
             let size = l.trim_end().split(';').next().unwrap_or("").trim();
-            let size = u64::from_str_radix(size, 16).map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, "bad chunk size line")
-            })?;
+            let size = u64::from_str_radix(size, 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size line"))?;
             if size == 0 {
                 // Trailers up to the empty line.
                 while !self.line()?.trim_end().is_empty() {}
@@ -151,7 +150,9 @@ impl<R: BufRead> Read for ChunkedReader<R> {
             }
             self.left = size;
         }
-        let want = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
         if n == 0 {
             return Err(io::Error::new(
@@ -227,7 +228,10 @@ impl<R: Read> Read for LengthReader<R> {
         if n == 0 && !buf.is_empty() && self.got < self.expected {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("the body ended after {} of {} bytes", self.got, self.expected),
+                format!(
+                    "the body ended after {} of {} bytes",
+                    self.got, self.expected
+                ),
             ));
         }
         self.got += n as u64;
@@ -268,7 +272,8 @@ impl DaemonSource {
         let socket = socket_path(opts.docker_host.as_deref())?;
         let sock_name = socket.display().to_string();
         let wanted = name.to_string();
-        let (status, mut body) = http_get(&socket, &format!("/images/{}/get", encode_name(&wanted)))?;
+        let (status, mut body) =
+            http_get(&socket, &format!("/images/{}/get", encode_name(&wanted)))?;
         if status != 200 {
             let mut raw = Vec::new();
             let _ = body.take(MAX_ERROR_BODY).read_to_end(&mut raw);
@@ -284,7 +289,13 @@ impl DaemonSource {
             }
             let message = serde_json::from_slice::<Msg>(&raw)
                 .map(|m| m.message)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&raw).trim().chars().take(200).collect());
+                .unwrap_or_else(|_| {
+                    String::from_utf8_lossy(&raw)
+                        .trim()
+                        .chars()
+                        .take(200)
+                        .collect()
+                });
             return Err(SourceError::DaemonHttp {
                 socket: sock_name,
                 what: format!("the export of {wanted}"),
@@ -292,7 +303,10 @@ impl DaemonSource {
                 message,
             });
         }
-        let tmp_dir = opts.cache_dir().map(|d| d.join("tmp")).unwrap_or_else(|_| std::env::temp_dir());
+        let tmp_dir = opts
+            .cache_dir()
+            .map(|d| d.join("tmp"))
+            .unwrap_or_else(|_| std::env::temp_dir());
         std::fs::create_dir_all(&tmp_dir).map_err(|e| SourceError::Io {
             path: tmp_dir.clone(),
             source: e,
@@ -361,10 +375,16 @@ mod tests {
             socket_path(Some("unix:///run/podman/podman.sock")).unwrap(),
             PathBuf::from("/run/podman/podman.sock")
         );
-        assert_eq!(socket_path(Some("/x.sock")).unwrap(), PathBuf::from("/x.sock"));
+        assert_eq!(
+            socket_path(Some("/x.sock")).unwrap(),
+            PathBuf::from("/x.sock")
+        );
         for bad in ["tcp://1.2.3.4:2375", "unix://", "ssh://host"] {
             let e = socket_path(Some(bad)).unwrap_err();
-            assert!(matches!(e, SourceError::DaemonUnavailable { .. }), "{bad}: {e}");
+            assert!(
+                matches!(e, SourceError::DaemonUnavailable { .. }),
+                "{bad}: {e}"
+            );
         }
     }
 
@@ -372,11 +392,21 @@ mod tests {
     fn chunked_bodies() {
         let raw = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nX-Trailer: y\r\n\r\n";
         let mut out = String::new();
-        ChunkedReader::new(&raw[..]).read_to_string(&mut out).unwrap();
+        ChunkedReader::new(&raw[..])
+            .read_to_string(&mut out)
+            .unwrap();
         assert_eq!(out, "Wikipedia in\r\n\r\nchunks.");
-        for bad in [&b"4\r\nWik"[..], b"zz\r\n", b"4\r\nWikiXX", b"4\r\nWiki\r\n"] {
+        for bad in [
+            &b"4\r\nWik"[..],
+            b"zz\r\n",
+            b"4\r\nWikiXX",
+            b"4\r\nWiki\r\n",
+        ] {
             let mut v = Vec::new();
-            assert!(ChunkedReader::new(bad).read_to_end(&mut v).is_err(), "{bad:?}");
+            assert!(
+                ChunkedReader::new(bad).read_to_end(&mut v).is_err(),
+                "{bad:?}"
+            );
         }
     }
 
@@ -412,7 +442,10 @@ mod tests {
         let mut s = String::new();
         body.read_to_string(&mut s).unwrap();
         assert_eq!((status, s.as_str()), (200, "abc"));
-        assert!(h.join().unwrap().starts_with("GET /images/a%2Fb/get HTTP/1.1\r\n"));
+        assert!(h
+            .join()
+            .unwrap()
+            .starts_with("GET /images/a%2Fb/get HTTP/1.1\r\n"));
 
         let (_d, path, h) = serve(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort".to_vec());
         let (_, mut body) = http_get(&path, "/x").unwrap();
@@ -451,7 +484,10 @@ mod tests {
         };
         let e = DaemonSource::open("debian:x".into(), &r, &opts).unwrap_err();
         assert!(matches!(e, SourceError::DaemonImageNotFound { .. }), "{e}");
-        assert!(h.join().unwrap().contains("/images/docker.io/library/debian:test/get"));
+        assert!(h
+            .join()
+            .unwrap()
+            .contains("/images/docker.io/library/debian:test/get"));
 
         let (_d, path, h) = serve(
             b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 20\r\n\r\n{\"message\":\"boom!\"}\n".to_vec(),
@@ -462,7 +498,10 @@ mod tests {
             ..SourceOptions::default()
         };
         let e = DaemonSource::open("debian:x".into(), &r, &opts).unwrap_err();
-        assert!(matches!(e, SourceError::DaemonHttp { status: 500, .. }), "{e}");
+        assert!(
+            matches!(e, SourceError::DaemonHttp { status: 500, .. }),
+            "{e}"
+        );
         assert!(e.to_string().contains("boom!"), "{e}");
         h.join().unwrap();
         // No export is left behind.

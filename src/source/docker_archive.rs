@@ -69,7 +69,9 @@ impl DockerArchiveSource {
                 } else {
                     ""
                 };
-                bad(format!("it has no manifest.json, so it is not a docker save archive{hint}"))
+                bad(format!(
+                    "it has no manifest.json, so it is not a docker save archive{hint}"
+                ))
             })?;
         let entries: Vec<ArchiveEntry> = serde_json::from_slice(&raw)
             .map_err(|e| bad(format!("manifest.json is not valid: {e}")))?;
@@ -366,7 +368,10 @@ mod tests {
 
     #[test]
     fn selects_by_reference_and_reads_layers() {
-        let built = build(&[(&["debian:test"], false), (&["localhost/app:v1"], true)], false);
+        let built = build(
+            &[(&["debian:test"], false), (&["localhost/app:v1"], true)],
+            false,
+        );
         let amd64 = Platform::parse("linux/amd64").unwrap();
         for (wanted, first_tar, media) in [
             ("debian:test", 0, DOCKER_LAYER_TAR),
@@ -398,11 +403,17 @@ mod tests {
 
     #[test]
     fn missing_reference_lists_the_tags() {
-        let built = build(&[(&["debian:test"], false), (&["localhost/app:v1"], false)], false);
+        let built = build(
+            &[(&["debian:test"], false), (&["localhost/app:v1"], false)],
+            false,
+        );
         let r = DockerRef::parse("debian:other").unwrap();
         let e = DockerArchiveSource::open("x".into(), built.file.path(), Some(&r)).unwrap_err();
         let msg = e.to_string();
-        assert!(matches!(e, SourceError::ArchiveImageNotFound { .. }), "{msg}");
+        assert!(
+            matches!(e, SourceError::ArchiveImageNotFound { .. }),
+            "{msg}"
+        );
         assert!(
             msg.contains("debian:other")
                 && msg.contains("debian:test, localhost/app:v1")
@@ -440,6 +451,9 @@ mod tests {
         std::fs::write(f.path(), b.into_inner().unwrap()).unwrap();
         let e = DockerArchiveSource::open("x".into(), f.path(), None).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.contains("no manifest.json") && msg.contains("oci-archive:"), "{msg}");
+        assert!(
+            msg.contains("no manifest.json") && msg.contains("oci-archive:"),
+            "{msg}"
+        );
     }
 }

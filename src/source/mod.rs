@@ -173,7 +173,9 @@ pub enum SourceError {
         status: u16,
         message: String,
     },
-    #[error("{reference}: not in the Docker daemon ({daemon}) and not in the registry ({registry})")]
+    #[error(
+        "{reference}: not in the Docker daemon ({daemon}) and not in the registry ({registry})"
+    )]
     NotFoundAnywhere {
         reference: String,
         daemon: String,
@@ -416,11 +418,9 @@ pub fn open_with(
     opts: &SourceOptions,
 ) -> Result<Box<dyn ImageSource>, SourceError> {
     let src: Box<dyn ImageSource> = match ImageRef::parse(reference)? {
-        ImageRef::OciLayout { dir, tag } => Box::new(OciLayoutSource::open(
-            reference.to_string(),
-            dir,
-            tag,
-        )?),
+        ImageRef::OciLayout { dir, tag } => {
+            Box::new(OciLayoutSource::open(reference.to_string(), dir, tag)?)
+        }
         ImageRef::OciArchive { file, tag } => Box::new(OciLayoutSource::open_archive(
             reference.to_string(),
             file,
@@ -432,9 +432,7 @@ pub fn open_with(
             r.as_ref(),
         )?),
         ImageRef::Registry(r) => Box::new(RegistrySource::open(reference.to_string(), r, opts)?),
-        ImageRef::DockerDaemon(r) => {
-            Box::new(DaemonSource::open(reference.to_string(), &r, opts)?)
-        }
+        ImageRef::DockerDaemon(r) => Box::new(DaemonSource::open(reference.to_string(), &r, opts)?),
         ImageRef::Bare(r) => open_bare(reference, r, opts)?,
     };
     tracing::info!("{reference}: using {}", src.describe());

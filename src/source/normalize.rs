@@ -98,7 +98,9 @@ impl DockerRef {
             path.to_string()
         };
         if registry.len() + 1 + repository.len() > 255 {
-            return Err(bad("the repository name is longer than 255 characters".to_string()));
+            return Err(bad(
+                "the repository name is longer than 255 characters".to_string()
+            ));
         }
         let tag = match (tag, &digest) {
             (None, None) => Some("latest".to_string()),
@@ -229,7 +231,9 @@ fn valid_host(h: &str) -> bool {
     !host.is_empty()
         && host.split('.').all(|label| {
             !label.is_empty()
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -278,21 +282,106 @@ mod tests {
     #[test]
     fn normalisation_table() {
         let d = format!("sha256:{}", "a".repeat(64));
-        let cases: Vec<(String, &str, &str, Option<&str>, Option<&str>)> = vec![
-            ("nginx".into(), "docker.io", "library/nginx", Some("latest"), None),
-            ("nginx:alpine".into(), "docker.io", "library/nginx", Some("alpine"), None),
-            ("user/app".into(), "docker.io", "user/app", Some("latest"), None),
-            ("docker.io/nginx".into(), "docker.io", "library/nginx", Some("latest"), None),
-            ("index.docker.io/user/app:1".into(), "docker.io", "user/app", Some("1"), None),
-            ("docker.io/library/nginx:1.25".into(), "docker.io", "library/nginx", Some("1.25"), None),
-            ("localhost/app".into(), "localhost", "app", Some("latest"), None),
-            ("localhost:5000/a/b:v2".into(), "localhost:5000", "a/b", Some("v2"), None),
-            ("127.0.0.1:5000/debian:test".into(), "127.0.0.1:5000", "debian", Some("test"), None),
-            ("[::1]:5000/debian".into(), "[::1]:5000", "debian", Some("latest"), None),
-            ("ghcr.io/o/r/x".into(), "ghcr.io", "o/r/x", Some("latest"), None),
-            (format!("nginx@{d}"), "docker.io", "library/nginx", None, Some(d.as_str())),
-            (format!("host:5000/app:v1@{d}"), "host:5000", "app", Some("v1"), Some(d.as_str())),
-            ("my-app_x.y__z:t_1.0-rc".into(), "docker.io", "library/my-app_x.y__z", Some("t_1.0-rc"), None),
+        type Case<'a> = (String, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+        let cases: Vec<Case> = vec![
+            (
+                "nginx".into(),
+                "docker.io",
+                "library/nginx",
+                Some("latest"),
+                None,
+            ),
+            (
+                "nginx:alpine".into(),
+                "docker.io",
+                "library/nginx",
+                Some("alpine"),
+                None,
+            ),
+            (
+                "user/app".into(),
+                "docker.io",
+                "user/app",
+                Some("latest"),
+                None,
+            ),
+            (
+                "docker.io/nginx".into(),
+                "docker.io",
+                "library/nginx",
+                Some("latest"),
+                None,
+            ),
+            (
+                "index.docker.io/user/app:1".into(),
+                "docker.io",
+                "user/app",
+                Some("1"),
+                None,
+            ),
+            (
+                "docker.io/library/nginx:1.25".into(),
+                "docker.io",
+                "library/nginx",
+                Some("1.25"),
+                None,
+            ),
+            (
+                "localhost/app".into(),
+                "localhost",
+                "app",
+                Some("latest"),
+                None,
+            ),
+            (
+                "localhost:5000/a/b:v2".into(),
+                "localhost:5000",
+                "a/b",
+                Some("v2"),
+                None,
+            ),
+            (
+                "127.0.0.1:5000/debian:test".into(),
+                "127.0.0.1:5000",
+                "debian",
+                Some("test"),
+                None,
+            ),
+            (
+                "[::1]:5000/debian".into(),
+                "[::1]:5000",
+                "debian",
+                Some("latest"),
+                None,
+            ),
+            (
+                "ghcr.io/o/r/x".into(),
+                "ghcr.io",
+                "o/r/x",
+                Some("latest"),
+                None,
+            ),
+            (
+                format!("nginx@{d}"),
+                "docker.io",
+                "library/nginx",
+                None,
+                Some(d.as_str()),
+            ),
+            (
+                format!("host:5000/app:v1@{d}"),
+                "host:5000",
+                "app",
+                Some("v1"),
+                Some(d.as_str()),
+            ),
+            (
+                "my-app_x.y__z:t_1.0-rc".into(),
+                "docker.io",
+                "library/my-app_x.y__z",
+                Some("t_1.0-rc"),
+                None,
+            ),
         ];
         for (input, reg, repo, tag, digest) in cases {
             let r = DockerRef::parse(&input).unwrap_or_else(|e| panic!("{input}: {e}"));

@@ -332,7 +332,6 @@ impl OciLayoutSource {
     fn blob_rel(digest: &str) -> Result<String, SourceError> {
         Ok(format!("blobs/sha256/{}", sha256_hex(digest)?))
     }
-
 }
 
 /// Resolution of manifests and indexes down to one image, shared by every source that
@@ -343,8 +342,12 @@ pub(crate) trait Resolver {
     fn reference_for_report(&self) -> String;
     /// The verified content of the manifest, index or config `desc`, refusing more than
     /// `limit` bytes; `what` names it in errors.
-    fn read_json_blob(&self, what: &str, desc: &Descriptor, limit: u64)
-        -> Result<Vec<u8>, SourceError>;
+    fn read_json_blob(
+        &self,
+        what: &str,
+        desc: &Descriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>, SourceError>;
 
     /// The media type of `desc`'s blob: the descriptor's, else the blob's own `mediaType`,
     /// else guessed from its shape. Returns the raw blob too.

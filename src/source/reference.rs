@@ -291,7 +291,10 @@ mod tests {
             "Upper",
         ] {
             let e = ImageRef::parse(input).unwrap_err();
-            assert!(matches!(e, SourceError::BadReference { .. }), "{input}: {e}");
+            assert!(
+                matches!(e, SourceError::BadReference { .. }),
+                "{input}: {e}"
+            );
         }
         let e = ImageRef::parse("containers-storage:x").unwrap_err();
         assert!(

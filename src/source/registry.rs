@@ -156,7 +156,14 @@ fn error_message(body: &[u8]) -> (Option<String>, String) {
     let text = String::from_utf8_lossy(body);
     let line = text.lines().next().unwrap_or("").trim();
     let line: String = line.chars().take(200).collect();
-    (None, if line.is_empty() { "(no details)".to_string() } else { line })
+    (
+        None,
+        if line.is_empty() {
+            "(no details)".to_string()
+        } else {
+            line
+        },
+    )
 }
 
 fn describe_transport_error(e: &ureq::Error) -> (String, bool) {
@@ -319,7 +326,9 @@ impl Client {
             }
             match (&state, &self.creds) {
                 (AuthState::Basic, Some(c)) => req = req.header("Authorization", c.basic_header()),
-                (AuthState::Bearer(t), _) => req = req.header("Authorization", format!("Bearer {t}")),
+                (AuthState::Bearer(t), _) => {
+                    req = req.header("Authorization", format!("Bearer {t}"))
+                }
                 _ => {}
             }
             let resp = match req.call() {
@@ -348,7 +357,9 @@ impl Client {
                     .or(realm);
                 if authenticated {
                     let reason = match &self.creds {
-                        Some(c) => format!("the credentials of user '{}' were rejected", c.username),
+                        Some(c) => {
+                            format!("the credentials of user '{}' were rejected", c.username)
+                        }
                         None => self.no_credentials(),
                     };
                     return Err(SourceError::RegistryAuth {
@@ -446,7 +457,9 @@ impl Client {
                         attempt += 1;
                         continue;
                     }
-                    return Err(auth_err(format!("cannot reach the token service: {reason}")));
+                    return Err(auth_err(format!(
+                        "cannot reach the token service: {reason}"
+                    )));
                 }
             };
             let status = resp.status().as_u16();
@@ -469,7 +482,9 @@ impl Client {
             }
             if status != 200 {
                 let (_, msg) = error_message(&body);
-                return Err(auth_err(format!("the token service answered {status}: {msg}")));
+                return Err(auth_err(format!(
+                    "the token service answered {status}: {msg}"
+                )));
             }
             #[derive(serde::Deserialize)]
             struct Token {
@@ -572,9 +587,8 @@ impl Client {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = read_limited(resp.into_body(), MAX_MANIFEST_SIZE).map_err(|e| {
-            self.unreachable(format!("reading manifest {reference}: {e}"))
-        })?;
+        let body = read_limited(resp.into_body(), MAX_MANIFEST_SIZE)
+            .map_err(|e| self.unreachable(format!("reading manifest {reference}: {e}")))?;
         if status != 200 {
             return Err(self.status_error("manifest", reference, status, &body));
         }
@@ -964,8 +978,12 @@ impl ImageSource for RegistrySource {
 }
 
 /// The media types asked for, for tests and reports.
-pub const ACCEPTED_MANIFEST_TYPES: [&str; 4] =
-    [OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST];
+pub const ACCEPTED_MANIFEST_TYPES: [&str; 4] = [
+    OCI_INDEX,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_MANIFEST,
+];
 
 #[cfg(test)]
 mod tests {
@@ -991,7 +1009,8 @@ mod tests {
         let c = parse_challenge(r#"Basic realm="Registry Realm""#).unwrap();
         assert_eq!(c.scheme, "basic");
         assert_eq!(c.params["realm"], "Registry Realm");
-        let c = parse_challenge(r#"Bearer realm=http://x/t, service = svc , error="a\"b""#).unwrap();
+        let c =
+            parse_challenge(r#"Bearer realm=http://x/t, service = svc , error="a\"b""#).unwrap();
         assert_eq!(c.params["realm"], "http://x/t");
         assert_eq!(c.params["service"], "svc");
         assert_eq!(c.params["error"], "a\"b");
