@@ -252,6 +252,18 @@ fn plain_http(registry: &str, insecure: &[String]) -> bool {
     })
 }
 
+fn make_agent(opts: &SourceOptions) -> Result<ureq::Agent, SourceError> {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .user_agent(concat!("fledge/", env!("CARGO_PKG_VERSION")))
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_recv_response(Some(Duration::from_secs(120)))
+        .timeout_per_read(Some(Duration::from_secs(120)))
+        .tls_config(tls_config(opts.registry_ca.as_deref())?)
+        .build();
+    Ok(config.new_agent())
+}
+
 impl Client {
     fn new(name: &DockerRef, opts: &SourceOptions) -> Result<Client, SourceError> {
         let host = name.api_host().to_string();
@@ -260,17 +272,10 @@ impl Client {
         } else {
             "https"
         };
-        let config = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .user_agent(concat!("fledge/", env!("CARGO_PKG_VERSION")))
-            .timeout_connect(Some(Duration::from_secs(30)))
-            .timeout_recv_response(Some(Duration::from_secs(120)))
-            .timeout_per_read(Some(Duration::from_secs(120)))
-            .tls_config(tls_config(opts.registry_ca.as_deref())?)
-            .build();
+        let agent = make_agent(opts)?;
         let creds = auth::lookup(&name.registry)?;
         Ok(Client {
-            agent: config.new_agent(),
+            agent,
             base: format!("{scheme}://{host}"),
             registry: name.registry.clone(),
             repository: name.repository.clone(),
@@ -1047,6 +1052,221 @@ mod tests {
         ] {
             assert_eq!(plain_http(h, &insecure), want, "{h}");
         }
+    }
+
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// One request as the mock saw it: request line, Authorization and Range headers.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        line: String,
+        authorization: Option<String>,
+        range: Option<String>,
+    }
+
+    type Handler = dyn Fn(&Seen, usize, &mut dyn Write) + Send + Sync;
+
+    /// A one-request-per-connection HTTP server on loopback; the handler writes the raw
+    /// response (and may stop half-way to simulate a dropped connection).
+    struct Mock {
+        addr: String,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    fn mock(handler: Box<Handler>) -> Mock {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = Arc::clone(&seen);
+        let count = AtomicUsize::new(0);
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { break };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut req = Seen {
+                    line: String::new(),
+                    authorization: None,
+                    range: None,
+                };
+                r.read_line(&mut req.line).unwrap_or(0);
+                req.line = req.line.trim_end().to_string();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim_end().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.trim_end().split_once(':') {
+                        match k.to_ascii_lowercase().as_str() {
+                            "authorization" => req.authorization = Some(v.trim().to_string()),
+                            "range" => req.range = Some(v.trim().to_string()),
+                            _ => {}
+                        }
+                    }
+                }
+                seen2.lock().unwrap().push(req.clone());
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                handler(&req, n, &mut conn);
+                let _ = conn.flush();
+            }
+        });
+        Mock { addr, seen }
+    }
+
+    fn respond(w: &mut dyn Write, status: &str, headers: &[(&str, String)], body: &[u8]) {
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let _ = w.write_all(head.as_bytes());
+        let _ = w.write_all(body);
+    }
+
+    fn client(addr: &str, creds: Option<(&str, &str)>) -> Client {
+        Client {
+            agent: make_agent(&SourceOptions::default()).unwrap(),
+            base: format!("http://{addr}"),
+            registry: addr.to_string(),
+            repository: "repo".to_string(),
+            creds: creds.map(|(u, p)| Credentials {
+                username: u.to_string(),
+                password: p.to_string(),
+            }),
+            auth: Mutex::new((AuthState::Anonymous, None)),
+        }
+    }
+
+    #[test]
+    fn bearer_token_flow_and_retries_on_5xx() {
+        let manifest = br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec();
+        let addr_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
+        let a2 = Arc::clone(&addr_cell);
+        let m2 = manifest.clone();
+        let good = format!("Basic {}", auth::base64_encode(b"u:p"));
+        let m = mock(Box::new(move |req, n, w| {
+            let addr = a2.lock().unwrap().clone();
+            if req.line.starts_with("GET /token?") {
+                if req.authorization.as_deref() == Some(good.as_str()) {
+                    respond(w, "200 OK", &[], br#"{"token":"tok123"}"#);
+                } else {
+                    respond(w, "401 Unauthorized", &[], b"{}");
+                }
+            } else if n == 0 {
+                respond(w, "503 Service Unavailable", &[], b"busy");
+            } else if req.authorization.as_deref() != Some("Bearer tok123") {
+                let ch = format!(
+                    r#"Bearer realm="http://{addr}/token",service="mock",scope="repository:repo:pull""#
+                );
+                respond(w, "401 Unauthorized", &[("WWW-Authenticate", ch)], b"{}");
+            } else {
+                respond(
+                    w,
+                    "200 OK",
+                    &[("Content-Type", OCI_MANIFEST.to_string())],
+                    &m2,
+                );
+            }
+        }));
+        *addr_cell.lock().unwrap() = m.addr.clone();
+        let c = client(&m.addr, Some(("u", "p")));
+        let (mt, raw, digest) = c.manifest("t").unwrap();
+        assert_eq!(mt.as_deref(), Some(OCI_MANIFEST));
+        assert_eq!(raw, manifest);
+        assert_eq!(digest, sha256_digest(&manifest));
+        let seen = m.seen.lock().unwrap().clone();
+        let lines: Vec<&str> = seen.iter().map(|s| s.line.as_str()).collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(
+            lines[0].starts_with("GET /v2/repo/manifests/t "),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("scope=repository%3Arepo%3Apull")
+                && lines[2].contains("service=mock"),
+            "{lines:?}"
+        );
+
+        // Wrong credentials: the token service says no; the realm is named.
+        let c = client(&m.addr, Some(("u", "wrong")));
+        let e = c.manifest("t").unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, SourceError::RegistryAuth { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("realm http://{}/token", m.addr)) && msg.contains("user 'u'"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn dropped_download_continues_with_a_range_request() {
+        let data: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let digest = sha256_digest(&data);
+        let d2 = data.clone();
+        let m = mock(Box::new(move |req, _n, w| {
+            match req.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+                None => {
+                    // Promise everything, deliver a third, drop the connection.
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        d2.len()
+                    );
+                    let _ = w.write_all(head.as_bytes());
+                    let _ = w.write_all(&d2[..d2.len() / 3]);
+                }
+                Some(r) => {
+                    let from: usize = r.trim_end_matches('-').parse().unwrap();
+                    let range = format!("bytes {from}-{}/{}", d2.len() - 1, d2.len());
+                    respond(
+                        w,
+                        "206 Partial Content",
+                        &[("Content-Range", range)],
+                        &d2[from..],
+                    );
+                }
+            }
+        }));
+        let c = client(&m.addr, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let path = cache.fetch(&c, &digest, data.len() as u64).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), data);
+        assert!(!cache.partial_path(&digest).unwrap().exists());
+        let seen = m.seen.lock().unwrap().clone();
+        assert!(seen.len() >= 2, "{seen:?}");
+        let range = seen[1].range.clone().unwrap_or_default();
+        let from: u64 = range
+            .trim_start_matches("bytes=")
+            .trim_end_matches('-')
+            .parse()
+            .unwrap_or(0);
+        assert!(from > 0 && from <= data.len() as u64 / 3, "{range}");
+    }
+
+    #[test]
+    fn blob_with_wrong_content_is_not_kept() {
+        let data = vec![42u8; 50_000];
+        let digest = sha256_digest(b"something else entirely");
+        let d2 = data.clone();
+        let m = mock(Box::new(move |_req, _n, w| respond(w, "200 OK", &[], &d2)));
+        let c = client(&m.addr, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let e = cache.fetch(&c, &digest, data.len() as u64).unwrap_err();
+        assert!(
+            matches!(&e, SourceError::DigestMismatch { blob, actual } if *blob == digest && *actual == sha256_digest(&data)),
+            "{e}"
+        );
+        assert!(!cache.path(&digest).unwrap().exists());
+        assert!(!cache.partial_path(&digest).unwrap().exists());
+        // Too long for the descriptor: a size error, nothing kept either.
+        let e = cache.fetch(&c, &digest, 100).unwrap_err();
+        assert!(matches!(e, SourceError::SizeMismatch { .. }), "{e}");
+        assert!(!cache.partial_path(&digest).unwrap().exists());
     }
 
     #[test]
