@@ -438,6 +438,11 @@ fn multi_platform_index_from_the_registry() {
         err.contains("linux/s390x") && err.contains("linux/amd64, linux/arm64"),
         "{err}"
     );
+    // A digest reference pins one manifest.
+    let pinned = format!("docker://{}/multi@{arm}", reg.host());
+    let (d, p, l) = inspect(&env, &pinned, &["--platform", "linux/arm64"]);
+    assert_eq!((d.as_str(), p.as_str()), (arm.as_str(), "linux/arm64"));
+    assert_eq!(l, l_arm);
     // Layers of the arm64 image can be pulled (they are plain data, no exec needed).
     env.ok(&["pull", &r, "--platform", "linux/arm64"]);
     assert!(env.cache_leftovers().is_empty());
@@ -629,6 +634,49 @@ fn interrupted_download_is_resumed() {
     );
     // ... and the next pull starts afresh and succeeds.
     env.ok(&["pull", &r]);
+}
+
+/// Several pulls into one empty cache at once all succeed and leave one copy of each blob.
+#[test]
+fn concurrent_pulls_share_the_cache() {
+    let test = "concurrent_pulls_share_the_cache";
+    let Some(img) = debian(test) else { return };
+    let reg = Registry::start(None);
+    reg.push(&img.reference, "debian:test", None, false);
+    let env = Env::new();
+    let r = format!("docker://{}/debian:test", reg.host());
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            env.cmd(&["pull", &r])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
+    let layers = inspect(&env, &r, &[]).2;
+    for d in &layers {
+        let hex = d.trim_start_matches("sha256:");
+        assert!(
+            env.cache()
+                .join(format!("layers/sha256/{hex}.tar"))
+                .is_file(),
+            "{d}"
+        );
+    }
 }
 
 /// The Docker Engine API (podman's compatible socket): same image as the OCI layout; a bare
