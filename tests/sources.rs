@@ -760,7 +760,32 @@ fn docker_daemon_through_podman() {
             env.cache_leftovers()
         );
 
-        // Unknown image in the daemon, no registry: both are named.
+        // Not in the daemon: the registry serves a bare reference; if neither has it, both
+        // are named.
+        let reg = Registry::start(None);
+        reg.push(&img.reference, "debian:test", None, false);
+        let bare = format!("{}/debian:test", reg.host());
+        let mut c = env.cmd(&["-v", "inspect", "--json", &bare]);
+        c.env("DOCKER_HOST", &host);
+        let out = support::run_ok(&mut c);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            log.contains("not in the Docker daemon at")
+                && log.contains("using registry 127.0.0.1:"),
+            "{log}"
+        );
+        let mut c = env.cmd(&["inspect", &format!("{}/debian:none", reg.host())]);
+        c.env("DOCKER_HOST", &host);
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("is not in the Docker daemon at")
+                && err.contains("manifest none not found"),
+            "{err}"
+        );
+
+        // Unknown image in the daemon, asked explicitly: named.
         let mut c = env.cmd(&["inspect", "docker-daemon:localhost/nothere:x"]);
         c.env("DOCKER_HOST", &host);
         let out = c.output().unwrap();

@@ -174,11 +174,11 @@ pub enum SourceError {
         message: String,
     },
     #[error(
-        "{reference}: not in the Docker daemon ({daemon}) and not in the registry ({registry})"
+        "{reference} is not in the Docker daemon at {socket}, and from the registry: {registry}"
     )]
     NotFoundAnywhere {
         reference: String,
-        daemon: String,
+        socket: String,
         registry: Box<SourceError>,
     },
     #[error("image config {config} lists {diff_ids} layer diff_ids but manifest {manifest} has {layers} layers")]
@@ -445,20 +445,30 @@ fn open_bare(
     r: DockerRef,
     opts: &SourceOptions,
 ) -> Result<Box<dyn ImageSource>, SourceError> {
-    let daemon_note = match DaemonSource::open(reference.to_string(), &r, opts) {
+    let missing_in = match DaemonSource::open(reference.to_string(), &r, opts) {
         Ok(d) => return Ok(Box::new(d)),
-        Err(e @ SourceError::DaemonUnavailable { .. })
-        | Err(e @ SourceError::DaemonImageNotFound { .. }) => {
+        // No daemon here: the registry is the only place to look.
+        Err(e @ SourceError::DaemonUnavailable { .. }) => {
             tracing::debug!("{reference}: {e}; trying the registry");
-            e.to_string()
+            None
+        }
+        Err(SourceError::DaemonImageNotFound { socket, .. }) => {
+            tracing::info!(
+                "{reference}: not in the Docker daemon at {socket}; trying the registry"
+            );
+            Some(socket)
         }
         Err(e) => return Err(e),
     };
-    match RegistrySource::open(reference.to_string(), r, opts) {
-        Ok(s) => Ok(Box::new(s)),
-        Err(e) => Err(SourceError::NotFoundAnywhere {
+    match (
+        RegistrySource::open(reference.to_string(), r, opts),
+        missing_in,
+    ) {
+        (Ok(s), _) => Ok(Box::new(s)),
+        (Err(e), None) => Err(e),
+        (Err(e), Some(socket)) => Err(SourceError::NotFoundAnywhere {
             reference: reference.to_string(),
-            daemon: daemon_note,
+            socket,
             registry: Box::new(e),
         }),
     }
