@@ -59,6 +59,11 @@ struct Registry {
 impl Registry {
     /// Start a registry; with `htpasswd`, only that user/password may pull or push.
     fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        Registry::start_with(htpasswd, None)
+    }
+
+    /// Start a registry, over TLS with `(certificate, key)` files when given.
+    fn start_with(htpasswd: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut auth = String::new();
@@ -71,8 +76,16 @@ impl Registry {
                 file.display()
             );
         }
+        let tls = match tls {
+            Some((cert, key)) => format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            ),
+            None => String::new(),
+        };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
             dir.path().join("storage").display()
         );
         let cfg = dir.path().join("config.yml");
@@ -634,6 +647,121 @@ fn interrupted_download_is_resumed() {
     );
     // ... and the next pull starts afresh and succeeds.
     env.ok(&["pull", &r]);
+}
+
+/// A name other than `localhost` that resolves to 127.0.0.1 (so fledge uses HTTPS for it).
+fn non_loopback_name_for_127() -> Option<String> {
+    use std::net::ToSocketAddrs;
+    let name = fs::read_to_string("/etc/hostname").ok()?.trim().to_string();
+    if name.is_empty() || name == "localhost" || name.contains(' ') {
+        return None;
+    }
+    let addrs: Vec<_> = (name.as_str(), 1).to_socket_addrs().ok()?.collect();
+    addrs
+        .iter()
+        .any(|a| a.ip() == std::net::Ipv4Addr::LOCALHOST)
+        .then_some(name)
+}
+
+/// HTTPS: a registry whose certificate comes from a private CA is refused until the CA is
+/// given with --registry-ca or FLEDGE_REGISTRY_CA.
+#[test]
+fn https_registry_with_a_private_ca() {
+    let test = "https_registry_with_a_private_ca";
+    if !need(test, &["openssl"]) {
+        return;
+    }
+    let Some(img) = debian(test) else { return };
+    let Some(name) = non_loopback_name_for_127() else {
+        support::skip(test, "this host's name does not resolve to 127.0.0.1");
+        return;
+    };
+    let env = Env::new();
+    let d = env.dir.path();
+    let ssl = |args: &[&str]| {
+        support::run_ok(Command::new("openssl").current_dir(d).args(args));
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fledge test CA",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        &format!("/CN={name}"),
+    ]);
+    fs::write(
+        d.join("ext.cnf"),
+        format!(
+            "subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+        ),
+    )
+    .unwrap();
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let reg = Registry::start_with(None, Some((&d.join("srv.crt"), &d.join("srv.key"))));
+    reg.push(&img.reference, "debian:test", None, false);
+    let r = format!("docker://{name}:{}/debian:test", reg.port);
+
+    let err = env.fail(&["inspect", &r]);
+    assert!(
+        err.contains(&format!("cannot reach registry {name}:{}", reg.port))
+            && err.to_lowercase().contains("certificate"),
+        "{err}"
+    );
+    let ca = d.join("ca.crt").display().to_string();
+    let expected = inspect(&env, &img.reference, &[]).2;
+    assert_eq!(inspect(&env, &r, &["--registry-ca", &ca]).2, expected);
+    let out = support::run_ok(env.cmd(&["pull", &r]).env("FLEDGE_REGISTRY_CA", &ca));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(https://"));
+    // Marked insecure, it is spoken to over plain HTTP, which this TLS-only registry refuses.
+    let err = env.fail(&[
+        "inspect",
+        &r,
+        "--insecure-registry",
+        &format!("{name}:{}", reg.port),
+    ]);
+    assert!(
+        err.contains(&format!("registry {name}:{}", reg.port)),
+        "{err}"
+    );
 }
 
 /// Several pulls into one empty cache at once all succeed and leave one copy of each blob.
