@@ -649,6 +649,80 @@ fn interrupted_download_is_resumed() {
     env.ok(&["pull", &r]);
 }
 
+/// `fledge build` gives images with identical content from the OCI layout, the registry and
+/// both archive formats (compared by loop-mounting the ext4 images read-only).
+#[test]
+fn built_images_are_identical_from_every_source() {
+    let test = "built_images_are_identical_from_every_source";
+    if !support::is_root() {
+        support::skip(test, "building and loop-mounting images needs root");
+        return;
+    }
+    if !need(test, &["mkfs.ext4", "mount", "umount"]) {
+        return;
+    }
+    let Some(img) = debian(test) else { return };
+    let reg = Registry::start(None);
+    reg.push(&img.reference, "debian:test", None, false);
+    let env = Env::new();
+    let d = env.dir.path();
+    let oci_ar = d.join("debian-oci.tar");
+    let docker_ar = d.join("debian-docker.tar");
+    for target in [
+        format!("oci-archive:{}:test", oci_ar.display()),
+        format!("docker-archive:{}:debian:test", docker_ar.display()),
+    ] {
+        support::run_ok(Command::new("skopeo").args(["copy", "--quiet", &img.reference, &target]));
+    }
+    let sources = [
+        img.reference.clone(),
+        format!("docker://{}/debian:test", reg.host()),
+        format!("oci-archive:{}:test", oci_ar.display()),
+        format!("docker-archive:{}:debian:test", docker_ar.display()),
+    ];
+    let mut first: Option<treecmp::Snapshot> = None;
+    for (i, s) in sources.iter().enumerate() {
+        let cfg = d.join(format!("fledge-{i}.toml"));
+        fs::write(
+            &cfg,
+            format!(
+                "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{s}\"\n[filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 20\npreallocate = false\n"
+            ),
+        )
+        .unwrap();
+        let out_img = d.join(format!("img-{i}.img"));
+        let cfg_s = cfg.display().to_string();
+        let out_s = out_img.display().to_string();
+        support::run_ok(
+            env.cmd(&["build", "-c", &cfg_s, "-o", &out_s])
+                .env("SOURCE_DATE_EPOCH", "1700000000"),
+        );
+        let mp = d.join(format!("mnt-img-{i}"));
+        fs::create_dir_all(&mp).unwrap();
+        support::run_ok(
+            Command::new("mount")
+                .args(["-o", "loop,ro", &out_s])
+                .arg(&mp),
+        );
+        let snap = treecmp::snapshot(&mp);
+        support::run_ok(Command::new("umount").arg(&mp));
+        let snap = snap.unwrap();
+        assert!(snap.len() > 100, "{s}: built image looks empty");
+        match &first {
+            None => first = Some(snap),
+            Some(f) => {
+                let lines = treecmp::diff(f, &snap, &treecmp::DiffOptions::default());
+                assert!(
+                    lines.is_empty(),
+                    "{s} vs {}:\n{}",
+                    sources[0],
+                    treecmp::report(&lines, 50)
+                );
+            }
+        }
+    }
+}
+
 /// A name other than `localhost` that resolves to 127.0.0.1 (so fledge uses HTTPS for it).
 fn non_loopback_name_for_127() -> Option<String> {
     use std::net::ToSocketAddrs;
