@@ -255,6 +255,9 @@ fn plain_http(registry: &str, insecure: &[String]) -> bool {
 fn make_agent(opts: &SourceOptions) -> Result<ureq::Agent, SourceError> {
     let config = ureq::Agent::config_builder()
         .http_status_as_error(false)
+        // Redirects to the registry itself keep the credentials; to storage elsewhere (S3,
+        // a CDN) they are not sent.
+        .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
         .user_agent(concat!("fledge/", env!("CARGO_PKG_VERSION")))
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(120)))
@@ -1245,6 +1248,57 @@ mod tests {
             .parse()
             .unwrap_or(0);
         assert!(from > 0 && from <= data.len() as u64 / 3, "{range}");
+    }
+
+    #[test]
+    fn blob_redirects_are_followed() {
+        let data = b"redirected blob content".to_vec();
+        let digest = sha256_digest(&data);
+        let d2 = data.clone();
+        let port_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
+        let p2 = Arc::clone(&port_cell);
+        let m = mock(Box::new(move |req, _n, w| {
+            let port = p2.lock().unwrap().clone();
+            if req.line.starts_with("GET /v2/repo/blobs/") {
+                // First to the registry itself, then to "another host" (same server,
+                // reached as localhost instead of 127.0.0.1).
+                respond(
+                    w,
+                    "307 Temporary Redirect",
+                    &[("Location", "/v2/redirected".to_string())],
+                    b"",
+                );
+            } else if req.line.starts_with("GET /v2/redirected ") {
+                respond(
+                    w,
+                    "302 Found",
+                    &[(
+                        "Location",
+                        format!("http://localhost:{port}/storage/abc?sig=1"),
+                    )],
+                    b"",
+                );
+            } else if req.line.starts_with("GET /storage/abc?sig=1 ") {
+                respond(w, "200 OK", &[], &d2);
+            } else {
+                respond(w, "404 Not Found", &[], b"");
+            }
+        }));
+        *port_cell.lock().unwrap() = m.addr.rsplit(':').next().unwrap().to_string();
+        let c = client(&m.addr, Some(("u", "p")));
+        c.set_auth(AuthState::Basic, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let path = cache.fetch(&c, &digest, data.len() as u64).unwrap();
+        assert_eq!(fs::read(path).unwrap(), data);
+        let seen = m.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen[0].authorization.is_some() && seen[1].authorization.is_some(),
+            "{seen:?}"
+        );
+        // The other host does not get the registry credentials.
+        assert!(seen[2].authorization.is_none(), "{seen:?}");
     }
 
     #[test]
