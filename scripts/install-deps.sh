@@ -15,6 +15,8 @@ packages=(
     e2fsprogs xfsprogs btrfs-progs
     # test images and oracles
     debootstrap umoci skopeo attr libcap2-bin python3
+    # image sources tests: a local registry (with htpasswd auth and TLS) and a Docker-API daemon
+    docker-registry apache2-utils podman openssl
     # VM tests (vm-tests/run)
     qemu-system-x86 linux-image-amd64
     # benchmarks

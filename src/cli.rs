@@ -44,6 +44,11 @@ enum Command {
     Mount(MountArgs),
     /// Show an image's manifest digest, platform, config and layers.
     Inspect(InspectArgs),
+    /// Fetch an image's layers into the cache (download, verify, decompress) without
+    /// mounting or building anything.
+    Pull(PullArgs),
+    /// Manage the layer and blob cache.
+    Cache(CacheArgs),
     /// Print the version.
     Version,
 }
@@ -59,6 +64,16 @@ pub struct ImageArgs {
     /// ~/.cache/fledge).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Use a temporary cache, deleted when the command ends.
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_cache: bool,
+    /// Reach this registry (host[:port]) over plain HTTP; repeatable. Loopback registries
+    /// always are. Also $FLEDGE_INSECURE_REGISTRIES (comma-separated).
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// Extra CA certificates (PEM) to trust for registries (also $FLEDGE_REGISTRY_CA).
+    #[arg(long, value_name = "FILE")]
+    pub registry_ca: Option<PathBuf>,
 }
 
 impl ImageArgs {
@@ -67,10 +82,28 @@ impl ImageArgs {
             Some(p) => Platform::parse(p)?,
             None => Platform::host(),
         };
+        let (cache_dir, temp_cache) = if self.no_cache {
+            let base = std::env::temp_dir();
+            let tmp = tempfile::Builder::new()
+                .prefix("fledge-cache-")
+                .tempdir_in(&base)
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "cannot create a temporary cache in {}: {e}",
+                        base.display()
+                    ))
+                })?;
+            (Some(tmp.path().to_path_buf()), Some(Arc::new(tmp)))
+        } else {
+            (self.cache_dir.clone(), None)
+        };
         Ok(OpenOptions {
             platform,
             platform_explicit: self.platform.is_some(),
-            cache_dir: self.cache_dir.clone(),
+            cache_dir,
+            insecure_registries: self.insecure_registries.clone(),
+            registry_ca: self.registry_ca.clone(),
+            temp_cache,
         })
     }
 }
@@ -101,6 +134,31 @@ struct InspectArgs {
     /// Also fetch and merge the layers, and report the merged tree's totals.
     #[arg(long)]
     tree: bool,
+}
+
+#[derive(Debug, Args)]
+struct PullArgs {
+    /// Image reference, e.g. docker://registry:5000/app:tag or nginx:alpine.
+    reference: String,
+    #[command(flatten)]
+    image: ImageArgs,
+}
+
+#[derive(Debug, Args)]
+struct CacheArgs {
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Delete everything in the cache (decoded layers, downloaded blobs, partial downloads).
+    Prune {
+        /// Cache directory (default: $FLEDGE_CACHE_DIR, else $XDG_CACHE_HOME/fledge, else
+        /// ~/.cache/fledge).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
 }
 
 /// Entry point used by `main.rs`.
@@ -147,6 +205,8 @@ fn run(command: Command, ui: &Ui) -> Result<ExitCode, Error> {
         Command::Doctor(args) => crate::doctor::run(&args, ui),
         Command::Mount(args) => mount(&args, ui),
         Command::Inspect(args) => inspect(&args, ui),
+        Command::Pull(args) => pull(&args, ui),
+        Command::Cache(args) => cache(&args, ui),
         Command::Version => {
             println!("fledge {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)
@@ -173,6 +233,43 @@ fn mount(args: &MountArgs, ui: &Ui) -> Result<ExitCode, Error> {
     })?;
     ui.info(format!("unmounted {}", mountpoint.display()));
     Ok(ExitCode::SUCCESS)
+}
+
+fn pull(args: &PullArgs, ui: &Ui) -> Result<ExitCode, Error> {
+    let started = std::time::Instant::now();
+    let opts = args.image.open_options()?;
+    let (src, resolved) = image::resolve(&args.reference, &opts)?;
+    let store = crate::layer::LayerStore::new(image::cache_dir(&opts)?);
+    store.uncompressed_all(src.as_ref(), &resolved)?;
+    ui.info(format!(
+        "pulled {} from {}: {} ({}, {} layers) in {:.2}s",
+        args.reference,
+        src.describe(),
+        resolved.manifest_digest,
+        resolved.platform,
+        resolved.layers.len(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cache(args: &CacheArgs, ui: &Ui) -> Result<ExitCode, Error> {
+    match &args.command {
+        CacheCommand::Prune { cache_dir } => {
+            let dir = match cache_dir {
+                Some(d) => d.clone(),
+                None => crate::layer::LayerStore::default_dir()?,
+            };
+            let report = crate::layer::LayerStore::new(&dir).prune()?;
+            ui.info(format!(
+                "pruned {}: {} files, {:.1} MiB freed",
+                dir.display(),
+                report.files,
+                report.bytes as f64 / (1024.0 * 1024.0)
+            ));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn inspect(args: &InspectArgs, ui: &Ui) -> Result<ExitCode, Error> {

@@ -38,16 +38,32 @@ impl Error {
             Error::Source(e) | Error::Layer(crate::layer::LayerError::Source { source: e, .. }) => {
                 match e {
                     S::BadReference { .. } | S::UnsupportedTransport { .. } => Some(
-                        "name images as oci:DIR[:TAG] (an OCI image layout directory)".into(),
+                        "name images as Docker does (nginx:alpine, host:5000/app:tag) or with a transport: docker://REF, docker-daemon:REF, oci:DIR[:TAG], oci-archive:FILE[:TAG], docker-archive:FILE[:REF]".into(),
                     ),
                     S::UnknownTag { .. } | S::NoDefaultTag { .. } => {
                         Some("pick one of the listed tags: oci:DIR:TAG".into())
+                    }
+                    S::ManifestNotFound { .. } => Some("pick one of the listed tags".into()),
+                    S::ArchiveImageNotFound { .. } | S::ArchiveAmbiguous { .. } => {
+                        Some("name one of the listed images: docker-archive:FILE:REF".into())
+                    }
+                    S::RegistryUnreachable { .. } => Some(
+                        "check that the registry is running and the host and port are right; a registry without TLS needs --insecure-registry HOST:PORT unless it is on loopback".into(),
+                    ),
+                    S::RegistryAuth { .. } => Some(
+                        "check the credentials in $DOCKER_CONFIG/config.json (or ~/.docker/config.json, $REGISTRY_AUTH_FILE), e.g. with `docker login` or `skopeo login`".into(),
+                    ),
+                    S::DaemonUnavailable { .. } => Some(
+                        "start the Docker daemon (or `podman system service`) or point DOCKER_HOST=unix:///path at its socket".into(),
+                    ),
+                    S::BadCaFile { .. } => {
+                        Some("--registry-ca / FLEDGE_REGISTRY_CA must name a PEM file of certificates".into())
                     }
                     S::PlatformNotFound { .. } => {
                         Some("choose one of the listed platforms with --platform OS/ARCH".into())
                     }
                     S::DigestMismatch { .. } | S::SizeMismatch { .. } => Some(
-                        "the image is corrupt: copy or pull it again (skopeo copy ... oci:DIR:TAG)"
+                        "the image is corrupt: copy or pull it again; a registry blob that fails verification is never cached"
                             .into(),
                     ),
                     S::NotALayout { .. } | S::EmptyLayout { .. } => Some(

@@ -22,6 +22,27 @@ pub struct OpenOptions {
     pub platform_explicit: bool,
     /// Layer cache directory; `None` means [`LayerStore::default_dir`].
     pub cache_dir: Option<PathBuf>,
+    /// Registries reached over plain HTTP (besides loopback ones).
+    pub insecure_registries: Vec<String>,
+    /// Extra CA certificates for registries.
+    pub registry_ca: Option<PathBuf>,
+    /// Keeps a `--no-cache` temporary cache directory alive (and deletes it when the last
+    /// copy of the options is dropped).
+    pub temp_cache: Option<Arc<tempfile::TempDir>>,
+}
+
+impl OpenOptions {
+    /// The source options these image options imply (environment settings included).
+    pub fn source_options(&self) -> Result<source::SourceOptions, Error> {
+        let mut s = source::SourceOptions::from_env();
+        s.cache_dir = Some(cache_dir(self)?);
+        s.insecure_registries
+            .extend(self.insecure_registries.iter().cloned());
+        if self.registry_ca.is_some() {
+            s.registry_ca = self.registry_ca.clone();
+        }
+        Ok(s)
+    }
 }
 
 /// A resolved image whose layers are merged but not yet frozen, so that files can be added
@@ -57,7 +78,7 @@ pub fn resolve(
     reference: &str,
     opts: &OpenOptions,
 ) -> Result<(Box<dyn ImageSource>, ResolvedImage), Error> {
-    let src = source::open(reference)?;
+    let src = source::open_with(reference, &opts.source_options()?)?;
     let resolved = src.resolve(&opts.platform)?;
     if opts.platform_explicit && !opts.platform.matches(&resolved.platform) {
         return Err(source::SourceError::PlatformNotFound {
@@ -75,8 +96,9 @@ pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage
     let started = Instant::now();
     let (src, resolved) = resolve(reference, opts)?;
     tracing::info!(
-        "resolved {} to {} ({}, {} layers)",
+        "resolved {} from {} to {} ({}, {} layers)",
         reference,
+        src.describe(),
         resolved.manifest_digest,
         resolved.platform,
         resolved.layers.len()

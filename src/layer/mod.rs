@@ -246,9 +246,13 @@ impl LayerStore {
         if let Err(e) = self.remove_stale_temp_files(STALE_TEMP_AGE) {
             tracing::debug!("cleaning the layer cache: {e}");
         }
-        let workers = std::thread::available_parallelism()
+        let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
-            .unwrap_or(1)
+            .unwrap_or(1);
+        // Network sources overlap downloads beyond the CPU count.
+        let workers = src
+            .fetch_parallelism()
+            .map_or(cpus, |n| n.max(cpus))
             .min(layers.len());
         let next = AtomicUsize::new(0);
         let results: Mutex<Vec<Option<Result<PathBuf, LayerError>>>> =
@@ -293,6 +297,77 @@ impl LayerStore {
         }
         Ok(paths)
     }
+}
+
+/// What [`LayerStore::prune`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// The cache subdirectories [`LayerStore::prune`] empties: decoded layers, downloaded blobs,
+/// daemon exports.
+pub const CACHE_SUBDIRS: [&str; 3] = ["layers", "blobs", "tmp"];
+
+impl LayerStore {
+    /// Delete everything fledge keeps in the cache directory (decoded layers, downloaded
+    /// blobs, partial downloads, daemon exports) and say how much was freed. Other files in
+    /// the directory are left alone. Files in use by a running process stay readable by it
+    /// (they are unlinked, not truncated).
+    pub fn prune(&self) -> Result<PruneReport, LayerError> {
+        let mut report = PruneReport::default();
+        for sub in CACHE_SUBDIRS {
+            let dir = self.dir.join(sub);
+            prune_tree(&dir, &mut report)?;
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(LayerError::Io {
+                        path: dir,
+                        source: e,
+                    })
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn prune_tree(dir: &Path, report: &mut PruneReport) -> Result<(), LayerError> {
+    let io_err = |path: &Path, e| LayerError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
+    let entries = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err(dir, e))?;
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path).map_err(|e| io_err(&path, e))?;
+        if meta.is_dir() {
+            prune_tree(&path, report)?;
+            match fs::remove_dir(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path, e)),
+            }
+        } else {
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    report.files += 1;
+                    report.bytes += meta.len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path, e)),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn default_dir_from(
@@ -766,6 +841,40 @@ mod tests {
         }
         assert_eq!(store.remove_stale_temp_files(STALE_TEMP_AGE).unwrap(), 1);
         assert!(!old.exists() && fresh.exists() && done.exists());
+    }
+
+    #[test]
+    fn prune_removes_cache_contents_only() {
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        let files = [
+            ("layers/sha256/a.tar", 10usize),
+            ("blobs/sha256/b", 20),
+            ("blobs/sha256/.partial-c", 5),
+            ("tmp/.daemon-export-x.tar", 7),
+        ];
+        for (p, n) in files {
+            let path = cache.path().join(p);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, vec![0u8; n]).unwrap();
+        }
+        fs::write(cache.path().join("keep.txt"), b"mine").unwrap();
+        let r = store.prune().unwrap();
+        assert_eq!(
+            r,
+            PruneReport {
+                files: 4,
+                bytes: 42
+            }
+        );
+        for sub in CACHE_SUBDIRS {
+            assert!(!cache.path().join(sub).exists(), "{sub}");
+        }
+        assert!(cache.path().join("keep.txt").exists());
+        assert_eq!(store.prune().unwrap(), PruneReport::default());
+        // A missing cache directory is an empty one.
+        let gone = LayerStore::new(cache.path().join("nope"));
+        assert_eq!(gone.prune().unwrap(), PruneReport::default());
     }
 
     #[test]

@@ -5,9 +5,20 @@
 //! it and returns an [`ImageSource`], which resolves the image for a [`Platform`] into a
 //! [`ResolvedImage`] and hands out blob readers that check the sha256 digest and the size of
 //! every byte they return ([`VerifyingReader`]).
+//!
+//! Sources: OCI layouts and their tar archives ([`oci_layout`]), `docker save` archives
+//! ([`docker_archive`]), registries speaking the distribution API ([`registry`], with
+//! [`auth`]), and the Docker Engine API ([`daemon`]). Docker-style names are normalised in
+//! [`normalize`].
 
+pub mod archive;
+pub mod auth;
+pub mod daemon;
+pub mod docker_archive;
+pub mod normalize;
 pub mod oci_layout;
 pub mod reference;
+pub mod registry;
 #[cfg(test)]
 pub(crate) mod testutil;
 
@@ -18,8 +29,12 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+pub use daemon::DaemonSource;
+pub use docker_archive::DockerArchiveSource;
+pub use normalize::DockerRef;
 pub use oci_layout::OciLayoutSource;
 pub use reference::ImageRef;
+pub use registry::RegistrySource;
 
 /// Errors from resolving images and reading their blobs.
 #[derive(Debug, Error)]
@@ -27,7 +42,7 @@ pub enum SourceError {
     #[error("invalid image reference '{reference}': {reason}")]
     BadReference { reference: String, reason: String },
     #[error(
-        "transport '{transport}' is not supported yet (reference '{reference}'); use oci:DIR[:TAG]"
+        "transport '{transport}' is not supported (reference '{reference}'); use docker://, docker-daemon:, oci:, oci-archive: or docker-archive:"
     )]
     UnsupportedTransport {
         transport: String,
@@ -96,6 +111,75 @@ pub enum SourceError {
         blob: String,
         #[source]
         source: serde_json::Error,
+    },
+    #[error("{} is not a usable archive: {reason}", path.display())]
+    BadArchive { path: PathBuf, reason: String },
+    #[error("{} has no image named {wanted}; images present: {}", path.display(), list_or_none(available))]
+    ArchiveImageNotFound {
+        path: PathBuf,
+        wanted: String,
+        available: Vec<String>,
+    },
+    #[error("{} holds several images ({}); name one with docker-archive:FILE:REF", path.display(), list_or_none(available))]
+    ArchiveAmbiguous {
+        path: PathBuf,
+        available: Vec<String>,
+    },
+    #[error("cannot reach registry {registry}: {reason}")]
+    RegistryUnreachable { registry: String, reason: String },
+    #[error("registry {registry} refused the credentials{}: {reason}", realm.as_ref().map(|r| format!(" (realm {r})")).unwrap_or_default())]
+    RegistryAuth {
+        registry: String,
+        realm: Option<String>,
+        reason: String,
+    },
+    #[error("repository {repository} not found on registry {registry} (or access denied)")]
+    RepositoryNotFound {
+        registry: String,
+        repository: String,
+    },
+    #[error("manifest {reference} not found in repository {repository} on registry {registry}; tags present: {}", list_or_none(available))]
+    ManifestNotFound {
+        registry: String,
+        repository: String,
+        reference: String,
+        available: Vec<String>,
+    },
+    #[error("registry {registry} answered {status} to {what}: {message}")]
+    RegistryHttp {
+        registry: String,
+        what: String,
+        status: u16,
+        message: String,
+    },
+    #[error("cannot read registry credentials from {}: {reason}", path.display())]
+    AuthConfig { path: PathBuf, reason: String },
+    #[error("credential helper docker-credential-{helper} failed for {registry}: {reason}")]
+    CredentialHelper {
+        helper: String,
+        registry: String,
+        reason: String,
+    },
+    #[error("cannot read the CA certificates {}: {reason}", path.display())]
+    BadCaFile { path: PathBuf, reason: String },
+    #[error("cannot reach the Docker daemon at {socket}: {reason}")]
+    DaemonUnavailable { socket: String, reason: String },
+    #[error("the Docker daemon at {socket} has no image {reference}")]
+    DaemonImageNotFound { socket: String, reference: String },
+    #[error("the Docker daemon at {socket} answered {status} to {what}: {message}")]
+    DaemonHttp {
+        socket: String,
+        what: String,
+        status: u16,
+        message: String,
+    },
+    #[error(
+        "{reference} is not in the Docker daemon at {socket}, and from the registry: {registry}"
+    )]
+    NotFoundAnywhere {
+        reference: String,
+        socket: String,
+        registry: Box<SourceError>,
     },
     #[error("image config {config} lists {diff_ids} layer diff_ids but manifest {manifest} has {layers} layers")]
     LayerCountMismatch {
@@ -267,16 +351,126 @@ pub trait ImageSource: Send + Sync {
     /// Open blob `digest` of `size` bytes; the reader fails with an `InvalidData` error
     /// carrying a [`BlobVerifyError`] at the end if the content does not match.
     fn open_blob(&self, digest: &str, size: u64) -> Result<Box<dyn Read + Send>, SourceError>;
+    /// How many blobs are best fetched at once (network sources gain from more than the
+    /// number of CPUs); `None` means one per CPU.
+    fn fetch_parallelism(&self) -> Option<usize> {
+        None
+    }
 }
 
-/// Parse `reference` and open the source it names.
+/// Settings for the sources that reach out of the local filesystem.
+#[derive(Clone, Debug, Default)]
+pub struct SourceOptions {
+    /// The cache directory: registry blobs go to `<dir>/blobs/sha256/`, Docker daemon exports
+    /// to `<dir>/tmp/`. `None` means the layer store's default directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Registries (`host[:port]`) reached over plain HTTP; loopback hosts always are.
+    pub insecure_registries: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for registries, besides the system's.
+    pub registry_ca: Option<PathBuf>,
+    /// The Docker daemon socket (`unix:///path` or a path); `None` means `$DOCKER_HOST`, else
+    /// `/var/run/docker.sock`.
+    pub docker_host: Option<String>,
+}
+
+impl SourceOptions {
+    /// Options from the environment: `FLEDGE_INSECURE_REGISTRIES` (comma- or
+    /// space-separated hosts), `FLEDGE_REGISTRY_CA`, `DOCKER_HOST`.
+    pub fn from_env() -> SourceOptions {
+        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
+        SourceOptions {
+            cache_dir: None,
+            insecure_registries: var("FLEDGE_INSECURE_REGISTRIES")
+                .map(|v| {
+                    v.split([',', ' '])
+                        .filter(|h| !h.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            registry_ca: var("FLEDGE_REGISTRY_CA").map(PathBuf::from),
+            docker_host: var("DOCKER_HOST"),
+        }
+    }
+
+    /// The cache directory to use.
+    pub fn cache_dir(&self) -> Result<PathBuf, SourceError> {
+        match &self.cache_dir {
+            Some(d) => Ok(d.clone()),
+            None => crate::layer::LayerStore::default_dir().map_err(|e| SourceError::Io {
+                path: PathBuf::from("(cache directory)"),
+                source: io::Error::new(io::ErrorKind::NotFound, e.to_string()),
+            }),
+        }
+    }
+}
+
+/// Parse `reference` and open the source it names, with options from the environment.
 pub fn open(reference: &str) -> Result<Box<dyn ImageSource>, SourceError> {
-    match ImageRef::parse(reference)? {
-        ImageRef::OciLayout { dir, tag } => Ok(Box::new(OciLayoutSource::open(
+    open_with(reference, &SourceOptions::from_env())
+}
+
+/// Parse `reference` and open the source it names. A bare Docker name is looked up in the
+/// Docker daemon first and then in its registry; which one served it is logged and shown by
+/// [`ImageSource::describe`].
+pub fn open_with(
+    reference: &str,
+    opts: &SourceOptions,
+) -> Result<Box<dyn ImageSource>, SourceError> {
+    let src: Box<dyn ImageSource> = match ImageRef::parse(reference)? {
+        ImageRef::OciLayout { dir, tag } => {
+            Box::new(OciLayoutSource::open(reference.to_string(), dir, tag)?)
+        }
+        ImageRef::OciArchive { file, tag } => Box::new(OciLayoutSource::open_archive(
             reference.to_string(),
-            dir,
+            file,
             tag,
-        )?)),
+        )?),
+        ImageRef::DockerArchive { file, reference: r } => Box::new(DockerArchiveSource::open(
+            reference.to_string(),
+            &file,
+            r.as_ref(),
+        )?),
+        ImageRef::Registry(r) => Box::new(RegistrySource::open(reference.to_string(), r, opts)?),
+        ImageRef::DockerDaemon(r) => Box::new(DaemonSource::open(reference.to_string(), &r, opts)?),
+        ImageRef::Bare(r) => open_bare(reference, r, opts)?,
+    };
+    tracing::info!("{reference}: using {}", src.describe());
+    Ok(src)
+}
+
+/// The daemon if it is there and has the image, else the registry.
+fn open_bare(
+    reference: &str,
+    r: DockerRef,
+    opts: &SourceOptions,
+) -> Result<Box<dyn ImageSource>, SourceError> {
+    let missing_in = match DaemonSource::open(reference.to_string(), &r, opts) {
+        Ok(d) => return Ok(Box::new(d)),
+        // No daemon here: the registry is the only place to look.
+        Err(e @ SourceError::DaemonUnavailable { .. }) => {
+            tracing::debug!("{reference}: {e}; trying the registry");
+            None
+        }
+        Err(SourceError::DaemonImageNotFound { socket, .. }) => {
+            tracing::info!(
+                "{reference}: not in the Docker daemon at {socket}; trying the registry"
+            );
+            Some(socket)
+        }
+        Err(e) => return Err(e),
+    };
+    match (
+        RegistrySource::open(reference.to_string(), r, opts),
+        missing_in,
+    ) {
+        (Ok(s), _) => Ok(Box::new(s)),
+        (Err(e), None) => Err(e),
+        (Err(e), Some(socket)) => Err(SourceError::NotFoundAnywhere {
+            reference: reference.to_string(),
+            socket,
+            registry: Box::new(e),
+        }),
     }
 }
 

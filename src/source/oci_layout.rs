@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::archive::TarIndex;
 use super::{
     read_blob_to_vec, sha256_hex, ImageSource, LayerInfo, Platform, ResolvedImage, SourceError,
     VerifyingReader,
@@ -43,15 +44,15 @@ struct LayoutFile {
 }
 
 #[derive(Clone, Debug, Deserialize)]
-struct DescPlatform {
-    os: String,
-    architecture: String,
+pub(crate) struct DescPlatform {
+    pub(crate) os: String,
+    pub(crate) architecture: String,
     #[serde(default)]
-    variant: Option<String>,
+    pub(crate) variant: Option<String>,
 }
 
 impl DescPlatform {
-    fn to_platform(&self) -> Platform {
+    pub(crate) fn to_platform(&self) -> Platform {
         Platform {
             os: self.os.clone(),
             architecture: self.architecture.clone(),
@@ -62,19 +63,19 @@ impl DescPlatform {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(default)]
-    media_type: Option<String>,
-    digest: String,
-    size: u64,
+    pub(crate) media_type: Option<String>,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     #[serde(default)]
-    platform: Option<DescPlatform>,
+    pub(crate) platform: Option<DescPlatform>,
     #[serde(default)]
-    annotations: Option<HashMap<String, String>>,
+    pub(crate) annotations: Option<HashMap<String, String>>,
 }
 
 impl Descriptor {
-    fn tag(&self) -> Option<&str> {
+    pub(crate) fn tag(&self) -> Option<&str> {
         self.annotations
             .as_ref()
             .and_then(|a| a.get(REF_NAME))
@@ -113,12 +114,12 @@ struct Probe {
     config: Option<serde_json::Value>,
 }
 
-enum Kind {
+pub(crate) enum Kind {
     Index,
     Manifest,
 }
 
-fn kind_of(media_type: &str) -> Option<Kind> {
+pub(crate) fn kind_of(media_type: &str) -> Option<Kind> {
     match media_type {
         OCI_INDEX | DOCKER_MANIFEST_LIST => Some(Kind::Index),
         OCI_MANIFEST | DOCKER_MANIFEST => Some(Kind::Manifest),
@@ -130,9 +131,45 @@ fn kind_of(media_type: &str) -> Option<Kind> {
 #[derive(Debug)]
 pub struct OciLayoutSource {
     reference: String,
+    /// The layout directory, or the archive file for `oci-archive:`.
     dir: PathBuf,
+    store: LayoutStore,
     tag: Option<String>,
     top: Vec<Descriptor>,
+}
+
+/// Where the layout's files are: a directory or a tar archive of one.
+#[derive(Debug)]
+enum LayoutStore {
+    Dir(PathBuf),
+    Tar(TarIndex),
+}
+
+impl LayoutStore {
+    /// Read a small file of the layout (`oci-layout`, `index.json`); `Ok(None)` if absent.
+    fn read_small(&self, rel: &str, limit: u64) -> Result<Option<Vec<u8>>, SourceError> {
+        match self {
+            LayoutStore::Dir(dir) => read_small_file(&dir.join(rel), limit),
+            LayoutStore::Tar(t) => t.read_member(rel, limit),
+        }
+    }
+
+    /// Open a file of the layout; `Ok(None)` if absent.
+    fn open(&self, rel: &str) -> Result<Option<Box<dyn Read + Send>>, SourceError> {
+        match self {
+            LayoutStore::Dir(dir) => {
+                let path = dir.join(rel);
+                match File::open(&path) {
+                    Ok(f) => Ok(Some(Box::new(f))),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(SourceError::Io { path, source: e }),
+                }
+            }
+            LayoutStore::Tar(t) => Ok(t
+                .open_member(rel)
+                .map(|r| Box::new(r) as Box<dyn Read + Send>)),
+        }
+    }
 }
 
 impl OciLayoutSource {
@@ -143,15 +180,19 @@ impl OciLayoutSource {
         dir: PathBuf,
         tag: Option<String>,
     ) -> Result<OciLayoutSource, SourceError> {
-        let not_layout = |reason: String| SourceError::NotALayout {
-            dir: dir.clone(),
-            reason,
-        };
         match std::fs::metadata(&dir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(not_layout("it is not a directory".to_string())),
+            Ok(_) => {
+                return Err(SourceError::NotALayout {
+                    dir,
+                    reason: "it is not a directory".to_string(),
+                })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(not_layout("the directory does not exist".to_string()))
+                return Err(SourceError::NotALayout {
+                    dir,
+                    reason: "the directory does not exist".to_string(),
+                })
             }
             Err(e) => {
                 return Err(SourceError::Io {
@@ -160,8 +201,31 @@ impl OciLayoutSource {
                 })
             }
         }
-        let layout_path = dir.join("oci-layout");
-        let layout_raw = match read_small_file(&layout_path, 1 << 20) {
+        Self::from_store(reference, dir.clone(), LayoutStore::Dir(dir), tag)
+    }
+
+    /// Open a tar archive of an OCI layout (`oci-archive:FILE[:TAG]`). The archive is indexed,
+    /// not extracted: blobs are read from it by offset.
+    pub fn open_archive(
+        reference: String,
+        file: PathBuf,
+        tag: Option<String>,
+    ) -> Result<OciLayoutSource, SourceError> {
+        let index = TarIndex::open(&file)?;
+        Self::from_store(reference, file, LayoutStore::Tar(index), tag)
+    }
+
+    fn from_store(
+        reference: String,
+        dir: PathBuf,
+        store: LayoutStore,
+        tag: Option<String>,
+    ) -> Result<OciLayoutSource, SourceError> {
+        let not_layout = |reason: String| SourceError::NotALayout {
+            dir: dir.clone(),
+            reason,
+        };
+        let layout_raw = match store.read_small("oci-layout", 1 << 20) {
             Ok(Some(raw)) => raw,
             Ok(None) => return Err(not_layout("the 'oci-layout' file is missing".to_string())),
             Err(e) => return Err(e),
@@ -178,7 +242,7 @@ impl OciLayoutSource {
             )));
         }
         let index_path = dir.join("index.json");
-        let index_raw = match read_small_file(&index_path, MAX_INDEX_JSON_SIZE) {
+        let index_raw = match store.read_small("index.json", MAX_INDEX_JSON_SIZE) {
             Ok(Some(raw)) => raw,
             Ok(None) => return Err(not_layout("the 'index.json' file is missing".to_string())),
             Err(e) => return Err(e),
@@ -199,6 +263,7 @@ impl OciLayoutSource {
         Ok(OciLayoutSource {
             reference,
             dir,
+            store,
             tag,
             top: index.manifests.unwrap_or_default(),
         })
@@ -263,26 +328,26 @@ impl OciLayoutSource {
         })
     }
 
-    fn blob_path(&self, digest: &str) -> Result<PathBuf, SourceError> {
-        let hex = sha256_hex(digest)?;
-        Ok(self.dir.join("blobs").join("sha256").join(hex))
+    /// The blob's path inside the layout (`blobs/sha256/<hex>`).
+    fn blob_rel(digest: &str) -> Result<String, SourceError> {
+        Ok(format!("blobs/sha256/{}", sha256_hex(digest)?))
     }
+}
 
+/// Resolution of manifests and indexes down to one image, shared by every source that
+/// stores OCI/Docker manifests (layouts, archives, registries). Implementors say how to fetch
+/// a verified manifest or config by descriptor.
+pub(crate) trait Resolver {
+    /// The reference as the user gave it.
+    fn reference_for_report(&self) -> String;
+    /// The verified content of the manifest, index or config `desc`, refusing more than
+    /// `limit` bytes; `what` names it in errors.
     fn read_json_blob(
         &self,
         what: &str,
         desc: &Descriptor,
         limit: u64,
-    ) -> Result<Vec<u8>, SourceError> {
-        read_blob_to_vec(self, &desc.digest, desc.size, limit).map_err(|e| match e {
-            SourceError::BlobTooLarge { size, limit, .. } => SourceError::BlobTooLarge {
-                blob: format!("{what} {}", desc.digest),
-                size,
-                limit,
-            },
-            other => other,
-        })
-    }
+    ) -> Result<Vec<u8>, SourceError>;
 
     /// The media type of `desc`'s blob: the descriptor's, else the blob's own `mediaType`,
     /// else guessed from its shape. Returns the raw blob too.
@@ -478,7 +543,7 @@ impl OciLayoutSource {
             variant: config.variant().clone().filter(|v| !v.is_empty()),
         };
         Ok(ResolvedImage {
-            reference: self.reference.clone(),
+            reference: self.reference_for_report(),
             manifest_digest: desc.digest.clone(),
             manifest_media_type: media_type.to_string(),
             platform: index_platform.unwrap_or(config_platform),
@@ -491,11 +556,37 @@ impl OciLayoutSource {
     }
 }
 
+impl Resolver for OciLayoutSource {
+    fn reference_for_report(&self) -> String {
+        self.reference.clone()
+    }
+
+    fn read_json_blob(
+        &self,
+        what: &str,
+        desc: &Descriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>, SourceError> {
+        read_blob_to_vec(self, &desc.digest, desc.size, limit).map_err(|e| match e {
+            SourceError::BlobTooLarge { size, limit, .. } => SourceError::BlobTooLarge {
+                blob: format!("{what} {}", desc.digest),
+                size,
+                limit,
+            },
+            other => other,
+        })
+    }
+}
+
 impl ImageSource for OciLayoutSource {
     fn describe(&self) -> String {
+        let kind = match self.store {
+            LayoutStore::Dir(_) => "OCI layout",
+            LayoutStore::Tar(_) => "OCI archive",
+        };
         match &self.tag {
-            Some(t) => format!("OCI layout {} (tag {t})", self.dir.display()),
-            None => format!("OCI layout {}", self.dir.display()),
+            Some(t) => format!("{kind} {} (tag {t})", self.dir.display()),
+            None => format!("{kind} {}", self.dir.display()),
         }
     }
 
@@ -538,18 +629,14 @@ impl ImageSource for OciLayoutSource {
     }
 
     fn open_blob(&self, digest: &str, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
-        let path = self.blob_path(digest)?;
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(SourceError::BlobMissing {
-                    blob: digest.to_string(),
-                    path,
-                })
-            }
-            Err(e) => return Err(SourceError::Io { path, source: e }),
-        };
-        Ok(Box::new(VerifyingReader::new(file, digest, size)?))
+        let rel = Self::blob_rel(digest)?;
+        match self.store.open(&rel)? {
+            Some(r) => Ok(Box::new(VerifyingReader::new(r, digest, size)?)),
+            None => Err(SourceError::BlobMissing {
+                blob: digest.to_string(),
+                path: self.dir.join(rel),
+            }),
+        }
     }
 }
 

@@ -1,23 +1,23 @@
-//! Image references in skopeo/containers-image style: `TRANSPORT:LOCATION`.
+//! Image references in skopeo/containers-image style: `TRANSPORT:LOCATION`, plus bare Docker
+//! names.
 //!
-//! Only `oci:DIR[:TAG]` is implemented. The other well-known transports are recognised so that
-//! they get a clear "not supported yet" error rather than being taken for something else, and
-//! new variants can be added to [`ImageRef`] as they are implemented.
+//! - `oci:DIR[:TAG]`: an OCI image layout directory.
+//! - `oci-archive:FILE[:TAG]`: a tar of an OCI image layout.
+//! - `docker-archive:FILE[:REF]`: a `docker save` tar; REF picks one of its `RepoTags`.
+//! - `docker://REF`: a registry (distribution API v2).
+//! - `docker-daemon:REF`: the local Docker Engine (or a compatible socket).
+//! - a bare `REF` (`nginx:alpine`): the Docker daemon if it has the image, else the registry.
+//!
+//! Docker names are normalised as Docker does (see [`DockerRef`]).
 
 use std::fmt;
 use std::path::PathBuf;
 
+use super::normalize::DockerRef;
 use super::SourceError;
 
-/// Transports that exist elsewhere (skopeo, podman) but are not implemented here yet.
-const KNOWN_UNSUPPORTED: &[&str] = &[
-    "docker://",
-    "docker-daemon:",
-    "docker-archive:",
-    "oci-archive:",
-    "containers-storage:",
-    "dir:",
-];
+/// Transports that exist elsewhere (skopeo, podman) but are not implemented here.
+const KNOWN_UNSUPPORTED: &[&str] = &["containers-storage:", "dir:", "ostree:", "sif:", "tarball:"];
 
 /// A parsed image reference.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -25,31 +25,90 @@ pub enum ImageRef {
     /// `oci:DIR[:TAG]`: an OCI image layout directory; without a tag the only image (or the
     /// one tagged `latest`) is used.
     OciLayout { dir: PathBuf, tag: Option<String> },
+    /// `oci-archive:FILE[:TAG]`: the same, inside a tar file.
+    OciArchive { file: PathBuf, tag: Option<String> },
+    /// `docker-archive:FILE[:REF]`: a `docker save` archive; without REF the archive must hold
+    /// exactly one image.
+    DockerArchive {
+        file: PathBuf,
+        reference: Option<DockerRef>,
+    },
+    /// `docker://REF`: a registry.
+    Registry(DockerRef),
+    /// `docker-daemon:REF`: the Docker Engine API.
+    DockerDaemon(DockerRef),
+    /// A bare `REF`: the Docker daemon first, then the registry.
+    Bare(DockerRef),
+}
+
+/// Split `rest` into a path and an optional `:TAG` as skopeo's `oci:` does here: the text
+/// after the last `:` is the tag only if it contains no `/`.
+fn split_path_tag<'a>(
+    reference: &str,
+    rest: &'a str,
+    form: &str,
+) -> Result<(&'a str, Option<&'a str>), SourceError> {
+    let bad = |reason: String| SourceError::BadReference {
+        reference: reference.to_string(),
+        reason,
+    };
+    let (path, tag) = match rest.rfind(':') {
+        Some(i) if !rest[i + 1..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
+        _ => (rest, None),
+    };
+    if path.is_empty() {
+        return Err(bad(format!("the path is empty; expected {form}")));
+    }
+    if tag == Some("") {
+        return Err(bad(format!("the tag after ':' is empty; expected {form}")));
+    }
+    Ok((path, tag))
 }
 
 impl ImageRef {
-    /// Parse a reference. `oci:DIR[:TAG]` follows skopeo: the text after the last `:` is the
-    /// tag only if it contains no `/`.
+    /// Parse a reference.
     pub fn parse(reference: &str) -> Result<ImageRef, SourceError> {
         let bad = |reason: &str| SourceError::BadReference {
             reference: reference.to_string(),
             reason: reason.to_string(),
         };
         if let Some(rest) = reference.strip_prefix("oci:") {
-            let (dir, tag) = match rest.rfind(':') {
-                Some(i) if !rest[i + 1..].contains('/') => (&rest[..i], Some(&rest[i + 1..])),
-                _ => (rest, None),
-            };
-            if dir.is_empty() {
-                return Err(bad("the directory is empty; expected oci:DIR[:TAG]"));
-            }
-            if tag == Some("") {
-                return Err(bad("the tag after ':' is empty; expected oci:DIR[:TAG]"));
-            }
+            let (dir, tag) = split_path_tag(reference, rest, "oci:DIR[:TAG]")?;
             return Ok(ImageRef::OciLayout {
                 dir: PathBuf::from(dir),
                 tag: tag.map(str::to_string),
             });
+        }
+        if let Some(rest) = reference.strip_prefix("oci-archive:") {
+            let (file, tag) = split_path_tag(reference, rest, "oci-archive:FILE[:TAG]")?;
+            return Ok(ImageRef::OciArchive {
+                file: PathBuf::from(file),
+                tag: tag.map(str::to_string),
+            });
+        }
+        if let Some(rest) = reference.strip_prefix("docker-archive:") {
+            // As in containers/image: the path ends at the first ':'; the rest is a name.
+            let (file, name) = match rest.split_once(':') {
+                Some((f, n)) => (f, Some(n)),
+                None => (rest, None),
+            };
+            if file.is_empty() {
+                return Err(bad("the path is empty; expected docker-archive:FILE[:REF]"));
+            }
+            let reference = match name {
+                Some(n) => Some(DockerRef::parse(n)?),
+                None => None,
+            };
+            return Ok(ImageRef::DockerArchive {
+                file: PathBuf::from(file),
+                reference,
+            });
+        }
+        if let Some(rest) = reference.strip_prefix("docker://") {
+            return Ok(ImageRef::Registry(DockerRef::parse(rest)?));
+        }
+        if let Some(rest) = reference.strip_prefix("docker-daemon:") {
+            return Ok(ImageRef::DockerDaemon(DockerRef::parse(rest)?));
         }
         for transport in KNOWN_UNSUPPORTED {
             if reference.starts_with(transport) {
@@ -60,18 +119,26 @@ impl ImageRef {
             }
         }
         if reference.is_empty() {
-            return Err(bad("empty reference; expected oci:DIR[:TAG]"));
+            return Err(bad("empty reference"));
         }
-        Err(bad(
-            "no transport given; for a local OCI image layout write oci:DIR[:TAG] \
-             (e.g. `skopeo copy docker://nginx:alpine oci:nginx:alpine` then use oci:nginx:alpine)",
-        ))
+        if reference.starts_with('/') || reference.starts_with("./") || reference.starts_with("../")
+        {
+            return Err(bad(
+                "this looks like a path; write oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:REF]",
+            ));
+        }
+        Ok(ImageRef::Bare(DockerRef::parse(reference)?))
     }
 
-    /// The transport prefix, e.g. `oci:`.
+    /// The transport prefix, e.g. `oci:` (empty for a bare reference).
     pub fn transport(&self) -> &'static str {
         match self {
             ImageRef::OciLayout { .. } => "oci:",
+            ImageRef::OciArchive { .. } => "oci-archive:",
+            ImageRef::DockerArchive { .. } => "docker-archive:",
+            ImageRef::Registry(_) => "docker://",
+            ImageRef::DockerDaemon(_) => "docker-daemon:",
+            ImageRef::Bare(_) => "",
         }
     }
 }
@@ -79,12 +146,22 @@ impl ImageRef {
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ImageRef::OciLayout { dir, tag } => {
-                write!(f, "oci:{}", dir.display())?;
+            ImageRef::OciLayout { dir: p, tag } | ImageRef::OciArchive { file: p, tag } => {
+                write!(f, "{}{}", self.transport(), p.display())?;
                 if let Some(t) = tag {
                     write!(f, ":{t}")?;
                 }
                 Ok(())
+            }
+            ImageRef::DockerArchive { file, reference } => {
+                write!(f, "docker-archive:{}", file.display())?;
+                if let Some(r) = reference {
+                    write!(f, ":{r}")?;
+                }
+                Ok(())
+            }
+            ImageRef::Registry(r) | ImageRef::DockerDaemon(r) | ImageRef::Bare(r) => {
+                write!(f, "{}{r}", self.transport())
             }
         }
     }
@@ -135,28 +212,94 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_transports_and_bare_names() {
-        for (input, transport) in [
-            ("docker://nginx:alpine", "docker://"),
-            ("docker-daemon:nginx:alpine", "docker-daemon:"),
-            ("oci-archive:/tmp/x.tar", "oci-archive:"),
-            ("docker-archive:/tmp/x.tar", "docker-archive:"),
+    fn transports_table() {
+        let d = |s: &str| DockerRef::parse(s).unwrap();
+        let cases: Vec<(&str, ImageRef, &str)> = vec![
+            (
+                "oci-archive:/tmp/x.tar",
+                ImageRef::OciArchive {
+                    file: "/tmp/x.tar".into(),
+                    tag: None,
+                },
+                "oci-archive:/tmp/x.tar",
+            ),
+            (
+                "oci-archive:/tmp/x.tar:v1",
+                ImageRef::OciArchive {
+                    file: "/tmp/x.tar".into(),
+                    tag: Some("v1".into()),
+                },
+                "oci-archive:/tmp/x.tar:v1",
+            ),
+            (
+                "docker-archive:/tmp/x.tar",
+                ImageRef::DockerArchive {
+                    file: "/tmp/x.tar".into(),
+                    reference: None,
+                },
+                "docker-archive:/tmp/x.tar",
+            ),
+            (
+                "docker-archive:/tmp/x.tar:debian:test",
+                ImageRef::DockerArchive {
+                    file: "/tmp/x.tar".into(),
+                    reference: Some(d("debian:test")),
+                },
+                "docker-archive:/tmp/x.tar:docker.io/library/debian:test",
+            ),
+            (
+                "docker://nginx:alpine",
+                ImageRef::Registry(d("nginx:alpine")),
+                "docker://docker.io/library/nginx:alpine",
+            ),
+            (
+                "docker://127.0.0.1:5000/debian:test",
+                ImageRef::Registry(d("127.0.0.1:5000/debian:test")),
+                "docker://127.0.0.1:5000/debian:test",
+            ),
+            (
+                "docker-daemon:user/app",
+                ImageRef::DockerDaemon(d("user/app")),
+                "docker-daemon:docker.io/user/app:latest",
+            ),
+            (
+                "nginx",
+                ImageRef::Bare(d("nginx")),
+                "docker.io/library/nginx:latest",
+            ),
+        ];
+        for (input, want, display) in cases {
+            let got = ImageRef::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(got, want, "{input}");
+            assert_eq!(got.to_string(), display, "{input}");
+            assert_eq!(ImageRef::parse(display).unwrap(), want, "{display}");
+        }
+    }
+
+    #[test]
+    fn bad_and_unsupported() {
+        for input in [
+            "docker://",
+            "docker://Nginx",
+            "docker-daemon:",
+            "docker-archive:",
+            "docker-archive::x",
+            "docker-archive:/x.tar:Bad",
+            "oci-archive:",
+            "/some/dir",
+            "./dir",
+            "Upper",
         ] {
             let e = ImageRef::parse(input).unwrap_err();
             assert!(
-                matches!(&e, SourceError::UnsupportedTransport { transport: t, .. } if t == transport),
+                matches!(e, SourceError::BadReference { .. }),
                 "{input}: {e}"
             );
-            assert!(
-                e.to_string()
-                    .contains(&format!("transport '{transport}' is not supported yet")),
-                "{e}"
-            );
         }
-        for bare in ["nginx:alpine", "nginx", "/some/dir"] {
-            let e = ImageRef::parse(bare).unwrap_err();
-            assert!(matches!(e, SourceError::BadReference { .. }), "{bare}: {e}");
-            assert!(e.to_string().contains("oci:DIR[:TAG]"), "{e}");
-        }
+        let e = ImageRef::parse("containers-storage:x").unwrap_err();
+        assert!(
+            matches!(&e, SourceError::UnsupportedTransport { transport, .. } if transport == "containers-storage:"),
+            "{e}"
+        );
     }
 }

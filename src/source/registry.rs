@@ -1,0 +1,1334 @@
+//! Registries speaking the distribution API v2 (`docker://REF`).
+//!
+//! Manifests are asked for with every OCI and Docker schema 2 manifest and index type in
+//! `Accept`, then resolved for the platform by the shared [`Resolver`]. Blobs are downloaded
+//! into a content cache (`<cache>/blobs/sha256/<hex>`) through a partial file that survives an
+//! interruption and is continued with a `Range` request; the whole blob is hashed before it is
+//! renamed into place, and a blob that fails verification is deleted. Several processes may
+//! fill the cache at once: a blob's partial file is locked (`flock`) while it is written.
+//!
+//! Requests are retried with exponential backoff on 5xx, 429 and dropped connections.
+//! Authentication: anonymous, Basic, and Bearer tokens from the `WWW-Authenticate` challenge
+//! (realm, service, scope), with credentials from [`auth`](super::auth). Loopback registries
+//! and those marked insecure are spoken to over plain HTTP, the others over HTTPS with the
+//! system's CA bundle plus an optional CA file.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::auth::{self, Credentials};
+use super::normalize::{host_without_port, DockerRef};
+use super::oci_layout::{
+    kind_of, Descriptor, Resolver, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
+};
+use super::{
+    sha256_digest, sha256_hex, ImageSource, Platform, ResolvedImage, SourceError, SourceOptions,
+    VerifyingReader,
+};
+
+/// Attempts per request (first try included) on 5xx, 429 and dropped connections.
+const MAX_ATTEMPTS: u32 = 5;
+/// Largest manifest or index accepted.
+const MAX_MANIFEST_SIZE: u64 = 8 << 20;
+/// Largest token response accepted.
+const MAX_TOKEN_SIZE: u64 = 1 << 20;
+/// Largest error body read for a message.
+const MAX_ERROR_BODY: u64 = 64 << 10;
+/// Blobs downloaded at once.
+const PARALLEL_FETCHES: usize = 4;
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(6)))
+}
+
+/// How to authenticate the next request.
+#[derive(Clone, Debug)]
+enum AuthState {
+    Anonymous,
+    Basic,
+    Bearer(String),
+}
+
+/// An HTTP client for one repository of one registry.
+struct Client {
+    agent: ureq::Agent,
+    /// `http://host:port` or `https://host`.
+    base: String,
+    registry: String,
+    repository: String,
+    creds: Option<Credentials>,
+    auth: Mutex<(AuthState, Option<String>)>,
+}
+
+/// Parsed `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq, Eq)]
+struct Challenge {
+    scheme: String,
+    params: HashMap<String, String>,
+}
+
+/// Parse `Scheme k="v", k2=v2`.
+fn parse_challenge(h: &str) -> Option<Challenge> {
+    let h = h.trim();
+    let (scheme, rest) = match h.split_once(' ') {
+        Some((s, r)) => (s, r),
+        None => (h, ""),
+    };
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut rest = rest.trim_start();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let key = key.trim().to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, remaining) = if let Some(q) = after.strip_prefix('"') {
+            let mut val = String::new();
+            let mut chars = q.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            val.push(n);
+                        }
+                    }
+                    '"' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    c => val.push(c),
+                }
+            }
+            (val, &q[end?..])
+        } else {
+            match after.split_once(',') {
+                Some((v, r)) => (v.trim().to_string(), r),
+                None => (after.trim().to_string(), ""),
+            }
+        };
+        params.insert(key, value);
+        rest = remaining.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+/// The message of a distribution API error body (`{"errors":[{"code","message"}]}`), else
+/// the start of the body.
+fn error_message(body: &[u8]) -> (Option<String>, String) {
+    #[derive(serde::Deserialize)]
+    struct E {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Errs {
+        errors: Vec<E>,
+    }
+    if let Ok(e) = serde_json::from_slice::<Errs>(body) {
+        if let Some(first) = e.errors.first() {
+            let msg = if first.message.is_empty() {
+                first.code.to_lowercase().replace('_', " ")
+            } else {
+                first.message.clone()
+            };
+            return (Some(first.code.clone()), msg);
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let line = text.lines().next().unwrap_or("").trim();
+    let line: String = line.chars().take(200).collect();
+    (
+        None,
+        if line.is_empty() {
+            "(no details)".to_string()
+        } else {
+            line
+        },
+    )
+}
+
+fn describe_transport_error(e: &ureq::Error) -> (String, bool) {
+    match e {
+        ureq::Error::Io(io) => {
+            let retry = !matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound
+            );
+            let text = match io.kind() {
+                io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                _ => io.to_string(),
+            };
+            (text, retry)
+        }
+        ureq::Error::HostNotFound => ("host not found".to_string(), false),
+        ureq::Error::Timeout(t) => (format!("timed out ({t})"), true),
+        ureq::Error::ConnectionFailed => ("connection failed".to_string(), true),
+        ureq::Error::Protocol(_) => (e.to_string(), true),
+        other => (other.to_string(), false),
+    }
+}
+
+fn read_limited(body: ureq::Body, limit: u64) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    body.into_reader().take(limit + 1).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// The TLS roots: the system bundle (`$SSL_CERT_FILE` or the Debian/Red Hat paths) plus
+/// `extra`; Mozilla's roots when no bundle is found and no extra file is given.
+fn tls_config(extra: Option<&Path>) -> Result<ureq::tls::TlsConfig, SourceError> {
+    use ureq::tls::{parse_pem, Certificate, PemItem, RootCerts, TlsConfig};
+    let mut certs: Vec<Certificate<'static>> = Vec::new();
+    let load = |path: &Path, certs: &mut Vec<Certificate<'static>>| -> Result<(), String> {
+        let pem = fs::read(path).map_err(|e| e.to_string())?;
+        let before = certs.len();
+        for item in parse_pem(&pem) {
+            if let PemItem::Certificate(c) = item.map_err(|e| e.to_string())? {
+                certs.push(c);
+            }
+        }
+        if certs.len() == before {
+            return Err("no PEM certificate in it".to_string());
+        }
+        Ok(())
+    };
+    let system: Vec<PathBuf> = match std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()) {
+        Some(f) => vec![PathBuf::from(f)],
+        None => vec![
+            PathBuf::from("/etc/ssl/certs/ca-certificates.crt"),
+            PathBuf::from("/etc/pki/tls/certs/ca-bundle.crt"),
+        ],
+    };
+    for p in system.iter().filter(|p| p.is_file()) {
+        if load(p, &mut certs).is_ok() {
+            break;
+        }
+    }
+    if let Some(extra) = extra {
+        load(extra, &mut certs).map_err(|reason| SourceError::BadCaFile {
+            path: extra.to_path_buf(),
+            reason,
+        })?;
+    }
+    let roots = if certs.is_empty() {
+        RootCerts::WebPki
+    } else {
+        RootCerts::Specific(Arc::new(certs))
+    };
+    Ok(TlsConfig::builder().root_certs(roots).build())
+}
+
+/// Whether `registry` is to be reached over plain HTTP.
+fn plain_http(registry: &str, insecure: &[String]) -> bool {
+    if super::normalize::is_loopback_host(registry) {
+        return true;
+    }
+    insecure.iter().any(|h| {
+        let h = h
+            .trim()
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/');
+        h.eq_ignore_ascii_case(registry) || h.eq_ignore_ascii_case(host_without_port(registry))
+    })
+}
+
+fn make_agent(opts: &SourceOptions) -> Result<ureq::Agent, SourceError> {
+    let config = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        // Redirects to the registry itself keep the credentials; to storage elsewhere (S3,
+        // a CDN) they are not sent.
+        .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+        .user_agent(concat!("fledge/", env!("CARGO_PKG_VERSION")))
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_recv_response(Some(Duration::from_secs(120)))
+        .timeout_per_read(Some(Duration::from_secs(120)))
+        .tls_config(tls_config(opts.registry_ca.as_deref())?)
+        .build();
+    Ok(config.new_agent())
+}
+
+impl Client {
+    fn new(name: &DockerRef, opts: &SourceOptions) -> Result<Client, SourceError> {
+        let host = name.api_host().to_string();
+        let scheme = if plain_http(&name.registry, &opts.insecure_registries) {
+            "http"
+        } else {
+            "https"
+        };
+        let agent = make_agent(opts)?;
+        let creds = auth::lookup(&name.registry)?;
+        Ok(Client {
+            agent,
+            base: format!("{scheme}://{host}"),
+            registry: name.registry.clone(),
+            repository: name.repository.clone(),
+            creds,
+            auth: Mutex::new((AuthState::Anonymous, None)),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v2/{}/{path}", self.base, self.repository)
+    }
+
+    fn unreachable(&self, reason: String) -> SourceError {
+        SourceError::RegistryUnreachable {
+            registry: self.registry.clone(),
+            reason,
+        }
+    }
+
+    fn auth_state(&self) -> (AuthState, Option<String>) {
+        match self.auth.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_auth(&self, state: AuthState, realm: Option<String>) {
+        let mut g = match self.auth.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = (state, realm);
+    }
+
+    /// GET `url`, authenticating and retrying as needed; any status other than 401 (after
+    /// authentication) and retried 5xx/429 is returned to the caller.
+    fn get(
+        &self,
+        url: &str,
+        accept: Option<&str>,
+        range_from: Option<u64>,
+    ) -> Result<ureq::http::Response<ureq::Body>, SourceError> {
+        let mut attempt = 0;
+        let mut authenticated = false;
+        loop {
+            let (state, realm) = self.auth_state();
+            let mut req = self.agent.get(url);
+            if let Some(a) = accept {
+                req = req.header("Accept", a);
+            }
+            if let Some(from) = range_from {
+                req = req.header("Range", format!("bytes={from}-"));
+            }
+            match (&state, &self.creds) {
+                (AuthState::Basic, Some(c)) => req = req.header("Authorization", c.basic_header()),
+                (AuthState::Bearer(t), _) => {
+                    req = req.header("Authorization", format!("Bearer {t}"))
+                }
+                _ => {}
+            }
+            let resp = match req.call() {
+                Ok(r) => r,
+                Err(e) => {
+                    let (reason, retry) = describe_transport_error(&e);
+                    if retry && attempt + 1 < MAX_ATTEMPTS {
+                        tracing::debug!("{url}: {reason}; retrying");
+                        std::thread::sleep(backoff(attempt));
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(self.unreachable(format!("{reason} ({})", self.base)));
+                }
+            };
+            let status = resp.status().as_u16();
+            if status == 401 {
+                let challenge = resp
+                    .headers()
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_challenge);
+                let challenge_realm = challenge
+                    .as_ref()
+                    .and_then(|c| c.params.get("realm").cloned())
+                    .or(realm);
+                if authenticated {
+                    let reason = match &self.creds {
+                        Some(c) => {
+                            format!("the credentials of user '{}' were rejected", c.username)
+                        }
+                        None => self.no_credentials(),
+                    };
+                    return Err(SourceError::RegistryAuth {
+                        registry: self.registry.clone(),
+                        realm: challenge_realm,
+                        reason,
+                    });
+                }
+                authenticated = true;
+                self.authenticate(challenge, challenge_realm)?;
+                continue;
+            }
+            if (status >= 500 || status == 429) && attempt + 1 < MAX_ATTEMPTS {
+                tracing::debug!("{url}: status {status}; retrying");
+                std::thread::sleep(backoff(attempt));
+                attempt += 1;
+                continue;
+            }
+            return Ok(resp);
+        }
+    }
+
+    fn no_credentials(&self) -> String {
+        format!(
+            "authentication required and no credentials are configured for {} (add them to $DOCKER_CONFIG/config.json or $REGISTRY_AUTH_FILE, e.g. with `docker login {}`)",
+            self.registry, self.registry
+        )
+    }
+
+    /// Answer a 401 challenge: Basic uses the credentials directly, Bearer fetches a token.
+    fn authenticate(
+        &self,
+        challenge: Option<Challenge>,
+        realm: Option<String>,
+    ) -> Result<(), SourceError> {
+        let auth_err = |reason: String| SourceError::RegistryAuth {
+            registry: self.registry.clone(),
+            realm: realm.clone(),
+            reason,
+        };
+        let Some(ch) = challenge else {
+            return Err(auth_err(
+                "the registry asked for authentication without a WWW-Authenticate challenge"
+                    .to_string(),
+            ));
+        };
+        match ch.scheme.as_str() {
+            "basic" => {
+                if self.creds.is_none() {
+                    return Err(auth_err(self.no_credentials()));
+                }
+                self.set_auth(AuthState::Basic, realm.clone());
+                Ok(())
+            }
+            "bearer" => {
+                let token = self.fetch_token(&ch, realm.as_deref())?;
+                self.set_auth(AuthState::Bearer(token), realm.clone());
+                Ok(())
+            }
+            other => Err(auth_err(format!(
+                "unsupported authentication scheme '{other}'"
+            ))),
+        }
+    }
+
+    fn fetch_token(&self, ch: &Challenge, realm: Option<&str>) -> Result<String, SourceError> {
+        let auth_err = |reason: String| SourceError::RegistryAuth {
+            registry: self.registry.clone(),
+            realm: realm.map(str::to_string),
+            reason,
+        };
+        let Some(realm_url) = realm else {
+            return Err(auth_err("the Bearer challenge names no realm".to_string()));
+        };
+        let scope = ch
+            .params
+            .get("scope")
+            .cloned()
+            .unwrap_or_else(|| format!("repository:{}:pull", self.repository));
+        let mut attempt = 0;
+        loop {
+            let mut req = self.agent.get(realm_url).query("scope", &scope);
+            if let Some(service) = ch.params.get("service") {
+                req = req.query("service", service);
+            }
+            if let Some(c) = &self.creds {
+                req = req.header("Authorization", c.basic_header());
+            }
+            let resp = match req.call() {
+                Ok(r) => r,
+                Err(e) => {
+                    let (reason, retry) = describe_transport_error(&e);
+                    if retry && attempt + 1 < MAX_ATTEMPTS {
+                        std::thread::sleep(backoff(attempt));
+                        attempt += 1;
+                        continue;
+                    }
+                    return Err(auth_err(format!(
+                        "cannot reach the token service: {reason}"
+                    )));
+                }
+            };
+            let status = resp.status().as_u16();
+            if (status >= 500 || status == 429) && attempt + 1 < MAX_ATTEMPTS {
+                std::thread::sleep(backoff(attempt));
+                attempt += 1;
+                continue;
+            }
+            let body = read_limited(resp.into_body(), MAX_TOKEN_SIZE)
+                .map_err(|e| auth_err(format!("reading the token: {e}")))?;
+            if status == 401 || status == 403 {
+                let reason = match &self.creds {
+                    Some(c) => format!(
+                        "the token service rejected the credentials of user '{}'",
+                        c.username
+                    ),
+                    None => self.no_credentials(),
+                };
+                return Err(auth_err(reason));
+            }
+            if status != 200 {
+                let (_, msg) = error_message(&body);
+                return Err(auth_err(format!(
+                    "the token service answered {status}: {msg}"
+                )));
+            }
+            #[derive(serde::Deserialize)]
+            struct Token {
+                #[serde(default)]
+                token: Option<String>,
+                #[serde(default)]
+                access_token: Option<String>,
+            }
+            let t: Token = serde_json::from_slice(&body)
+                .map_err(|e| auth_err(format!("invalid token answer: {e}")))?;
+            return t
+                .token
+                .or(t.access_token)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| auth_err("the token answer holds no token".to_string()));
+        }
+    }
+
+    /// Turn a non-success answer into an error naming `what`.
+    fn status_error(&self, what: &str, reference: &str, status: u16, body: &[u8]) -> SourceError {
+        let (code, message) = error_message(body);
+        match (status, code.as_deref()) {
+            (404, Some("NAME_UNKNOWN")) => SourceError::RepositoryNotFound {
+                registry: self.registry.clone(),
+                repository: self.repository.clone(),
+            },
+            (404, _) if what == "manifest" => match self.tags() {
+                Err(e @ SourceError::RepositoryNotFound { .. }) => e,
+                tags => SourceError::ManifestNotFound {
+                    registry: self.registry.clone(),
+                    repository: self.repository.clone(),
+                    reference: reference.to_string(),
+                    available: tags.unwrap_or_default(),
+                },
+            },
+            (403, _) => SourceError::RegistryAuth {
+                registry: self.registry.clone(),
+                realm: None,
+                reason: format!("access to {} denied: {message}", self.repository),
+            },
+            _ => SourceError::RegistryHttp {
+                registry: self.registry.clone(),
+                what: format!("{what} {reference} of {}", self.repository),
+                status,
+                message,
+            },
+        }
+    }
+
+    /// The repository's tags (at most the first page), for error messages.
+    fn tags(&self) -> Result<Vec<String>, SourceError> {
+        let resp = self.get(&self.url("tags/list?n=50"), None, None)?;
+        let status = resp.status().as_u16();
+        let body = read_limited(resp.into_body(), MAX_MANIFEST_SIZE)
+            .map_err(|e| self.unreachable(format!("reading the tag list: {e}")))?;
+        if status != 200 {
+            let (code, message) = error_message(&body);
+            if code.as_deref() == Some("NAME_UNKNOWN") {
+                return Err(SourceError::RepositoryNotFound {
+                    registry: self.registry.clone(),
+                    repository: self.repository.clone(),
+                });
+            }
+            return Err(SourceError::RegistryHttp {
+                registry: self.registry.clone(),
+                what: format!("the tag list of {}", self.repository),
+                status,
+                message,
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct Tags {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let t: Tags = serde_json::from_slice(&body).map_err(|e| SourceError::Json {
+            blob: format!("tag list of {}", self.repository),
+            source: e,
+        })?;
+        let mut tags = t.tags.unwrap_or_default();
+        tags.sort();
+        Ok(tags)
+    }
+
+    /// Fetch manifest `reference` (tag or digest): media type, raw bytes, digest.
+    fn manifest(&self, reference: &str) -> Result<(Option<String>, Vec<u8>, String), SourceError> {
+        let resp = self.get(
+            &self.url(&format!("manifests/{reference}")),
+            Some(MANIFEST_ACCEPT),
+            None,
+        )?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = read_limited(resp.into_body(), MAX_MANIFEST_SIZE)
+            .map_err(|e| self.unreachable(format!("reading manifest {reference}: {e}")))?;
+        if status != 200 {
+            return Err(self.status_error("manifest", reference, status, &body));
+        }
+        if body.len() as u64 > MAX_MANIFEST_SIZE {
+            return Err(SourceError::BlobTooLarge {
+                blob: format!("manifest {reference}"),
+                size: body.len() as u64,
+                limit: MAX_MANIFEST_SIZE,
+            });
+        }
+        let digest = sha256_digest(&body);
+        if reference.starts_with("sha256:") && digest != reference {
+            return Err(SourceError::DigestMismatch {
+                blob: reference.to_string(),
+                actual: digest,
+            });
+        }
+        if let Some(h) = header_digest.filter(|h| h.starts_with("sha256:") && *h != digest) {
+            tracing::warn!(
+                "registry {} says manifest {reference} has digest {h}, its content has {digest}",
+                self.registry
+            );
+        }
+        let media_type = content_type.filter(|c| kind_of(c).is_some());
+        Ok((media_type, body, digest))
+    }
+}
+
+/// The on-disk cache of compressed blobs.
+#[derive(Clone, Debug)]
+pub struct BlobCache {
+    dir: PathBuf,
+}
+
+impl BlobCache {
+    /// The blob cache under cache directory `cache_dir`.
+    pub fn new(cache_dir: &Path) -> BlobCache {
+        BlobCache {
+            dir: cache_dir.join("blobs").join("sha256"),
+        }
+    }
+
+    /// Where blob `digest` is kept once complete and verified.
+    pub fn path(&self, digest: &str) -> Result<PathBuf, SourceError> {
+        Ok(self.dir.join(sha256_hex(digest)?))
+    }
+
+    /// Where an unfinished download of `digest` is kept.
+    pub fn partial_path(&self, digest: &str) -> Result<PathBuf, SourceError> {
+        Ok(self.dir.join(format!(".partial-{}", sha256_hex(digest)?)))
+    }
+
+    fn io(&self, path: &Path, e: io::Error) -> SourceError {
+        SourceError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+
+    /// The verified blob's path, downloading it with `client` unless already cached.
+    fn fetch(&self, client: &Client, digest: &str, size: u64) -> Result<PathBuf, SourceError> {
+        use nix::fcntl::{Flock, FlockArg};
+        let final_path = self.path(digest)?;
+        if final_path.is_file() {
+            return Ok(final_path);
+        }
+        fs::create_dir_all(&self.dir).map_err(|e| self.io(&self.dir, e))?;
+        let part_path = self.partial_path(digest)?;
+        // Lock the partial file; if it was renamed or removed while we waited, start over.
+        let mut file = loop {
+            let f = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&part_path)
+                .map_err(|e| self.io(&part_path, e))?;
+            let locked = Flock::lock(f, FlockArg::LockExclusive)
+                .map_err(|(_, errno)| self.io(&part_path, io::Error::from(errno)))?;
+            if final_path.is_file() {
+                return Ok(final_path);
+            }
+            let ours = locked.metadata().map_err(|e| self.io(&part_path, e))?;
+            match fs::metadata(&part_path) {
+                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => break locked,
+                _ => continue,
+            }
+        };
+        match self.download(client, digest, size, &mut file, &part_path) {
+            Ok(()) => {
+                file.sync_data().map_err(|e| self.io(&part_path, e))?;
+                fs::rename(&part_path, &final_path).map_err(|e| self.io(&final_path, e))?;
+                Ok(final_path)
+            }
+            Err((e, keep)) => {
+                if !keep {
+                    let _ = fs::remove_file(&part_path);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Fill `file` (the locked partial file) with blob `digest`, continuing what it holds.
+    /// On error, says whether the partial content is worth keeping for a later resume.
+    fn download(
+        &self,
+        client: &Client,
+        digest: &str,
+        size: u64,
+        file: &mut File,
+        part_path: &Path,
+    ) -> Result<(), (SourceError, bool)> {
+        let io = |e: io::Error| (self.io(part_path, e), false);
+        let mut have = file.metadata().map_err(io)?.len();
+        if have > size {
+            file.set_len(0).map_err(io)?;
+            have = 0;
+        }
+        // Hash what an earlier run left.
+        let mut hasher = Sha256::new();
+        if have > 0 {
+            file.seek(SeekFrom::Start(0)).map_err(io)?;
+            let mut prefix = (&mut *file).take(have);
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = prefix.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            tracing::info!("resuming the download of {digest} at byte {have} of {size}");
+        }
+        let url = client.url(&format!("blobs/{digest}"));
+        let mut attempt = 0;
+        let mut use_range = true;
+        while have < size {
+            let resp = client
+                .get(&url, None, (use_range && have > 0).then_some(have))
+                .map_err(|e| (e, true))?;
+            let status = resp.status().as_u16();
+            match status {
+                200 => {
+                    if have > 0 {
+                        // The server ignored the range: start again.
+                        file.set_len(0).map_err(io)?;
+                        have = 0;
+                        hasher = Sha256::new();
+                    }
+                }
+                206 => {
+                    let start = resp
+                        .headers()
+                        .get("content-range")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.strip_prefix("bytes "))
+                        .and_then(|v| v.split('-').next())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if start != Some(have) {
+                        use_range = false;
+                        continue;
+                    }
+                }
+                416 => {
+                    file.set_len(0).map_err(io)?;
+                    have = 0;
+                    hasher = Sha256::new();
+                    use_range = false;
+                    continue;
+                }
+                _ => {
+                    let body = read_limited(resp.into_body(), MAX_ERROR_BODY).unwrap_or_default();
+                    return Err((client.status_error("blob", digest, status, &body), false));
+                }
+            }
+            file.seek(SeekFrom::Start(have)).map_err(io)?;
+            let mut body = resp.into_body().into_reader();
+            let mut buf = vec![0u8; 1 << 20];
+            let interrupted = loop {
+                let n = match body.read(&mut buf) {
+                    Ok(0) => break None,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => break Some(e),
+                };
+                if have + n as u64 > size {
+                    return Err((
+                        SourceError::SizeMismatch {
+                            blob: digest.to_string(),
+                            expected: size,
+                            actual: "got more".to_string(),
+                        },
+                        false,
+                    ));
+                }
+                file.write_all(&buf[..n]).map_err(io)?;
+                hasher.update(&buf[..n]);
+                have += n as u64;
+            };
+            if have == size {
+                break;
+            }
+            let reason = match interrupted {
+                Some(e) => e.to_string(),
+                None => format!("the connection closed after {have} of {size} bytes"),
+            };
+            file.flush().map_err(io)?;
+            if attempt + 1 >= MAX_ATTEMPTS {
+                return Err((
+                    client.unreachable(format!(
+                        "downloading blob {digest} failed ({reason}); {have} of {size} bytes are kept and the next run continues from there"
+                    )),
+                    true,
+                ));
+            }
+            tracing::debug!("blob {digest}: {reason}; continuing at byte {have}");
+            std::thread::sleep(backoff(attempt));
+            attempt += 1;
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest {
+            return Err((
+                SourceError::DigestMismatch {
+                    blob: digest.to_string(),
+                    actual,
+                },
+                false,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// An image in a registry.
+pub struct RegistrySource {
+    reference: String,
+    name: DockerRef,
+    client: Client,
+    cache: BlobCache,
+    /// The top-level manifest or index, fetched when the source is opened.
+    top: Descriptor,
+    /// Manifests fetched so far, by digest.
+    manifests: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+impl std::fmt::Debug for RegistrySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrySource")
+            .field("reference", &self.reference)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl RegistrySource {
+    /// Connect to `name`'s registry and fetch its top-level manifest or index (so that an
+    /// unknown repository or tag, bad credentials or an unreachable registry show here).
+    pub fn open(
+        reference: String,
+        name: DockerRef,
+        opts: &SourceOptions,
+    ) -> Result<RegistrySource, SourceError> {
+        let client = Client::new(&name, opts)?;
+        let cache = BlobCache::new(&opts.cache_dir()?);
+        let (media_type, raw, digest) = client.manifest(name.manifest_ref())?;
+        let top = Descriptor {
+            media_type,
+            digest: digest.clone(),
+            size: raw.len() as u64,
+            platform: None,
+            annotations: None,
+        };
+        let mut manifests = HashMap::new();
+        manifests.insert(digest, raw);
+        Ok(RegistrySource {
+            reference,
+            name,
+            client,
+            cache,
+            top,
+            manifests: Mutex::new(manifests),
+        })
+    }
+
+    /// The normalised name.
+    pub fn name(&self) -> &DockerRef {
+        &self.name
+    }
+
+    /// The digest of the top-level manifest or index the reference names.
+    pub fn top_digest(&self) -> &str {
+        &self.top.digest
+    }
+
+    /// The blob cache this source downloads into.
+    pub fn cache(&self) -> &BlobCache {
+        &self.cache
+    }
+
+    fn memo(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        match self.manifests.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+impl Resolver for RegistrySource {
+    fn reference_for_report(&self) -> String {
+        self.reference.clone()
+    }
+
+    fn read_json_blob(
+        &self,
+        what: &str,
+        desc: &Descriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>, SourceError> {
+        sha256_hex(&desc.digest)?;
+        if desc.size > limit {
+            return Err(SourceError::BlobTooLarge {
+                blob: format!("{what} {}", desc.digest),
+                size: desc.size,
+                limit,
+            });
+        }
+        if what == "config" {
+            return super::read_blob_to_vec(self, &desc.digest, desc.size, limit);
+        }
+        if let Some(raw) = self.memo().get(&desc.digest) {
+            return Ok(raw.clone());
+        }
+        let (_, raw, _) = self.client.manifest(&desc.digest)?;
+        if raw.len() as u64 != desc.size {
+            return Err(SourceError::SizeMismatch {
+                blob: desc.digest.clone(),
+                expected: desc.size,
+                actual: format!("got {}", raw.len()),
+            });
+        }
+        self.memo().insert(desc.digest.clone(), raw.clone());
+        Ok(raw)
+    }
+}
+
+impl ImageSource for RegistrySource {
+    fn describe(&self) -> String {
+        format!(
+            "registry {} ({}://, repository {}, {})",
+            self.name.registry,
+            self.client.base.split("://").next().unwrap_or("https"),
+            self.name.repository,
+            match (&self.name.tag, &self.name.digest) {
+                (_, Some(d)) => format!("digest {d}"),
+                (Some(t), None) => format!("tag {t}"),
+                (None, None) => "tag latest".to_string(),
+            }
+        )
+    }
+
+    fn resolve(&self, platform: &Platform) -> Result<ResolvedImage, SourceError> {
+        let mut img = self.resolve_desc(&self.top, platform, 0)?;
+        if !platform.matches(&img.platform) {
+            tracing::warn!(
+                "image {} is for {}, not the requested {platform}; using it anyway",
+                img.manifest_digest,
+                img.platform
+            );
+        }
+        img.tags = self.name.tag.iter().cloned().collect();
+        Ok(img)
+    }
+
+    fn open_blob(&self, digest: &str, size: u64) -> Result<Box<dyn Read + Send>, SourceError> {
+        let path = self.cache.fetch(&self.client, digest, size)?;
+        let file = File::open(&path).map_err(|e| SourceError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        Ok(Box::new(VerifyingReader::new(file, digest, size)?))
+    }
+
+    fn fetch_parallelism(&self) -> Option<usize> {
+        Some(PARALLEL_FETCHES)
+    }
+}
+
+/// The media types asked for, for tests and reports.
+pub const ACCEPTED_MANIFEST_TYPES: [&str; 4] = [
+    OCI_INDEX,
+    OCI_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    DOCKER_MANIFEST,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_header_lists_every_type() {
+        for t in ACCEPTED_MANIFEST_TYPES {
+            assert!(MANIFEST_ACCEPT.contains(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn challenge_parsing_table() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.params["realm"], "https://auth.docker.io/token");
+        assert_eq!(c.params["service"], "registry.docker.io");
+        assert_eq!(c.params["scope"], "repository:library/nginx:pull");
+        let c = parse_challenge(r#"Basic realm="Registry Realm""#).unwrap();
+        assert_eq!(c.scheme, "basic");
+        assert_eq!(c.params["realm"], "Registry Realm");
+        let c =
+            parse_challenge(r#"Bearer realm=http://x/t, service = svc , error="a\"b""#).unwrap();
+        assert_eq!(c.params["realm"], "http://x/t");
+        assert_eq!(c.params["service"], "svc");
+        assert_eq!(c.params["error"], "a\"b");
+        assert_eq!(parse_challenge("Basic").unwrap().params.len(), 0);
+        assert!(parse_challenge("").is_none());
+        assert!(parse_challenge(r#"Bearer realm="unterminated"#).is_none());
+    }
+
+    #[test]
+    fn error_bodies() {
+        let (code, msg) = error_message(
+            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#,
+        );
+        assert_eq!(code.as_deref(), Some("MANIFEST_UNKNOWN"));
+        assert_eq!(msg, "manifest unknown");
+        let (code, msg) = error_message(b"<html>\nbad gateway");
+        assert!(code.is_none());
+        assert_eq!(msg, "<html>");
+        assert_eq!(error_message(b"").1, "(no details)");
+    }
+
+    #[test]
+    fn plain_http_hosts() {
+        let insecure = vec!["reg.lan:5000".to_string(), "http://other.lan/".to_string()];
+        for (h, want) in [
+            ("127.0.0.1:5000", true),
+            ("localhost", true),
+            ("[::1]:5000", true),
+            ("reg.lan:5000", true),
+            ("reg.lan:6000", false),
+            ("other.lan", true),
+            ("other.lan:443", true),
+            ("docker.io", false),
+        ] {
+            assert_eq!(plain_http(h, &insecure), want, "{h}");
+        }
+    }
+
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// One request as the mock saw it: request line, Authorization and Range headers.
+    #[derive(Clone, Debug)]
+    struct Seen {
+        line: String,
+        authorization: Option<String>,
+        range: Option<String>,
+    }
+
+    type Handler = dyn Fn(&Seen, usize, &mut dyn Write) + Send + Sync;
+
+    /// A one-request-per-connection HTTP server on loopback; the handler writes the raw
+    /// response (and may stop half-way to simulate a dropped connection).
+    struct Mock {
+        addr: String,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    fn mock(handler: Box<Handler>) -> Mock {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = Arc::clone(&seen);
+        let count = AtomicUsize::new(0);
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { break };
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let mut req = Seen {
+                    line: String::new(),
+                    authorization: None,
+                    range: None,
+                };
+                r.read_line(&mut req.line).unwrap_or(0);
+                req.line = req.line.trim_end().to_string();
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h.trim_end().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.trim_end().split_once(':') {
+                        match k.to_ascii_lowercase().as_str() {
+                            "authorization" => req.authorization = Some(v.trim().to_string()),
+                            "range" => req.range = Some(v.trim().to_string()),
+                            _ => {}
+                        }
+                    }
+                }
+                seen2.lock().unwrap().push(req.clone());
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                handler(&req, n, &mut conn);
+                let _ = conn.flush();
+            }
+        });
+        Mock { addr, seen }
+    }
+
+    fn respond(w: &mut dyn Write, status: &str, headers: &[(&str, String)], body: &[u8]) {
+        let mut head = format!(
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        let _ = w.write_all(head.as_bytes());
+        let _ = w.write_all(body);
+    }
+
+    fn client(addr: &str, creds: Option<(&str, &str)>) -> Client {
+        Client {
+            agent: make_agent(&SourceOptions::default()).unwrap(),
+            base: format!("http://{addr}"),
+            registry: addr.to_string(),
+            repository: "repo".to_string(),
+            creds: creds.map(|(u, p)| Credentials {
+                username: u.to_string(),
+                password: p.to_string(),
+            }),
+            auth: Mutex::new((AuthState::Anonymous, None)),
+        }
+    }
+
+    #[test]
+    fn bearer_token_flow_and_retries_on_5xx() {
+        let manifest = br#"{"schemaVersion":2,"config":{},"layers":[]}"#.to_vec();
+        let addr_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
+        let a2 = Arc::clone(&addr_cell);
+        let m2 = manifest.clone();
+        let good = format!("Basic {}", auth::base64_encode(b"u:p"));
+        let m = mock(Box::new(move |req, n, w| {
+            let addr = a2.lock().unwrap().clone();
+            if req.line.starts_with("GET /token?") {
+                if req.authorization.as_deref() == Some(good.as_str()) {
+                    respond(w, "200 OK", &[], br#"{"token":"tok123"}"#);
+                } else {
+                    respond(w, "401 Unauthorized", &[], b"{}");
+                }
+            } else if n == 0 {
+                respond(w, "503 Service Unavailable", &[], b"busy");
+            } else if req.authorization.as_deref() != Some("Bearer tok123") {
+                let ch = format!(
+                    r#"Bearer realm="http://{addr}/token",service="mock",scope="repository:repo:pull""#
+                );
+                respond(w, "401 Unauthorized", &[("WWW-Authenticate", ch)], b"{}");
+            } else {
+                respond(
+                    w,
+                    "200 OK",
+                    &[("Content-Type", OCI_MANIFEST.to_string())],
+                    &m2,
+                );
+            }
+        }));
+        *addr_cell.lock().unwrap() = m.addr.clone();
+        let c = client(&m.addr, Some(("u", "p")));
+        let (mt, raw, digest) = c.manifest("t").unwrap();
+        assert_eq!(mt.as_deref(), Some(OCI_MANIFEST));
+        assert_eq!(raw, manifest);
+        assert_eq!(digest, sha256_digest(&manifest));
+        let seen = m.seen.lock().unwrap().clone();
+        let lines: Vec<&str> = seen.iter().map(|s| s.line.as_str()).collect();
+        assert_eq!(lines.len(), 4, "{lines:?}");
+        assert!(
+            lines[0].starts_with("GET /v2/repo/manifests/t "),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("scope=repository%3Arepo%3Apull")
+                && lines[2].contains("service=mock"),
+            "{lines:?}"
+        );
+
+        // Wrong credentials: the token service says no; the realm is named.
+        let c = client(&m.addr, Some(("u", "wrong")));
+        let e = c.manifest("t").unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, SourceError::RegistryAuth { .. }), "{msg}");
+        assert!(
+            msg.contains(&format!("realm http://{}/token", m.addr)) && msg.contains("user 'u'"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn dropped_download_continues_with_a_range_request() {
+        let data: Vec<u8> = (0..400_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let digest = sha256_digest(&data);
+        let d2 = data.clone();
+        let m = mock(Box::new(move |req, _n, w| {
+            match req.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+                None => {
+                    // Promise everything, deliver a third, drop the connection.
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        d2.len()
+                    );
+                    let _ = w.write_all(head.as_bytes());
+                    let _ = w.write_all(&d2[..d2.len() / 3]);
+                }
+                Some(r) => {
+                    let from: usize = r.trim_end_matches('-').parse().unwrap();
+                    let range = format!("bytes {from}-{}/{}", d2.len() - 1, d2.len());
+                    respond(
+                        w,
+                        "206 Partial Content",
+                        &[("Content-Range", range)],
+                        &d2[from..],
+                    );
+                }
+            }
+        }));
+        let c = client(&m.addr, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let path = cache.fetch(&c, &digest, data.len() as u64).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), data);
+        assert!(!cache.partial_path(&digest).unwrap().exists());
+        let seen = m.seen.lock().unwrap().clone();
+        assert!(seen.len() >= 2, "{seen:?}");
+        let range = seen[1].range.clone().unwrap_or_default();
+        let from: u64 = range
+            .trim_start_matches("bytes=")
+            .trim_end_matches('-')
+            .parse()
+            .unwrap_or(0);
+        assert!(from > 0 && from <= data.len() as u64 / 3, "{range}");
+    }
+
+    #[test]
+    fn blob_redirects_are_followed() {
+        let data = b"redirected blob content".to_vec();
+        let digest = sha256_digest(&data);
+        let d2 = data.clone();
+        let port_cell: Arc<Mutex<String>> = Arc::new(Mutex::new(String::new()));
+        let p2 = Arc::clone(&port_cell);
+        let m = mock(Box::new(move |req, _n, w| {
+            let port = p2.lock().unwrap().clone();
+            if req.line.starts_with("GET /v2/repo/blobs/") {
+                // First to the registry itself, then to "another host" (same server,
+                // reached as localhost instead of 127.0.0.1).
+                respond(
+                    w,
+                    "307 Temporary Redirect",
+                    &[("Location", "/v2/redirected".to_string())],
+                    b"",
+                );
+            } else if req.line.starts_with("GET /v2/redirected ") {
+                respond(
+                    w,
+                    "302 Found",
+                    &[(
+                        "Location",
+                        format!("http://localhost:{port}/storage/abc?sig=1"),
+                    )],
+                    b"",
+                );
+            } else if req.line.starts_with("GET /storage/abc?sig=1 ") {
+                respond(w, "200 OK", &[], &d2);
+            } else {
+                respond(w, "404 Not Found", &[], b"");
+            }
+        }));
+        *port_cell.lock().unwrap() = m.addr.rsplit(':').next().unwrap().to_string();
+        let c = client(&m.addr, Some(("u", "p")));
+        c.set_auth(AuthState::Basic, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let path = cache.fetch(&c, &digest, data.len() as u64).unwrap();
+        assert_eq!(fs::read(path).unwrap(), data);
+        let seen = m.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(
+            seen[0].authorization.is_some() && seen[1].authorization.is_some(),
+            "{seen:?}"
+        );
+        // The other host does not get the registry credentials.
+        assert!(seen[2].authorization.is_none(), "{seen:?}");
+    }
+
+    #[test]
+    fn blob_with_wrong_content_is_not_kept() {
+        let data = vec![42u8; 50_000];
+        let digest = sha256_digest(b"something else entirely");
+        let d2 = data.clone();
+        let m = mock(Box::new(move |_req, _n, w| respond(w, "200 OK", &[], &d2)));
+        let c = client(&m.addr, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let e = cache.fetch(&c, &digest, data.len() as u64).unwrap_err();
+        assert!(
+            matches!(&e, SourceError::DigestMismatch { blob, actual } if *blob == digest && *actual == sha256_digest(&data)),
+            "{e}"
+        );
+        assert!(!cache.path(&digest).unwrap().exists());
+        assert!(!cache.partial_path(&digest).unwrap().exists());
+        // Too long for the descriptor: a size error, nothing kept either.
+        let e = cache.fetch(&c, &digest, 100).unwrap_err();
+        assert!(matches!(e, SourceError::SizeMismatch { .. }), "{e}");
+        assert!(!cache.partial_path(&digest).unwrap().exists());
+    }
+
+    #[test]
+    fn bad_ca_file_is_reported() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), "not a certificate").unwrap();
+        let e = tls_config(Some(f.path())).unwrap_err();
+        assert!(matches!(e, SourceError::BadCaFile { .. }), "{e}");
+        assert!(e.to_string().contains(&f.path().display().to_string()));
+    }
+}
