@@ -29,6 +29,11 @@ pub struct DoctorArgs {
     /// Cache directory to check (default: the layer cache's default).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Also try to reach the configured registries (docker config `auths`/`credHelpers`, the
+    /// registry of ./fledge.toml's image, and FLEDGE_ONLINE_REGISTRIES). Without it, doctor
+    /// uses no network.
+    #[arg(long)]
+    pub online: bool,
 }
 
 /// Backends for one filesystem type.
@@ -62,10 +67,13 @@ pub struct Report {
 }
 
 /// Run the probes and decide.
-pub fn report(cache_dir: Option<PathBuf>) -> Report {
+pub fn report(cache_dir: Option<PathBuf>, online: bool) -> Report {
     let started = Instant::now();
     let mut probed = Probed::run(FsType::Ext4);
     probed.probes.extend(env_probes(cache_dir));
+    if online {
+        probed.probes.extend(registry_probes());
+    }
     let filesystems: Vec<FsVerdict> = FsType::ALL
         .iter()
         .map(|&fs| {
@@ -122,6 +130,109 @@ fn env_probes(cache_dir: Option<PathBuf>) -> Vec<Probe> {
         docker_socket_probe(),
         auth_file_probe(),
     ]
+}
+
+/// Registry hosts fledge would talk to: those with credentials or helpers in the docker config
+/// files, the registry of ./fledge.toml's image, and FLEDGE_ONLINE_REGISTRIES (comma-separated).
+fn configured_registries() -> Vec<String> {
+    let mut hosts = std::collections::BTreeSet::new();
+    for file in crate::source::auth::config_files() {
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            continue;
+        };
+        for key in ["auths", "credHelpers"] {
+            if let Some(map) = v.get(key).and_then(|m| m.as_object()) {
+                for host in map.keys() {
+                    let h = host
+                        .trim_start_matches("https://")
+                        .trim_start_matches("http://")
+                        .split('/')
+                        .next()
+                        .unwrap_or_default();
+                    if !h.is_empty() {
+                        hosts.insert(h.to_string());
+                    }
+                }
+            }
+        }
+    }
+    if let Ok(cfg) = crate::config::Config::load(std::path::Path::new("fledge.toml")) {
+        let image = cfg.source.image;
+        let bare = image.strip_prefix("docker://").unwrap_or(&image);
+        if !bare.contains(':')
+            || !bare.split(':').next().is_some_and(|t| {
+                ["oci", "oci-archive", "docker-archive", "docker-daemon"].contains(&t)
+            })
+        {
+            if let Ok(r) = crate::source::normalize::DockerRef::parse(bare) {
+                hosts.insert(r.registry.clone());
+            }
+        }
+    }
+    if let Ok(list) = std::env::var("FLEDGE_ONLINE_REGISTRIES") {
+        hosts.extend(
+            list.split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(str::to_string),
+        );
+    }
+    hosts.into_iter().collect()
+}
+
+/// `GET /v2/` on every configured registry: 200 or 401 means a registry answers.
+fn registry_probes() -> Vec<Probe> {
+    let hosts = configured_registries();
+    if hosts.is_empty() {
+        return vec![Probe::new(
+            "online.registries",
+            Status::Ok,
+            "no registries configured (docker config, ./fledge.toml, FLEDGE_ONLINE_REGISTRIES)",
+        )];
+    }
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(5)))
+        .build()
+        .into();
+    hosts
+        .iter()
+        .map(|host| {
+            let api = if host == "docker.io" {
+                "registry-1.docker.io"
+            } else {
+                host.as_str()
+            };
+            let scheme = if crate::source::normalize::is_loopback_host(api) {
+                "http"
+            } else {
+                "https"
+            };
+            let url = format!("{scheme}://{api}/v2/");
+            match agent.get(&url).call() {
+                Ok(resp) if matches!(resp.status().as_u16(), 200 | 401) => Probe::new(
+                    "online.registry",
+                    Status::Ok,
+                    format!("{host}: {url} answers (HTTP {})", resp.status().as_u16()),
+                ),
+                Ok(resp) => Probe::new(
+                    "online.registry",
+                    Status::Warn,
+                    format!("{host}: {url} answered HTTP {}", resp.status().as_u16()),
+                )
+                .hint("is this a registry (distribution API v2)?"),
+                Err(e) => Probe::new(
+                    "online.registry",
+                    Status::Warn,
+                    format!("{host}: {url}: {e}"),
+                )
+                .hint("check the network, the host name, or --insecure-registry for plain HTTP"),
+            }
+        })
+        .collect()
 }
 
 fn dir_probe(id: &'static str, dir: &std::path::Path) -> Probe {
@@ -215,7 +326,7 @@ fn auth_file_probe() -> Probe {
 }
 
 pub fn run(args: &DoctorArgs, _ui: &Ui) -> Result<ExitCode, Error> {
-    let report = report(args.cache_dir.clone());
+    let report = report(args.cache_dir.clone(), args.online);
     let mut out = std::io::stdout().lock();
     let text = if args.json {
         serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"

@@ -209,3 +209,73 @@ fn doctor_unprivileged_without_fuse() {
         "no hint says how to fix FUSE: {hints:?}"
     );
 }
+
+/// `--online` asks `GET /v2/` of the configured registries; a registry answering 401 is
+/// reachable, a closed port is a warning with a hint. Without `--online` no registry is tried.
+#[test]
+fn doctor_online_tries_configured_registries() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 2048];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Basic realm=\"r\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let registries = format!("127.0.0.1:{port},127.0.0.1:{closed}");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |online: bool| {
+        let mut cmd = Command::new(fledge_bin());
+        cmd.current_dir(dir.path())
+            .env("FLEDGE_ONLINE_REGISTRIES", &registries)
+            .env("HOME", dir.path())
+            .args(["doctor", "--json"]);
+        if online {
+            cmd.arg("--online");
+        }
+        doctor_json(&cmd.output().unwrap())
+    };
+    let offline = run(false);
+    assert!(
+        !offline["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"].as_str().unwrap().starts_with("online.")),
+        "doctor went online without --online"
+    );
+    let r = run(true);
+    let online: Vec<&serde_json::Value> = r["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["id"] == "online.registry")
+        .collect();
+    assert_eq!(online.len(), 2, "{online:?}");
+    let ok = online
+        .iter()
+        .find(|c| c["detail"].as_str().unwrap().contains(&format!(":{port}")))
+        .unwrap();
+    assert_eq!(ok["status"], "ok", "{ok}");
+    assert!(ok["detail"].as_str().unwrap().contains("401"));
+    let down = online
+        .iter()
+        .find(|c| {
+            c["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!(":{closed}"))
+        })
+        .unwrap();
+    assert_eq!(down["status"], "warn", "{down}");
+    assert!(down["hint"].is_string());
+}
