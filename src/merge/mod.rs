@@ -370,6 +370,14 @@ fn read_entry(layer: u32, file_len: u64, raw: RawEntry) -> Result<Option<Record>
     }
     let comps = clean_components(&path);
     check_name_lengths(layer, &path, &comps)?;
+    // No file system can hold a NUL in a name or a link target: such an entry could not be
+    // copied out, so the image is refused here, naming it.
+    if path.contains(&0) {
+        return Err(bad(layer, &path, "name contains a NUL byte"));
+    }
+    if link.contains(&0) {
+        return Err(bad(layer, &path, "link target contains a NUL byte"));
+    }
 
     let mut xattrs: BTreeMap<Box<[u8]>, Box<[u8]>> = BTreeMap::new();
     for (key, value) in pax {

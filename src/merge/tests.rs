@@ -889,6 +889,16 @@ fn error_cases() {
             &["tar entry t", "invalid pax mtime record"],
         ),
         (
+            "NUL byte in a pax path",
+            vec![vec![f("n", "").pax("path", b"etc/a\0b")]],
+            &["layer 0", "tar entry etc/a", "name contains a NUL byte"],
+        ),
+        (
+            "NUL byte in a pax link target",
+            vec![vec![l("n", "x").pax("linkpath", b"/etc/\0")]],
+            &["tar entry n", "link target contains a NUL byte"],
+        ),
+        (
             "uid beyond 32 bits",
             vec![vec![f("u", "").pax("uid", "4294967296")]],
             &["tar entry u", "uid 4294967296 out of range"],
