@@ -922,6 +922,30 @@ fn error_cases() {
 }
 
 #[test]
+fn entry_limit_counts_every_layer() {
+    let layers = [
+        layer_bytes(&[d("a"), f("a/x", "1"), wh(".wh.gone")]),
+        layer_bytes(&[f("b", "2"), f("c", "3")]),
+    ];
+    let apply = |max: usize| {
+        let mut b = TreeBuilder::new();
+        b.set_max_entries(max);
+        layers
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, l)| b.apply_layer(i as u32, &to_file(l)))
+    };
+    assert!(apply(5).is_ok());
+    let msg = apply(4).unwrap_err().to_string();
+    assert!(
+        msg.contains("layer 1: tar entry c: the image has more than 4 tar entries"),
+        "{msg}"
+    );
+    let msg = apply(2).unwrap_err().to_string();
+    assert!(msg.contains("layer 0: tar entry .wh.gone"), "{msg}");
+}
+
+#[test]
 fn error_variants() {
     let err = merge(&[vec![h("b", "a")]]).unwrap_err();
     assert!(
