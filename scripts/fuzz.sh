@@ -9,8 +9,8 @@
 # FLEDGE_FUZZ_SANITIZER=address (needs a nightly toolchain: FLEDGE_FUZZ_TOOLCHAIN=nightly)
 # to run with ASan anyway.
 #
-# Each target starts from its committed seeds (fuzz/corpus/TARGET/seed-*) plus whatever
-# earlier runs added there (ignored by git). A crash, panic, timeout or out-of-memory fails
+# Each target starts from its committed seeds (fuzz/seeds/TARGET/) plus the corpus that
+# earlier runs grew in fuzz/corpus/TARGET/ (ignored by git). A crash, panic, timeout or out-of-memory fails
 # the script and prints the reproducer's path and the command that replays it.
 set -euo pipefail
 
@@ -46,6 +46,7 @@ for t in "${targets[@]}"; do
     corpus="corpus/$t"
     artifacts="artifacts/$t"
     mkdir -p "$corpus" "$artifacts"
+    cp -n seeds/"$t"/* "$corpus"/ 2>/dev/null || true
     before="$(find "$artifacts" -type f | sort)"
     echo "== fuzz target $t for ${secs}s"
     status=0
