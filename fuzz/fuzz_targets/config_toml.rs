@@ -10,11 +10,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(cfg) = fledge::config::Config::parse(
-        text,
-        Path::new("/fuzz/fledge.toml"),
-        Path::new("/fuzz"),
-    ) {
+    if let Ok(cfg) =
+        fledge::config::Config::parse(text, Path::new("/fuzz/fledge.toml"), Path::new("/fuzz"))
+    {
         // Derived values must be computable for every accepted config.
         let _ = cfg.filesystem.buffer_bytes(u64::MAX);
         let _ = cfg.filesystem.buffer_bytes(0);

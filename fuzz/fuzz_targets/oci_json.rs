@@ -54,8 +54,11 @@ fuzz_target!(|data: &[u8]| {
     let root = dir.path();
     let blobs = root.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).expect("layout dirs");
-    std::fs::write(root.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
-        .expect("oci-layout");
+    std::fs::write(
+        root.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
     std::fs::write(root.join("index.json"), &index).expect("index.json");
     for blob in [&blob_a, &blob_b] {
         std::fs::write(blobs.join(digest(blob)), blob).expect("blob");
