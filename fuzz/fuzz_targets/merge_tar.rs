@@ -2,7 +2,10 @@
 //! a panic (or an abort, a hang, unbounded memory) is a bug.
 //!
 //! Input: byte 0 chooses the layout: bit 0 set means two layers, split at the offset given
-//! by bytes 1..3 (little endian, modulo the length); the rest is the tar data.
+//! by bytes 1..3 (little endian, modulo the length); the rest is the tar data. Unless bit 1
+//! is set, the header checksums of each layer are recomputed first (walking the archive by
+//! the size fields), so that mutated headers are not all rejected at the checksum and the
+//! fuzzer reaches the merge itself.
 #![no_main]
 
 use std::io::Write;
@@ -18,18 +21,55 @@ fn layer_file(bytes: &[u8]) -> std::fs::File {
     f
 }
 
+/// An octal or base-256 size field, 0 if unreadable.
+fn size_field(f: &[u8]) -> u64 {
+    if f.first().is_some_and(|b| b & 0x80 != 0) {
+        return f[f.len() - 8..]
+            .iter()
+            .fold(0u64, |v, &b| (v << 8) | u64::from(b));
+    }
+    let digits = f
+        .iter()
+        .skip_while(|&&b| b == b' ' || b == 0)
+        .take_while(|b| (b'0'..=b'7').contains(b));
+    digits.fold(0u64, |v, &b| {
+        v.saturating_mul(8).saturating_add(u64::from(b - b'0'))
+    })
+}
+
+/// Recompute the checksum of every header block, following the size fields.
+fn fix_checksums(tar: &mut [u8]) {
+    let mut off = 0usize;
+    while let Some(h) = off.checked_add(512).and_then(|end| tar.get_mut(off..end)) {
+        off += 512;
+        if h.iter().all(|&b| b == 0) {
+            continue;
+        }
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let size = size_field(&h[124..136]);
+        let padded = size.saturating_add(511) / 512 * 512;
+        off = off.saturating_add(usize::try_from(padded).unwrap_or(usize::MAX));
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
-    let layers = if mode & 1 == 1 && rest.len() >= 2 {
+    let mut parts: Vec<Vec<u8>> = if mode & 1 == 1 && rest.len() >= 2 {
         let at = usize::from(u16::from_le_bytes([rest[0], rest[1]]));
         let body = &rest[2..];
         let at = if body.is_empty() { 0 } else { at % body.len() };
-        vec![layer_file(&body[..at]), layer_file(&body[at..])]
+        vec![body[..at].to_vec(), body[at..].to_vec()]
     } else {
-        vec![layer_file(rest)]
+        vec![rest.to_vec()]
     };
+    if mode & 2 == 0 {
+        parts.iter_mut().for_each(|p| fix_checksums(p));
+    }
+    let layers = parts.iter().map(|p| layer_file(p)).collect();
     let Ok(tree) = fledge::merge::merge_layers(layers) else {
         return;
     };
