@@ -224,11 +224,14 @@ pub fn build(
     })?;
     let mnt = MountGuard::mount(lo.path(), &target, fs)?;
     if fs == FsType::Ext4 {
-        // mkfs made lost+found; the image does not have it unless the tree does.
+        // mkfs made an empty lost+found. The image has one only if the tree does, and then
+        // as the tree says (a directory with its own metadata and children, or a symlink or
+        // file): the copy creates it like any other entry.
         let lf = target.join("lost+found");
-        if tree.resolve(Path::new("/lost+found")).is_none() {
-            let _ = std::fs::remove_dir(&lf);
-        }
+        std::fs::remove_dir(&lf).map_err(|e| BuildError::Io {
+            path: lf.clone(),
+            source: e,
+        })?;
     }
     let stats = super::copy::copy_tree(tree, &target, &crate::interrupt::requested, progress)?;
 

@@ -51,7 +51,53 @@
 //!   empty value is dropped. uid, gid and device
 //!   numbers above `u32::MAX` are errors.
 //! - **Integrity**: a regular file whose data would extend past the end of the layer file is
-//!   an error (truncated layer).
+//!   an error (truncated layer). A name or link target holding a NUL byte is an error (no
+//!   file system can store it). More than [`MAX_ENTRIES`] tar entries over all layers is an
+//!   error ([`TreeBuilder::set_max_entries`]).
+//!
+//! # Hostile layers
+//!
+//! fledge runs as root and unpacks images from anywhere, so a layer is data, never a path on
+//! the host. The merge never touches the file system (it reads headers from the layer file it
+//! was given); the tree it builds has only names that are plain components (no `/`, no `.`
+//! or `..`, no NUL, at most 255 bytes) below one root; the FUSE view serves that tree
+//! (`ro,nosuid,nodev`), and the kernel backend copies it into the freshly made filesystem
+//! with `mkdir`/`open(O_CREAT|O_EXCL)`/`symlink`/`mknod`/`link` on paths whose every parent
+//! it created itself as a directory, setting metadata without following symlinks. So every
+//! entry is either kept inside the image root or the image is refused with an error naming
+//! the layer and the entry:
+//!
+//! | class | example entry | outcome |
+//! |---|---|---|
+//! | `..` in a name | `../../../tmp/x`, `a/../../etc/x` | kept inside: `..` is applied lexically and clamped at the root (`/tmp/x`, `/etc/x` of the image) |
+//! | absolute name | `/etc/passwd` | kept inside: the leading `/` is dropped (`/etc/passwd` of the image) |
+//! | write through a symlinked parent, absolute target | `evil -> /tmp/host`, then `evil/f` | kept inside: the symlink is followed within the image (`/tmp/host/f` of the image); the symlink itself is kept as written |
+//! | same, relative target | `up -> ../../..`, then `up/tmp/f` | kept inside: `..` in the target is clamped at the image root (`/tmp/f` of the image) |
+//! | same, to `/etc` | `sysconf -> /etc`, then `sysconf/x` | kept inside: the image's `/etc/x` |
+//! | whiteout or opaque marker through a symlinked parent | `evil/.wh.f`, `evil/.wh..wh..opq` | kept inside: removes the image's entries only (nothing if the image has none) |
+//! | hard link to a path outside the root | link `h` -> `../../etc/passwd` | kept inside when the image has that file (`h` joins the image's `/etc/passwd`); else **refused**: `tar entry h: hard link target ...: does not exist`. A host file is never read |
+//! | hard link reached through a symlink | `lnk -> /etc`, link `h` -> `lnk/shadow` | the same: resolved within the image, or **refused** naming `h` |
+//! | hard link to a directory | link `h` -> `etc` | **refused**: `... is a directory` |
+//! | symlink loop among the parents | `a -> b`, `b -> a`, then `a/x` | **refused** after 40 symlinks: `tar entry a/x: too many levels of symbolic links` |
+//! | symlink loop nothing walks through | `a -> b`, `b -> a` | kept: two symlinks, as written |
+//! | device node naming a host disk | block `dev/sda` 8,0; char `dev/mem` 1,1 | kept inside as a node (mknod in the image); never opened: the view is `nodev`, the copy never opens non-regular files |
+//! | header size larger than the data | `f` claims 1 MiB, the layer ends first | **refused**: `tar entry f: data ends at byte ... (truncated layer)` |
+//! | NUL byte in a PAX name or link target | `path=etc/a\0b` | **refused**: `name contains a NUL byte` |
+//! | component longer than 255 bytes, path deeper than 2048 | | **refused** naming the entry |
+//! | `lost+found` as a symlink or directory | `lost+found -> /tmp/host` | kept inside, as the tree says (the kernel backend removes the mkfs one first) |
+//! | decompression bomb (blob of a few MiB, layer of GiBs) | gzip of 1 GiB of zeros | see below |
+//! | header bomb (millions of empty entries) | | **refused** past [`MAX_ENTRIES`] (8 Mi) entries over all layers; memory is about 280 bytes per entry at its peak (measured: 1 M entries, 270 MiB), so the cap bounds a merge near 2.3 GiB |
+//!
+//! Decompression bombs: a layer is streamed, never held in memory (the decoder and the
+//! hashing writer exchange 1 MiB buffers, at most a handful in flight), so memory stays flat
+//! whatever the layer's size. The compressed blob's size and digest are verified as it
+//! streams (a blob longer than its descriptor says is cut off and refused), and the
+//! uncompressed output's digest is checked against the config's `diff_id` before the layer
+//! enters the cache; a self-consistent image that really is large is accepted, bounded only
+//! by the cache disk. When that disk fills, the build fails with the write error naming the
+//! cache's temporary file (`No space left on device`), the temporary file is removed, and
+//! nothing partial is left in the cache. Only headers are merged, so a huge file costs
+//! nothing more than its header.
 
 mod builder;
 mod tarread;
@@ -68,7 +114,7 @@ use thiserror::Error;
 use crate::tree::{Content, Meta, NodeKind, Tree};
 
 use builder::{clean_components, ResolveError, MAX_DEPTH, NAME_MAX};
-pub use builder::{implicit_dir_meta, TreeBuilder};
+pub use builder::{implicit_dir_meta, TreeBuilder, MAX_ENTRIES};
 use tarread::{RawEntry, ReadError, TarReader};
 
 /// Errors of the merge; every message names the layer index and the tar entry concerned.
@@ -162,7 +208,9 @@ impl TreeBuilder {
     /// Apply one uncompressed layer tar on top of the current state. `index` is the layer's
     /// index in the `layer_files` later passed to [`TreeBuilder::freeze`].
     pub fn apply_layer(&mut self, index: u32, file: &File) -> Result<(), MergeError> {
-        let records = read_layer(index, file)?;
+        let budget = self.max_entries.saturating_sub(self.entries_read);
+        let (records, read) = read_layer(index, file, budget, self.max_entries)?;
+        self.entries_read = self.entries_read.saturating_add(read);
         // Whiteouts first: they only ever hide what lower layers put there.
         for rec in &records {
             if matches!(rec.action, Action::Whiteout | Action::Opaque) {
@@ -304,15 +352,33 @@ fn check_name_lengths(layer: u32, entry: &[u8], comps: &[&[u8]]) -> Result<(), M
     }
 }
 
-/// Read every header of a layer into records (no file data is read).
-fn read_layer(layer: u32, file: &File) -> Result<Vec<Record>, MergeError> {
+/// Read every header of a layer into records (no file data is read); returns them and the
+/// number of tar entries read. More than `budget` entries is an error naming the first one
+/// over it (`limit` is the image-wide limit, for the message).
+fn read_layer(
+    layer: u32,
+    file: &File,
+    budget: usize,
+    limit: usize,
+) -> Result<(Vec<Record>, usize), MergeError> {
     let io_err = |source| MergeError::Io { layer, source };
     let file_len = file.metadata().map_err(io_err)?.len();
     let mut reader = TarReader::new(file).map_err(io_err)?;
     let mut records = Vec::new();
+    let mut read = 0usize;
     loop {
         let raw = match reader.next_entry() {
-            Ok(Some(raw)) => raw,
+            Ok(Some(raw)) if read >= budget => {
+                return Err(bad(
+                    layer,
+                    &raw.path,
+                    &format!("the image has more than {limit} tar entries"),
+                ));
+            }
+            Ok(Some(raw)) => {
+                read += 1;
+                raw
+            }
             Ok(None) => break,
             Err(ReadError::Io(source)) => {
                 let last = reader.last_path();
@@ -342,7 +408,7 @@ fn read_layer(layer: u32, file: &File) -> Result<Vec<Record>, MergeError> {
             records.push(rec);
         }
     }
-    Ok(records)
+    Ok((records, read))
 }
 
 /// Turn one tar entry into a record; `None` for entries that do not change the tree.
@@ -370,6 +436,14 @@ fn read_entry(layer: u32, file_len: u64, raw: RawEntry) -> Result<Option<Record>
     }
     let comps = clean_components(&path);
     check_name_lengths(layer, &path, &comps)?;
+    // No file system can hold a NUL in a name or a link target: such an entry could not be
+    // copied out, so the image is refused here, naming it.
+    if path.contains(&0) {
+        return Err(bad(layer, &path, "name contains a NUL byte"));
+    }
+    if link.contains(&0) {
+        return Err(bad(layer, &path, "link target contains a NUL byte"));
+    }
 
     let mut xattrs: BTreeMap<Box<[u8]>, Box<[u8]>> = BTreeMap::new();
     for (key, value) in pax {

@@ -889,6 +889,16 @@ fn error_cases() {
             &["tar entry t", "invalid pax mtime record"],
         ),
         (
+            "NUL byte in a pax path",
+            vec![vec![f("n", "").pax("path", b"etc/a\0b")]],
+            &["layer 0", "tar entry etc/a", "name contains a NUL byte"],
+        ),
+        (
+            "NUL byte in a pax link target",
+            vec![vec![l("n", "x").pax("linkpath", b"/etc/\0")]],
+            &["tar entry n", "link target contains a NUL byte"],
+        ),
+        (
             "uid beyond 32 bits",
             vec![vec![f("u", "").pax("uid", "4294967296")]],
             &["tar entry u", "uid 4294967296 out of range"],
@@ -909,6 +919,30 @@ fn error_cases() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn entry_limit_counts_every_layer() {
+    let layers = [
+        layer_bytes(&[d("a"), f("a/x", "1"), wh(".wh.gone")]),
+        layer_bytes(&[f("b", "2"), f("c", "3")]),
+    ];
+    let apply = |max: usize| {
+        let mut b = TreeBuilder::new();
+        b.set_max_entries(max);
+        layers
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, l)| b.apply_layer(i as u32, &to_file(l)))
+    };
+    assert!(apply(5).is_ok());
+    let msg = apply(4).unwrap_err().to_string();
+    assert!(
+        msg.contains("layer 1: tar entry c: the image has more than 4 tar entries"),
+        "{msg}"
+    );
+    let msg = apply(2).unwrap_err().to_string();
+    assert!(msg.contains("layer 0: tar entry .wh.gone"), "{msg}");
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //! - running `fledge mount` as a child and waiting for / tearing down the FUSE mount.
 #![allow(dead_code)]
 
+pub mod layout;
 pub mod treecmp;
 
 use std::fs;
