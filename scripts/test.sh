@@ -17,6 +17,8 @@ export CI="${CI:-}" FLEDGE_TEST_SETUP=1
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets -- --test-threads=2
+# Fuzzing: each cargo-fuzz target for a bounded time (panics are bugs).
+scripts/fuzz.sh "${FLEDGE_FUZZ_SECONDS:-45}"
 # The VM tests use the binary `cargo test` just built (dependencies are optimised in every
 # profile; the kernel backend copies in the kernel), which saves a release build.
 FLEDGE_SKIP_INSTALL=1 FLEDGE_BIN="$PWD/target/debug/fledge" vm-tests/run
