@@ -308,7 +308,11 @@ fn init_logging(verbose: u8, quiet: bool) {
     // Other crates only speak up on errors unless -vv asks for more. fuser logs races at
     // unmount (a reply to a request the kernel already dropped) as errors although nothing
     // failed; fledge reports real FUSE failures itself, so fuser is silent below -vv.
-    let others = if verbose >= 2 { "warn" } else { "error,fuser=off" };
+    let others = if verbose >= 2 {
+        "warn"
+    } else {
+        "error,fuser=off"
+    };
     let filter = EnvFilter::try_from_env("FLEDGE_LOG")
         .unwrap_or_else(|_| EnvFilter::new(format!("{others},fledge={default}")));
     let _ = tracing_subscriber::fmt()
