@@ -101,6 +101,18 @@ pub fn build(
         }
     }
     view.unmount()?;
+    if fs == FsType::Btrfs {
+        let made = std::fs::metadata(image).map(|m| m.len()).unwrap_or(0);
+        if made > size {
+            tracing::warn!(
+                "mkfs.btrfs --rootdir made the image {} MiB, its own minimum for this content \
+                 (fledge asked for {} MiB): it has more free space than the {} MiB buffer",
+                made >> 20,
+                size >> 20,
+                plan.buffer_bytes >> 20
+            );
+        }
+    }
     if fs == FsType::Xfs {
         let fixed = xfsproto::fix_sticky(&tree, image)?;
         tracing::debug!("restored {fixed} sticky bits with xfs_db");
