@@ -314,3 +314,73 @@ fn bad_inputs_with_image() {
         }
     }
 }
+
+/// A mapped file that vanishes between planning and copying: a clear error naming it, no
+/// image, nothing left behind; once the file is back the same build succeeds.
+#[test]
+fn mapping_source_vanishing_mid_build() {
+    let test = "mapping_source_vanishing_mid_build";
+    if !support::is_root() {
+        support::skip(test, "needs root (kernel backend)");
+        return;
+    }
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    fs::write(p.join("payload.bin"), vec![7u8; 1 << 20]).unwrap();
+    fs::write(
+        p.join("fledge.toml"),
+        format!(
+            "{}\n[mappings]\n\"payload.bin\" = \"/opt/payload.bin\"\n",
+            GOOD_TOML.replace("IMAGE", &img.reference)
+        ),
+    )
+    .unwrap();
+    let pause = p.join("pause");
+    let run = |with_pause: bool| {
+        let mut cmd = Command::new(fledge_bin());
+        cmd.current_dir(p)
+            .env("FLEDGE_CACHE_DIR", p.join("cache"))
+            .args(["build", "--backend", "kernel", "-o", "out.img"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if with_pause {
+            cmd.env("FLEDGE_TEST_PAUSE_FILE", &pause);
+        }
+        cmd.spawn().unwrap()
+    };
+    let child = run(true);
+    let start = std::time::Instant::now();
+    while !pause.exists() {
+        assert!(start.elapsed().as_secs() < 60, "the build never paused");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    fs::rename(p.join("payload.bin"), p.join("payload.away")).unwrap();
+    fs::remove_file(&pause).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("payload.bin"), "{stderr}");
+    assert!(stderr.contains("hint: "), "{stderr}");
+    assert!(!p.join("out.img").exists() && !p.join("out.manifest.json").exists());
+    assert!(
+        fs::read_dir(p).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".fledge")),
+        "work directory left behind"
+    );
+    assert!(loops_under(p).is_empty() && mounts_under(p).is_empty());
+    // Retried with the file back: success.
+    fs::rename(p.join("payload.away"), p.join("payload.bin")).unwrap();
+    let out = run(false).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(p.join("out.img").exists());
+}

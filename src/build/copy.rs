@@ -165,11 +165,15 @@ impl Copier<'_> {
                 copy_range(src, *offset, out, size).map_err(io)
             }
             Content::HostFile(host) => {
-                let src = File::open(host).map_err(|e| BuildError::Copy {
+                let src = File::open(host).map_err(|e| BuildError::HostFile {
                     path: host.clone(),
                     source: e,
                 })?;
-                copy_range(&src, 0, out, size).map_err(io)
+                // A host file that shrank since it was planned must not yield a short file.
+                copy_range(&src, 0, out, size).map_err(|e| BuildError::HostFile {
+                    path: host.clone(),
+                    source: e,
+                })
             }
             Content::Bytes(_) => {
                 let mut buf = vec![0u8; size as usize];

@@ -94,6 +94,11 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read {} (mapped into the image): {source}", path.display())]
+    HostFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("output directory {} is not usable: {source}", dir.display())]
     OutputDir {
         dir: PathBuf,
@@ -174,6 +179,10 @@ impl BuildError {
             }
             BuildError::Fuse(e) => e.hint().map(str::to_string),
             BuildError::Interrupted => Some("nothing was written; run the build again".into()),
+            BuildError::HostFile { .. } => Some(
+                "the file changed or vanished during the build; check [mappings] and build again"
+                    .into(),
+            ),
             BuildError::NoSpace { .. } => {
                 Some("free space there, or write the image elsewhere with -o DIR/NAME.img".into())
             }
@@ -437,6 +446,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         plan.inodes
     );
     check_space(&out_dir, &plan, cfg.filesystem.preallocate)?;
+    test_hook_pause()?;
     let image_tmp = work.path().join("image.img");
     create_image(&image_tmp, plan.image_bytes, cfg.filesystem.preallocate)?;
     let progress = progress_for(ui, tree.stats().file_bytes);
@@ -542,6 +552,25 @@ fn parse_rfc3339_seconds(s: &str) -> Option<i64> {
 
 fn absolute(p: PathBuf) -> Result<PathBuf, BuildError> {
     std::path::absolute(&p).map_err(|e| BuildError::Io { path: p, source: e })
+}
+
+/// Fault injection for the test suite: with `FLEDGE_TEST_PAUSE_FILE=PATH`, the build creates
+/// PATH just before formatting and waits (up to 60 s) until it is removed, so a test can
+/// change the world (delete a mapped file, say) at that exact point.
+fn test_hook_pause() -> Result<(), BuildError> {
+    let Some(path) = std::env::var_os("FLEDGE_TEST_PAUSE_FILE").map(PathBuf::from) else {
+        return Ok(());
+    };
+    std::fs::write(&path, b"paused\n").map_err(|e| BuildError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while path.exists() && Instant::now() < deadline {
+        check_interrupt()?;
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
 }
 
 /// Refuse to start when the output filesystem cannot hold the image: the written part of a
