@@ -47,6 +47,7 @@ pub fn copy_tree(
         dirs: Vec::new(),
         interrupted,
         progress,
+        same_fs_copy: std::cell::Cell::new(true),
     };
     c.dirs.push((dest.to_path_buf(), ROOT));
     c.copy_dir(ROOT, dest)?;
@@ -68,6 +69,9 @@ struct Copier<'a> {
     dirs: Vec<(PathBuf, NodeId)>,
     interrupted: &'a dyn Fn() -> bool,
     progress: &'a dyn Fn(u64),
+    /// Whether copy_file_range may work (false once it said EXDEV: the layer cache and the
+    /// image are on different filesystems, and asking again for every file is wasted).
+    same_fs_copy: std::cell::Cell<bool>,
 }
 
 impl Copier<'_> {
@@ -162,14 +166,14 @@ impl Copier<'_> {
         match content {
             Content::Layer { layer, offset } => {
                 let src = &self.tree.layer_files[*layer as usize];
-                copy_range(src, *offset, out, size).map_err(io)
+                copy_range(src, *offset, out, size, &self.same_fs_copy).map_err(io)
             }
             Content::HostFile(host) => {
                 let src = File::open(host).map_err(|e| BuildError::Copy {
                     path: host.clone(),
                     source: e,
                 })?;
-                copy_range(&src, 0, out, size).map_err(io)
+                copy_range(&src, 0, out, size, &self.same_fs_copy).map_err(io)
             }
             Content::Bytes(_) => {
                 let mut buf = vec![0u8; size as usize];
@@ -180,30 +184,51 @@ impl Copier<'_> {
     }
 }
 
-/// Copy `len` bytes from `src` at `offset` to the current position of `out`, in the kernel
-/// when possible (copy_file_range), else through a buffer.
-fn copy_range(src: &File, offset: u64, out: &File, len: u64) -> std::io::Result<()> {
+/// Copy `len` bytes from `src` at `offset` to the current position of `out`, in the kernel:
+/// copy_file_range on one filesystem (which may share extents), else sendfile (which works
+/// between filesystems), else through a buffer. `same_fs` remembers an EXDEV answer.
+fn copy_range(
+    src: &File,
+    offset: u64,
+    out: &File,
+    len: u64,
+    same_fs: &std::cell::Cell<bool>,
+) -> std::io::Result<()> {
     let mut off_in = offset as i64;
     let mut left = len;
-    while left > 0 {
+    while left > 0 && same_fs.get() {
         let chunk = left.min(1 << 30) as usize;
         match nix::fcntl::copy_file_range(src.as_fd(), Some(&mut off_in), out.as_fd(), None, chunk)
         {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "source data ends before the file does",
-                ))
-            }
+            Ok(0) => return Err(short_source()),
             Ok(n) => left -= n as u64,
             Err(nix::Error::EINTR) => {}
             Err(nix::Error::EXDEV | nix::Error::ENOSYS | nix::Error::EOPNOTSUPP) => {
+                same_fs.set(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    while left > 0 {
+        let chunk = left.min(1 << 30) as usize;
+        match nix::sys::sendfile::sendfile64(out.as_fd(), src.as_fd(), Some(&mut off_in), chunk) {
+            Ok(0) => return Err(short_source()),
+            Ok(n) => left -= n as u64,
+            Err(nix::Error::EINTR | nix::Error::EAGAIN) => {}
+            Err(nix::Error::EINVAL | nix::Error::ENOSYS) => {
                 return copy_buffered(src, off_in as u64, out, left);
             }
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+fn short_source() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "source data ends before the file does",
+    )
 }
 
 fn copy_buffered(src: &File, mut offset: u64, out: &File, mut left: u64) -> std::io::Result<()> {
