@@ -1,104 +1,144 @@
 #!/usr/bin/env bash
-# Benchmarks, side by side with their baselines in the same run, reported as medians and ratios.
+# Benchmarks, side by side with their baselines in the same run, reported as medians and ratios
+# (issue 7).
 #
-#   sudo scripts/bench.sh [-n REPS] [index|build|all]
+#   sudo scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|all]
 #
-#   index  fledge indexing the Debian test image cold (resolve, decode layers into an empty
-#          cache, merge: `fledge inspect --tree`) against `umoci unpack` of the same image;
-#          wall time and peak RSS of each.
-#   build  ext4 image of the Debian test image: the reference pipeline of the existing tool
-#          (skopeo copy, umoci unpack, du, mkfs, losetup, mount, cp -a, umount, e2fsck,
-#          resize2fs, truncate) against `fledge build` cold (empty cache) and warm (layers
-#          cached), and the floor (decompressing every layer to /dev/null, in parallel).
+#   build  Debian test image -> ext4, everything pulled from a local docker-registry on
+#          127.0.0.1 that holds the image:
+#            reference-pipeline  the existing tool's steps (reference-notes.md): skopeo copy
+#                                docker://... oci:..., umoci unpack, du, mkfs.ext4, losetup,
+#                                mount, cp -a, umount, e2fsck, resize2fs, truncate
+#            fledge-cold         `fledge build` from docker://127.0.0.1:PORT/debian:test with an
+#                                empty cache
+#            fledge-warm         the same again, layers cached
+#            floor               fetching the same layer blobs from the registry and
+#                                decompressing each to /dev/null, all layers at once
+#                                (curl | gzip -dc)
+#   scale  generated images of 10k, 100k and 300k small files (0-2 KiB, one gzip layer,
+#          cached under /var/tmp/fledge-bench-images), pushed to the same registry:
+#          reference pipeline against fledge cold and warm.
+#   index  fledge indexing the Debian image cold from the OCI layout (`fledge inspect --tree`)
+#          against `umoci unpack`.
+#   all    build and scale (default).
 #
 # Commands alternate within each repetition so that machine noise hits all of them alike.
-# Needs root (loop devices for the reference pipeline). Uses the cached test image
-# (scripts/make-test-images.sh) and target/release/fledge (built if missing).
+# Every command runs under scripts/lib/measure.py, which reports wall time, the largest
+# single-process peak RSS (as /usr/bin/time %M), the sampled peak RSS summed over the
+# process tree, and the sampled peak extra disk use of the filesystem holding the work
+# directory (/var/tmp; other writers on that filesystem add noise).
+#
+# Needs root (loop devices), docker-registry, skopeo, umoci, curl, gzip, python3. Uses the
+# cached Debian test image (scripts/make-test-images.sh builds it once) and the release binary
+# ($FLEDGE_BIN, else $CARGO_TARGET_DIR/release/fledge or target/release/fledge, built if
+# missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SCRIPTS="$PWD/scripts"
 
 reps=5
-while getopts "n:" opt; do
+scale_reps=
+while getopts "n:s:" opt; do
     case $opt in
     n) reps=$OPTARG ;;
-    *) echo "usage: $0 [-n REPS] [index|build|all]" >&2; exit 2 ;;
+    s) scale_reps=$OPTARG ;;
+    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|all]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
 what="${1:-all}"
+scale_reps=${scale_reps:-$reps}
+case $what in build | scale | index | all) ;; *)
+    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|all]" >&2; exit 2 ;;
+esac
 
 [ "$(id -u)" -eq 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
+for p in docker-registry skopeo umoci curl gzip python3 mkfs.ext4 e2fsck resize2fs; do
+    command -v "$p" >/dev/null || { echo "bench.sh: $p not found (scripts/install-deps.sh)" >&2; exit 1; }
+done
 IMAGES="${FLEDGE_TEST_IMAGES:-/var/tmp/fledge-test-images}"
+GEN_IMAGES="${FLEDGE_BENCH_IMAGES:-/var/tmp/fledge-bench-images}"
 scripts/make-test-images.sh >/dev/null
-[ -x target/release/fledge ] || cargo build --release --quiet
-FLEDGE="$PWD/target/release/fledge"
+FLEDGE=${FLEDGE_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/fledge}
+[ -x "$FLEDGE" ] || cargo build --release --quiet
+FLEDGE=$(realpath "$FLEDGE")
 LAYOUT="$IMAGES/debian"
-REF="oci:$LAYOUT:test"
 WORK=$(mktemp -d /var/tmp/fledge-bench.XXXXXX)
+# shellcheck source=lib/registry.sh
+. "$SCRIPTS/lib/registry.sh"
 cleanup() {
-    for m in "$WORK"/ref/mnt; do mountpoint -q "$m" 2>/dev/null && umount "$m"; done
+    registry_stop
+    if mountpoint -q "$WORK/ref/mnt" 2>/dev/null; then umount "$WORK/ref/mnt"; fi
     losetup -j "$WORK/ref/ref.img" 2>/dev/null | cut -d: -f1 | xargs -r losetup -d
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# Bare references must never reach a Docker daemon: the registry is the source.
+export DOCKER_HOST="unix://$WORK/no-daemon.sock"
 
-# time_cmd NAME CMD...: run once, append "seconds maxrss_kib" to $WORK/NAME.times
-time_cmd() {
+# measure NAME CMD...: run once; appends "seconds max1_rss_kib tree_rss_kib disk_kib" to
+# $WORK/NAME.times.
+measure() {
     local name=$1
     shift
     sync
-    /usr/bin/time -f "%e %M" -o "$WORK/t.out" "$@" >/dev/null 2>"$WORK/$name.err" || {
+    python3 "$SCRIPTS/lib/measure.py" "$WORK" "$WORK/$name.times" -- "$@" || {
         echo "bench.sh: $name failed:" >&2
-        cat "$WORK/$name.err" >&2
+        cat "$WORK/$name.times.err" >&2
         exit 1
     }
-    cat "$WORK/t.out" >>"$WORK/$name.times"
 }
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-med_time() { cut -d' ' -f1 "$WORK/$1.times" | median; }
-max_rss_mib() { cut -d' ' -f2 "$WORK/$1.times" | sort -n | tail -1 | awk '{printf "%.0f", $1/1024}'; }
+col() { cut -d' ' -f"$2" "$WORK/$1.times"; }
+med_time() { col "$1" 1 | median; }
+max_mib() { col "$1" "$2" | sort -n | tail -1 | awk '{printf "%.0f", $1/1024}'; }
+med_mib() { col "$1" "$2" | median | awk '{printf "%.0f", $1/1024}'; }
+ratio() { awk -v a="$(med_time "$1")" -v b="$(med_time "$2")" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
 
-print_row() { # name baseline
-    local t
-    t=$(med_time "$1")
-    if [ -n "${2:-}" ]; then
-        printf "%-34s %9.2f s %9s MiB   %6.2fx of %s\n" "$1" "$t" "$(max_rss_mib "$1")" \
-            "$(echo "$t / $(med_time "$2")" | bc -l)" "$2"
+header() {
+    printf "%-24s %9s %8s %9s %9s %9s  %s\n" "" "median" "" "max RSS" "tree RSS" "disk" ""
+    printf "%-24s %9s %8s %9s %9s %9s  %s\n" "command" "time (s)" "runs" "1 proc" "peak" "peak" "ratio"
+}
+row() { # name [baseline...]
+    local name=$1 r=""
+    shift
+    for b in "$@"; do r+="$(ratio "$name" "$b")x $b  "; done
+    printf "%-24s %9.2f %8s %5s MiB %5s MiB %5s MiB  %s\n" "$name" "$(med_time "$name")" \
+        "$(wc -l <"$WORK/$name.times")" "$(max_mib "$name" 2)" "$(max_mib "$name" 3)" \
+        "$(med_mib "$name" 4)" "$r"
+}
+# check LABEL VALUE OP LIMIT
+check() {
+    if awk -v v="$2" -v l="$4" "BEGIN {exit !(v $3 l)}"; then
+        printf "  %-44s %8s %s %-6s met\n" "$1" "$2" "$3" "$4"
     else
-        printf "%-34s %9.2f s %9s MiB\n" "$1" "$t" "$(max_rss_mib "$1")"
+        printf "  %-44s %8s %s %-6s MISSED\n" "$1" "$2" "$3" "$4"
     fi
 }
 
-bench_index() {
-    for _ in $(seq "$reps"); do
-        rm -rf "$WORK/cache" "$WORK/bundle"
-        time_cmd fledge-index-cold "$FLEDGE" inspect --tree --cache-dir "$WORK/cache" "$REF"
-        time_cmd umoci-unpack umoci unpack --image "$LAYOUT:test" "$WORK/bundle"
-        rm -rf "$WORK/bundle"
-        time_cmd fledge-index-warm "$FLEDGE" inspect --tree --cache-dir "$WORK/cache" "$REF"
-    done
-    echo
-    echo "== index: Debian test image, $reps repetitions, medians (peak RSS: max)"
-    print_row umoci-unpack
-    print_row fledge-index-cold umoci-unpack
-    print_row fledge-index-warm umoci-unpack
-}
-
-# The existing tool's pipeline, step for step (reference-notes.md), from the OCI layout.
+# The existing tool's pipeline, step for step (reference-notes.md), from reference $1
+# (docker://... or oci:...) into $WORK/ref/ref.img with a 100 MiB buffer. One deviation: when
+# mkfs.ext4's default inode count (one per 16 KiB) is too small for the unpacked tree (images
+# of many small files), -N gives it enough, since the original would fail there.
 reference_pipeline() {
-    local d=$WORK/ref buffer_kib=$((100 * 1024))
+    local src=$1 d=$WORK/ref buffer_kib=$((100 * 1024))
     rm -rf "$d"
     mkdir -p "$d/mnt"
-    skopeo copy -q "oci:$LAYOUT:test" "oci:$d/img:latest"
+    skopeo copy -q --src-tls-verify=false "$src" "oci:$d/img:latest"
     umoci unpack --image "$d/img:latest" "$d/bundle"
     local cfg
     cfg=$(python3 -c 'import json,sys; i=json.load(open(sys.argv[1]+"/index.json")); m=json.load(open(sys.argv[1]+"/blobs/sha256/"+i["manifests"][0]["digest"][7:])); print(m["config"]["digest"][7:])' "$d/img")
     cp "$d/img/blobs/sha256/$cfg" "$d/bundle/rootfs/etc/fsify-entrypoint"
-    local du_kib
+    local du_kib inodes
     du_kib=$(du -sk "$d/bundle/rootfs" | cut -f1)
-    truncate -s $(((du_kib + buffer_kib) * 1024)) "$d/ref.img"
-    mkfs.ext4 -F -q "$d/ref.img"
+    inodes=$(du -s --inodes "$d/bundle/rootfs" | cut -f1)
+    local bytes=$(((du_kib + buffer_kib) * 1024)) mkfs_n=()
+    if [ $((bytes / 16384)) -lt $((inodes * 5 / 4 + 1024)) ]; then
+        mkfs_n=(-N $((inodes * 5 / 4 + 1024)))
+    fi
+    truncate -s "$bytes" "$d/ref.img"
+    mkfs.ext4 -F -q "${mkfs_n[@]}" "$d/ref.img"
     local lo
     lo=$(losetup --find --show "$d/ref.img")
     mount "$lo" "$d/mnt"
@@ -113,61 +153,153 @@ reference_pipeline() {
     resize2fs "$d/ref.img" "$blocks" >/dev/null 2>&1
     truncate -s $((blocks * bs)) "$d/ref.img"
 }
-export -f reference_pipeline
-export LAYOUT WORK
 
+# The floor: GET every layer blob of $FLOOR_REPO from the registry and decompress it to
+# /dev/null, all layers in parallel. FLOOR_LAYERS holds "digest:compression" words.
 floor() {
-    # Read every layer blob and decompress it to /dev/null, all layers at once.
-    python3 - "$LAYOUT" <<'PY'
-import json, subprocess, sys
-root = sys.argv[1]
-idx = json.load(open(f"{root}/index.json"))
-m = json.load(open(f"{root}/blobs/sha256/" + idx["manifests"][0]["digest"][7:]))
-procs = []
-for l in m["layers"]:
-    blob = f"{root}/blobs/sha256/" + l["digest"][7:]
-    mt = l["mediaType"]
-    cmd = ["zstd", "-dc", blob] if "zstd" in mt else (["gzip", "-dc", blob] if "gzip" in mt else ["cat", blob])
-    procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL))
-sys.exit(max(p.wait() for p in procs))
-PY
+    local pids=() l
+    for l in $FLOOR_LAYERS; do
+        local digest=${l%:*} comp=${l##*:} dec=(cat)
+        case $comp in gzip) dec=(gzip -dc) ;; zstd) dec=(zstd -dcq) ;; esac
+        (set -o pipefail; curl -sSf "http://$REGISTRY/v2/$FLOOR_REPO/blobs/$digest" | "${dec[@]}" >/dev/null) &
+        pids+=($!)
+    done
+    local p
+    for p in "${pids[@]}"; do wait "$p"; done
 }
-export -f floor
+export -f reference_pipeline floor
+export WORK REGISTRY
 
-bench_build() {
-    cat >"$WORK/fledge.toml" <<EOF
+# layers_of REPO:TAG: "digest:compression" of each layer, from the registry's manifest.
+layers_of() {
+    curl -sSf -H "Accept: application/vnd.oci.image.manifest.v1+json" \
+        -H "Accept: application/vnd.docker.distribution.manifest.v2+json" \
+        "http://$REGISTRY/v2/${1%:*}/manifests/${1##*:}" | python3 -c '
+import json, sys
+for l in json.load(sys.stdin)["layers"]:
+    mt = l["mediaType"]
+    c = "zstd" if "zstd" in mt else ("gzip" if "gzip" in mt else "none")
+    print(l["digest"] + ":" + c)'
+}
+
+# fledge_config NAME REF: a fledge.toml for REF with the same 100 MiB buffer.
+fledge_config() {
+    cat >"$WORK/$1.toml" <<EOF
 version = "1"
 strategy = "oci_rootfs"
 [source]
-image = "$REF"
+image = "$2"
 [filesystem]
 type = "ext4"
 size_buffer_mb = 100
 EOF
-    for _ in $(seq "$reps"); do
-        time_cmd reference-pipeline bash -c reference_pipeline
-        rm -rf "$WORK/ref"
-        rm -rf "$WORK/cache"
-        time_cmd fledge-build-cold "$FLEDGE" build -q -c "$WORK/fledge.toml" \
-            --cache-dir "$WORK/cache" -o "$WORK/out.img"
-        time_cmd fledge-build-warm "$FLEDGE" build -q -c "$WORK/fledge.toml" \
-            --cache-dir "$WORK/cache" -o "$WORK/out.img"
-        time_cmd floor bash -c floor
-    done
-    echo
-    echo "== build: Debian test image -> ext4, $reps repetitions, medians (peak RSS: max)"
-    print_row reference-pipeline
-    print_row fledge-build-cold reference-pipeline
-    print_row fledge-build-warm reference-pipeline
-    print_row floor
-    print_row fledge-build-cold floor
 }
 
-echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); $(date -u +%F)"
-echo "fledge: $("$FLEDGE" version)"
+fledge_build() { # NAME CACHE
+    "$FLEDGE" build -q -c "$WORK/$1.toml" --cache-dir "$2" -o "$WORK/out.img"
+}
+export -f fledge_build
+export FLEDGE
+
+bench_build() {
+    local ref="$REGISTRY/debian:test"
+    FLOOR_LAYERS=$(layers_of debian:test | tr '\n' ' ')
+    FLOOR_REPO=debian
+    export FLOOR_LAYERS FLOOR_REPO
+    fledge_config debian "docker://$ref"
+    for _ in $(seq "$reps"); do
+        measure reference-pipeline bash -c 'reference_pipeline "$0"' "docker://$ref"
+        rm -rf "$WORK/ref"
+        rm -rf "$WORK/cache"
+        measure fledge-cold bash -c 'fledge_build debian "$WORK/cache"'
+        rm -f "$WORK/out.img" "$WORK/out.manifest.json"
+        measure fledge-warm bash -c 'fledge_build debian "$WORK/cache"'
+        rm -f "$WORK/out.img" "$WORK/out.manifest.json"
+        measure floor bash -c floor
+    done
+    rm -rf "$WORK/cache"
+    echo
+    echo "== build: Debian test image (registry $ref) -> ext4, $reps repetitions"
+    header
+    row reference-pipeline
+    row fledge-cold reference-pipeline floor
+    row fledge-warm reference-pipeline
+    row floor reference-pipeline
+    echo "targets:"
+    check "fledge cold / reference" "$(ratio fledge-cold reference-pipeline)" "<=" 0.20
+    check "fledge warm / reference" "$(ratio fledge-warm reference-pipeline)" "<=" 0.10
+    check "fledge cold / floor" "$(ratio fledge-cold floor)" "<=" 1.5
+    check "fledge cold peak RSS, process tree (MiB)" "$(max_mib fledge-cold 3)" "<=" 300
+    check "fledge warm peak RSS, process tree (MiB)" "$(max_mib fledge-warm 3)" "<=" 300
+}
+
+bench_scale() {
+    local sizes=(10000 100000 300000) n
+    mkdir -p "$GEN_IMAGES"
+    for n in "${sizes[@]}"; do
+        if [ ! -f "$GEN_IMAGES/small-$n/index.json" ]; then
+            echo "generating an image of $n small files in $GEN_IMAGES/small-$n" >&2
+            python3 "$SCRIPTS/lib/gen-small-files.py" "$n" "$GEN_IMAGES/small-$n"
+        fi
+        registry_push "oci:$GEN_IMAGES/small-$n:test" "small-$n:test"
+        fledge_config "small-$n" "docker://$REGISTRY/small-$n:test"
+    done
+    for _ in $(seq "$scale_reps"); do
+        for n in "${sizes[@]}"; do
+            measure "reference-$n" bash -c 'reference_pipeline "$0"' "docker://$REGISTRY/small-$n:test"
+            rm -rf "$WORK/ref"
+            rm -rf "$WORK/cache"
+            measure "fledge-cold-$n" bash -c 'fledge_build "$0" "$WORK/cache"' "small-$n"
+            rm -f "$WORK/out.img" "$WORK/out.manifest.json"
+            measure "fledge-warm-$n" bash -c 'fledge_build "$0" "$WORK/cache"' "small-$n"
+            rm -rf "$WORK/cache" "$WORK/out.img" "$WORK/out.manifest.json"
+        done
+    done
+    echo
+    echo "== scale: images of N small files (0-2 KiB) -> ext4, $scale_reps repetitions"
+    header
+    for n in "${sizes[@]}"; do
+        row "reference-$n"
+        row "fledge-cold-$n" "reference-$n"
+        row "fledge-warm-$n" "reference-$n"
+    done
+    echo "targets:"
+    check "fledge cold 100k / reference 100k" "$(ratio fledge-cold-100000 reference-100000)" "<=" 0.20
+    check "fledge cold 300k / fledge cold 100k" "$(ratio fledge-cold-300000 fledge-cold-100000)" "<=" 3.6
+    check "fledge warm 300k / fledge warm 100k" "$(ratio fledge-warm-300000 fledge-warm-100000)" "<=" 3.6
+}
+
+bench_index() {
+    local ref="oci:$LAYOUT:test"
+    for _ in $(seq "$reps"); do
+        rm -rf "$WORK/cache" "$WORK/bundle"
+        measure fledge-index-cold "$FLEDGE" inspect --tree --cache-dir "$WORK/cache" "$ref"
+        measure umoci-unpack umoci unpack --image "$LAYOUT:test" "$WORK/bundle"
+        rm -rf "$WORK/bundle"
+        measure fledge-index-warm "$FLEDGE" inspect --tree --cache-dir "$WORK/cache" "$ref"
+    done
+    rm -rf "$WORK/cache"
+    echo
+    echo "== index: Debian test image (OCI layout), $reps repetitions"
+    header
+    row umoci-unpack
+    row fledge-index-cold umoci-unpack
+    row fledge-index-warm umoci-unpack
+}
+
+echo "machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r), $(findmnt -no FSTYPE -T /var/tmp) at /var/tmp; $(date -u '+%F %H:%M UTC')"
+echo "fledge: $("$FLEDGE" version | head -1); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "$what" != index ]; then
+    registry_start "$WORK/registry"
+    registry_push "oci:$LAYOUT:test" debian:test
+    echo "registry: docker-registry on $REGISTRY"
+fi
 case $what in
-index) bench_index ;;
 build) bench_build ;;
-all) bench_index; bench_build ;;
-*) echo "usage: $0 [-n REPS] [index|build|all]" >&2; exit 2 ;;
+scale) bench_scale ;;
+index) bench_index ;;
+all) bench_build; bench_scale ;;
 esac
+echo
+echo "disk = peak extra space used on the filesystem of /var/tmp during the command (median);"
+echo "max RSS 1 proc = largest single process (time -f %M); tree RSS = sampled sum over the tree."

@@ -14,30 +14,14 @@ for p in docker-registry skopeo "$fledge"; do
     command -v "$p" >/dev/null || { echo "test-registry: $p not found" >&2; exit 1; }
 done
 work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cat >"$work/config.yml" <<CFG
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/storage
-http:
-  addr: 127.0.0.1:$port
-CFG
-docker-registry serve "$work/config.yml" >"$work/registry.log" 2>&1 &
-reg_pid=$!
-trap 'kill $reg_pid 2>/dev/null; wait $reg_pid 2>/dev/null; rm -rf "$work"' EXIT
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-done
-ref="127.0.0.1:$port/debian:test"
-skopeo copy --quiet --dest-tls-verify=false "$src" "docker://$ref"
-size=$(du -sb "$work/storage" | cut -f1)
-echo "registry 127.0.0.1:$port holds debian:test ($((size / 1024 / 1024)) MiB stored)"
+# shellcheck source=lib/registry.sh
+. "$(dirname "$0")/lib/registry.sh"
+trap 'registry_stop; rm -rf "$work"' EXIT
+registry_start "$work/registry"
+ref="$REGISTRY/debian:test"
+registry_push "$src" debian:test
+size=$(du -sb "$work/registry/storage" | cut -f1)
+echo "registry $REGISTRY holds debian:test ($((size / 1024 / 1024)) MiB stored)"
 
 now() { date +%s.%N; }
 elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }

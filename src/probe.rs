@@ -463,6 +463,13 @@ pub fn probe_btrfs() -> Probe {
 
 /// Every probe this module implements, in a stable order. Tool probes run in parallel.
 pub fn probe_all() -> Vec<Probe> {
+    probe_selected(|_| true)
+}
+
+/// The probes of [`probe_all`], but only the formatter tools whose id `want_tool` accepts
+/// (each tool probe starts a process; `fledge build` asks only about the tools of its
+/// filesystem type).
+pub fn probe_selected(want_tool: impl Fn(&str) -> bool) -> Vec<Probe> {
     let mut probes = vec![
         probe_euid(),
         probe_cap_sys_admin(),
@@ -484,7 +491,11 @@ pub fn probe_all() -> Vec<Probe> {
         ("tools.btrfs", probe_btrfs),
     ];
     let results: Vec<Probe> = std::thread::scope(|s| {
-        let handles: Vec<_> = tools.iter().map(|(id, f)| (*id, s.spawn(f))).collect();
+        let handles: Vec<_> = tools
+            .iter()
+            .filter(|(id, _)| want_tool(id))
+            .map(|(id, f)| (*id, s.spawn(f)))
+            .collect();
         handles
             .into_iter()
             .map(|(id, h)| {

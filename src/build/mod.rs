@@ -20,7 +20,6 @@ pub mod size;
 mod userspace;
 mod xfsproto;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -314,7 +313,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         .unwrap_or_else(|| PathBuf::from("."));
     let planned = mapping::plan_mappings(&cfg.dir, &cfg.mappings)?;
     let fs = cfg.filesystem.fs_type;
-    let probes = select::Probed::run(fs);
+    let probes = select::Probed::for_build(fs, args.backend);
     // Fail early when nothing can build this type at all (the tree is not needed for that).
     select::precheck(args.backend, fs, &probes)?;
     // Release what builds killed with SIGKILL left here (theirs only), then claim our own
@@ -630,23 +629,109 @@ fn preallocate(path: &Path) -> Result<(), BuildError> {
     .map_err(|e| err(e.into()))
 }
 
+/// One piece of the image for the hasher: bytes read from a data extent, or the length of a
+/// hole (zeros that need not be read).
+enum Piece {
+    Data(Vec<u8>),
+    Zeros(u64),
+}
+
+/// The sha256 of the finished image. A second thread reads the data extents while this one
+/// hashes, and holes (the sparse free space, often a third of the image) are hashed from a
+/// zero buffer without being read.
 fn sha256_file(path: &Path) -> Result<String, BuildError> {
+    use std::sync::mpsc;
     let err = |e| BuildError::Io {
         path: path.to_path_buf(),
         source: e,
     };
-    let mut f = std::fs::File::open(path).map_err(err)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        check_interrupt()?;
-        let n = f.read(&mut buf).map_err(err)?;
-        if n == 0 {
-            break;
+    let f = std::fs::File::open(path).map_err(err)?;
+    let len = f.metadata().map_err(err)?.len();
+    let (tx, rx) = mpsc::sync_channel::<std::io::Result<Piece>>(4);
+    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let r = read_pieces(&f, len, &tx, &back_rx);
+            if let Err(e) = r {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let zeros = vec![0u8; 1 << 20];
+        let mut h = Sha256::new();
+        for piece in rx {
+            check_interrupt()?;
+            match piece.map_err(err)? {
+                Piece::Data(buf) => {
+                    h.update(&buf);
+                    let _ = back_tx.send(buf);
+                }
+                Piece::Zeros(mut n) => {
+                    while n > 0 {
+                        let k = n.min(zeros.len() as u64) as usize;
+                        h.update(&zeros[..k]);
+                        n -= k as u64;
+                    }
+                }
+            }
         }
-        h.update(&buf[..n]);
+        Ok(hex::encode(h.finalize()))
+    })
+}
+
+/// Send `f`'s first `len` bytes as pieces, in order; stops quietly when the receiver is gone.
+fn read_pieces(
+    f: &std::fs::File,
+    len: u64,
+    tx: &std::sync::mpsc::SyncSender<std::io::Result<Piece>>,
+    spare: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    use nix::unistd::{lseek, Whence};
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 1 << 20;
+    let mut pos = 0u64;
+    while pos < len {
+        // Where the next data starts; filesystems without SEEK_DATA report all data.
+        let data = match lseek(f, pos as i64, Whence::SeekData) {
+            Ok(o) => (o as u64).min(len),
+            Err(nix::Error::ENXIO) => len,
+            Err(_) => pos,
+        };
+        if data > pos {
+            if tx.send(Ok(Piece::Zeros(data - pos))).is_err() {
+                return Ok(());
+            }
+            pos = data;
+            continue;
+        }
+        let hole = match lseek(f, pos as i64, Whence::SeekHole) {
+            Ok(o) => (o as u64).clamp(pos + 1, len),
+            Err(_) => len,
+        };
+        while pos < hole {
+            let mut buf = spare.try_recv().unwrap_or_default();
+            let want = (hole - pos).min(CHUNK as u64) as usize;
+            buf.resize(want, 0);
+            let mut filled = 0;
+            while filled < want {
+                match f.read_at(&mut buf[filled..], pos + filled as u64) {
+                    Ok(0) => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "the image shrank while it was hashed",
+                        ))
+                    }
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            pos += want as u64;
+            if tx.send(Ok(Piece::Data(buf))).is_err() {
+                return Ok(());
+            }
+        }
     }
-    Ok(hex::encode(h.finalize()))
+    Ok(())
 }
 
 /// Outputs are ordinary files: 0644 (temporary files start out 0600).
@@ -693,5 +778,38 @@ mod tests {
             Some(1_709_210_096)
         );
         assert_eq!(parse_rfc3339_seconds("garbage"), None);
+    }
+
+    #[test]
+    fn sha256_of_sparse_and_dense_files() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        // (data runs as (offset, length), total length): holes before, between and after
+        // data, runs longer than one read chunk, and a file of data only.
+        let cases: [(&[(u64, usize)], u64); 5] = [
+            (&[], 0),
+            (&[], 5 << 20),
+            (&[(0, 3 << 20)], 3 << 20),
+            (&[(4096, 100), (3 << 20, (1 << 20) + 7)], 9 << 20),
+            (&[(0, 10), (8 << 20, 4096)], (8 << 20) + 4096),
+        ];
+        for (i, (runs, len)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("f{i}"));
+            let mut f = std::fs::File::create(&path).unwrap();
+            let mut expect = vec![0u8; *len as usize];
+            for (k, (off, n)) in runs.iter().enumerate() {
+                let bytes: Vec<u8> = (0..*n).map(|j| (j * 7 + k) as u8 | 1).collect();
+                f.seek(SeekFrom::Start(*off)).unwrap();
+                f.write_all(&bytes).unwrap();
+                expect[*off as usize..*off as usize + n].copy_from_slice(&bytes);
+            }
+            f.set_len(*len).unwrap();
+            drop(f);
+            assert_eq!(
+                sha256_file(&path).unwrap(),
+                hex::encode(Sha256::digest(&expect)),
+                "case {i}"
+            );
+        }
     }
 }

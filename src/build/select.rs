@@ -59,6 +59,40 @@ impl Probed {
         }
     }
 
+    /// The probes a build of `fs` with `choice` needs: the formatter tools of `fs` only, and
+    /// the FUSE mount tried only when the userspace backend may be chosen (asked for, the
+    /// kernel backend cannot run, or a reproducible ext4 build). Saves ~0.1 s per build.
+    pub fn for_build(fs: FsType, choice: BackendChoice) -> Probed {
+        let mut tools = kernel_requirements(fs);
+        tools.extend(userspace_requirements(fs, false));
+        let mut probes = probe::probe_selected(|id| tools.contains(&id));
+        let kernel_ok = |p: &[Probe]| {
+            kernel_requirements(fs)
+                .iter()
+                .all(|id| probe::find(p, id).is_some_and(Probe::is_ok))
+        };
+        let loop_probe = live_probe_loop(&probes);
+        probes.push(loop_probe);
+        let reproducible_ext4 =
+            fs == FsType::Ext4 && std::env::var_os("SOURCE_DATE_EPOCH").is_some();
+        let need_fuse = match choice {
+            BackendChoice::Kernel => false,
+            BackendChoice::Userspace => true,
+            BackendChoice::Auto => reproducible_ext4 || !kernel_ok(&probes),
+        };
+        probes.push(if need_fuse {
+            live_probe_fuse(&probes)
+        } else {
+            // Counted as unavailable: nothing chooses the userspace backend in this case.
+            Probe::new(
+                "fuse.mount",
+                Status::Fail,
+                "not tried: the kernel backend is used",
+            )
+        });
+        Probed { probes }
+    }
+
     fn ok(&self, id: &str) -> Result<(), String> {
         match probe::find(&self.probes, id) {
             Some(p) if p.is_ok() => Ok(()),
@@ -280,40 +314,45 @@ pub fn choose(
 /// Probes that try the real thing: attach a loop device to a scratch file, and mount a
 /// one-directory tree through FUSE. They run only when their cheap preconditions passed.
 pub fn live_probes(cheap: &[Probe]) -> Vec<Probe> {
-    let ok = |id: &str| probe::find(cheap, id).is_some_and(Probe::is_ok);
-    let scratch = tempfile::Builder::new().prefix("fledge-probe-").tempdir();
-    let mut out = Vec::new();
-    out.push(if !ok("kernel.loop_control") {
-        Probe::new(
+    vec![live_probe_loop(cheap), live_probe_fuse(cheap)]
+}
+
+fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix("fledge-probe-").tempdir()
+}
+
+fn live_probe_loop(cheap: &[Probe]) -> Probe {
+    if !probe::find(cheap, "kernel.loop_control").is_some_and(Probe::is_ok) {
+        return Probe::new(
             "kernel.loop_attach",
             Status::Fail,
             "skipped: /dev/loop-control is not usable",
         )
-        .hint("run as root for the kernel backend")
-    } else {
-        match &scratch {
-            Err(e) => Probe::new(
-                "kernel.loop_attach",
-                Status::Fail,
-                format!("no scratch dir: {e}"),
-            ),
-            Ok(dir) => probe_loop_attach(dir.path()),
-        }
-    });
-    out.push(if !ok("fuse.dev") {
-        Probe::new(
+        .hint("run as root for the kernel backend");
+    }
+    match scratch_dir() {
+        Err(e) => Probe::new(
+            "kernel.loop_attach",
+            Status::Fail,
+            format!("no scratch dir: {e}"),
+        ),
+        Ok(dir) => probe_loop_attach(dir.path()),
+    }
+}
+
+fn live_probe_fuse(cheap: &[Probe]) -> Probe {
+    if !probe::find(cheap, "fuse.dev").is_some_and(Probe::is_ok) {
+        return Probe::new(
             "fuse.mount",
             Status::Fail,
             "skipped: /dev/fuse is not usable",
         )
-        .hint("make /dev/fuse accessible (chmod 0666 /dev/fuse) or run as root")
-    } else {
-        match &scratch {
-            Err(e) => Probe::new("fuse.mount", Status::Fail, format!("no scratch dir: {e}")),
-            Ok(dir) => probe_fuse_mount(dir.path()),
-        }
-    });
-    out
+        .hint("make /dev/fuse accessible (chmod 0666 /dev/fuse) or run as root");
+    }
+    match scratch_dir() {
+        Err(e) => Probe::new("fuse.mount", Status::Fail, format!("no scratch dir: {e}")),
+        Ok(dir) => probe_fuse_mount(dir.path()),
+    }
 }
 
 fn probe_loop_attach(dir: &std::path::Path) -> Probe {

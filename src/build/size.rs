@@ -120,7 +120,7 @@ pub fn content_bytes(tree: &Tree, fs: FsType) -> u64 {
 }
 
 /// ext4's default journal size for a filesystem of `blocks` 4 KiB blocks (mke2fs's table).
-fn ext4_journal_bytes(bytes: u64) -> u64 {
+pub fn ext4_journal_bytes(bytes: u64) -> u64 {
     let blocks = bytes / BLOCK;
     let jblocks = match blocks {
         b if b < 2048 => 0,
