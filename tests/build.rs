@@ -343,13 +343,6 @@ fn build_btrfs_userspace_equals_kernel() {
 /// device node and gives the one file with a sub-second mtime a whole-second one: what images
 /// from a registry usually look like (Docker keeps /dev empty).
 fn derive_registry_like(img: &support::DebianImage, dir: &Path) -> String {
-    let layout = dir.join("layout");
-    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    for e in fs::read_dir(img.layout.join("blobs/sha256")).unwrap() {
-        let e = e.unwrap();
-        fs::hard_link(e.path(), layout.join("blobs/sha256").join(e.file_name())).unwrap();
-    }
-    fs::copy(img.layout.join("oci-layout"), layout.join("oci-layout")).unwrap();
     // The extra layer: whiteouts for device nodes, index.html again at a whole second.
     let mut builder = tar::Builder::new(Vec::new());
     let mut stack = vec![img.oracle_rootfs.clone()];
@@ -388,50 +381,7 @@ fn derive_registry_like(img: &support::DebianImage, dir: &Path) -> String {
         .append_data(&mut h, "var/www/html/index.html", &html[..])
         .unwrap();
     let layer = builder.into_inner().unwrap();
-    let put = |data: &[u8]| -> String {
-        let hex = hex::encode(Sha256::digest(data));
-        fs::write(layout.join("blobs/sha256").join(&hex), data).unwrap();
-        format!("sha256:{hex}")
-    };
-    let layer_digest = put(&layer);
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(img.layout.join("index.json")).unwrap()).unwrap();
-    let blob = |d: &str| fs::read(img.layout.join("blobs/sha256").join(&d[7..])).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
-    config["rootfs"]["diff_ids"]
-        .as_array_mut()
-        .unwrap()
-        .push(layer_digest.clone().into());
-    let config_bytes = serde_json::to_vec(&config).unwrap();
-    manifest["config"]["digest"] = put(&config_bytes).into();
-    manifest["config"]["size"] = config_bytes.len().into();
-    manifest["layers"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest,
-            "size": layer.len(),
-        }));
-    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
-    let new_index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": put(&manifest_bytes),
-            "size": manifest_bytes.len(),
-            "annotations": {"org.opencontainers.image.ref.name": "nodev"},
-        }],
-    });
-    fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&new_index).unwrap(),
-    )
-    .unwrap();
-    format!("oci:{}:nodev", layout.display())
+    support::layout::derive_with_layer(&img.layout, &dir.join("layout"), &layer, "nodev")
 }
 
 /// The xfs protofile cannot carry this image's xattrs and hard links: fledge says so, listing

@@ -8,23 +8,15 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sha2::{Digest, Sha256};
 use support::treecmp::{self, snapshot, Snapshot};
 
 fn fledge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
 }
 
-/// A copy of the Debian test image (blobs hard-linked) with one more layer adding
-/// `/variant` holding `tag`: a different image that shares the lower layers.
+/// The Debian test image with one more layer adding `/variant` holding `tag`: a different
+/// image that shares the lower layers.
 fn variant(img: &support::DebianImage, dir: &Path, tag: &str) -> String {
-    let layout = dir.join(format!("layout-{tag}"));
-    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    for e in fs::read_dir(img.layout.join("blobs/sha256")).unwrap() {
-        let e = e.unwrap();
-        fs::hard_link(e.path(), layout.join("blobs/sha256").join(e.file_name())).unwrap();
-    }
-    fs::copy(img.layout.join("oci-layout"), layout.join("oci-layout")).unwrap();
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
     h.set_size(tag.len() as u64);
@@ -33,45 +25,7 @@ fn variant(img: &support::DebianImage, dir: &Path, tag: &str) -> String {
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, "variant", tag.as_bytes()).unwrap();
     let layer = b.into_inner().unwrap();
-    let put = |data: &[u8]| -> String {
-        let hex = hex::encode(Sha256::digest(data));
-        fs::write(layout.join("blobs/sha256").join(&hex), data).unwrap();
-        format!("sha256:{hex}")
-    };
-    let layer_digest = put(&layer);
-    let blob = |d: &str| fs::read(img.layout.join("blobs/sha256").join(&d[7..])).unwrap();
-    let index: serde_json::Value =
-        serde_json::from_slice(&fs::read(img.layout.join("index.json")).unwrap()).unwrap();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
-    let mut config: serde_json::Value =
-        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
-    config["rootfs"]["diff_ids"]
-        .as_array_mut()
-        .unwrap()
-        .push(layer_digest.clone().into());
-    let config_bytes = serde_json::to_vec(&config).unwrap();
-    manifest["config"]["digest"] = put(&config_bytes).into();
-    manifest["config"]["size"] = config_bytes.len().into();
-    manifest["layers"]
-        .as_array_mut()
-        .unwrap()
-        .push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": layer_digest, "size": layer.len(),
-        }));
-    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
-    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": put(&manifest_bytes), "size": manifest_bytes.len(),
-        "annotations": {"org.opencontainers.image.ref.name": tag},
-    }]});
-    fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&index).unwrap(),
-    )
-    .unwrap();
-    format!("oci:{}:{tag}", layout.display())
+    support::layout::derive_with_layer(&img.layout, &dir.join(format!("layout-{tag}")), &layer, tag)
 }
 
 struct Job {

@@ -140,7 +140,8 @@ pub fn add_journal(image: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn truncate_to(image: &Path, bytes: u64) -> Result<(), BuildError> {
+/// Set the image file's length (growing leaves a hole, shrinking cuts).
+pub(super) fn truncate_to(image: &Path, bytes: u64) -> Result<(), BuildError> {
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(image)

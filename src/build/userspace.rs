@@ -139,18 +139,8 @@ pub fn build(
     })
 }
 
+/// Start an attempt from an empty file of `size` bytes (all holes).
 fn set_len(image: &Path, size: u64) -> Result<(), BuildError> {
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(image)
-        .map_err(|e| BuildError::Io {
-            path: image.to_path_buf(),
-            source: e,
-        })?;
-    f.set_len(0)
-        .and_then(|()| f.set_len(size))
-        .map_err(|e| BuildError::Io {
-            path: image.to_path_buf(),
-            source: e,
-        })
+    ext4::truncate_to(image, 0)?;
+    ext4::truncate_to(image, size)
 }

@@ -284,3 +284,49 @@ pub fn write_layout(layout: &Path, layers: &[Layer]) -> String {
     fs::write(layout.join("index.json"), index.to_string()).expect("write index.json");
     format!("oci:{}:test", layout.display())
 }
+
+/// A copy of the OCI layout `src` (blobs hard-linked, nothing rewritten) with one more
+/// uncompressed layer `layer` on top of its only image, tagged `tag`, at `dest`. Returns the
+/// reference `oci:DEST:TAG`.
+pub fn derive_with_layer(src: &Path, dest: &Path, layer: &[u8], tag: &str) -> String {
+    fs::create_dir_all(dest.join("blobs/sha256")).unwrap();
+    for e in fs::read_dir(src.join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        fs::hard_link(e.path(), dest.join("blobs/sha256").join(e.file_name())).unwrap();
+    }
+    fs::copy(src.join("oci-layout"), dest.join("oci-layout")).unwrap();
+    let put = |data: &[u8]| -> String {
+        let hex = sha256_hex(data);
+        fs::write(dest.join("blobs/sha256").join(&hex), data).unwrap();
+        format!("sha256:{hex}")
+    };
+    let blob = |d: &str| fs::read(src.join("blobs/sha256").join(&d[7..])).unwrap();
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(src.join("index.json")).unwrap()).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let layer_digest = put(layer);
+    config["rootfs"]["diff_ids"]
+        .as_array_mut()
+        .unwrap()
+        .push(layer_digest.clone().into());
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    manifest["config"]["digest"] = put(&config_bytes).into();
+    manifest["config"]["size"] = config_bytes.len().into();
+    manifest["layers"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": TAR, "digest": layer_digest, "size": layer.len(),
+        }));
+    let manifest_bytes = serde_json::to_vec(&manifest).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": put(&manifest_bytes), "size": manifest_bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": tag},
+    }]});
+    fs::write(dest.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    format!("oci:{}:{tag}", dest.display())
+}
