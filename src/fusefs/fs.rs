@@ -77,6 +77,30 @@ impl TreeFs {
         self.node(ino).ok_or(Errno::ENOENT)
     }
 
+    /// List directory `ino` from `offset` (`.` and `..` first): `add(next_offset, name, id,
+    /// node)` for each entry until it reports the reply buffer full. Shared by readdir and
+    /// readdirplus, which differ only in what they add.
+    fn list_dir(
+        &self,
+        ino: INodeNo,
+        offset: u64,
+        mut add: impl FnMut(u64, &[u8], NodeId, &Node) -> bool,
+    ) -> Result<(), Errno> {
+        let (dir, node) = self.node_or_err(ino)?;
+        let NodeKind::Dir { entries } = &node.kind else {
+            return Err(Errno::ENOTDIR);
+        };
+        let mut index = offset;
+        while let Some((name, id)) = self.dir_entry(dir, node, entries, index) {
+            let child = self.tree.get(id).ok_or(Errno::EIO)?;
+            index += 1;
+            if add(index, name, id, child) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Attributes of node `id` exactly as the tree records them.
     pub(crate) fn attr(&self, id: NodeId, node: &Node) -> FileAttr {
         let size = match node.kind {
@@ -373,30 +397,18 @@ impl Filesystem for TreeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let (dir, node) = match self.node_or_err(ino) {
-            Ok(found) => found,
-            Err(e) => return reply.error(e),
-        };
-        let NodeKind::Dir { entries } = &node.kind else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        let mut index = offset;
-        while let Some((name, id)) = self.dir_entry(dir, node, entries, index) {
-            let Some(child) = self.tree.get(id) else {
-                return reply.error(Errno::EIO);
-            };
-            index += 1;
-            let full = reply.add(
+        let listed = self.list_dir(ino, offset, |next, name, id, child| {
+            reply.add(
                 ino_of(id),
-                index,
+                next,
                 file_type(&child.kind),
                 OsStr::from_bytes(name),
-            );
-            if full {
-                break;
-            }
+            )
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -407,32 +419,20 @@ impl Filesystem for TreeFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let (dir, node) = match self.node_or_err(ino) {
-            Ok(found) => found,
-            Err(e) => return reply.error(e),
-        };
-        let NodeKind::Dir { entries } = &node.kind else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        let mut index = offset;
-        while let Some((name, id)) = self.dir_entry(dir, node, entries, index) {
-            let Some(child) = self.tree.get(id) else {
-                return reply.error(Errno::EIO);
-            };
-            index += 1;
-            let full = reply.add(
+        let listed = self.list_dir(ino, offset, |next, name, id, child| {
+            reply.add(
                 ino_of(id),
-                index,
+                next,
                 OsStr::from_bytes(name),
                 &TTL,
                 &self.attr(id, child),
                 GENERATION,
-            );
-            if full {
-                break;
-            }
+            )
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     fn fsyncdir(
