@@ -91,6 +91,31 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A tmpfs mounted for one test, unmounted on drop (also when the test panics).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new(source: &str, opts: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        support::run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", opts, source])
+                .arg(dir.path()),
+        );
+        Tmpfs(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.0.path()).status();
+    }
+}
+
 fn run_case(c: &Case, image_ref: &str) {
     let dir = tempfile::Builder::new()
         .prefix("fledge-bad-input-")
@@ -255,12 +280,7 @@ fn bad_inputs_with_image() {
     });
     if support::is_root() {
         // A read-only output directory (root ignores permission bits, so use a ro mount).
-        let ro = tempfile::tempdir().unwrap();
-        support::run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "ro,size=1m", "fledge-ro"])
-                .arg(ro.path()),
-        );
+        let ro = Tmpfs::new("fledge-ro", "ro,size=1m");
         cases.push(Case {
             needs_image: true,
             output: ro.path().join("out.img").display().to_string(),
@@ -271,12 +291,7 @@ fn bad_inputs_with_image() {
             )
         });
         // Disk full: a 64 MiB tmpfs cannot hold a ~200 MiB image.
-        let small = tempfile::tempdir().unwrap();
-        support::run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", "size=64m", "fledge-small"])
-                .arg(small.path()),
-        );
+        let small = Tmpfs::new("fledge-small", "size=64m");
         cases.push(Case {
             needs_image: true,
             output: small.path().join("out.img").display().to_string(),
@@ -300,9 +315,6 @@ fn bad_inputs_with_image() {
         for c in &cases {
             assert!(c.needs_image);
             run_case(c, &img.reference);
-        }
-        for d in [&ro, &small] {
-            let _ = Command::new("umount").arg(d.path()).status();
         }
     } else {
         support::skip(
