@@ -1,14 +1,23 @@
 //! fledge: turn Docker/OCI container images into bootable microVM root filesystem images.
 //!
 //! Architecture, in the order data flows through it:
-//! - [`source`]: find an image (OCI layout, ...) and read its verified blobs.
+//! - [`config`]: fledge.toml, validated; [`mapping`]: `[mappings]` and their FHS modes;
+//!   [`agent`]: the kestrel agent (local, http, release).
+//! - [`source`]: find an image (OCI layout and archive, docker-archive, registry, Docker
+//!   daemon) and read its verified blobs.
 //! - [`layer`]: decode layer blobs (tar, gzip, zstd) into an uncompressed, digest-keyed cache.
 //! - [`merge`]: apply the layers in order with full OCI semantics into one [`tree::Tree`].
 //! - [`tree`]: the frozen, read-only index of the merged image; contents stay in the layer data.
+//! - [`image`]: reference -> cached layers -> merged tree.
 //! - [`fusefs`]: serve a [`tree::Tree`] read-only through FUSE.
-//! - [`inspect`]: describe an image.
-//! - [`cli`]: the command line; `main.rs` only calls [`cli::main`].
-//! - [`sys`]: the only module with `unsafe` code and raw syscalls.
+//! - [`probe`]: capability probes; [`build`]: backends (kernel, userspace), chosen by the
+//!   probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
+//!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
+//! - [`doctor`], [`inspect`], [`cli`]: the commands; `main.rs` only calls [`cli::main`].
+//! - [`sys`]: reserved for `unsafe` code and raw syscalls (there are none: every syscall goes
+//!   through nix, loopdev, sys-mount or fuser).
+
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod build;
@@ -27,6 +36,7 @@ pub mod merge;
 pub mod probe;
 pub mod runner;
 pub mod source;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod tree;
 

@@ -1,2 +1,5 @@
-//! Every `unsafe` block and raw syscall of fledge lives here, each with a `// SAFETY:` comment.
-//! The rest of the crate uses the safe wrappers below.
+//! The one place where `unsafe` code and raw syscalls may live, each with a `// SAFETY:`
+//! comment. The crate denies `unsafe_code` everywhere else (see `lib.rs`).
+//!
+//! Today it is empty: every syscall fledge makes goes through safe wrappers (nix, std,
+//! loopdev-3, sys-mount, fuser, xattr).
