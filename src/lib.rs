@@ -38,6 +38,7 @@ pub mod runner;
 pub mod source;
 #[allow(unsafe_code)]
 pub mod sys;
+pub mod timing;
 pub mod tree;
 
 pub use error::Error;

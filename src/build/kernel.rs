@@ -210,9 +210,11 @@ pub fn build(
     plan: &SizePlan,
     image: &Path,
     work: &Path,
+    sw: &mut crate::timing::Stopwatch,
     progress: &dyn Fn(u64),
 ) -> Result<BuildReport, BuildError> {
     let lo = LoopGuard::attach(image)?;
+    sw.mark("loop attached");
     let (mkfs, mut args) = mkfs_args(fs, plan);
     // ext4 is made without its journal and gets it after the copy (ext4::add_journal): the
     // copy then skips journaling every metadata change, and the result is the same normal,
@@ -223,6 +225,7 @@ pub fn build(
     }
     args.push(lo.path().display().to_string());
     tool(mkfs, &args)?;
+    sw.mark(mkfs);
 
     let target = work.join("mnt");
     std::fs::create_dir_all(&target).map_err(|e| BuildError::Io {
@@ -240,7 +243,9 @@ pub fn build(
             source: e,
         })?;
     }
+    sw.mark("mounted");
     let stats = copy_with_background_writeback(tree, &target, progress)?;
+    sw.mark("copied");
 
     // Correct the size while mounted where the filesystem can be resized online.
     let mut resizes = 0;
@@ -313,13 +318,18 @@ pub fn build(
         sync_fs(&target, fs)?;
         free_bytes(&target)?
     };
+    sw.mark("synced");
     mnt.unmount()?;
+    sw.mark("unmounted");
     lo.detach()?;
+    sw.mark("loop detached");
     if late_journal {
         ext4::add_journal(image)?;
+        sw.mark("journal added");
     }
     let free = if fs == FsType::Ext4 {
         let (free, n) = ext4::calibrate(image, plan)?;
+        sw.mark("size calibrated");
         resizes += n;
         free
     } else {

@@ -292,6 +292,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         detail: e.to_string(),
     })?;
     let started = Instant::now();
+    let mut sw = crate::timing::Stopwatch::start();
 
     // 1. Every cheap check first.
     let cfg = Config::load(&args.config)?;
@@ -316,6 +317,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     let probes = select::Probed::for_build(fs, args.backend);
     // Fail early when nothing can build this type at all (the tree is not needed for that).
     select::precheck(args.backend, fs, &probes)?;
+    sw.mark("config and probes");
     // Release what builds killed with SIGKILL left here (theirs only), then claim our own
     // work directory next to the output.
     let recovered = recover::recover(&out_dir);
@@ -344,6 +346,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     let opts = args.image.open_options()?;
     let merged = crate::image::merge(&reference, &opts, ui)?;
     check_interrupt()?;
+    sw.mark("image resolved, layers ready and merged");
 
     // 3. Injection through the merged view.
     let mut merged = merged;
@@ -448,10 +451,11 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     test_hook_pause()?;
     let image_tmp = work.path().join("image.img");
     create_image(&image_tmp, plan.image_bytes, cfg.filesystem.preallocate)?;
+    sw.mark("injection, backend choice, sizing");
     let progress = progress_for(ui, tree.stats().file_bytes);
     let report = match backend.kind {
         select::BackendKind::Kernel => {
-            kernel::build(&tree, fs, &plan, &image_tmp, work.path(), &|n| {
+            kernel::build(&tree, fs, &plan, &image_tmp, work.path(), &mut sw, &|n| {
                 progress.set_position(n)
             })?
         }
@@ -464,7 +468,9 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         preallocate(&image_tmp)?;
     }
     check_interrupt()?;
+    sw.mark("formatted");
     let checksum = sha256_file(&image_tmp)?;
+    sw.mark("sha256 of the image");
 
     // 6. Manifest, then both into place.
     let runtime = ImageRuntimeConfig::from_oci(&resolved.config);
@@ -483,6 +489,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     check_interrupt()?;
     rename(&image_tmp, &output)?;
     rename(&manifest_tmp, &manifest_path)?;
+    sw.mark("manifest written, outputs renamed");
 
     let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
     let free = report.free_bytes.map_or_else(

@@ -172,9 +172,11 @@ impl LayerStore {
             source: e,
         };
 
+        let mut sw = crate::timing::Stopwatch::start();
         let blob = src
             .open_blob(&layer.digest, layer.size)
             .map_err(source_err)?;
+        sw.mark(&format!("{} fetched", layer.digest));
         let blob = BufReader::with_capacity(BUF_SIZE, blob);
         let file = tmp.as_file();
         let actual = decode_into(compression, blob, file, layer, &tmp_path)?;
@@ -185,7 +187,9 @@ impl LayerStore {
                 actual,
             });
         }
+        sw.mark(&format!("{} decoded", layer.digest));
         file.sync_data().map_err(write_err)?;
+        sw.mark(&format!("{} synced", layer.digest));
         // Atomic rename; if another process finished first, ours replaces an identical file.
         tmp.persist(&final_path).map_err(|e| LayerError::Io {
             path: final_path.clone(),
