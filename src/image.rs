@@ -94,7 +94,9 @@ pub fn resolve(
 /// Resolve, fetch/decode the layers into the cache and merge them.
 pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage, Error> {
     let started = Instant::now();
+    let mut sw = crate::timing::Stopwatch::start();
     let (src, resolved) = resolve(reference, opts)?;
+    sw.mark("resolved");
     tracing::info!(
         "resolved {} from {} to {} ({}, {} layers)",
         reference,
@@ -106,6 +108,7 @@ pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage
     let store = LayerStore::new(cache_dir(opts)?);
     let paths = store.uncompressed_all(src.as_ref(), &resolved)?;
     let decoded = started.elapsed();
+    sw.mark("layers ready");
     let mut builder = TreeBuilder::new();
     let mut layer_files = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
@@ -118,6 +121,7 @@ pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage
             .map_err(|e: MergeError| Error::Merge(e))?;
         layer_files.push(Arc::new(file));
     }
+    sw.mark("merged");
     if ui.verbose > 0 {
         ui.info(format!(
             "layers ready in {:.2}s, merged in {:.2}s",

@@ -220,19 +220,26 @@ impl Tool {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_err)?;
-        // Drain both pipes on threads so a chatty tool never blocks, and poll the child so a
-        // Ctrl-C/SIGTERM delivered to fledge alone still stops it promptly.
+        // Drain both pipes on threads so a chatty tool never blocks. The child's exit closes
+        // both pipes, which wakes the wait below at once; it still polls every 20 ms so a
+        // Ctrl-C/SIGTERM delivered to fledge alone stops the child promptly.
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel::<()>();
         let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            let closed = closed_tx.clone();
             std::thread::spawn(move || {
                 let mut buf = Vec::new();
                 if let Some(mut p) = pipe {
                     let _ = p.read_to_end(&mut buf);
                 }
+                let _ = closed.send(());
                 buf
             })
         };
         let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
         let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        drop(closed_tx);
+        let mut open_pipes = 2;
+        let mut nap = std::time::Duration::from_micros(250);
         let status = loop {
             match child.try_wait().map_err(spawn_err)? {
                 Some(status) => break status,
@@ -240,7 +247,20 @@ impl Tool {
                     let _ = child.kill();
                     break child.wait().map_err(spawn_err)?;
                 }
-                None => std::thread::sleep(std::time::Duration::from_millis(20)),
+                None if open_pipes > 0 => {
+                    use std::sync::mpsc::RecvTimeoutError;
+                    match closed_rx.recv_timeout(POLL) {
+                        Ok(()) => open_pipes -= 1,
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => open_pipes = 0,
+                    }
+                }
+                None => {
+                    // Both pipes are closed: the child is exiting (or closed them and runs
+                    // on); poll with a growing nap.
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(POLL);
+                }
             }
         };
         Ok(Output {
@@ -250,6 +270,9 @@ impl Tool {
         })
     }
 }
+
+/// How often a running tool is checked for an interrupt request.
+const POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 fn signal_of(status: &std::process::ExitStatus) -> Option<i32> {
     use std::os::unix::process::ExitStatusExt;

@@ -17,6 +17,19 @@ use super::{ext4, tool, BuildError, BuildReport};
 use crate::config::FsType;
 use crate::tree::Tree;
 
+/// Attach `image` to the free device `dev` with autoclear: one `LOOP_CONFIGURE` where the
+/// kernel has it (Linux 5.8+), else `LOOP_SET_FD` + `LOOP_SET_STATUS64`.
+fn attach_one(dev: &LoopDevice, image: &Path) -> std::io::Result<()> {
+    let backing = File::options().read(true).write(true).open(image)?;
+    match crate::sys::loop_configure(dev, &backing) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOTTY)) => {
+            tracing::debug!("LOOP_CONFIGURE refused ({e}); attaching in two steps");
+            dev.with().autoclear(true).attach(image)
+        }
+        r => r,
+    }
+}
+
 /// An attached loop device, detached on drop.
 pub struct LoopGuard {
     dev: Option<LoopDevice>,
@@ -37,7 +50,7 @@ impl LoopGuard {
                 what: "find a free loop device".into(),
                 source: e,
             })?;
-            match dev.with().autoclear(true).attach(image) {
+            match attach_one(&dev, image) {
                 Ok(()) => {
                     let path = dev.path().unwrap_or_else(|| PathBuf::from("/dev/loop?"));
                     tracing::debug!("attached {} to {}", image.display(), path.display());

@@ -61,7 +61,9 @@ impl From<io::Error> for ReadError {
 }
 
 /// Buffered, position-tracking access to a layer file: forward seeks inside the buffer cost
-/// nothing, which matters since most files in a layer are small.
+/// nothing, which matters since most files in a layer are small. The buffer is small (8 KiB):
+/// after a seek past a large file only the next header is wanted, and refilling a big buffer
+/// there reads data that is never looked at (64 KiB made the Debian merge 40% slower).
 struct LayerReader<'f> {
     inner: BufReader<&'f File>,
     pos: u64,
@@ -117,7 +119,7 @@ pub(super) struct TarReader<'f> {
 
 impl<'f> TarReader<'f> {
     pub fn new(file: &'f File) -> io::Result<Self> {
-        let mut inner = BufReader::with_capacity(64 * 1024, file);
+        let mut inner = BufReader::with_capacity(8 * 1024, file);
         inner.seek(SeekFrom::Start(0))?;
         Ok(TarReader {
             r: LayerReader { inner, pos: 0 },
