@@ -7,6 +7,7 @@
 #   build  Debian test image -> ext4, everything pulled from a local docker-registry on
 #          127.0.0.1 that holds the image:
 #            reference-pipeline  the existing tool's steps (reference-notes.md): skopeo copy
+#                                docker-daemon:... (fails: no daemon), skopeo copy
 #                                docker://... oci:..., umoci unpack, du, mkfs.ext4, losetup,
 #                                mount, cp -a, umount, e2fsck, resize2fs, truncate
 #            fledge-cold         `fledge build` from docker://127.0.0.1:PORT/debian:test with an
@@ -125,7 +126,13 @@ reference_pipeline() {
     local src=$1 d=$WORK/ref buffer_kib=$((100 * 1024))
     rm -rf "$d"
     mkdir -p "$d/mnt"
-    skopeo copy -q --src-tls-verify=false "$src" "oci:$d/img:latest"
+    # Step 1 as the existing tool does it: the Docker daemon first (there is none here, so
+    # this fails, as it does for users without Docker), then the registry.
+    if [ "${src#docker://}" = "$src" ] ||
+        ! skopeo copy -q --src-daemon-host "$DOCKER_HOST" "docker-daemon:${src#docker://}" \
+            "oci:$d/img:latest" 2>/dev/null; then
+        skopeo copy -q --src-tls-verify=false "$src" "oci:$d/img:latest"
+    fi
     umoci unpack --image "$d/img:latest" "$d/bundle"
     local cfg
     cfg=$(python3 -c 'import json,sys; i=json.load(open(sys.argv[1]+"/index.json")); m=json.load(open(sys.argv[1]+"/blobs/sha256/"+i["manifests"][0]["digest"][7:])); print(m["config"]["digest"][7:])' "$d/img")

@@ -345,6 +345,26 @@ mod tests {
     }
 
     #[test]
+    fn waits_for_tools_whose_pipes_close_before_they_exit() {
+        // The pipes closing wakes the wait; the exit comes later and must still be awaited
+        // (its status is the tool's, not a guess).
+        let out = Tool::new("sh")
+            .args(["-c", "echo early; exec >/dev/null 2>&1; sleep 0.3; exit 3"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(out.stdout, b"early\n");
+        // And the other way round: the tool exits while a child it left behind keeps the
+        // pipes open; the output is complete once that child is done too.
+        let out = Tool::new("sh")
+            .args(["-c", "(sleep 0.2; echo late) & echo now"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(out.stdout, b"now\nlate\n");
+    }
+
+    #[test]
     fn killed_by_signal_and_accepted_codes() {
         let err = Tool::new("sh")
             .args(["-c", "kill -9 $$"])

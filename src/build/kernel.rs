@@ -384,8 +384,9 @@ fn copy_with_background_writeback(
     })
 }
 
-/// How often the background writeback runs during the copy.
-const WRITEBACK_PERIOD_MS: u64 = 5;
+/// How often the background writeback runs during the copy (measured on the Debian image:
+/// 2 ms finishes copy + unmount ~20 ms sooner than 5 ms, 20 ms ~45 ms later, none ~110 ms).
+const WRITEBACK_PERIOD_MS: u64 = 2;
 
 fn sync_fs(target: &Path, fs: FsType) -> Result<(), BuildError> {
     if fs == FsType::Btrfs {
