@@ -10,12 +10,12 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{AtFlags, OFlag, AT_FDCWD};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
@@ -51,7 +51,8 @@ pub fn copy_tree(
         creds: Creds::current(),
     };
     c.dirs.push((dest.to_path_buf(), ROOT));
-    c.copy_dir(ROOT, dest)?;
+    let root = open_dir(AT_FDCWD, dest.as_os_str(), dest)?;
+    c.copy_dir(ROOT, dest, root.as_fd())?;
     // Directory metadata last, deepest first, so creating children does not disturb it.
     let dirs = std::mem::take(&mut c.dirs);
     for (path, id) in dirs.iter().rev() {
@@ -112,7 +113,15 @@ fn parse_umask(status: &str) -> Option<u32> {
 }
 
 impl Copier<'_> {
-    fn copy_dir(&mut self, dir: NodeId, dir_path: &Path) -> Result<(), BuildError> {
+    /// Create the children of `dir` inside the directory `dir_fd` (at `dir_path`). Every
+    /// call works relative to the directory's descriptor: a path would be walked from the
+    /// root again for each of the three or four calls an entry needs.
+    fn copy_dir(
+        &mut self,
+        dir: NodeId,
+        dir_path: &Path,
+        dir_fd: BorrowedFd<'_>,
+    ) -> Result<(), BuildError> {
         let NodeKind::Dir { entries } = &self.tree.node(dir).kind else {
             return Ok(());
         };
@@ -120,8 +129,9 @@ impl Copier<'_> {
             if (self.interrupted)() {
                 return Err(BuildError::Interrupted);
             }
-            let path = dir_path.join(OsStr::from_bytes(name));
-            self.copy_entry(*child, &path)?;
+            let name = OsStr::from_bytes(name);
+            let path = dir_path.join(name);
+            self.copy_entry(*child, dir_fd, name, &path)?;
             self.stats.entries += 1;
             if self.stats.entries % 1024 == 0 {
                 (self.progress)(self.stats.bytes);
@@ -130,19 +140,24 @@ impl Copier<'_> {
         Ok(())
     }
 
-    fn copy_entry(&mut self, id: NodeId, path: &Path) -> Result<(), BuildError> {
+    /// Create entry `name` (node `id`) in the directory `dir` (at the parent of `path`,
+    /// which names it in errors).
+    fn copy_entry(
+        &mut self,
+        id: NodeId,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        path: &Path,
+    ) -> Result<(), BuildError> {
         let node = self.tree.node(id);
-        let io = |e: std::io::Error| BuildError::Copy {
-            path: path.to_path_buf(),
-            source: e,
-        };
         let nix_io = |e: nix::Error| BuildError::Copy {
             path: path.to_path_buf(),
             source: std::io::Error::from(e),
         };
         if !matches!(node.kind, NodeKind::Dir { .. }) && node.nlink > 1 {
             if let Some(first) = self.linked.get(&id) {
-                std::fs::hard_link(first, path).map_err(io)?;
+                nix::unistd::linkat(AT_FDCWD, first.as_path(), dir, name, AtFlags::empty())
+                    .map_err(nix_io)?;
                 self.stats.hardlinks += 1;
                 return Ok(());
             }
@@ -150,9 +165,11 @@ impl Copier<'_> {
         }
         match &node.kind {
             NodeKind::Dir { .. } => {
-                std::fs::create_dir(path).map_err(io)?;
+                nix::sys::stat::mkdirat(dir, name, Mode::from_bits_truncate(0o700))
+                    .map_err(nix_io)?;
                 self.dirs.push((path.to_path_buf(), id));
-                self.copy_dir(id, path)?;
+                let fd = open_dir(dir, name, path)?;
+                self.copy_dir(id, path, fd.as_fd())?;
             }
             NodeKind::File { size, content } => {
                 // A new file already has our owner, and its final mode when the umask keeps
@@ -161,19 +178,21 @@ impl Copier<'_> {
                 let m = &node.meta;
                 let owner_ok = m.uid == self.creds.uid && m.gid == self.creds.gid;
                 let mode_ok = owner_ok && m.mode & 0o7777 == m.mode & 0o777 & !self.creds.umask;
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(if mode_ok { m.mode & 0o777 } else { 0o600 })
-                    .open(path)
-                    .map_err(io)?;
+                let fd = nix::fcntl::openat(
+                    dir,
+                    name,
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(if mode_ok { m.mode & 0o777 } else { 0o600 }),
+                )
+                .map_err(nix_io)?;
+                let file = File::from(fd);
                 self.copy_content(id, *size, content, &file, path)?;
                 apply_fd_meta(&file, m, !owner_ok, !mode_ok).map_err(nix_io)?;
                 self.stats.bytes += size;
             }
             NodeKind::Symlink { target } => {
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), path).map_err(io)?;
-                apply_path_meta(path, &node.meta, false)?;
+                nix::unistd::symlinkat(OsStr::from_bytes(target), dir, name).map_err(nix_io)?;
+                apply_meta_at(dir, name, path, &node.meta, false)?;
             }
             NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
                 let kind = if matches!(node.kind, NodeKind::CharDevice { .. }) {
@@ -182,13 +201,14 @@ impl Copier<'_> {
                     SFlag::S_IFBLK
                 };
                 let dev = nix::sys::stat::makedev(u64::from(*major), u64::from(*minor));
-                nix::sys::stat::mknod(path, kind, Mode::from_bits_truncate(0o600), dev)
+                nix::sys::stat::mknodat(dir, name, kind, Mode::from_bits_truncate(0o600), dev)
                     .map_err(nix_io)?;
-                apply_path_meta(path, &node.meta, true)?;
+                apply_meta_at(dir, name, path, &node.meta, true)?;
             }
             NodeKind::Fifo => {
-                nix::unistd::mkfifo(path, Mode::from_bits_truncate(0o600)).map_err(nix_io)?;
-                apply_path_meta(path, &node.meta, true)?;
+                nix::unistd::mkfifoat(dir, name, Mode::from_bits_truncate(0o600))
+                    .map_err(nix_io)?;
+                apply_meta_at(dir, name, path, &node.meta, true)?;
             }
         }
         Ok(())
@@ -325,42 +345,68 @@ fn apply_fd_meta(file: &File, meta: &Meta, chown: bool, chmod: bool) -> nix::Res
     nix::sys::stat::futimens(file.as_fd(), &t, &t)
 }
 
-/// Owner, xattrs, mode (unless a symlink), times, by path without following symlinks.
-fn apply_path_meta(path: &Path, meta: &Meta, set_mode: bool) -> Result<(), BuildError> {
+/// Open the directory `name` in `dir` (no symlink followed) for the `*at` calls.
+fn open_dir<P: ?Sized + nix::NixPath>(
+    dir: BorrowedFd<'_>,
+    name: &P,
+    path: &Path,
+) -> Result<OwnedFd, BuildError> {
+    nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| BuildError::Copy {
+        path: path.to_path_buf(),
+        source: std::io::Error::from(e),
+    })
+}
+
+/// Owner, xattrs, mode (unless a symlink), times of entry `name` in `dir` (at `path`),
+/// without following symlinks.
+fn apply_meta_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    path: &Path,
+    meta: &Meta,
+    set_mode: bool,
+) -> Result<(), BuildError> {
     let err = |e: std::io::Error| BuildError::Copy {
         path: path.to_path_buf(),
         source: e,
     };
     let nerr = |e: nix::Error| err(std::io::Error::from(e));
     nix::unistd::fchownat(
-        nix::fcntl::AT_FDCWD,
-        path,
+        dir,
+        name,
         Some(Uid::from_raw(meta.uid)),
         Some(Gid::from_raw(meta.gid)),
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .map_err(nerr)?;
+    // There is no xattr call relative to a directory before Linux 6.13: these (rare, on
+    // symlinks and special files) go by path.
     for (name, value) in &meta.xattrs {
         xattr::set(path, OsStr::from_bytes(name), value).map_err(err)?;
     }
     if set_mode {
+        // Only for special files and directories, never symlinks: nothing to follow.
         nix::sys::stat::fchmodat(
-            nix::fcntl::AT_FDCWD,
-            path,
+            dir,
+            name,
             Mode::from_bits_truncate(meta.mode & 0o7777),
             nix::sys::stat::FchmodatFlags::FollowSymlink,
         )
         .map_err(nerr)?;
     }
     let t = timespec(meta);
-    nix::sys::stat::utimensat(
-        nix::fcntl::AT_FDCWD,
-        path,
-        &t,
-        &t,
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(nerr)
+    nix::sys::stat::utimensat(dir, name, &t, &t, UtimensatFlags::NoFollowSymlink).map_err(nerr)
+}
+
+/// Owner, xattrs, mode (unless a symlink), times, by path without following symlinks.
+fn apply_path_meta(path: &Path, meta: &Meta, set_mode: bool) -> Result<(), BuildError> {
+    apply_meta_at(AT_FDCWD, path.as_os_str(), path, meta, set_mode)
 }
 
 #[cfg(test)]
