@@ -7,8 +7,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 packages=(
-    # building fledge (loopdev-3 generates bindings with libclang)
-    build-essential pkg-config libclang-dev
+    # building fledge (loopdev-3 generates bindings with libclang; the default `isal` feature
+    # builds Intel's ISA-L inflate, which needs nasm and autotools)
+    build-essential pkg-config libclang-dev nasm autoconf automake libtool
     # FUSE (rootless mounts go through the setuid fusermount3)
     fuse3
     # formatters and checkers
