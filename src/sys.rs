@@ -33,7 +33,7 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
 /// Bytes a [`Writeback`] lets accumulate before it starts writing them out.
 const WRITEBACK_STEP: u64 = 8 << 20;
 
-/// Starts the writeback of a file written front to back every [`WRITEBACK_STEP`] bytes, so
+/// Starts the writeback of a file written front to back every 8 MiB (`WRITEBACK_STEP`), so
 /// the disk works while the file is still being produced and the final `sync_data` has only
 /// the tail left to wait for. Best effort: if the kernel or the filesystem refuses, it stops
 /// trying (durability still comes from the final sync).

@@ -833,6 +833,50 @@ mod tests {
     }
 
     #[test]
+    fn source_errors_travel_through_io_errors() {
+        let blob = sha256_digest(b"x");
+        let cases: [(SourceError, io::ErrorKind); 3] = [
+            (
+                SourceError::DigestMismatch {
+                    blob: blob.clone(),
+                    actual: sha256_digest(b"y"),
+                },
+                io::ErrorKind::InvalidData,
+            ),
+            (
+                SourceError::SizeMismatch {
+                    blob: blob.clone(),
+                    expected: 3,
+                    actual: "got more".to_string(),
+                },
+                io::ErrorKind::InvalidData,
+            ),
+            (
+                SourceError::RegistryUnreachable {
+                    registry: "r.example".to_string(),
+                    reason: "connection refused".to_string(),
+                },
+                io::ErrorKind::Other,
+            ),
+        ];
+        for (e, kind) in cases {
+            let text = e.to_string();
+            let io = e.into_io();
+            assert_eq!(io.kind(), kind, "{text}");
+            let back = SourceError::from_blob_read(&blob, io);
+            assert_eq!(back.to_string(), text);
+        }
+        // Other errors stay what they are.
+        let plain = io::Error::new(io::ErrorKind::UnexpectedEof, "short gzip");
+        let e = source_error_in(plain).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(matches!(
+            SourceError::from_blob_read(&blob, e),
+            SourceError::BlobRead { .. }
+        ));
+    }
+
+    #[test]
     fn verifying_reader_accepts_and_rejects() {
         let data = b"hello world";
         let d = sha256_digest(data);

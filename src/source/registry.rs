@@ -21,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -697,153 +697,21 @@ impl BlobCache {
     /// The verified blob's path, downloading it with `client` unless already cached.
     fn fetch(&self, client: &Client, digest: &str, size: u64) -> Result<PathBuf, SourceError> {
         let final_path = self.path(digest)?;
-        let part_path = self.partial_path(digest)?;
-        let Some(mut file) = self.lock_partial(digest)? else {
+        if final_path.is_file() {
             return Ok(final_path);
-        };
-        match self.download(client, digest, size, &mut file, &part_path) {
-            Ok(()) => {
-                file.sync_data().map_err(|e| self.io(&part_path, e))?;
-                fs::rename(&part_path, &final_path).map_err(|e| self.io(&final_path, e))?;
-                Ok(final_path)
-            }
-            Err((e, keep)) => {
-                if !keep {
-                    let _ = fs::remove_file(&part_path);
-                }
-                Err(e)
+        }
+        let mut stream = self.open_stream(client, digest, size)?;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(SourceError::from_blob_read(digest, e)),
             }
         }
-    }
-
-    /// Fill `file` (the locked partial file) with blob `digest`, continuing what it holds.
-    /// On error, says whether the partial content is worth keeping for a later resume.
-    fn download(
-        &self,
-        client: &Client,
-        digest: &str,
-        size: u64,
-        file: &mut File,
-        part_path: &Path,
-    ) -> Result<(), (SourceError, bool)> {
-        let io = |e: io::Error| (self.io(part_path, e), false);
-        let mut have = file.metadata().map_err(io)?.len();
-        if have > size {
-            file.set_len(0).map_err(io)?;
-            have = 0;
-        }
-        // Hash what an earlier run left.
-        let mut hasher = Sha256::new();
-        if have > 0 {
-            file.seek(SeekFrom::Start(0)).map_err(io)?;
-            let mut prefix = (&mut *file).take(have);
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = prefix.read(&mut buf).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-            }
-            tracing::info!("resuming the download of {digest} at byte {have} of {size}");
-        }
-        let url = client.url(&format!("blobs/{digest}"));
-        let mut attempt = 0;
-        let mut use_range = true;
-        while have < size {
-            let resp = client
-                .get(&url, None, (use_range && have > 0).then_some(have))
-                .map_err(|e| (e, true))?;
-            let status = resp.status().as_u16();
-            match status {
-                200 => {
-                    if have > 0 {
-                        // The server ignored the range: start again.
-                        file.set_len(0).map_err(io)?;
-                        have = 0;
-                        hasher = Sha256::new();
-                    }
-                }
-                206 => {
-                    let start = resp
-                        .headers()
-                        .get("content-range")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.strip_prefix("bytes "))
-                        .and_then(|v| v.split('-').next())
-                        .and_then(|v| v.parse::<u64>().ok());
-                    if start != Some(have) {
-                        use_range = false;
-                        continue;
-                    }
-                }
-                416 => {
-                    file.set_len(0).map_err(io)?;
-                    have = 0;
-                    hasher = Sha256::new();
-                    use_range = false;
-                    continue;
-                }
-                _ => {
-                    let body = read_limited(resp.into_body(), MAX_ERROR_BODY).unwrap_or_default();
-                    return Err((client.status_error("blob", digest, status, &body), false));
-                }
-            }
-            file.seek(SeekFrom::Start(have)).map_err(io)?;
-            let mut body = resp.into_body().into_reader();
-            let mut buf = vec![0u8; 1 << 20];
-            let interrupted = loop {
-                let n = match body.read(&mut buf) {
-                    Ok(0) => break None,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => break Some(e),
-                };
-                if have + n as u64 > size {
-                    return Err((
-                        SourceError::SizeMismatch {
-                            blob: digest.to_string(),
-                            expected: size,
-                            actual: "got more".to_string(),
-                        },
-                        false,
-                    ));
-                }
-                file.write_all(&buf[..n]).map_err(io)?;
-                hasher.update(&buf[..n]);
-                have += n as u64;
-            };
-            if have == size {
-                break;
-            }
-            let reason = match interrupted {
-                Some(e) => e.to_string(),
-                None => format!("the connection closed after {have} of {size} bytes"),
-            };
-            file.flush().map_err(io)?;
-            if attempt + 1 >= MAX_ATTEMPTS {
-                return Err((
-                    client.unreachable(format!(
-                        "downloading blob {digest} failed ({reason}); {have} of {size} bytes are kept and the next run continues from there"
-                    )),
-                    true,
-                ));
-            }
-            tracing::debug!("blob {digest}: {reason}; continuing at byte {have}");
-            std::thread::sleep(backoff(attempt));
-            attempt += 1;
-        }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if actual != digest {
-            return Err((
-                SourceError::DigestMismatch {
-                    blob: digest.to_string(),
-                    actual,
-                },
-                false,
-            ));
-        }
-        Ok(())
+        stream.commit()?;
+        Ok(final_path)
     }
 }
 
@@ -1413,7 +1281,7 @@ mod tests {
         }
     }
 
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -1978,6 +1846,42 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains(&info.digest), "{e}");
         assert_eq!(cache_files(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn committing_a_stream_before_its_end_is_refused() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = sha256_digest(&data);
+        let m = mock(serve_blob(data.clone()));
+        let c = client(&m.addr, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let mut stream = cache.open_stream(&c, &digest, data.len() as u64).unwrap();
+        let mut start = vec![0u8; 1000];
+        stream.read_exact(&mut start).unwrap();
+        assert_eq!(start, data[..1000]);
+        let e = stream.commit().unwrap_err();
+        assert!(
+            matches!(&e, SourceError::BlobRead { blob, .. } if *blob == digest),
+            "{e}"
+        );
+        // Nothing verified, nothing kept.
+        assert_eq!(cache_files(dir.path()), Vec::<String>::new());
+
+        // Read to the end, committed: in the cache, and later opens read it from there.
+        let mut stream = cache.open_stream(&c, &digest, data.len() as u64).unwrap();
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).unwrap();
+        assert_eq!(all, data);
+        stream.commit().unwrap();
+        assert_eq!(fs::read(cache.path(&digest).unwrap()).unwrap(), data);
+        let requests = m.seen.lock().unwrap().len();
+        let mut stream = cache.open_stream(&c, &digest, data.len() as u64).unwrap();
+        all.clear();
+        stream.read_to_end(&mut all).unwrap();
+        assert_eq!(all, data);
+        stream.commit().unwrap();
+        assert_eq!(m.seen.lock().unwrap().len(), requests);
     }
 
     #[test]
