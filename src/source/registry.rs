@@ -683,13 +683,21 @@ impl BlobCache {
                 .map_err(|e| self.io(&part_path, e))?;
             let locked = Flock::lock(f, FlockArg::LockExclusive)
                 .map_err(|(_, errno)| self.io(&part_path, io::Error::from(errno)))?;
+            let ours = locked.metadata().map_err(|e| self.io(&part_path, e))?;
+            let current = match fs::metadata(&part_path) {
+                Ok(m) => m.ino() == ours.ino() && m.dev() == ours.dev(),
+                Err(_) => false,
+            };
             if final_path.is_file() {
+                // Opening created an empty partial file after the blob was completed: it is
+                // of no use (removed while locked, like any abandoned partial file).
+                if current && ours.len() == 0 {
+                    let _ = fs::remove_file(&part_path);
+                }
                 return Ok(None);
             }
-            let ours = locked.metadata().map_err(|e| self.io(&part_path, e))?;
-            match fs::metadata(&part_path) {
-                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(Some(locked)),
-                _ => continue,
+            if current {
+                return Ok(Some(locked));
             }
         }
     }
