@@ -953,6 +953,45 @@ mod tests {
     }
 
     #[test]
+    fn queue_reader_ends_only_at_the_end_marker() {
+        let queue = |msgs: Vec<io::Result<Vec<u8>>>| {
+            let (tx, rx) = mpsc::sync_channel(msgs.len() + 1);
+            for m in msgs {
+                tx.send(m).unwrap();
+            }
+            let (empties, _) = mpsc::channel();
+            QueueReader {
+                rx,
+                empties,
+                buf: Vec::new(),
+                pos: 0,
+                state: QueueState::Open,
+            }
+        };
+        let mut out = Vec::new();
+        queue(vec![Ok(b"ab".to_vec()), Ok(b"cd".to_vec()), Ok(Vec::new())])
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, b"abcd");
+        // The reader vanished (panicked) without the end marker: an error, never an end.
+        let mut r = queue(vec![Ok(b"ab".to_vec())]);
+        out.clear();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        assert!(e.to_string().contains("stopped"), "{e}");
+        assert!(r.read(&mut [0u8; 4]).is_err());
+        // A read error is passed on once, and reading stays failed.
+        let mut r = queue(vec![
+            Ok(b"ab".to_vec()),
+            Err(io::Error::new(io::ErrorKind::TimedOut, "slow")),
+        ]);
+        out.clear();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(out, b"ab");
+        assert!(r.fill_buf().is_err());
+    }
+
+    #[test]
     fn stale_temp_files_are_removed() {
         let cache = tempfile::tempdir().unwrap();
         let store = LayerStore::new(cache.path());
