@@ -1,14 +1,19 @@
 //! Layer decoding (tar, gzip, zstd) into an uncompressed, digest-keyed cache.
 //!
 //! [`LayerStore`] keeps one uncompressed tar per layer at
-//! `<dir>/layers/sha256/<diff_id hex>.tar`. A layer is decoded by streaming its blob through
-//! the source's verifying reader and the decompressor into a temporary file in the same
-//! directory while hashing the output; the file is renamed into place only once both the
-//! compressed digest and the diff_id check out, so the final path never holds partial or
-//! unverified data, even with several processes filling the cache at once.
+//! `<dir>/layers/sha256/<diff_id hex>.tar`. A layer is decoded by streaming its blob (from
+//! [`ImageSource::open_blob_stream`]: for a registry, the download itself, kept and hashed
+//! once on the way) through the decompressor into a temporary file in the same directory
+//! while hashing the output. Reading the blob, decoding, and hashing+writing the output run
+//! on three threads. Only once both the compressed digest and the diff_id check out is the
+//! blob stream committed (a downloaded blob enters the blob cache) and the layer file made
+//! durable and renamed into place, so the final paths never hold partial or unverified data,
+//! even with several processes filling the cache at once. The writeback of the layer file
+//! is started while it is written ([`crate::sys::Writeback`]), so the final `fsync` finds
+//! little left to do.
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Mutex};
@@ -18,7 +23,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::source::{
-    sha256_hex, BlobVerifyError, ImageSource, LayerInfo, ResolvedImage, SourceError,
+    sha256_hex, source_error_in, BlobStream, ImageSource, LayerInfo, ResolvedImage, SourceError,
 };
 
 /// Buffer size for reading blobs and writing layer files.
@@ -173,13 +178,14 @@ impl LayerStore {
         };
 
         let mut sw = crate::timing::Stopwatch::start();
+        // A network source may still be downloading while we decode: the blob is verified
+        // (and, when it was downloaded into a cache, kept) only at the end.
         let blob = src
-            .open_blob(&layer.digest, layer.size)
+            .open_blob_stream(&layer.digest, layer.size)
             .map_err(source_err)?;
-        sw.mark(&format!("{} fetched", layer.digest));
-        let blob = BufReader::with_capacity(BUF_SIZE, blob);
+        sw.mark(&format!("{} opened", layer.digest));
         let file = tmp.as_file();
-        let actual = decode_into(compression, blob, file, layer, &tmp_path)?;
+        let (actual, blob) = decode_into(compression, blob, file, layer, &tmp_path)?;
         if actual != layer.diff_id {
             return Err(LayerError::DiffIdMismatch {
                 digest: layer.digest.clone(),
@@ -187,7 +193,9 @@ impl LayerStore {
                 actual,
             });
         }
-        sw.mark(&format!("{} decoded", layer.digest));
+        sw.mark(&format!("{} fetched and decoded", layer.digest));
+        // Both digests check out: keep the blob (if the source caches it), then the layer.
+        blob.commit().map_err(source_err)?;
         file.sync_data().map_err(write_err)?;
         sw.mark(&format!("{} synced", layer.digest));
         // Atomic rename; if another process finished first, ours replaces an identical file.
@@ -393,61 +401,184 @@ fn default_dir_from(
 /// Map a read error during decoding: blob verification failures stay source errors, the rest
 /// means the compressed stream is bad.
 fn read_error(layer: &LayerInfo, e: io::Error) -> LayerError {
-    if let Some(v) = e
-        .get_ref()
-        .and_then(|inner| inner.downcast_ref::<BlobVerifyError>())
-    {
-        return LayerError::Source {
+    match source_error_in(e) {
+        Ok(source) => LayerError::Source {
             digest: layer.digest.clone(),
-            source: v.to_source_error(),
-        };
-    }
-    LayerError::Corrupt {
-        digest: layer.digest.clone(),
-        source: e,
+            source,
+        },
+        Err(e) => LayerError::Corrupt {
+            digest: layer.digest.clone(),
+            source: e,
+        },
     }
 }
 
-/// Decode `blob` into `file` and return the `sha256:<hex>` of the decoded bytes. The
-/// decoder runs on this thread; hashing and writing run on a second one, fed through a small
-/// queue of large buffers, so the two halves overlap.
-fn decode_into<R: BufRead>(
+/// Decode `blob` into `file` and return the `sha256:<hex>` of the decoded bytes, and the
+/// blob stream (read to its verified end) for the caller to commit. Three threads overlap:
+/// one reads the blob (for a download: receiving, keeping and hashing the compressed bytes),
+/// this one decodes, and one hashes and writes the output; they pass large buffers through
+/// small queues. On any failure the blob stream is dropped uncommitted.
+fn decode_into<'s>(
     compression: Compression,
-    blob: R,
+    blob: Box<dyn BlobStream + 's>,
     file: &File,
     layer: &LayerInfo,
     out_path: &Path,
-) -> Result<String, LayerError> {
+) -> Result<(String, Box<dyn BlobStream + 's>), LayerError> {
     let (full_tx, full_rx) = mpsc::sync_channel::<Vec<u8>>(PIPE_DEPTH);
     let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
+    let (in_tx, in_rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
+    let (in_empty_tx, in_empty_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
+        let reader = s.spawn(move || read_ahead(blob, &in_tx, &in_empty_rx));
         let writer = s.spawn(move || -> io::Result<String> {
             let mut hasher = Sha256::new();
             let mut out = file;
+            let mut written = 0u64;
+            let mut writeback = crate::sys::Writeback::default();
             for chunk in full_rx {
                 hasher.update(&chunk);
                 out.write_all(&chunk)?;
+                writeback.wrote(file, written, chunk.len() as u64);
+                written += chunk.len() as u64;
                 // The producer may be done already; then the buffer is simply dropped.
                 let _ = empty_tx.send(chunk);
             }
             Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
         });
-        let produced = produce(compression, blob, layer, &full_tx, &empty_rx);
+        let input = QueueReader {
+            rx: in_rx,
+            empties: in_empty_tx,
+            buf: Vec::new(),
+            pos: 0,
+            state: QueueState::Open,
+        };
+        // Dropping the input (when `produce` returns) stops the reader if it is not done.
+        let produced = produce(compression, input, layer, &full_tx, &empty_rx);
         drop(full_tx);
         let written = writer.join();
-        match (produced, written) {
-            (_, Err(_)) => Err(LayerError::WorkerPanicked {
+        let blob = reader.join();
+        match (produced, written, blob) {
+            (_, Err(_), _) | (_, _, Err(_)) => Err(LayerError::WorkerPanicked {
                 digest: layer.digest.clone(),
             }),
             // A write failure makes the producer stop early: report the write failure.
-            (_, Ok(Err(e))) => Err(LayerError::Io {
+            (_, Ok(Err(e)), _) => Err(LayerError::Io {
                 path: out_path.to_path_buf(),
                 source: e,
             }),
-            (Err(e), Ok(Ok(_))) => Err(e),
-            (Ok(()), Ok(Ok(digest))) => Ok(digest),
+            (Err(e), Ok(Ok(_)), _) => Err(e),
+            (Ok(()), Ok(Ok(digest)), Ok(blob)) => Ok((digest, blob)),
         }
     })
+}
+
+/// Read `blob` to its end in `BUF_SIZE` chunks and queue them, then an empty chunk for
+/// the end; a read error is queued instead and ends the reading. Stops early when the
+/// receiving side goes away. Hands the stream back.
+fn read_ahead<'s>(
+    mut blob: Box<dyn BlobStream + 's>,
+    tx: &mpsc::SyncSender<io::Result<Vec<u8>>>,
+    empties: &mpsc::Receiver<Vec<u8>>,
+) -> Box<dyn BlobStream + 's> {
+    loop {
+        let mut buf = empties.try_recv().unwrap_or_default();
+        buf.resize(BUF_SIZE, 0);
+        let mut filled = 0;
+        let mut failed = None;
+        while filled < buf.len() {
+            match blob.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let at_end = filled < buf.len();
+        buf.truncate(filled);
+        // Data first, then the error or the end marker.
+        if filled > 0 && tx.send(Ok(buf)).is_err() {
+            return blob;
+        }
+        if let Some(e) = failed {
+            let _ = tx.send(Err(e));
+            return blob;
+        }
+        if at_end {
+            let _ = tx.send(Ok(Vec::new()));
+            return blob;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum QueueState {
+    Open,
+    /// The end marker came.
+    Ended,
+    /// An error came (and was returned); nothing more follows.
+    Failed,
+}
+
+/// The decoder's side of [`read_ahead`]: a `BufRead` over the queued chunks, handing used
+/// buffers back.
+struct QueueReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    empties: mpsc::Sender<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+    state: QueueState,
+}
+
+impl Read for QueueReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = avail.len().min(out.len());
+        out[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+impl BufRead for QueueReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        while self.pos >= self.buf.len() {
+            match self.state {
+                QueueState::Open => {}
+                QueueState::Ended => return Ok(&[]),
+                QueueState::Failed => {
+                    return Err(io::Error::other("reading the blob failed earlier"))
+                }
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) if chunk.is_empty() => self.state = QueueState::Ended,
+                Ok(Ok(chunk)) => {
+                    let used = std::mem::replace(&mut self.buf, chunk);
+                    self.pos = 0;
+                    // The reader may be done already; then the buffer is simply dropped.
+                    let _ = self.empties.send(used);
+                }
+                Ok(Err(e)) => {
+                    self.state = QueueState::Failed;
+                    return Err(e);
+                }
+                // The reader went away without the end marker: it panicked (and the join
+                // reports it); never take this for the end of the blob.
+                Err(_) => {
+                    self.state = QueueState::Failed;
+                    return Err(io::Error::other("the blob reader stopped"));
+                }
+            }
+        }
+        Ok(&self.buf[self.pos..])
+    }
+
+    fn consume(&mut self, amt: usize) {
+        self.pos = self.pos.saturating_add(amt).min(self.buf.len());
+    }
 }
 
 /// Run the decoder for `compression` over `blob`, sending the output in chunks.
@@ -819,6 +950,45 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn queue_reader_ends_only_at_the_end_marker() {
+        let queue = |msgs: Vec<io::Result<Vec<u8>>>| {
+            let (tx, rx) = mpsc::sync_channel(msgs.len() + 1);
+            for m in msgs {
+                tx.send(m).unwrap();
+            }
+            let (empties, _) = mpsc::channel();
+            QueueReader {
+                rx,
+                empties,
+                buf: Vec::new(),
+                pos: 0,
+                state: QueueState::Open,
+            }
+        };
+        let mut out = Vec::new();
+        queue(vec![Ok(b"ab".to_vec()), Ok(b"cd".to_vec()), Ok(Vec::new())])
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, b"abcd");
+        // The reader vanished (panicked) without the end marker: an error, never an end.
+        let mut r = queue(vec![Ok(b"ab".to_vec())]);
+        out.clear();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        assert!(e.to_string().contains("stopped"), "{e}");
+        assert!(r.read(&mut [0u8; 4]).is_err());
+        // A read error is passed on once, and reading stays failed.
+        let mut r = queue(vec![
+            Ok(b"ab".to_vec()),
+            Err(io::Error::new(io::ErrorKind::TimedOut, "slow")),
+        ]);
+        out.clear();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(out, b"ab");
+        assert!(r.fill_buf().is_err());
     }
 
     #[test]

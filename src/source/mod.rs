@@ -199,21 +199,45 @@ fn list_or_none(items: &[String]) -> String {
 }
 
 impl SourceError {
-    /// Turn an error from reading blob `blob` (typically through a [`VerifyingReader`]) into
-    /// the matching variant: a [`BlobVerifyError`] becomes `DigestMismatch` or `SizeMismatch`,
-    /// anything else `BlobRead`.
+    /// Turn an error from reading blob `blob` (typically through a [`VerifyingReader`] or a
+    /// [`BlobStream`]) into the matching variant: a [`BlobVerifyError`] becomes
+    /// `DigestMismatch` or `SizeMismatch`, a carried `SourceError` is returned as it is,
+    /// anything else becomes `BlobRead`.
     pub fn from_blob_read(blob: &str, err: io::Error) -> SourceError {
-        if let Some(v) = err
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<BlobVerifyError>())
-        {
-            return v.to_source_error();
-        }
-        SourceError::BlobRead {
-            blob: blob.to_string(),
-            source: err,
+        match source_error_in(err) {
+            Ok(e) => e,
+            Err(err) => SourceError::BlobRead {
+                blob: blob.to_string(),
+                source: err,
+            },
         }
     }
+
+    /// Wrap this error in an `io::Error` (for a blob reader to return);
+    /// [`source_error_in`] takes it out again. Verification failures get the kind
+    /// `InvalidData`.
+    pub fn into_io(self) -> io::Error {
+        let kind = match self {
+            SourceError::DigestMismatch { .. } | SourceError::SizeMismatch { .. } => {
+                io::ErrorKind::InvalidData
+            }
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+/// The source's own error inside an error returned by a blob reader: a [`BlobVerifyError`]
+/// (as the matching `SourceError`) or a `SourceError` wrapped by [`SourceError::into_io`].
+/// Other errors (from a decoder reading the blob, say) are handed back unchanged.
+pub fn source_error_in(err: io::Error) -> Result<SourceError, io::Error> {
+    if let Some(v) = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<BlobVerifyError>())
+    {
+        return Ok(v.to_source_error());
+    }
+    err.downcast::<SourceError>()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,6 +366,36 @@ pub struct ResolvedImage {
     pub tags: Vec<String>,
 }
 
+/// A blob opened for one pass with [`ImageSource::open_blob_stream`].
+///
+/// It reads like the reader of [`ImageSource::open_blob`]: at the end of the data it fails
+/// (with a [`BlobVerifyError`] or a [`SourceError`] inside the `io::Error`, see
+/// [`source_error_in`]) unless the size and digest match. A source that keeps a copy of what
+/// passes through (the registry's download cache) keeps it only when [`BlobStream::commit`]
+/// is called; dropping the stream uncommitted throws the copy away, except a download cut
+/// short by the network, which is kept so the next run can continue it.
+pub trait BlobStream: Read + Send {
+    /// Make the copy kept while reading permanent (durable first, then visible). Call it
+    /// once the reader has returned the end of the data (so the blob was verified) and what
+    /// was derived from it checked out; committing before the end is an error.
+    fn commit(self: Box<Self>) -> Result<(), SourceError>;
+}
+
+/// A [`BlobStream`] over a reader that keeps nothing: committing does nothing.
+pub struct PlainBlobStream<R>(pub R);
+
+impl<R: Read> Read for PlainBlobStream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl<R: Read + Send> BlobStream for PlainBlobStream<R> {
+    fn commit(self: Box<Self>) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
 /// Somewhere images come from.
 pub trait ImageSource: Send + Sync {
     /// A short human description, e.g. `OCI layout /srv/img (tag latest)`.
@@ -351,6 +405,17 @@ pub trait ImageSource: Send + Sync {
     /// Open blob `digest` of `size` bytes; the reader fails with an `InvalidData` error
     /// carrying a [`BlobVerifyError`] at the end if the content does not match.
     fn open_blob(&self, digest: &str, size: u64) -> Result<Box<dyn Read + Send>, SourceError>;
+    /// Open blob `digest` of `size` bytes for a single pass that derives something from it
+    /// (a decoded layer); see [`BlobStream`]. A source that fetches blobs into a cache may
+    /// hand out the bytes as they arrive instead of fetching the whole blob first. The
+    /// default is [`ImageSource::open_blob`], with nothing to commit.
+    fn open_blob_stream(
+        &self,
+        digest: &str,
+        size: u64,
+    ) -> Result<Box<dyn BlobStream + '_>, SourceError> {
+        Ok(Box::new(PlainBlobStream(self.open_blob(digest, size)?)))
+    }
     /// How many blobs are best fetched at once (network sources gain from more than the
     /// number of CPUs); `None` means one per CPU.
     fn fetch_parallelism(&self) -> Option<usize> {
@@ -765,6 +830,50 @@ mod tests {
             .and_then(|e| e.downcast_ref::<BlobVerifyError>())
             .cloned()
             .unwrap()
+    }
+
+    #[test]
+    fn source_errors_travel_through_io_errors() {
+        let blob = sha256_digest(b"x");
+        let cases: [(SourceError, io::ErrorKind); 3] = [
+            (
+                SourceError::DigestMismatch {
+                    blob: blob.clone(),
+                    actual: sha256_digest(b"y"),
+                },
+                io::ErrorKind::InvalidData,
+            ),
+            (
+                SourceError::SizeMismatch {
+                    blob: blob.clone(),
+                    expected: 3,
+                    actual: "got more".to_string(),
+                },
+                io::ErrorKind::InvalidData,
+            ),
+            (
+                SourceError::RegistryUnreachable {
+                    registry: "r.example".to_string(),
+                    reason: "connection refused".to_string(),
+                },
+                io::ErrorKind::Other,
+            ),
+        ];
+        for (e, kind) in cases {
+            let text = e.to_string();
+            let io = e.into_io();
+            assert_eq!(io.kind(), kind, "{text}");
+            let back = SourceError::from_blob_read(&blob, io);
+            assert_eq!(back.to_string(), text);
+        }
+        // Other errors stay what they are.
+        let plain = io::Error::new(io::ErrorKind::UnexpectedEof, "short gzip");
+        let e = source_error_in(plain).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(matches!(
+            SourceError::from_blob_read(&blob, e),
+            SourceError::BlobRead { .. }
+        ));
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! renamed into place, and a blob that fails verification is deleted. Several processes may
 //! fill the cache at once: a blob's partial file is locked (`flock`) while it is written.
 //!
+//! Layers are decoded while they download: [`ImageSource::open_blob_stream`] hands out the
+//! bytes as they arrive (after those of a partial file an earlier run left), appending them
+//! to the partial file and hashing them once. The partial file enters the cache only when
+//! the stream is committed, i.e. when the decoded layer verified too; a stream dropped
+//! uncommitted deletes it, except after a network failure, when it is kept for resuming.
+//!
 //! Requests are retried with exponential backoff on 5xx, 429 and dropped connections.
 //! Authentication: anonymous, Basic, and Bearer tokens from the `WWW-Authenticate` challenge
 //! (realm, service, scope), with credentials from [`auth`](super::auth). Loopback registries
@@ -15,12 +21,13 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 use super::auth::{self, Credentials};
@@ -29,8 +36,8 @@ use super::oci_layout::{
     kind_of, Descriptor, Resolver, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST,
 };
 use super::{
-    sha256_digest, sha256_hex, ImageSource, Platform, ResolvedImage, SourceError, SourceOptions,
-    VerifyingReader,
+    sha256_digest, sha256_hex, BlobStream, ImageSource, PlainBlobStream, Platform, ResolvedImage,
+    SourceError, SourceOptions, VerifyingReader,
 };
 
 /// Attempts per request (first try included) on 5xx, 429 and dropped connections.
@@ -656,17 +663,17 @@ impl BlobCache {
         }
     }
 
-    /// The verified blob's path, downloading it with `client` unless already cached.
-    fn fetch(&self, client: &Client, digest: &str, size: u64) -> Result<PathBuf, SourceError> {
-        use nix::fcntl::{Flock, FlockArg};
+    /// Open (creating it) and lock the partial file of `digest`; `None` if the complete blob
+    /// is in the cache (already, or once another process holding the lock finished it).
+    fn lock_partial(&self, digest: &str) -> Result<Option<Flock<File>>, SourceError> {
         let final_path = self.path(digest)?;
         if final_path.is_file() {
-            return Ok(final_path);
+            return Ok(None);
         }
         fs::create_dir_all(&self.dir).map_err(|e| self.io(&self.dir, e))?;
         let part_path = self.partial_path(digest)?;
         // Lock the partial file; if it was renamed or removed while we waited, start over.
-        let mut file = loop {
+        loop {
             let f = fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -676,78 +683,173 @@ impl BlobCache {
                 .map_err(|e| self.io(&part_path, e))?;
             let locked = Flock::lock(f, FlockArg::LockExclusive)
                 .map_err(|(_, errno)| self.io(&part_path, io::Error::from(errno)))?;
-            if final_path.is_file() {
-                return Ok(final_path);
-            }
             let ours = locked.metadata().map_err(|e| self.io(&part_path, e))?;
-            match fs::metadata(&part_path) {
-                Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => break locked,
-                _ => continue,
-            }
-        };
-        match self.download(client, digest, size, &mut file, &part_path) {
-            Ok(()) => {
-                file.sync_data().map_err(|e| self.io(&part_path, e))?;
-                fs::rename(&part_path, &final_path).map_err(|e| self.io(&final_path, e))?;
-                Ok(final_path)
-            }
-            Err((e, keep)) => {
-                if !keep {
+            let current = match fs::metadata(&part_path) {
+                Ok(m) => m.ino() == ours.ino() && m.dev() == ours.dev(),
+                Err(_) => false,
+            };
+            if final_path.is_file() {
+                // Opening created an empty partial file after the blob was completed: it is
+                // of no use (removed while locked, like any abandoned partial file).
+                if current && ours.len() == 0 {
                     let _ = fs::remove_file(&part_path);
                 }
-                Err(e)
+                return Ok(None);
+            }
+            if current {
+                return Ok(Some(locked));
             }
         }
     }
 
-    /// Fill `file` (the locked partial file) with blob `digest`, continuing what it holds.
-    /// On error, says whether the partial content is worth keeping for a later resume.
-    fn download(
-        &self,
-        client: &Client,
+    /// The verified blob's path, downloading it with `client` unless already cached.
+    fn fetch(&self, client: &Client, digest: &str, size: u64) -> Result<PathBuf, SourceError> {
+        let final_path = self.path(digest)?;
+        if final_path.is_file() {
+            return Ok(final_path);
+        }
+        let mut stream = self.open_stream(client, digest, size)?;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(SourceError::from_blob_read(digest, e)),
+            }
+        }
+        stream.commit()?;
+        Ok(final_path)
+    }
+}
+
+impl BlobCache {
+    /// Blob `digest` for one pass: from the cache if it is complete there, else downloaded
+    /// as it is read (continuing a partial file an earlier run left, which is read back
+    /// first). The bytes go to the partial file and are hashed once on the way; the stream
+    /// renames the partial file into place only when committed.
+    fn open_stream<'a>(
+        &'a self,
+        client: &'a Client,
         digest: &str,
         size: u64,
-        file: &mut File,
-        part_path: &Path,
-    ) -> Result<(), (SourceError, bool)> {
-        let io = |e: io::Error| (self.io(part_path, e), false);
-        let mut have = file.metadata().map_err(io)?.len();
-        if have > size {
-            file.set_len(0).map_err(io)?;
-            have = 0;
+    ) -> Result<Box<dyn BlobStream + 'a>, SourceError> {
+        let final_path = self.path(digest)?;
+        let part_path = self.partial_path(digest)?;
+        let Some(file) = self.lock_partial(digest)? else {
+            let file = File::open(&final_path).map_err(|e| self.io(&final_path, e))?;
+            return Ok(Box::new(PlainBlobStream(VerifyingReader::new(
+                file, digest, size,
+            )?)));
+        };
+        let mut on_disk = file.metadata().map_err(|e| self.io(&part_path, e))?.len();
+        if on_disk > size {
+            file.set_len(0).map_err(|e| self.io(&part_path, e))?;
+            on_disk = 0;
         }
-        // Hash what an earlier run left.
-        let mut hasher = Sha256::new();
-        if have > 0 {
-            file.seek(SeekFrom::Start(0)).map_err(io)?;
-            let mut prefix = (&mut *file).take(have);
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = prefix.read(&mut buf).map_err(io)?;
-                if n == 0 {
-                    break;
+        if on_disk > 0 {
+            tracing::info!("resuming the download of {digest} at byte {on_disk} of {size}");
+        }
+        Ok(Box::new(DownloadStream {
+            client,
+            url: client.url(&format!("blobs/{digest}")),
+            digest: digest.to_string(),
+            size,
+            part_path,
+            final_path,
+            file,
+            on_disk,
+            read: 0,
+            hasher: Sha256::new(),
+            body: None,
+            skip: 0,
+            use_range: true,
+            attempt: 0,
+            state: StreamState::Reading,
+            writeback: crate::sys::Writeback::default(),
+        }))
+    }
+}
+
+/// Where a [`DownloadStream`] stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StreamState {
+    Reading,
+    /// Read to the end, size and digest checked.
+    Verified,
+    /// Failed; `keep` says whether the partial file is worth continuing later.
+    Failed {
+        keep: bool,
+    },
+    /// Renamed into place.
+    Committed,
+}
+
+/// A blob download read as it arrives (see [`BlobCache::open_stream`]).
+///
+/// The partial file always holds exactly the first `on_disk` bytes of the blob as received;
+/// the first `read` of them were handed out and hashed. Bytes an earlier run left are
+/// handed out first (read back from the file), then the download continues from `on_disk`
+/// with a `Range` request; a dropped connection is continued the same way, up to
+/// [`MAX_ATTEMPTS`] times.
+struct DownloadStream<'a> {
+    client: &'a Client,
+    url: String,
+    digest: String,
+    size: u64,
+    part_path: PathBuf,
+    final_path: PathBuf,
+    /// The locked partial file.
+    file: Flock<File>,
+    on_disk: u64,
+    read: u64,
+    hasher: Sha256,
+    body: Option<ureq::BodyReader<'static>>,
+    /// Bytes to drop from the start of `body` (a server that ignored the `Range`).
+    skip: u64,
+    use_range: bool,
+    attempt: u32,
+    state: StreamState,
+    writeback: crate::sys::Writeback,
+}
+
+impl DownloadStream<'_> {
+    fn io_err(&self, e: io::Error) -> SourceError {
+        SourceError::Io {
+            path: self.part_path.clone(),
+            source: e,
+        }
+    }
+
+    /// Record the failure and turn it into the error `read` returns.
+    fn fail(&mut self, e: SourceError, keep: bool) -> io::Error {
+        self.body = None;
+        self.state = StreamState::Failed { keep };
+        e.into_io()
+    }
+
+    /// Start (or restart) the download at byte `on_disk`.
+    fn connect(&mut self) -> io::Result<()> {
+        loop {
+            let from = self.on_disk;
+            let range = (self.use_range && from > 0).then_some(from);
+            let resp = match self.client.get(&self.url, None, range) {
+                Ok(r) => r,
+                // Unreachable after the client's own retries: keep what we have.
+                Err(SourceError::RegistryUnreachable { registry, reason }) if from > 0 => {
+                    let e = SourceError::RegistryUnreachable {
+                        registry,
+                        reason: self.kept(&reason),
+                    };
+                    return Err(self.fail(e, true));
                 }
-                hasher.update(&buf[..n]);
-            }
-            tracing::info!("resuming the download of {digest} at byte {have} of {size}");
-        }
-        let url = client.url(&format!("blobs/{digest}"));
-        let mut attempt = 0;
-        let mut use_range = true;
-        while have < size {
-            let resp = client
-                .get(&url, None, (use_range && have > 0).then_some(have))
-                .map_err(|e| (e, true))?;
+                Err(e) => return Err(self.fail(e, true)),
+            };
             let status = resp.status().as_u16();
             match status {
-                200 => {
-                    if have > 0 {
-                        // The server ignored the range: start again.
-                        file.set_len(0).map_err(io)?;
-                        have = 0;
-                        hasher = Sha256::new();
-                    }
-                }
+                // The whole blob (asked for, or the server ignored the range): the first
+                // `from` bytes are on disk already.
+                200 => self.skip = from,
                 206 => {
                     let start = resp
                         .headers()
@@ -756,78 +858,200 @@ impl BlobCache {
                         .and_then(|v| v.strip_prefix("bytes "))
                         .and_then(|v| v.split('-').next())
                         .and_then(|v| v.parse::<u64>().ok());
-                    if start != Some(have) {
-                        use_range = false;
+                    if start != Some(from) {
+                        self.use_range = false;
                         continue;
                     }
+                    self.skip = 0;
                 }
-                416 => {
-                    file.set_len(0).map_err(io)?;
-                    have = 0;
-                    hasher = Sha256::new();
-                    use_range = false;
+                416 if range.is_some() => {
+                    self.use_range = false;
                     continue;
                 }
                 _ => {
                     let body = read_limited(resp.into_body(), MAX_ERROR_BODY).unwrap_or_default();
-                    return Err((client.status_error("blob", digest, status, &body), false));
+                    let e = self
+                        .client
+                        .status_error("blob", &self.digest, status, &body);
+                    return Err(self.fail(e, false));
                 }
             }
-            file.seek(SeekFrom::Start(have)).map_err(io)?;
-            let mut body = resp.into_body().into_reader();
-            let mut buf = vec![0u8; 1 << 20];
-            let interrupted = loop {
-                let n = match body.read(&mut buf) {
-                    Ok(0) => break None,
+            self.body = Some(resp.into_body().into_reader());
+            return Ok(());
+        }
+    }
+
+    /// The connection broke (or closed early): wait and continue, or give up keeping the
+    /// partial file.
+    fn interrupted(&mut self, reason: String) -> io::Result<()> {
+        self.body = None;
+        if self.attempt + 1 >= MAX_ATTEMPTS {
+            let e = self.client.unreachable(self.kept(&reason));
+            return Err(self.fail(e, true));
+        }
+        tracing::debug!(
+            "blob {}: {reason}; continuing at byte {}",
+            self.digest,
+            self.on_disk
+        );
+        std::thread::sleep(backoff(self.attempt));
+        self.attempt += 1;
+        Ok(())
+    }
+
+    /// Why the download stopped, and what is kept of it.
+    fn kept(&self, reason: &str) -> String {
+        format!(
+            "downloading blob {} failed ({reason}); {} of {} bytes are kept and the next run continues from there",
+            self.digest, self.on_disk, self.size
+        )
+    }
+
+    /// All `size` bytes were read: check the digest.
+    fn finish(&mut self) -> io::Result<()> {
+        let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if actual != self.digest {
+            let e = SourceError::DigestMismatch {
+                blob: self.digest.clone(),
+                actual,
+            };
+            return Err(self.fail(e, false));
+        }
+        self.state = StreamState::Verified;
+        Ok(())
+    }
+}
+
+impl Read for DownloadStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            match self.state {
+                StreamState::Reading => {}
+                StreamState::Verified | StreamState::Committed => return Ok(0),
+                StreamState::Failed { .. } => {
+                    return Err(io::Error::other(format!(
+                        "reading blob {} failed before",
+                        self.digest
+                    )))
+                }
+            }
+            if buf.is_empty() {
+                return Ok(0);
+            }
+            // What an earlier run downloaded.
+            if self.read < self.on_disk {
+                let want = usize::try_from(self.on_disk - self.read)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let n = match self.file.read_at(&mut buf[..want], self.read) {
+                    Ok(0) => {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the partial file shrank while locked",
+                        );
+                        let e = self.io_err(e);
+                        return Err(self.fail(e, false));
+                    }
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => break Some(e),
+                    Err(e) => {
+                        let e = self.io_err(e);
+                        return Err(self.fail(e, false));
+                    }
                 };
-                if have + n as u64 > size {
-                    return Err((
-                        SourceError::SizeMismatch {
-                            blob: digest.to_string(),
-                            expected: size,
-                            actual: "got more".to_string(),
-                        },
-                        false,
-                    ));
+                self.hasher.update(&buf[..n]);
+                self.read += n as u64;
+                return Ok(n);
+            }
+            if self.read == self.size {
+                self.finish()?;
+                return Ok(0);
+            }
+            if self.body.is_none() {
+                self.connect()?;
+            }
+            let Some(body) = self.body.as_mut() else {
+                continue;
+            };
+            let mut n = match body.read(buf) {
+                Ok(0) => {
+                    let reason = format!(
+                        "the connection closed after {} of {} bytes",
+                        self.on_disk, self.size
+                    );
+                    self.interrupted(reason)?;
+                    continue;
                 }
-                file.write_all(&buf[..n]).map_err(io)?;
-                hasher.update(&buf[..n]);
-                have += n as u64;
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.interrupted(e.to_string())?;
+                    continue;
+                }
             };
-            if have == size {
-                break;
+            if self.skip > 0 {
+                let k = usize::try_from(self.skip).unwrap_or(usize::MAX).min(n);
+                self.skip -= k as u64;
+                if k == n {
+                    continue;
+                }
+                buf.copy_within(k..n, 0);
+                n -= k;
             }
-            let reason = match interrupted {
-                Some(e) => e.to_string(),
-                None => format!("the connection closed after {have} of {size} bytes"),
-            };
-            file.flush().map_err(io)?;
-            if attempt + 1 >= MAX_ATTEMPTS {
-                return Err((
-                    client.unreachable(format!(
-                        "downloading blob {digest} failed ({reason}); {have} of {size} bytes are kept and the next run continues from there"
-                    )),
-                    true,
-                ));
+            if self.on_disk + n as u64 > self.size {
+                let e = SourceError::SizeMismatch {
+                    blob: self.digest.clone(),
+                    expected: self.size,
+                    actual: "got more".to_string(),
+                };
+                return Err(self.fail(e, false));
             }
-            tracing::debug!("blob {digest}: {reason}; continuing at byte {have}");
-            std::thread::sleep(backoff(attempt));
-            attempt += 1;
+            if let Err(e) = self.file.write_all_at(&buf[..n], self.on_disk) {
+                let e = self.io_err(e);
+                return Err(self.fail(e, false));
+            }
+            self.writeback.wrote(&self.file, self.on_disk, n as u64);
+            self.hasher.update(&buf[..n]);
+            self.on_disk += n as u64;
+            self.read = self.on_disk;
+            return Ok(n);
         }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if actual != digest {
-            return Err((
-                SourceError::DigestMismatch {
-                    blob: digest.to_string(),
-                    actual,
-                },
-                false,
-            ));
+    }
+}
+
+impl BlobStream for DownloadStream<'_> {
+    fn commit(mut self: Box<Self>) -> Result<(), SourceError> {
+        if self.state != StreamState::Verified {
+            return Err(SourceError::BlobRead {
+                blob: self.digest.clone(),
+                source: io::Error::other("the blob was not read to its verified end"),
+            });
         }
+        self.file.sync_data().map_err(|e| self.io_err(e))?;
+        fs::rename(&self.part_path, &self.final_path).map_err(|e| SourceError::Io {
+            path: self.final_path.clone(),
+            source: e,
+        })?;
+        self.state = StreamState::Committed;
         Ok(())
+    }
+}
+
+impl Drop for DownloadStream<'_> {
+    fn drop(&mut self) {
+        // Uncommitted: nothing of it is trusted, unless the network cut it short. The file
+        // is removed while still locked, so a process waiting for the lock starts afresh.
+        match self.state {
+            StreamState::Committed | StreamState::Failed { keep: true } => {}
+            StreamState::Reading | StreamState::Verified | StreamState::Failed { keep: false } => {
+                if let Err(e) = fs::remove_file(&self.part_path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!("cannot remove {}: {e}", self.part_path.display());
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -980,6 +1204,14 @@ impl ImageSource for RegistrySource {
         Ok(Box::new(VerifyingReader::new(file, digest, size)?))
     }
 
+    fn open_blob_stream(
+        &self,
+        digest: &str,
+        size: u64,
+    ) -> Result<Box<dyn BlobStream + '_>, SourceError> {
+        self.cache.open_stream(&self.client, digest, size)
+    }
+
     fn fetch_parallelism(&self) -> Option<usize> {
         Some(PARALLEL_FETCHES)
     }
@@ -1057,7 +1289,7 @@ mod tests {
         }
     }
 
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -1079,13 +1311,19 @@ mod tests {
     }
 
     fn mock(handler: Box<Handler>) -> Mock {
+        mock_limited(handler, usize::MAX)
+    }
+
+    /// A mock that answers `limit` connections and then closes its socket (later attempts
+    /// to connect are refused).
+    fn mock_limited(handler: Box<Handler>, limit: usize) -> Mock {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = Arc::clone(&seen);
         let count = AtomicUsize::new(0);
         std::thread::spawn(move || {
-            for conn in l.incoming() {
+            for conn in l.incoming().take(limit) {
                 let Ok(mut conn) = conn else { break };
                 let mut r = BufReader::new(conn.try_clone().unwrap());
                 let mut req = Seen {
@@ -1321,6 +1559,337 @@ mod tests {
         let e = cache.fetch(&c, &digest, 100).unwrap_err();
         assert!(matches!(e, SourceError::SizeMismatch { .. }), "{e}");
         assert!(!cache.partial_path(&digest).unwrap().exists());
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Layers decoded while their blob downloads (`open_blob_stream`).
+
+    use crate::layer::{LayerError, LayerStore};
+    use crate::source::testutil::{tar_of, TestLayer};
+    use crate::source::LayerInfo;
+
+    /// A tar of a few MiB that compresses badly, so the blob spans many reads.
+    fn noisy_tar() -> Vec<u8> {
+        let mut data = Vec::with_capacity(3 << 20);
+        let mut x: u32 = 7;
+        while data.len() < (3 << 20) {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            data.extend_from_slice(&x.to_le_bytes());
+            if x % 7 == 0 {
+                data.extend_from_slice(b"repeated text ");
+            }
+        }
+        tar_of(&[("noise", &data), ("small", b"small")])
+    }
+
+    /// A registry source on the mock at `addr` (no manifest fetched) caching in `cache`.
+    fn stream_source(addr: &str, cache: &Path) -> RegistrySource {
+        let name = DockerRef::parse(&format!("{addr}/repo:t")).unwrap();
+        RegistrySource {
+            reference: format!("docker://{addr}/repo:t"),
+            name,
+            client: client(addr, None),
+            cache: BlobCache::new(cache),
+            top: Descriptor {
+                media_type: None,
+                digest: sha256_digest(b"unused"),
+                size: 6,
+                platform: None,
+                annotations: None,
+            },
+            manifests: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn layer_info(l: &TestLayer) -> LayerInfo {
+        LayerInfo {
+            media_type: l.media_type.clone(),
+            digest: sha256_digest(&l.blob),
+            size: l.blob.len() as u64,
+            diff_id: sha256_digest(&l.tar),
+        }
+    }
+
+    /// Every file in the blob and layer caches (complete, partial and temporary).
+    fn cache_files(cache: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        for sub in ["blobs/sha256", "layers/sha256"] {
+            if let Ok(rd) = fs::read_dir(cache.join(sub)) {
+                for e in rd {
+                    found.push(format!(
+                        "{sub}/{}",
+                        e.unwrap().file_name().to_string_lossy()
+                    ));
+                }
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// A handler serving `blob` for every blob request, honouring `Range`.
+    fn serve_blob(blob: Vec<u8>) -> Box<Handler> {
+        Box::new(move |req, _n, w| {
+            match req.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+                None => respond(w, "200 OK", &[], &blob),
+                Some(r) => {
+                    let from: usize = r.trim_end_matches('-').parse().unwrap();
+                    let range = format!("bytes {from}-{}/{}", blob.len() - 1, blob.len());
+                    respond(
+                        w,
+                        "206 Partial Content",
+                        &[("Content-Range", range)],
+                        &blob[from..],
+                    );
+                }
+            }
+        })
+    }
+
+    #[test]
+    fn layer_decodes_while_its_blob_downloads() {
+        for layer in [TestLayer::gzip(noisy_tar()), TestLayer::zstd(noisy_tar())] {
+            let info = layer_info(&layer);
+            assert!(layer.blob.len() > 2 << 20, "{}", layer.blob.len());
+            let blob = layer.blob.clone();
+            // The first answer breaks off after a third; the download continues with a
+            // Range request, unnoticed by the decoder.
+            let m = mock(Box::new(move |req, n, w| {
+                if n == 0 {
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        blob.len()
+                    );
+                    let _ = w.write_all(head.as_bytes());
+                    let _ = w.write_all(&blob[..blob.len() / 3]);
+                } else {
+                    serve_blob(blob.clone())(req, n, w);
+                }
+            }));
+            let dir = tempfile::tempdir().unwrap();
+            let src = stream_source(&m.addr, dir.path());
+            let store = LayerStore::new(dir.path());
+            let path = store.uncompressed(&src, &info).unwrap();
+            assert_eq!(fs::read(&path).unwrap(), layer.tar, "{}", layer.media_type);
+            assert_eq!(
+                fs::read(src.cache.path(&info.digest).unwrap()).unwrap(),
+                layer.blob
+            );
+            let hex = info.digest.trim_start_matches("sha256:");
+            let diff_hex = info.diff_id.trim_start_matches("sha256:");
+            assert_eq!(
+                cache_files(dir.path()),
+                [
+                    format!("blobs/sha256/{hex}"),
+                    format!("layers/sha256/{diff_hex}.tar")
+                ]
+            );
+            let seen = m.seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            let from = seen[1].range.clone().unwrap_or_default();
+            assert!(from.starts_with("bytes=") && from != "bytes=0-", "{from}");
+
+            // A second layer from the same (now cached) blob needs no download.
+            fs::remove_file(&path).unwrap();
+            assert_eq!(store.uncompressed(&src, &info).unwrap(), path);
+            assert_eq!(m.seen.lock().unwrap().len(), 2);
+        }
+    }
+
+    #[test]
+    fn corrupt_blob_or_wrong_diff_id_leaves_nothing_in_the_cache() {
+        let tar = noisy_tar();
+        // (layer, blob the registry serves, wrong diff_id?)
+        let gz = TestLayer::gzip(tar.clone());
+        let plain = TestLayer::plain(tar.clone());
+        let mut flipped_gz = gz.blob.clone();
+        let n = flipped_gz.len();
+        flipped_gz[n / 2] ^= 0xff;
+        let mut flipped_plain = plain.blob.clone();
+        flipped_plain[600] ^= 0xff;
+        let cases = [
+            ("gzip with a flipped byte", &gz, flipped_gz, false),
+            ("plain with a flipped byte", &plain, flipped_plain, false),
+            ("wrong diff_id", &gz, gz.blob.clone(), true),
+        ];
+        for (name, layer, served, wrong_diff_id) in cases {
+            let mut info = layer_info(layer);
+            if wrong_diff_id {
+                info.diff_id = sha256_digest(b"another tar");
+            }
+            let m = mock(serve_blob(served.clone()));
+            let dir = tempfile::tempdir().unwrap();
+            let src = stream_source(&m.addr, dir.path());
+            let e = LayerStore::new(dir.path())
+                .uncompressed(&src, &info)
+                .unwrap_err();
+            assert!(e.to_string().contains(&info.digest), "{name}: {e}");
+            match (name, &e) {
+                (
+                    "plain with a flipped byte",
+                    LayerError::Source {
+                        source: SourceError::DigestMismatch { blob, actual },
+                        ..
+                    },
+                ) => {
+                    assert_eq!(blob, &info.digest);
+                    assert_eq!(actual, &sha256_digest(&served));
+                }
+                // The decoder may trip over the damage before the digest check.
+                (
+                    "gzip with a flipped byte",
+                    LayerError::Corrupt { .. }
+                    | LayerError::Source {
+                        source: SourceError::DigestMismatch { .. },
+                        ..
+                    },
+                ) => {}
+                ("wrong diff_id", LayerError::DiffIdMismatch { expected, .. }) => {
+                    assert_eq!(expected, &info.diff_id);
+                }
+                _ => panic!("{name}: unexpected error {e:?}"),
+            }
+            assert_eq!(cache_files(dir.path()), Vec::<String>::new(), "{name}");
+        }
+    }
+
+    #[test]
+    fn interrupted_streaming_download_is_kept_and_resumed() {
+        let layer = TestLayer::gzip(noisy_tar());
+        let info = layer_info(&layer);
+        let half = layer.blob.len() / 2;
+        let blob = layer.blob.clone();
+        // One connection that breaks off half-way; then the registry is gone.
+        let m = mock_limited(
+            Box::new(move |_req, _n, w| {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    blob.len()
+                );
+                let _ = w.write_all(head.as_bytes());
+                let _ = w.write_all(&blob[..half]);
+            }),
+            1,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(dir.path());
+        let src = stream_source(&m.addr, dir.path());
+        let e = store.uncompressed(&src, &info).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                LayerError::Source {
+                    source: SourceError::RegistryUnreachable { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&info.digest) && msg.contains(&format!("{half} of ")),
+            "{msg}"
+        );
+        let part = src.cache.partial_path(&info.digest).unwrap();
+        assert_eq!(fs::read(&part).unwrap(), &layer.blob[..half]);
+        let hex = info.digest.trim_start_matches("sha256:");
+        assert_eq!(
+            cache_files(dir.path()),
+            [format!("blobs/sha256/.partial-{hex}")]
+        );
+
+        // The next run reads the kept half back and asks only for the rest.
+        let m = mock(serve_blob(layer.blob.clone()));
+        let src = stream_source(&m.addr, dir.path());
+        let path = store.uncompressed(&src, &info).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), layer.tar);
+        let seen = m.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].range.as_deref(), Some(&*format!("bytes={half}-")));
+        assert!(!part.exists());
+        assert_eq!(
+            fs::read(src.cache.path(&info.digest).unwrap()).unwrap(),
+            layer.blob
+        );
+        assert_eq!(cache_files(dir.path()).len(), 2);
+    }
+
+    #[test]
+    fn server_ignoring_the_range_is_handled_while_streaming() {
+        // A partial file from an earlier run; the server answers the Range with the whole
+        // blob, whose first part is skipped.
+        let layer = TestLayer::zstd(noisy_tar());
+        let info = layer_info(&layer);
+        let third = layer.blob.len() / 3;
+        let dir = tempfile::tempdir().unwrap();
+        let blob = layer.blob.clone();
+        let m = mock(Box::new(move |_req, _n, w| {
+            respond(w, "200 OK", &[], &blob)
+        }));
+        let src = stream_source(&m.addr, dir.path());
+        let part = src.cache.partial_path(&info.digest).unwrap();
+        fs::create_dir_all(part.parent().unwrap()).unwrap();
+        fs::write(&part, &layer.blob[..third]).unwrap();
+        let path = LayerStore::new(dir.path())
+            .uncompressed(&src, &info)
+            .unwrap();
+        assert_eq!(fs::read(&path).unwrap(), layer.tar);
+        assert_eq!(
+            fs::read(src.cache.path(&info.digest).unwrap()).unwrap(),
+            layer.blob
+        );
+        assert!(!part.exists());
+        let seen = m.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].range.as_deref(), Some(&*format!("bytes={third}-")));
+
+        // A partial file with garbage: the damage is found, nothing is kept.
+        let dir = tempfile::tempdir().unwrap();
+        let src = stream_source(&m.addr, dir.path());
+        let part = src.cache.partial_path(&info.digest).unwrap();
+        fs::create_dir_all(part.parent().unwrap()).unwrap();
+        fs::write(&part, vec![0u8; third]).unwrap();
+        let e = LayerStore::new(dir.path())
+            .uncompressed(&src, &info)
+            .unwrap_err();
+        assert!(e.to_string().contains(&info.digest), "{e}");
+        assert_eq!(cache_files(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn committing_a_stream_before_its_end_is_refused() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = sha256_digest(&data);
+        let m = mock(serve_blob(data.clone()));
+        let c = client(&m.addr, None);
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path());
+        let mut stream = cache.open_stream(&c, &digest, data.len() as u64).unwrap();
+        let mut start = vec![0u8; 1000];
+        stream.read_exact(&mut start).unwrap();
+        assert_eq!(start, data[..1000]);
+        let e = stream.commit().unwrap_err();
+        assert!(
+            matches!(&e, SourceError::BlobRead { blob, .. } if *blob == digest),
+            "{e}"
+        );
+        // Nothing verified, nothing kept.
+        assert_eq!(cache_files(dir.path()), Vec::<String>::new());
+
+        // Read to the end, committed: in the cache, and later opens read it from there.
+        let mut stream = cache.open_stream(&c, &digest, data.len() as u64).unwrap();
+        let mut all = Vec::new();
+        stream.read_to_end(&mut all).unwrap();
+        assert_eq!(all, data);
+        stream.commit().unwrap();
+        assert_eq!(fs::read(cache.path(&digest).unwrap()).unwrap(), data);
+        let requests = m.seen.lock().unwrap().len();
+        let mut stream = cache.open_stream(&c, &digest, data.len() as u64).unwrap();
+        all.clear();
+        stream.read_to_end(&mut all).unwrap();
+        assert_eq!(all, data);
+        stream.commit().unwrap();
+        assert_eq!(m.seen.lock().unwrap().len(), requests);
     }
 
     #[test]
