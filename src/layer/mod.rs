@@ -595,8 +595,16 @@ fn produce<R: BufRead>(
             pump(&mut r, layer, tx, empties)?;
         }
         Compression::Gzip => {
+            // Both decoders take concatenated gzip members as one stream and refuse
+            // truncation, bad checksums and trailing garbage.
+            #[cfg(feature = "isal")]
+            let mut d = isal::read::GzipDecoder::new(blob);
+            #[cfg(not(feature = "isal"))]
             let mut d = flate2::bufread::MultiGzDecoder::new(blob);
             if pump(&mut d, layer, tx, empties)? {
+                #[cfg(feature = "isal")]
+                drain(d.get_ref_mut(), layer)?;
+                #[cfg(not(feature = "isal"))]
                 drain(d.into_inner(), layer)?;
             }
         }
@@ -814,6 +822,37 @@ mod tests {
             );
             assert!(!store.path_for(&img.layers[0].diff_id).unwrap().exists());
             assert!(temp_files(&store).is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn gzip_members_concatenated_and_trailing_garbage() {
+        use crate::source::testutil::gzip;
+        // A blob of two gzip members (as pigz or appending writers make) is one layer.
+        let tar = big_tar();
+        let mid = tar.len() / 3;
+        let mut layer = TestLayer::gzip(tar.clone());
+        layer.blob = [gzip(&tar[..mid]), gzip(&tar[mid..])].concat();
+        let b = simple_layout(layer, "latest");
+        let (src, img) = resolve(&b);
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        let path = store.uncompressed(src.as_ref(), &img.layers[0]).unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), tar);
+        // Bytes after the last member that are not a gzip member: corrupt, nothing cached.
+        for tail in [&b"trailing garbage"[..], &[0u8; 64][..]] {
+            let mut layer = TestLayer::gzip(tar.clone());
+            layer.blob.extend_from_slice(tail);
+            let b = simple_layout(layer, "latest");
+            let (src, img) = resolve(&b);
+            let cache = tempfile::tempdir().unwrap();
+            let store = LayerStore::new(cache.path());
+            let e = store
+                .uncompressed(src.as_ref(), &img.layers[0])
+                .unwrap_err();
+            assert!(matches!(e, LayerError::Corrupt { .. }), "{tail:?}: {e}");
+            assert!(!store.path_for(&img.layers[0].diff_id).unwrap().exists());
+            assert!(temp_files(&store).is_empty());
         }
     }
 
