@@ -17,6 +17,9 @@ export CI="${CI:-}" FLEDGE_TEST_SETUP=1
 cargo fmt --all -- --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-targets -- --test-threads=2
+# The pure-Rust inflate that `--no-default-features` builds instead of ISA-L: the layer
+# decoding tests again, with flate2.
+cargo test --no-default-features --lib layer:: -- --test-threads=2
 # Fuzzing: each cargo-fuzz target for a bounded time (panics are bugs).
 scripts/fuzz.sh "${FLEDGE_FUZZ_SECONDS:-45}"
 # The VM tests use the binary `cargo test` just built (dependencies are optimised in every
