@@ -30,6 +30,9 @@ fn attach_one(dev: &LoopDevice, image: &Path) -> std::io::Result<()> {
     }
 }
 
+/// How often [`LoopGuard::attach`] tries (pauses of 1, 2, 4 ... 50 ms between: about 0.9 s).
+const ATTACH_ATTEMPTS: u32 = 24;
+
 /// An attached loop device, detached on drop.
 pub struct LoopGuard {
     dev: Option<LoopDevice>,
@@ -37,19 +40,37 @@ pub struct LoopGuard {
 }
 
 impl LoopGuard {
-    /// Attach `image` to a free loop device (retrying when another process takes the device
-    /// between "find free" and "attach").
+    /// Attach `image` to a free loop device. Other processes attach and detach devices at
+    /// the same time: a device reported free may be taken before we configure it (`EBUSY`)
+    /// or still be tearing down its last use (`ENXIO` when opened); both are retried with a
+    /// short, growing pause.
     pub fn attach(image: &Path) -> Result<LoopGuard, BuildError> {
         let ctl = LoopControl::open().map_err(|e| BuildError::Loop {
             what: "open /dev/loop-control".into(),
             source: e,
         })?;
+        let transient =
+            |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::EBUSY) | Some(libc::ENXIO));
         let mut last = None;
-        for _ in 0..8 {
-            let dev = ctl.next_free().map_err(|e| BuildError::Loop {
-                what: "find a free loop device".into(),
-                source: e,
-            })?;
+        let mut pause = std::time::Duration::from_millis(1);
+        for _ in 0..ATTACH_ATTEMPTS {
+            if last.is_some() {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            let dev = match ctl.next_free() {
+                Ok(dev) => dev,
+                Err(e) if transient(&e) => {
+                    last = Some((e, "find a free loop device".to_string()));
+                    continue;
+                }
+                Err(e) => {
+                    return Err(BuildError::Loop {
+                        what: "find a free loop device".into(),
+                        source: e,
+                    })
+                }
+            };
             match attach_one(&dev, image) {
                 Ok(()) => {
                     let path = dev.path().unwrap_or_else(|| PathBuf::from("/dev/loop?"));
@@ -59,7 +80,9 @@ impl LoopGuard {
                         path,
                     });
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
+                Err(e) if transient(&e) => {
+                    last = Some((e, format!("attach {}", image.display())));
+                }
                 Err(e) => {
                     return Err(BuildError::Loop {
                         what: format!("attach {}", image.display()),
@@ -68,9 +91,15 @@ impl LoopGuard {
                 }
             }
         }
+        let (source, what) = last.unwrap_or_else(|| {
+            (
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+                format!("attach {}", image.display()),
+            )
+        });
         Err(BuildError::Loop {
-            what: format!("attach {} (every free device was taken)", image.display()),
-            source: last.unwrap_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY)),
+            what: format!("{what} (every free device was taken or still detaching)"),
+            source,
         })
     }
 
