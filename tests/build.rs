@@ -78,41 +78,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// A loop mount of a built image, unmounted on drop.
-struct LoopMount {
-    dir: tempfile::TempDir,
-}
-
-impl LoopMount {
-    fn new(image: &Path, fs: &str, read_only: bool) -> LoopMount {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = if read_only { "loop,ro" } else { "loop" };
-        support::run_ok(
-            Command::new("mount")
-                .args(["-t", fs, "-o", opts])
-                .arg(image)
-                .arg(dir.path()),
-        );
-        LoopMount { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Free bytes as an unprivileged process sees them.
-    fn free_bytes(&self) -> u64 {
-        let st = nix::sys::statvfs::statvfs(self.path()).unwrap();
-        st.blocks_available() * st.fragment_size()
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 fn fsck(image: &Path, fs: &str) {
     let (prog, args): (&str, Vec<&str>) = match fs {
         "ext4" => ("e2fsck", vec!["-fn"]),
@@ -237,12 +202,12 @@ fn check_case(fs_type: &str, backend: &str) {
     // Contents equal the oracle.
     let oracle = oracle(&img);
     {
-        let m = LoopMount::new(&image, fs_type, true);
+        let m = support::LoopMount::new(&image, fs_type, true);
         assert_matches_oracle(&oracle, m.path(), &img, &test);
     }
     // Free space: at least the buffer, at most buffer + 10% + 16 MiB (measured read-write:
     // btrfs reports less on read-only mounts).
-    let m = LoopMount::new(&image, fs_type, false);
+    let m = support::LoopMount::new(&image, fs_type, false);
     let free = m.free_bytes();
     let (min, max) = (
         BUFFER_MB * MIB,
@@ -322,10 +287,10 @@ fn build_btrfs_userspace_equals_kernel() {
         fsck(&project.path().join(out), "btrfs");
     }
     let kernel = {
-        let m = LoopMount::new(&project.path().join("k.img"), "btrfs", true);
+        let m = support::LoopMount::new(&project.path().join("k.img"), "btrfs", true);
         snapshot(m.path()).unwrap()
     };
-    let m = LoopMount::new(&project.path().join("u.img"), "btrfs", false);
+    let m = support::LoopMount::new(&project.path().join("u.img"), "btrfs", false);
     support::assert_same_tree(
         &kernel,
         m.path(),
@@ -501,10 +466,10 @@ fn rootless_case(fs_type: &str) {
     fsck(&user_image, fs_type);
 
     let root_snap = {
-        let m = LoopMount::new(&root_project.path().join("root.img"), fs_type, true);
+        let m = support::LoopMount::new(&root_project.path().join("root.img"), fs_type, true);
         snapshot(m.path()).unwrap()
     };
-    let m = LoopMount::new(&user_image, fs_type, true);
+    let m = support::LoopMount::new(&user_image, fs_type, true);
     support::assert_same_tree(
         &root_snap,
         m.path(),

@@ -71,26 +71,6 @@ fn serve(body: &'static [u8]) -> String {
     format!("http://{addr}/kestrel")
 }
 
-/// Loop devices whose backing file lies under `dir`.
-fn loops_under(dir: &Path) -> Vec<String> {
-    let out = Command::new("losetup").args(["-a"]).output();
-    let Ok(out) = out else { return Vec::new() };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&*dir.to_string_lossy()))
-        .map(str::to_string)
-        .collect()
-}
-
-fn mounts_under(dir: &Path) -> Vec<String> {
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains(&*dir.to_string_lossy()))
-        .map(str::to_string)
-        .collect()
-}
-
 /// A tmpfs mounted for one test, unmounted on drop (also when the test panics).
 struct Tmpfs(tempfile::TempDir);
 
@@ -192,8 +172,14 @@ fn run_case(c: &Case, image_ref: &str) {
             .collect();
         assert!(extra.is_empty(), "{name}: left {extra:?} in the output dir");
     }
-    assert!(loops_under(project).is_empty(), "{name}: loop device left");
-    assert!(mounts_under(project).is_empty(), "{name}: mount left");
+    assert!(
+        support::loops_under(project).is_empty(),
+        "{name}: loop device left"
+    );
+    assert!(
+        support::mounts_under(project).is_empty(),
+        "{name}: mount left"
+    );
     eprintln!("{name}: ok: {}", errors[0]);
 }
 
@@ -385,7 +371,7 @@ fn mapping_source_vanishing_mid_build() {
             .starts_with(".fledge")),
         "work directory left behind"
     );
-    assert!(loops_under(p).is_empty() && mounts_under(p).is_empty());
+    assert!(support::loops_under(p).is_empty() && support::mounts_under(p).is_empty());
     // Retried with the file back: success.
     fs::rename(p.join("payload.away"), p.join("payload.bin")).unwrap();
     let out = run(false).wait_with_output().unwrap();

@@ -42,28 +42,6 @@ fn spawn_build(dir: &Path, backend: &str) -> Child {
         .unwrap()
 }
 
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let d = dir.to_string_lossy().to_string();
-    fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.split(' ').nth(4).is_some_and(|mp| mp.starts_with(&d)))
-        .map(str::to_string)
-        .collect()
-}
-
-fn loops_under(dir: &Path) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
-            if b.starts_with(&*dir.to_string_lossy()) {
-                found.push(format!("{}: {}", e.file_name().to_string_lossy(), b.trim()));
-            }
-        }
-    }
-    found
-}
-
 fn leftovers(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
         .unwrap()
@@ -142,14 +120,14 @@ fn interrupt_at_many_points(backend: &str, fs_type: &str) {
             leftovers(dir.path())
         );
         assert!(
-            mounts_under(dir.path()).is_empty(),
+            support::mounts_under(dir.path()).is_empty(),
             "{what}: {:?}",
-            mounts_under(dir.path())
+            support::mounts_under(dir.path())
         );
         assert!(
-            loops_under(dir.path()).is_empty(),
+            support::loops_under(dir.path()).is_empty(),
             "{what}: {:?}",
-            loops_under(dir.path())
+            support::loops_under(dir.path())
         );
     }
     assert!(
@@ -202,7 +180,7 @@ fn sigkill_then_next_build_recovers() {
         let mut child = spawn_build(dir.path(), "kernel");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            let held = mounts_under(dir.path())
+            let held = support::mounts_under(dir.path())
                 .iter()
                 .any(|l| l.contains(".fledge-build-"));
             if held || child.try_wait().unwrap().is_some() {
@@ -212,7 +190,7 @@ fn sigkill_then_next_build_recovers() {
         }
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
         let _ = child.wait();
-        if mounts_under(dir.path())
+        if support::mounts_under(dir.path())
             .iter()
             .any(|l| l.contains(".fledge-build-"))
         {
@@ -226,7 +204,7 @@ fn sigkill_then_next_build_recovers() {
     }
     assert!(caught, "{test}: never caught a build holding its mount");
     assert!(
-        !loops_under(dir.path()).is_empty(),
+        !support::loops_under(dir.path()).is_empty(),
         "the killed build's loop device is gone already"
     );
 
@@ -244,13 +222,13 @@ fn sigkill_then_next_build_recovers() {
         "{:?}",
         leftovers(dir.path())
     );
-    let remaining = mounts_under(dir.path());
+    let remaining = support::mounts_under(dir.path());
     assert_eq!(remaining.len(), 1, "{remaining:?}");
     assert!(remaining[0].contains("bystander"), "{remaining:?}");
     assert!(
-        loops_under(dir.path()).is_empty(),
+        support::loops_under(dir.path()).is_empty(),
         "{:?}",
-        loops_under(dir.path())
+        support::loops_under(dir.path())
     );
     let _ = Command::new("umount").arg(&bystander).status();
 }

@@ -65,16 +65,8 @@ fn finish(child: std::process::Child, what: &str) {
 }
 
 fn tree_of(image: &Path) -> Snapshot {
-    let mnt = tempfile::tempdir().unwrap();
-    support::run_ok(
-        Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop,ro"])
-            .arg(image)
-            .arg(mnt.path()),
-    );
-    let snap = snapshot(mnt.path());
-    let _ = Command::new("umount").arg(mnt.path()).status();
-    snap.unwrap()
+    let mnt = support::LoopMount::new(image, "ext4", true);
+    snapshot(mnt.path()).unwrap()
 }
 
 fn same(a: &Snapshot, b: &Snapshot, what: &str) {

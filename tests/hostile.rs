@@ -428,12 +428,7 @@ fn check_build(host: &Host, reference: &str, expect: &Expect, test: &str) {
                 "{test}: unexpected files in the output directory"
             );
             let mp = host.w().join("imgmnt");
-            support::run_ok(
-                Command::new("mount")
-                    .args(["-t", "ext4", "-o", "loop,ro,nodev,nosuid,noexec"])
-                    .arg(&image)
-                    .arg(&mp),
-            );
+            support::mount_loop(&image, "ext4", "loop,ro,nodev,nosuid,noexec", &mp);
             let guard = LoopMount(mp.clone());
             apply_checks(&mp, checks, &format!("{test}: built image"));
             drop(guard);

@@ -804,25 +804,29 @@ mod tests {
             // The blob itself is consistent (digest of the truncated data), the stream is not.
             let cut = layer.blob.len() / 2;
             layer.blob.truncate(cut);
-            let b = simple_layout(layer, "latest");
-            let (src, img) = resolve(&b);
-            let cache = tempfile::tempdir().unwrap();
-            let store = LayerStore::new(cache.path());
-            let e = store
-                .uncompressed(src.as_ref(), &img.layers[0])
-                .unwrap_err();
-            assert!(matches!(e, LayerError::Corrupt { .. }), "{name}: {e}");
+            let (e, digest) = expect_corrupt(layer, name);
             let msg = e.to_string();
             assert!(
-                msg.contains(&format!(
-                    "layer {} is truncated or corrupt",
-                    img.layers[0].digest
-                )),
+                msg.contains(&format!("layer {digest} is truncated or corrupt")),
                 "{name}: {msg}"
             );
-            assert!(!store.path_for(&img.layers[0].diff_id).unwrap().exists());
-            assert!(temp_files(&store).is_empty(), "{name}");
         }
+    }
+
+    /// Decode `layer` into an empty cache: it must fail as corrupt and leave nothing behind.
+    /// Returns the error and the layer's digest.
+    fn expect_corrupt(layer: TestLayer, name: &str) -> (LayerError, String) {
+        let b = simple_layout(layer, "latest");
+        let (src, img) = resolve(&b);
+        let cache = tempfile::tempdir().unwrap();
+        let store = LayerStore::new(cache.path());
+        let e = store
+            .uncompressed(src.as_ref(), &img.layers[0])
+            .unwrap_err();
+        assert!(matches!(e, LayerError::Corrupt { .. }), "{name}: {e}");
+        assert!(!store.path_for(&img.layers[0].diff_id).unwrap().exists());
+        assert!(temp_files(&store).is_empty(), "{name}");
+        (e, img.layers[0].digest.clone())
     }
 
     #[test]
@@ -840,19 +844,13 @@ mod tests {
         let path = store.uncompressed(src.as_ref(), &img.layers[0]).unwrap();
         assert_eq!(std::fs::read(path).unwrap(), tar);
         // Bytes after the last member that are not a gzip member: corrupt, nothing cached.
-        for tail in [&b"trailing garbage"[..], &[0u8; 64][..]] {
+        for (name, tail) in [
+            ("garbage", &b"trailing garbage"[..]),
+            ("zeros", &[0u8; 64][..]),
+        ] {
             let mut layer = TestLayer::gzip(tar.clone());
             layer.blob.extend_from_slice(tail);
-            let b = simple_layout(layer, "latest");
-            let (src, img) = resolve(&b);
-            let cache = tempfile::tempdir().unwrap();
-            let store = LayerStore::new(cache.path());
-            let e = store
-                .uncompressed(src.as_ref(), &img.layers[0])
-                .unwrap_err();
-            assert!(matches!(e, LayerError::Corrupt { .. }), "{tail:?}: {e}");
-            assert!(!store.path_for(&img.layers[0].diff_id).unwrap().exists());
-            assert!(temp_files(&store).is_empty());
+            expect_corrupt(layer, name);
         }
     }
 

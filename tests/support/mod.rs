@@ -291,6 +291,63 @@ pub fn force_unmount(mp: &Path) {
 }
 
 /// Whether `prog` is found on PATH.
+/// Mounts whose mount point is `dir` or below it (lines of /proc/self/mountinfo): what a
+/// build must not leave behind.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let d = dir.to_string_lossy().to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|mp| mp.starts_with(&d)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Loop devices whose backing file is `dir` or below it ("loopN: path"), from sysfs.
+pub fn loops_under(dir: &Path) -> Vec<String> {
+    let d = dir.to_string_lossy().to_string();
+    let mut found = Vec::new();
+    for e in fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        if let Ok(b) = fs::read_to_string(e.path().join("loop/backing_file")) {
+            if b.starts_with(&d) {
+                found.push(format!("{}: {}", e.file_name().to_string_lossy(), b.trim()));
+            }
+        }
+    }
+    found
+}
+
+/// An image loop-mounted on a temporary directory, unmounted on drop (also when a test
+/// panics).
+pub struct LoopMount {
+    dir: tempfile::TempDir,
+}
+
+impl LoopMount {
+    pub fn new(image: &Path, fs: &str, read_only: bool) -> LoopMount {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = if read_only { "loop,ro" } else { "loop" };
+        mount_loop(image, fs, opts, dir.path());
+        LoopMount { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Free bytes as an unprivileged process sees them.
+    pub fn free_bytes(&self) -> u64 {
+        let st = nix::sys::statvfs::statvfs(self.path()).unwrap();
+        st.blocks_available() * st.fragment_size()
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
 pub fn have_program(prog: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(prog).is_file()))
@@ -298,6 +355,33 @@ pub fn have_program(prog: &str) -> bool {
 
 /// Run a command to completion, capturing output; panics with the output on failure
 /// to start or non-zero exit.
+/// `mount -t FS -o OPTS IMAGE DIR` where OPTS include `loop`. Retried while util-linux
+/// cannot set up a loop device: tests run builds in parallel, and a device another build
+/// just released can be unusable for a moment (ENXIO while it detaches).
+pub fn mount_loop(image: &Path, fs: &str, opts: &str, dir: &Path) {
+    let mut attempt = 0;
+    loop {
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", fs, "-o", opts]).arg(image).arg(dir);
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+        if out.status.success() {
+            return;
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        attempt += 1;
+        if attempt < 20 && stderr.contains("failed to setup loop device") {
+            sleep(Duration::from_millis(50));
+            continue;
+        }
+        panic!(
+            "{cmd:?} failed with {} (attempt {attempt}):\nstderr: {stderr}",
+            out.status
+        );
+    }
+}
+
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
