@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::cli::Ui;
 use crate::error::Error;
@@ -93,7 +92,6 @@ pub fn resolve(
 
 /// Resolve, fetch/decode the layers into the cache and merge them.
 pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage, Error> {
-    let started = Instant::now();
     let mut sw = crate::timing::Stopwatch::start();
     let (src, resolved) = resolve(reference, opts)?;
     sw.mark("resolved");
@@ -107,8 +105,8 @@ pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage
     );
     let store = LayerStore::new(cache_dir(opts)?);
     let paths = store.uncompressed_all(src.as_ref(), &resolved)?;
-    let decoded = started.elapsed();
     sw.mark("layers ready");
+    let ready = sw.elapsed();
     let mut builder = TreeBuilder::new();
     let mut layer_files = Vec::with_capacity(paths.len());
     for (i, path) in paths.iter().enumerate() {
@@ -121,12 +119,12 @@ pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage
             .map_err(|e: MergeError| Error::Merge(e))?;
         layer_files.push(Arc::new(file));
     }
-    sw.mark("merged");
+    let merging = sw.mark("merged");
     if ui.verbose > 0 {
         ui.info(format!(
             "layers ready in {:.2}s, merged in {:.2}s",
-            decoded.as_secs_f64(),
-            (started.elapsed() - decoded).as_secs_f64()
+            ready.as_secs_f64(),
+            merging.as_secs_f64()
         ));
     }
     Ok(MergedImage {

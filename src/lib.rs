@@ -14,8 +14,8 @@
 //!   probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
 //!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
 //! - [`doctor`], [`inspect`], [`cli`]: the commands; `main.rs` only calls [`cli::main`].
-//! - [`sys`]: the only place for `unsafe` code and raw syscalls (just `sync_file_range`;
-//!   every other syscall goes through nix, loopdev, sys-mount or fuser).
+//! - [`sys`]: the only place for `unsafe` code and raw syscalls (`LOOP_CONFIGURE` and
+//!   `sync_file_range`; every other syscall goes through nix, loopdev, sys-mount or fuser).
 
 #![deny(unsafe_code)]
 

@@ -291,7 +291,6 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         what: "installing signal handlers".into(),
         detail: e.to_string(),
     })?;
-    let started = Instant::now();
     let mut sw = crate::timing::Stopwatch::start();
 
     // 1. Every cheap check first.
@@ -503,7 +502,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         size / size::MIB,
         backend.name(),
         manifest_path.display(),
-        started.elapsed().as_secs_f64()
+        sw.elapsed().as_secs_f64()
     ));
     Ok(ExitCode::SUCCESS)
 }
