@@ -482,25 +482,10 @@ fn read_ahead<'s>(
     empties: &mpsc::Receiver<Vec<u8>>,
 ) -> Box<dyn BlobStream + 's> {
     loop {
-        let mut buf = empties.try_recv().unwrap_or_default();
-        buf.resize(BUF_SIZE, 0);
-        let mut filled = 0;
-        let mut failed = None;
-        while filled < buf.len() {
-            match blob.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        let at_end = filled < buf.len();
-        buf.truncate(filled);
+        let (buf, failed) = next_chunk(&mut blob, empties);
+        let at_end = buf.len() < BUF_SIZE;
         // Data first, then the error or the end marker.
-        if filled > 0 && tx.send(Ok(buf)).is_err() {
+        if !buf.is_empty() && tx.send(Ok(buf)).is_err() {
             return blob;
         }
         if let Some(e) = failed {
@@ -628,22 +613,14 @@ fn pump<R: Read>(
     empties: &mpsc::Receiver<Vec<u8>>,
 ) -> Result<bool, LayerError> {
     loop {
-        let mut buf = empties.try_recv().unwrap_or_default();
-        buf.resize(BUF_SIZE, 0);
-        let mut filled = 0;
-        while filled < buf.len() {
-            match r.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(read_error(layer, e)),
-            }
+        let (buf, failed) = next_chunk(r, empties);
+        if let Some(e) = failed {
+            return Err(read_error(layer, e));
         }
-        if filled == 0 {
+        if buf.is_empty() {
             return Ok(true);
         }
-        let at_end = filled < buf.len();
-        buf.truncate(filled);
+        let at_end = buf.len() < BUF_SIZE;
         if tx.send(buf).is_err() {
             return Ok(false);
         }
@@ -651,6 +628,32 @@ fn pump<R: Read>(
             return Ok(true);
         }
     }
+}
+
+/// Fill one chunk of up to `BUF_SIZE` bytes from `r`, in a buffer handed back through
+/// `empties` when there is one. The chunk is cut to what was read: shorter than `BUF_SIZE`
+/// only at the end of `r` or when a read failed, and then the error comes with it.
+fn next_chunk<R: Read + ?Sized>(
+    r: &mut R,
+    empties: &mpsc::Receiver<Vec<u8>>,
+) -> (Vec<u8>, Option<io::Error>) {
+    let mut buf = empties.try_recv().unwrap_or_default();
+    buf.resize(BUF_SIZE, 0);
+    let mut filled = 0;
+    let mut failed = None;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    buf.truncate(filled);
+    (buf, failed)
 }
 
 /// Read what the decompressor left of the blob so the verifying reader checks the digest.
