@@ -709,21 +709,12 @@ impl BlobCache {
             return Ok(final_path);
         }
         let mut stream = self.open_stream(client, digest, size)?;
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(SourceError::from_blob_read(digest, e)),
-            }
-        }
+        io::copy(&mut stream, &mut io::sink())
+            .map_err(|e| SourceError::from_blob_read(digest, e))?;
         stream.commit()?;
         Ok(final_path)
     }
-}
 
-impl BlobCache {
     /// Blob `digest` for one pass: from the cache if it is complete there, else downloaded
     /// as it is read (continuing a partial file an earlier run left, which is read back
     /// first). The bytes go to the partial file and are hashed once on the way; the stream
