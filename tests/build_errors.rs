@@ -318,11 +318,7 @@ fn bad_inputs_with_image() {
 #[test]
 fn mapping_source_vanishing_mid_build() {
     let test = "mapping_source_vanishing_mid_build";
-    if !support::is_root() {
-        support::skip(test, "needs root (kernel backend)");
-        return;
-    }
-    let Some(img) = support::debian_image(test) else {
+    let Some(img) = support::debian_image_as_root(test, "needs root (kernel backend)") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -56,14 +56,10 @@ const OLD_OUTPUT: &[u8] = b"the previous image, which an interrupted build must 
 /// Interrupt builds at a spread of moments; every run must end clean.
 fn interrupt_at_many_points(backend: &str, fs_type: &str) {
     let test = format!("interrupt_{backend}_{fs_type}");
-    if !support::is_root() {
-        support::skip(
-            &test,
-            "needs root (kernel backend, inspecting loop devices)",
-        );
-        return;
-    }
-    let Some(img) = support::debian_image(&test) else {
+    let Some(img) = support::debian_image_as_root(
+        &test,
+        "needs root (kernel backend, inspecting loop devices)",
+    ) else {
         return;
     };
     let dir = project(&img.reference, fs_type);
@@ -156,11 +152,7 @@ fn interrupt_userspace_ext4() {
 #[test]
 fn sigkill_then_next_build_recovers() {
     let test = "sigkill_then_next_build_recovers";
-    if !support::is_root() {
-        support::skip(test, "needs root");
-        return;
-    }
-    let Some(img) = support::debian_image(test) else {
+    let Some(img) = support::debian_image_as_root(test, "needs root") else {
         return;
     };
     let dir = project(&img.reference, "ext4");

@@ -81,14 +81,10 @@ fn same(a: &Snapshot, b: &Snapshot, what: &str) {
 #[test]
 fn four_different_images_at_once_share_a_cache() {
     let test = "four_different_images_at_once_share_a_cache";
-    if !support::is_root() {
-        support::skip(
-            test,
-            "needs root (kernel backend, loop-mounting the results)",
-        );
-        return;
-    }
-    let Some(img) = support::debian_image(test) else {
+    let Some(img) = support::debian_image_as_root(
+        test,
+        "needs root (kernel backend, loop-mounting the results)",
+    ) else {
         return;
     };
     let root = tempfile::tempdir().unwrap();
@@ -143,14 +139,10 @@ fn four_different_images_at_once_share_a_cache() {
 #[test]
 fn same_image_twice_at_once_into_one_cold_cache() {
     let test = "same_image_twice_at_once_into_one_cold_cache";
-    if !support::is_root() {
-        support::skip(
-            test,
-            "needs root (kernel backend, loop-mounting the results)",
-        );
-        return;
-    }
-    let Some(img) = support::debian_image(test) else {
+    let Some(img) = support::debian_image_as_root(
+        test,
+        "needs root (kernel backend, loop-mounting the results)",
+    ) else {
         return;
     };
     let root = tempfile::tempdir().unwrap();

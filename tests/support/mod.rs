@@ -54,6 +54,16 @@ pub struct DebianImage {
     pub oracle_rootfs: PathBuf,
 }
 
+/// [`debian_image`] for a test that needs root: when not root, says why the test is
+/// skipped (`why`) and gives `None`.
+pub fn debian_image_as_root(test: &str, why: &str) -> Option<DebianImage> {
+    if !is_root() {
+        skip(test, why);
+        return None;
+    }
+    debian_image(test)
+}
+
 pub fn debian_image(test: &str) -> Option<DebianImage> {
     let dir = images_dir();
     let layout = dir.join("debian");
