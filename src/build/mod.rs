@@ -14,6 +14,7 @@
 mod copy;
 mod ext4;
 pub(crate) mod kernel;
+mod native;
 pub mod recover;
 pub mod select;
 pub mod size;
