@@ -235,6 +235,11 @@ fn build_ext4_kernel() {
 }
 
 #[test]
+fn build_ext4_native() {
+    check_case("ext4", "native");
+}
+
+#[test]
 fn build_ext4_userspace() {
     check_case("ext4", "userspace");
 }

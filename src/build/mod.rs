@@ -49,6 +49,8 @@ pub enum BackendChoice {
     Kernel,
     /// mkfs reading the FUSE view (`mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`).
     Userspace,
+    /// fledge's own ext4 writer (ext4 only): no privileges, FUSE or tools needed.
+    Native,
 }
 
 #[derive(Debug, Args)]
@@ -106,6 +108,8 @@ pub enum BuildError {
     },
     #[error("{what}: {detail}")]
     Unexpected { what: String, detail: String },
+    #[error(transparent)]
+    Native(#[from] native::NativeError),
     #[error(
         "not enough space in {}: the image needs about {} MiB, {} MiB are free",
         dir.display(), needed >> 20, available >> 20
@@ -191,6 +195,17 @@ impl BuildError {
             }
             BuildError::Unexpected { .. } => {
                 Some("run again with -vv and report the output if it persists".into())
+            }
+            BuildError::Native(native::NativeError::Xattr { .. }) => Some(
+                "ext4 cannot hold this many attribute bytes on one file; \
+                 build xfs or btrfs, or drop the attribute from the image"
+                    .into(),
+            ),
+            BuildError::Native(native::NativeError::Read { .. }) => Some(
+                "the layer cache may be damaged; run `fledge cache prune` and build again".into(),
+            ),
+            BuildError::Native(_) => {
+                Some("check the output directory's permissions and free space".into())
             }
         }
     }
@@ -453,6 +468,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     create_image(&image_tmp, plan.image_bytes, cfg.filesystem.preallocate)?;
     sw.mark("injection, backend choice, sizing");
     let progress = progress_for(ui, tree.stats().file_bytes);
+    let mut native_sha256 = None;
     let report = match backend.kind {
         select::BackendKind::Kernel => {
             kernel::build(&tree, fs, &plan, &image_tmp, work.path(), &mut sw, &|n| {
@@ -462,6 +478,13 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         select::BackendKind::Userspace => {
             userspace::build(Arc::clone(&tree), fs, &plan, &image_tmp, work.path())?
         }
+        select::BackendKind::Native => {
+            let w = native::build(&tree, &plan, &image_tmp, &mut sw, &|n| {
+                progress.set_position(n)
+            })?;
+            native_sha256 = Some(w.sha256);
+            w.report
+        }
     };
     progress.finish_and_clear();
     if cfg.filesystem.preallocate {
@@ -469,8 +492,15 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     }
     check_interrupt()?;
     sw.mark("formatted");
-    let checksum = sha256_file(&image_tmp)?;
-    sw.mark("sha256 of the image");
+    let checksum = match native_sha256 {
+        // The native writer hashed the image as it wrote it.
+        Some(sum) => sum,
+        None => {
+            let sum = sha256_file(&image_tmp)?;
+            sw.mark("sha256 of the image");
+            sum
+        }
+    };
 
     // 6. Manifest, then both into place.
     let runtime = ImageRuntimeConfig::from_oci(&resolved.config);

@@ -18,6 +18,7 @@ use crate::tree::Tree;
 pub enum BackendKind {
     Kernel,
     Userspace,
+    Native,
 }
 
 impl BackendKind {
@@ -25,6 +26,7 @@ impl BackendKind {
         match self {
             BackendKind::Kernel => "kernel",
             BackendKind::Userspace => "userspace",
+            BackendKind::Native => "native",
         }
     }
 }
@@ -73,12 +75,11 @@ impl Probed {
         };
         let loop_probe = live_probe_loop(&probes);
         probes.push(loop_probe);
-        let reproducible_ext4 =
-            fs == FsType::Ext4 && std::env::var_os("SOURCE_DATE_EPOCH").is_some();
         let need_fuse = match choice {
-            BackendChoice::Kernel => false,
+            BackendChoice::Kernel | BackendChoice::Native => false,
             BackendChoice::Userspace => true,
-            BackendChoice::Auto => reproducible_ext4 || !kernel_ok(&probes),
+            // ext4: the native writer needs nothing.
+            BackendChoice::Auto => fs != FsType::Ext4 && !kernel_ok(&probes),
         };
         probes.push(if need_fuse {
             live_probe_fuse(&probes)
@@ -152,9 +153,21 @@ pub fn userspace_requirements(fs: FsType, root: bool) -> Vec<&'static str> {
     ids
 }
 
+/// Whether the native writer can build `fs`: it writes ext4 only, and needs nothing else.
+pub fn native_availability(fs: FsType) -> Result<(), String> {
+    match fs {
+        FsType::Ext4 => Ok(()),
+        _ => Err(format!(
+            "the native writer builds ext4 only, not {}",
+            fs.as_str()
+        )),
+    }
+}
+
 /// Whether each backend can run for `fs` on this host (ignoring the tree).
-pub fn availability(fs: FsType, probed: &Probed) -> [(BackendKind, Result<(), String>); 2] {
+pub fn availability(fs: FsType, probed: &Probed) -> [(BackendKind, Result<(), String>); 3] {
     [
+        (BackendKind::Native, native_availability(fs)),
         (BackendKind::Kernel, probed.all_ok(&kernel_requirements(fs))),
         (
             BackendKind::Userspace,
@@ -180,6 +193,13 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
                     hint: kernel_hint(),
                 })
             }),
+        BackendChoice::Native => {
+            native_availability(fs).map_err(|reason| BuildError::BackendUnavailable {
+                backend: "native",
+                reason,
+                hint: Some("use --backend auto, kernel or userspace for xfs and btrfs".into()),
+            })
+        }
         BackendChoice::Userspace => want(BackendKind::Userspace)
             .and_then(|r| r.clone().err())
             .map_or(Ok(()), |reason| {
@@ -213,8 +233,10 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
 /// backend when it can run, else the userspace one (never for xfs, whose protofiles lose
 /// timestamps). `fledge doctor` reports this.
 pub fn auto_choice(fs: FsType, probed: &Probed) -> Option<BackendKind> {
-    let [(_, kernel), (_, user)] = availability(fs, probed);
-    if kernel.is_ok() {
+    let [(_, native), (_, kernel), (_, user)] = availability(fs, probed);
+    if native.is_ok() {
+        Some(BackendKind::Native)
+    } else if kernel.is_ok() {
         Some(BackendKind::Kernel)
     } else if user.is_ok() && fs != FsType::Xfs {
         Some(BackendKind::Userspace)
@@ -231,9 +253,13 @@ pub fn choose(
     probed: &Probed,
 ) -> Result<Backend, BuildError> {
     precheck(choice, fs, probed)?;
-    let [(_, kernel), (_, user)] = availability(fs, probed);
+    let [(_, native), (_, kernel), (_, user)] = availability(fs, probed);
     let gaps = userspace::unrepresentable(tree, fs);
     match choice {
+        BackendChoice::Native => Ok(Backend {
+            kind: BackendKind::Native,
+            reason: "requested with --backend native".into(),
+        }),
         BackendChoice::Kernel => Ok(Backend {
             kind: BackendKind::Kernel,
             reason: "requested with --backend kernel".into(),
@@ -258,18 +284,12 @@ pub fn choose(
             }
         },
         BackendChoice::Auto => {
-            // With SOURCE_DATE_EPOCH, ext4 is built by the userspace backend: mkfs.ext4 -d is
-            // deterministic given a fixed clock, UUID and hash seed; a kernel mount is not.
-            if fs == FsType::Ext4
-                && std::env::var_os("SOURCE_DATE_EPOCH").is_some()
-                && user.is_ok()
-                && gaps.is_none()
-            {
+            // ext4: fledge's own writer. It needs no privileges or tools, writes the image in
+            // one pass while hashing it, and is byte-reproducible under SOURCE_DATE_EPOCH.
+            if native.is_ok() {
                 return Ok(Backend {
-                    kind: BackendKind::Userspace,
-                    reason:
-                        "SOURCE_DATE_EPOCH is set: the userspace ext4 build is byte-reproducible"
-                            .into(),
+                    kind: BackendKind::Native,
+                    reason: "ext4 is written directly (no loop device, FUSE or mkfs needed)".into(),
                 });
             }
             if kernel.is_ok() {

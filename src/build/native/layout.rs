@@ -1,0 +1,714 @@
+//! Where everything goes: inode numbers, the filesystem size, and every block of the image,
+//! decided up front from the merged tree so the image can then be written in one pass, in
+//! block order.
+
+use std::sync::Arc;
+
+use super::format::{
+    self, Extent, Geometry, InodeFields, BLOCK, BLOCKS_PER_GROUP, DESC_SIZE, EXT4_EXTENTS_FL,
+    EXT4_INDEX_FL, FIRST_INO, INODE_SIZE, JOURNAL_INO, LEAF_EXTENTS, LOST_FOUND_INO,
+    MAX_EXTENT_LEN, ROOT_INO,
+};
+use super::{xattr, NativeError};
+use crate::tree::{NodeId, NodeKind, Tree, ROOT};
+
+const B: u64 = BLOCK as u64;
+
+/// What fills a run of blocks.
+#[derive(Clone, Debug)]
+pub enum Fill {
+    /// Encoded metadata (directory, symlink, attribute or extent blocks, journal superblock).
+    Bytes(Arc<[u8]>),
+    /// The contents of a regular file: `len` bytes from logical byte `offset`.
+    File {
+        node: NodeId,
+        offset: u64,
+        len: u64,
+    },
+    /// Superblock (copy in `group`) and group descriptors.
+    Super {
+        group: u64,
+    },
+    BlockBitmap {
+        group: u64,
+    },
+    InodeBitmap {
+        group: u64,
+    },
+    InodeTable {
+        group: u64,
+    },
+}
+
+/// One allocated run: `blocks` blocks from `start`, filled by `fill`.
+#[derive(Clone, Debug)]
+pub struct Run {
+    pub start: u64,
+    pub blocks: u64,
+    pub fill: Fill,
+}
+
+/// The complete plan of the image.
+pub struct Layout {
+    pub geo: Geometry,
+    pub runs: Vec<Run>,
+    /// Inode fields by inode number - 1 (zeroed fields for unused inodes).
+    pub inodes: Vec<Option<InodeFields>>,
+    pub groups: Vec<format::GroupDesc>,
+    pub block_bitmaps: Vec<Vec<u8>>,
+    pub inode_bitmaps: Vec<Vec<u8>>,
+    pub counts: format::SuperCounts,
+}
+
+/// Allocates blocks upward from a cursor, around the superblock backups.
+struct Alloc {
+    cursor: u64,
+    total: u64,
+    /// Sorted, disjoint reserved ranges (superblock and descriptor copies).
+    reserved: Vec<(u64, u64)>,
+}
+
+impl Alloc {
+    /// `n` contiguous blocks, skipping reserved ranges.
+    fn contiguous(&mut self, n: u64) -> Result<u64, NativeError> {
+        loop {
+            let end = self.cursor + n;
+            match self
+                .reserved
+                .iter()
+                .find(|(s, e)| *s < end && *e > self.cursor)
+            {
+                Some(&(_, e)) => self.cursor = e,
+                None => break,
+            }
+        }
+        if self.cursor + n > self.total {
+            return Err(NativeError::Full);
+        }
+        let s = self.cursor;
+        self.cursor += n;
+        Ok(s)
+    }
+
+    /// `n` blocks as few runs as possible (split at reserved ranges and at the largest extent).
+    fn runs(&mut self, mut n: u64) -> Result<Vec<(u64, u64)>, NativeError> {
+        let mut out = Vec::new();
+        while n > 0 {
+            // Skip into free space, then take up to the next reserved range.
+            while let Some(&(_, e)) = self
+                .reserved
+                .iter()
+                .find(|(s, e)| *s <= self.cursor && *e > self.cursor)
+            {
+                self.cursor = e;
+            }
+            let limit = self
+                .reserved
+                .iter()
+                .map(|(s, _)| *s)
+                .find(|s| *s > self.cursor)
+                .unwrap_or(self.total);
+            let take = n.min(limit - self.cursor).min(MAX_EXTENT_LEN);
+            if take == 0 || self.cursor + take > self.total {
+                return Err(NativeError::Full);
+            }
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == self.cursor && *l + take <= MAX_EXTENT_LEN => *l += take,
+                _ => out.push((self.cursor, take)),
+            }
+            self.cursor += take;
+            n -= take;
+        }
+        Ok(out)
+    }
+}
+
+/// The tree's inodes: numbers, link counts, parent directories.
+pub struct Numbering {
+    /// Inode number of each tree node (0 = unreachable).
+    pub ino: Vec<u32>,
+    /// Tree node of each inode number from FIRST_INO (index ino - FIRST_INO). The image's
+    /// /lost+found, if the tree has one, is the first (inode 11, where e2fsck looks).
+    pub order: Vec<NodeId>,
+    pub links: Vec<u32>,
+    pub parent_ino: Vec<u32>,
+}
+
+pub fn number(tree: &Tree) -> Numbering {
+    let n = tree.nodes.len();
+    let mut ino = vec![0u32; n];
+    let mut links = vec![0u32; n];
+    let mut parent_ino = vec![0u32; n];
+    ino[ROOT as usize] = ROOT_INO;
+    let lost_found = tree
+        .lookup(ROOT, b"lost+found")
+        .filter(|id| matches!(tree.node(*id).kind, NodeKind::Dir { .. }));
+    let mut order: Vec<NodeId> = Vec::new();
+    let mut next = FIRST_INO;
+    if let Some(id) = lost_found {
+        ino[id as usize] = LOST_FOUND_INO;
+        order.push(id);
+        next += 1;
+    }
+    // Depth first, in name order: the order the kernel backend's copy creates them in.
+    let mut stack = vec![ROOT];
+    while let Some(dir) = stack.pop() {
+        let NodeKind::Dir { entries } = &tree.node(dir).kind else {
+            continue;
+        };
+        let mut subdirs = Vec::new();
+        for (_, child) in entries {
+            let c = *child as usize;
+            links[c] += 1;
+            if ino[c] == 0 {
+                ino[c] = next;
+                next += 1;
+                order.push(*child);
+            }
+            if let NodeKind::Dir { .. } = tree.node(*child).kind {
+                parent_ino[c] = ino[dir as usize];
+                subdirs.push(*child);
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    parent_ino[ROOT as usize] = ROOT_INO;
+    Numbering {
+        ino,
+        order,
+        links,
+        parent_ino,
+    }
+}
+
+/// Everything about one inode that is independent of block placement.
+struct Pending {
+    ino: u32,
+    fields: InodeFields,
+    /// Directory or slow-symlink blocks to place.
+    meta_blocks: Option<Arc<[u8]>>,
+    /// Regular file data: node and size.
+    file: Option<(NodeId, u64)>,
+    xattr_block: Option<Vec<u8>>,
+}
+
+fn mode_of(kind_bits: u32, perm: u32) -> u16 {
+    (kind_bits | (perm & 0o7777)) as u16
+}
+
+fn dir_links(subdirs: u32) -> u16 {
+    let l = 2 + subdirs;
+    if l >= 65000 {
+        1
+    } else {
+        l as u16
+    }
+}
+
+/// Build every inode's fields and metadata blocks that do not depend on block numbers.
+fn pending_inodes(
+    tree: &Tree,
+    num: &Numbering,
+    geo: &Geometry,
+) -> Result<Vec<Pending>, NativeError> {
+    let mut out = Vec::with_capacity(num.order.len() + 1);
+    let dir_entries = |id: NodeId| -> Vec<(&[u8], u32, u8)> {
+        match &tree.node(id).kind {
+            NodeKind::Dir { entries } => entries
+                .iter()
+                .map(|(name, c)| {
+                    let child = tree.node(*c);
+                    (
+                        name.as_ref(),
+                        num.ino[*c as usize],
+                        format::dirent_type(child.st_mode() as u16),
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let count_subdirs = |id: NodeId| -> u32 {
+        match &tree.node(id).kind {
+            NodeKind::Dir { entries } => entries
+                .iter()
+                .filter(|(_, c)| matches!(tree.node(*c).kind, NodeKind::Dir { .. }))
+                .count() as u32,
+            _ => 0,
+        }
+    };
+    let push_node = |id: NodeId, ino: u32, out: &mut Vec<Pending>| -> Result<(), NativeError> {
+        let node = tree.node(id);
+        let m = &node.meta;
+        let placed = xattr::place(&m.xattrs).map_err(|e| NativeError::Xattr {
+            path: path_of(tree, id),
+            source: e,
+        })?;
+        let mut f = InodeFields {
+            mode: mode_of(node.kind.file_type_bits(), m.mode),
+            uid: m.uid,
+            gid: m.gid,
+            time: (m.mtime.sec, m.mtime.nsec),
+            links: num.links[id as usize].min(65000) as u16,
+            inline_xattrs: placed.inline,
+            ..InodeFields::default()
+        };
+        let mut p = Pending {
+            ino,
+            fields: InodeFields::default(),
+            meta_blocks: None,
+            file: None,
+            xattr_block: placed.block,
+        };
+        match &node.kind {
+            NodeKind::Dir { .. } => {
+                f.links = dir_links(count_subdirs(id));
+                let entries = dir_entries(id);
+                let parent = num.parent_ino[id as usize];
+                let min = if ino == LOST_FOUND_INO { 4 } else { 1 };
+                let blocks = dir_blocks(geo, ino, parent, &entries, min)?;
+                if blocks.1 {
+                    f.flags |= EXT4_INDEX_FL;
+                }
+                f.size = blocks.0.len() as u64;
+                p.meta_blocks = Some(blocks.0.into());
+                f.flags |= EXT4_EXTENTS_FL;
+            }
+            NodeKind::File { size, .. } => {
+                f.size = *size;
+                f.flags |= EXT4_EXTENTS_FL;
+                if *size > 0 {
+                    p.file = Some((id, *size));
+                }
+            }
+            NodeKind::Symlink { target } => {
+                f.size = target.len() as u64;
+                if target.len() < 60 {
+                    f.block[..target.len()].copy_from_slice(target);
+                } else {
+                    let mut b = vec![0u8; target.len().div_ceil(BLOCK) * BLOCK];
+                    b[..target.len()].copy_from_slice(target);
+                    f.flags |= EXT4_EXTENTS_FL;
+                    p.meta_blocks = Some(b.into());
+                }
+            }
+            NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
+                f.block = format::device_block(*major, *minor);
+            }
+            NodeKind::Fifo => {}
+        }
+        p.fields = f;
+        out.push(p);
+        Ok(())
+    };
+
+    push_node(ROOT, ROOT_INO, &mut out)?;
+    for (i, id) in num.order.iter().enumerate() {
+        push_node(*id, FIRST_INO + i as u32, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// A directory's blocks and whether they are hash-indexed.
+fn dir_blocks(
+    geo: &Geometry,
+    ino: u32,
+    parent: u32,
+    entries: &[(&[u8], u32, u8)],
+    min_blocks: usize,
+) -> Result<(Vec<u8>, bool), NativeError> {
+    Ok((
+        format::linear_dir(geo, ino, parent, entries, min_blocks),
+        false,
+    ))
+}
+
+/// The tree path of `id`, for messages.
+pub fn path_of(tree: &Tree, id: NodeId) -> String {
+    let mut parts = Vec::new();
+    let mut cur = id;
+    while cur != ROOT {
+        let parent = tree.node(cur).parent;
+        if let NodeKind::Dir { entries } = &tree.node(parent).kind {
+            if let Some((name, _)) = entries.iter().find(|(_, c)| *c == cur) {
+                parts.push(String::from_utf8_lossy(name).into_owned());
+            }
+        }
+        if parent == cur {
+            break;
+        }
+        cur = parent;
+    }
+    parts.reverse();
+    format!("/{}", parts.join("/"))
+}
+
+/// Blocks the groups' fixed metadata takes for a filesystem of `total` blocks.
+fn fixed_overhead(total: u64, ipg: u32) -> u64 {
+    let groups = total.div_ceil(BLOCKS_PER_GROUP);
+    let gdt = (groups * DESC_SIZE as u64).div_ceil(B);
+    let backups = (0..groups).filter(|g| format::has_super(*g)).count() as u64;
+    backups * (1 + gdt) + groups * (2 + (ipg as u64 * INODE_SIZE as u64).div_ceil(B))
+}
+
+fn journal_blocks(total: u64) -> u64 {
+    super::super::size::ext4_journal_bytes(total * B) / B
+}
+
+/// Inodes per group for `inodes` over `groups`: whole inode-table blocks.
+fn inodes_per_group(inodes: u64, groups: u64) -> u32 {
+    let per = inodes.div_ceil(groups).max(16);
+    (per.div_ceil(16) * 16).min(BLOCKS_PER_GROUP) as u32
+}
+
+/// Plan the whole image: `want_inodes` inodes at least, and at least `free_bytes` free to an
+/// unprivileged user once mounted.
+pub fn plan(
+    tree: &Tree,
+    want_inodes: u64,
+    free_bytes: u64,
+    uuid: [u8; 16],
+    hash_seed: [u8; 16],
+    time: i64,
+) -> Result<Layout, NativeError> {
+    let num = number(tree);
+    let used_inodes = FIRST_INO as u64 + num.order.len() as u64;
+    let want_inodes = want_inodes.max(used_inodes + 16);
+    let fs_seed = super::csum::fs_seed(&uuid);
+    // Placeholder geometry for the encodings that need only the seeds.
+    let mut geo = Geometry {
+        blocks: 0,
+        groups: 0,
+        inodes_per_group: 0,
+        gdt_blocks: 0,
+        uuid,
+        hash_seed,
+        time,
+        fs_seed,
+    };
+    let pending = pending_inodes(tree, &num, &geo)?;
+    // Blocks that do not depend on the geometry.
+    let mut content: u64 = 0;
+    for p in &pending {
+        content += p.meta_blocks.as_ref().map_or(0, |b| b.len() as u64 / B);
+        content += p.file.map_or(0, |(_, s)| s.div_ceil(B));
+        content += u64::from(p.xattr_block.is_some());
+    }
+    let free_blocks = free_bytes.div_ceil(B);
+    // Solve total = content + overhead(total) + journal(total) + free + reserve(total).
+    let mut total = (content + free_blocks + 1024).max(2048);
+    for _ in 0..8 {
+        let groups = total
+            .div_ceil(BLOCKS_PER_GROUP)
+            .max(want_inodes.div_ceil(BLOCKS_PER_GROUP));
+        let ipg = inodes_per_group(want_inodes, groups);
+        let resv = (total / 50).min(4096);
+        let need =
+            content + fixed_overhead(total, ipg) + journal_blocks(total) + free_blocks + resv + 64; // extent leaves and rounding
+        let need = need.div_ceil(256) * 256;
+        if need == total {
+            break;
+        }
+        total = need.max(total.min(need + 256));
+        if need <= total && total - need < 256 {
+            break;
+        }
+    }
+    // Keep the last group large enough to be worth its metadata.
+    let tail = total % BLOCKS_PER_GROUP;
+    if tail != 0 && tail < 1024 {
+        total += 1024 - tail;
+    }
+    loop {
+        match place(tree, &num, &pending, &mut geo, total, want_inodes) {
+            Ok(l) => {
+                let resv = (total / 50).min(4096);
+                if l.counts.free_blocks.saturating_sub(resv) >= free_blocks {
+                    return Ok(l);
+                }
+                total += free_blocks + resv - l.counts.free_blocks.min(free_blocks + resv);
+                total = total.div_ceil(256) * 256;
+            }
+            Err(NativeError::Full) => total = (total + total / 16).div_ceil(256) * 256,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Place everything in a filesystem of `total` blocks.
+fn place(
+    _tree: &Tree,
+    num: &Numbering,
+    pending: &[Pending],
+    geo: &mut Geometry,
+    total: u64,
+    want_inodes: u64,
+) -> Result<Layout, NativeError> {
+    let groups = total
+        .div_ceil(BLOCKS_PER_GROUP)
+        .max(want_inodes.div_ceil(BLOCKS_PER_GROUP));
+    let total = total.max((groups - 1) * BLOCKS_PER_GROUP + 1024);
+    let ipg = inodes_per_group(want_inodes, groups);
+    geo.blocks = total;
+    geo.groups = groups;
+    geo.inodes_per_group = ipg;
+    geo.gdt_blocks = (groups * DESC_SIZE as u64).div_ceil(B);
+    if (geo.inodes() as u64) < FIRST_INO as u64 + num.order.len() as u64 {
+        return Err(NativeError::Full);
+    }
+    let mut runs = Vec::new();
+    let mut reserved = Vec::new();
+    for g in 0..groups {
+        if format::has_super(g) {
+            let s = g * BLOCKS_PER_GROUP;
+            reserved.push((s, s + 1 + geo.gdt_blocks));
+            runs.push(Run {
+                start: s,
+                blocks: 1 + geo.gdt_blocks,
+                fill: Fill::Super { group: g },
+            });
+        }
+    }
+    let mut alloc = Alloc {
+        cursor: 0,
+        total,
+        reserved,
+    };
+    let mut descs = vec![format::GroupDesc::default(); groups as usize];
+    for (g, d) in descs.iter_mut().enumerate() {
+        d.block_bitmap = alloc.contiguous(1)?;
+        runs.push(Run {
+            start: d.block_bitmap,
+            blocks: 1,
+            fill: Fill::BlockBitmap { group: g as u64 },
+        });
+    }
+    for (g, d) in descs.iter_mut().enumerate() {
+        d.inode_bitmap = alloc.contiguous(1)?;
+        runs.push(Run {
+            start: d.inode_bitmap,
+            blocks: 1,
+            fill: Fill::InodeBitmap { group: g as u64 },
+        });
+    }
+    let itb = geo.itable_blocks();
+    for (g, d) in descs.iter_mut().enumerate() {
+        d.inode_table = alloc.contiguous(itb)?;
+        runs.push(Run {
+            start: d.inode_table,
+            blocks: itb,
+            fill: Fill::InodeTable { group: g as u64 },
+        });
+    }
+
+    let mut inodes: Vec<Option<InodeFields>> = vec![None; geo.inodes() as usize];
+    let extents_of = |runs: &[(u64, u64)]| -> Vec<Extent> {
+        let mut logical = 0u32;
+        runs.iter()
+            .map(|&(s, l)| {
+                let e = Extent {
+                    logical,
+                    start: s,
+                    len: l as u32,
+                };
+                logical += l as u32;
+                e
+            })
+            .collect()
+    };
+    // Journal.
+    let jblocks = journal_blocks(total);
+    let jruns = alloc.runs(jblocks)?;
+    let jext = extents_of(&jruns);
+    let mut jleaves = Vec::new();
+    let jsb: Arc<[u8]> = format::journal_superblock(geo, jblocks as u32).into();
+    runs.push(Run {
+        start: jruns[0].0,
+        blocks: 1,
+        fill: Fill::Bytes(jsb),
+    });
+    if jext.len() > 4 {
+        for chunk in jext.chunks(LEAF_EXTENTS) {
+            let leaf = alloc.contiguous(1)?;
+            runs.push(Run {
+                start: leaf,
+                blocks: 1,
+                fill: Fill::Bytes(format::extent_leaf(geo, JOURNAL_INO, chunk).into()),
+            });
+            jleaves.push(leaf);
+        }
+    }
+    let jblock = format::extent_root(&jext, &jleaves);
+    inodes[JOURNAL_INO as usize - 1] = Some(InodeFields {
+        mode: mode_of(libc::S_IFREG, 0o600),
+        time: (geo.time, 0),
+        links: 1,
+        size: jblocks * B,
+        sectors: (jblocks + jleaves.len() as u64) * 8,
+        flags: EXT4_EXTENTS_FL,
+        block: jblock,
+        ..InodeFields::default()
+    });
+
+    // Directories, symlink blocks and attribute blocks first (compact metadata), then data.
+    let mut data_runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); pending.len()];
+    let mut xattr_at: Vec<u64> = vec![0; pending.len()];
+    for (i, p) in pending.iter().enumerate() {
+        if let Some(b) = &p.meta_blocks {
+            let r = alloc.runs(b.len() as u64 / B)?;
+            let mut off = 0usize;
+            for &(s, l) in &r {
+                let len = l as usize * BLOCK;
+                runs.push(Run {
+                    start: s,
+                    blocks: l,
+                    fill: Fill::Bytes(if r.len() == 1 {
+                        Arc::clone(b)
+                    } else {
+                        b[off..off + len].into()
+                    }),
+                });
+                off += len;
+            }
+            data_runs[i] = r;
+        }
+        if let Some(xb) = &p.xattr_block {
+            let at = alloc.contiguous(1)?;
+            let mut xb = xb.clone();
+            xattr::seal_block(geo.fs_seed, at, &mut xb);
+            runs.push(Run {
+                start: at,
+                blocks: 1,
+                fill: Fill::Bytes(xb.into()),
+            });
+            xattr_at[i] = at;
+        }
+    }
+    for (i, p) in pending.iter().enumerate() {
+        if let Some((node, size)) = p.file {
+            let r = alloc.runs(size.div_ceil(B))?;
+            let mut off = 0u64;
+            for &(s, l) in &r {
+                let len = (l * B).min(size - off);
+                runs.push(Run {
+                    start: s,
+                    blocks: l,
+                    fill: Fill::File {
+                        node,
+                        offset: off,
+                        len,
+                    },
+                });
+                off += l * B;
+            }
+            data_runs[i] = r;
+        }
+    }
+    // Inode fields with their block maps; extent leaves after all data.
+    for (i, p) in pending.iter().enumerate() {
+        let mut f = p.fields.clone();
+        let r = &data_runs[i];
+        let mut sectors = r.iter().map(|(_, l)| l).sum::<u64>() * 8;
+        if !r.is_empty() || f.flags & EXT4_EXTENTS_FL != 0 {
+            let ext = extents_of(r);
+            let mut leaves = Vec::new();
+            if ext.len() > 4 {
+                let chunks: Vec<&[Extent]> = ext.chunks(LEAF_EXTENTS).collect();
+                if chunks.len() > 4 {
+                    return Err(NativeError::Fragmented { ino: p.ino });
+                }
+                for chunk in chunks {
+                    let leaf = alloc.contiguous(1)?;
+                    runs.push(Run {
+                        start: leaf,
+                        blocks: 1,
+                        fill: Fill::Bytes(format::extent_leaf(geo, p.ino, chunk).into()),
+                    });
+                    leaves.push(leaf);
+                }
+                sectors += leaves.len() as u64 * 8;
+            }
+            f.block = format::extent_root(&ext, &leaves);
+        }
+        if xattr_at[i] != 0 {
+            f.xattr_block = xattr_at[i];
+            sectors += 8;
+        }
+        f.sectors = sectors;
+        inodes[p.ino as usize - 1] = Some(f);
+    }
+
+    // Bitmaps and counts.
+    runs.sort_by_key(|r| r.start);
+    let mut used = vec![0u8; (groups * BLOCKS_PER_GROUP / 8) as usize];
+    for r in &runs {
+        format::set_bits(&mut used, r.start as usize, (r.start + r.blocks) as usize);
+    }
+    // The journal's zero blocks are allocated too.
+    for &(s, l) in &jruns {
+        format::set_bits(&mut used, s as usize, (s + l) as usize);
+    }
+    for &(s, e) in &alloc.reserved {
+        format::set_bits(&mut used, s as usize, e as usize);
+    }
+    // Blocks past the end of the filesystem are marked used in the last bitmap.
+    format::set_bits(
+        &mut used,
+        total as usize,
+        (groups * BLOCKS_PER_GROUP) as usize,
+    );
+    let mut free_total = 0u64;
+    let mut block_bitmaps = Vec::with_capacity(groups as usize);
+    let mut inode_bitmaps = Vec::with_capacity(groups as usize);
+    let mut free_inodes_total = 0u32;
+    for (g, d) in descs.iter_mut().enumerate() {
+        let bm = used[g * BLOCK..(g + 1) * BLOCK].to_vec();
+        let ones: u32 = bm.iter().map(|b| b.count_ones()).sum();
+        d.free_blocks = BLOCKS_PER_GROUP as u32 - ones;
+        free_total += u64::from(d.free_blocks);
+        d.block_bitmap_csum = super::csum::raw(geo.fs_seed, &bm);
+        block_bitmaps.push(bm);
+
+        let mut ib = vec![0u8; BLOCK];
+        let base = g * ipg as usize;
+        let mut last_used = 0u32;
+        for j in 0..ipg as usize {
+            let ino = base + j + 1;
+            let in_use = ino < FIRST_INO as usize || inodes[ino - 1].is_some();
+            if in_use {
+                ib[j / 8] |= 1 << (j % 8);
+                last_used = j as u32 + 1;
+                if let Some(f) = &inodes[ino - 1] {
+                    if u32::from(f.mode) & libc::S_IFMT == libc::S_IFDIR {
+                        d.used_dirs += 1;
+                    }
+                }
+            }
+        }
+        let used_count: u32 = ib[..ipg as usize / 8].iter().map(|b| b.count_ones()).sum();
+        d.free_inodes = ipg - used_count;
+        free_inodes_total += d.free_inodes;
+        d.itable_unused = ipg - last_used;
+        format::set_bits(&mut ib, ipg as usize, BLOCK * 8);
+        d.inode_bitmap_csum = super::csum::raw(geo.fs_seed, &ib[..ipg as usize / 8]);
+        inode_bitmaps.push(ib);
+    }
+    let journal_inode = inodes[JOURNAL_INO as usize - 1]
+        .as_ref()
+        .map(|f| (f.block, f.size))
+        .unwrap_or(([0; 60], 0));
+    Ok(Layout {
+        geo: geo.clone(),
+        runs,
+        inodes,
+        groups: descs,
+        block_bitmaps,
+        inode_bitmaps,
+        counts: format::SuperCounts {
+            free_blocks: free_total,
+            free_inodes: free_inodes_total,
+            journal_blocks: journal_inode.0,
+            journal_size: journal_inode.1,
+        },
+    })
+}
