@@ -244,12 +244,19 @@ fn pending_inodes(
             path: path_of(tree, id),
             source: e,
         })?;
+        let links = num.links[id as usize];
+        if links > 65_000 && !matches!(node.kind, NodeKind::Dir { .. }) {
+            return Err(NativeError::TooManyLinks {
+                path: path_of(tree, id),
+                links,
+            });
+        }
         let mut f = InodeFields {
             mode: mode_of(node.kind.file_type_bits(), m.mode),
             uid: m.uid,
             gid: m.gid,
             time: (m.mtime.sec, m.mtime.nsec),
-            links: num.links[id as usize].min(65000) as u16,
+            links: links as u16,
             inline_xattrs: placed.inline,
             ..InodeFields::default()
         };

@@ -14,6 +14,8 @@
 pub mod csum;
 mod format;
 mod layout;
+#[cfg(test)]
+mod tests;
 mod xattr;
 
 use std::fs::File;
@@ -38,6 +40,8 @@ pub enum NativeError {
         #[source]
         source: xattr::XattrError,
     },
+    #[error("{path} has {links} hard links; ext4 allows at most 65000")]
+    TooManyLinks { path: String, links: u32 },
     #[error("inode {ino} needs more than 1360 extents")]
     Fragmented { ino: u32 },
     /// Internal: the trial size was too small (retried with a larger one).
@@ -149,9 +153,11 @@ struct Out<'a> {
     spare: mpsc::Receiver<Vec<u8>>,
     written: u64,
     progress: &'a dyn Fn(u64),
+    /// Time spent waiting for the hashing thread.
+    waited: std::time::Duration,
 }
 
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = 1 << 18;
 
 impl Out<'_> {
     fn flush(&mut self) -> Result<(), BuildError> {
@@ -178,7 +184,10 @@ impl Out<'_> {
     }
 
     fn send(&mut self, p: Piece) -> Result<(), BuildError> {
-        self.tx.send(p).map_err(|_| BuildError::Unexpected {
+        let t = std::time::Instant::now();
+        let r = self.tx.send(p);
+        self.waited += t.elapsed();
+        r.map_err(|_| BuildError::Unexpected {
             what: "hashing the image".into(),
             detail: "the hashing thread stopped".into(),
         })
@@ -260,13 +269,15 @@ fn emit(
     path: &Path,
     progress: &dyn Fn(u64),
 ) -> Result<String, BuildError> {
-    let (tx, rx) = mpsc::sync_channel::<Piece>(4);
+    let (tx, rx) = mpsc::sync_channel::<Piece>(8);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let hasher = s.spawn(move || {
             let zeros = vec![0u8; 1 << 16];
             let mut h = Sha256::new();
+            let mut busy = std::time::Duration::ZERO;
             for piece in rx {
+                let t = std::time::Instant::now();
                 match piece {
                     Piece::Data(buf) => {
                         h.update(&buf);
@@ -280,7 +291,9 @@ fn emit(
                         }
                     }
                 }
+                busy += t.elapsed();
             }
+            tracing::debug!(target: "fledge::timing", "hashing busy for {:.1} ms", busy.as_secs_f64() * 1e3);
             hex::encode(h.finalize())
         });
         let mut out = Out {
@@ -292,9 +305,11 @@ fn emit(
             spare: back_rx,
             written: 0,
             progress,
+            waited: std::time::Duration::ZERO,
         };
         let r = write_runs(tree, l, &mut out);
         let r = r.and_then(|()| out.flush());
+        tracing::debug!(target: "fledge::timing", "writer waited {:.1} ms for the hasher", out.waited.as_secs_f64() * 1e3);
         drop(out);
         let sum = hasher.join().map_err(|_| BuildError::Unexpected {
             what: "hashing the image".into(),
