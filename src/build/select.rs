@@ -1,9 +1,11 @@
 //! Backend selection: which backend can build which filesystem type here, decided from the
 //! same probes `fledge doctor` reports ([`crate::probe`]), and which one `auto` picks.
 //!
-//! Order of preference for `auto`: the kernel backend (fastest: file contents go from the
-//! layer cache to the image with `copy_file_range`, no FUSE round trip), then the userspace
-//! backend when it can reproduce this tree exactly.
+//! Order of preference for `auto`: for ext4 the native writer (needs nothing, fastest: the
+//! image is written once, in block order, and hashed as it is written); for xfs and btrfs the
+//! kernel backend (file contents go from the layer cache to the image with
+//! `copy_file_range`, no FUSE round trip), then the userspace backend when it can reproduce
+//! this tree exactly.
 
 use serde::Serialize;
 
@@ -229,9 +231,9 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
     }
 }
 
-/// What `auto` picks for `fs` on this host, ignoring what a particular tree needs: the kernel
-/// backend when it can run, else the userspace one (never for xfs, whose protofiles lose
-/// timestamps). `fledge doctor` reports this.
+/// What `auto` picks for `fs` on this host, ignoring what a particular tree needs: native for
+/// ext4; else the kernel backend when it can run, else the userspace one (never for xfs,
+/// whose protofiles lose timestamps). `fledge doctor` reports this.
 pub fn auto_choice(fs: FsType, probed: &Probed) -> Option<BackendKind> {
     let [(_, native), (_, kernel), (_, user)] = availability(fs, probed);
     if native.is_ok() {

@@ -246,9 +246,19 @@ impl Out<'_> {
                         ))
                     }
                 })
-                .map_err(|e| NativeError::Read {
-                    path: layout::path_of(tree, node),
-                    source: e,
+                .map_err(|e| match &tree.node(node).kind {
+                    // A mapped host file that changed or vanished since it was planned.
+                    crate::tree::NodeKind::File {
+                        content: crate::tree::Content::HostFile(host),
+                        ..
+                    } => BuildError::HostFile {
+                        path: host.clone(),
+                        source: e,
+                    },
+                    _ => BuildError::Native(NativeError::Read {
+                        path: layout::path_of(tree, node),
+                        source: e,
+                    }),
                 })?;
             self.written += n as u64;
             offset += n as u64;
