@@ -12,7 +12,9 @@
 #                                mount, cp -a, umount, e2fsck, resize2fs, truncate
 #            fledge-cold         `fledge build` from docker://127.0.0.1:PORT/debian:test with an
 #                                empty cache
-#            fledge-warm         the same again, layers cached
+#            fledge-warm         the same again, layers cached (auto: the native ext4 writer)
+#            fledge-warm-kernel  the warm build with --backend kernel (loop mount + copy, then
+#                                sha256 of the finished image), for comparison
 #            floor               fetching the same layer blobs from the registry and
 #                                decompressing each to /dev/null, all layers at once
 #                                (curl | gzip -dc)
@@ -202,8 +204,8 @@ size_buffer_mb = 100
 EOF
 }
 
-fledge_build() { # NAME CACHE
-    "$FLEDGE" build -q -c "$WORK/$1.toml" --cache-dir "$2" -o "$WORK/out.img"
+fledge_build() { # NAME CACHE [BUILD ARGS...]
+    "$FLEDGE" build -q -c "$WORK/$1.toml" --cache-dir "$2" -o "$WORK/out.img" "${@:3}"
 }
 export -f fledge_build
 export FLEDGE
@@ -222,6 +224,9 @@ bench_build() {
         rm -f "$WORK/out.img" "$WORK/out.manifest.json"
         measure fledge-warm bash -c 'fledge_build debian "$WORK/cache"'
         rm -f "$WORK/out.img" "$WORK/out.manifest.json"
+        # The same warm build through the kernel backend (loop mount + copy + sha256 after).
+        measure fledge-warm-kernel bash -c 'fledge_build debian "$WORK/cache" --backend kernel'
+        rm -f "$WORK/out.img" "$WORK/out.manifest.json"
         measure floor bash -c floor
     done
     rm -rf "$WORK/cache"
@@ -231,6 +236,7 @@ bench_build() {
     row reference-pipeline
     row fledge-cold reference-pipeline floor
     row fledge-warm reference-pipeline
+    row fledge-warm-kernel reference-pipeline
     row floor reference-pipeline
     echo "targets:"
     check "fledge cold / reference" "$(ratio fledge-cold reference-pipeline)" "<=" 0.20
