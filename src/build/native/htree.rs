@@ -197,73 +197,34 @@ fn legacy_hash(name: &[u8], signed: bool) -> u32 {
 
 /// Three rounds of MD4 over eight input words (the kernel's `half_md4_transform`).
 fn half_md4_transform(buf: &mut [u32; 4], input: &[u32; 8]) {
-    const K2: u32 = 0x5a82_7999;
-    const K3: u32 = 0x6ed9_eba1;
-    fn f(x: u32, y: u32, z: u32) -> u32 {
-        z ^ (x & (y ^ z))
-    }
-    fn g(x: u32, y: u32, z: u32) -> u32 {
-        (x & y).wrapping_add((x ^ y) & z)
-    }
-    fn h(x: u32, y: u32, z: u32) -> u32 {
-        x ^ y ^ z
-    }
-    // One step: a = rol(a + fn(b, c, d) + x, s); the state rotates (a, b, c, d) -> (d, a, b, c).
-    type Step = fn(u32, u32, u32) -> u32;
-    let rounds: [(Step, u32, [(usize, u32); 8]); 3] = [
-        (
-            f,
-            0,
-            [
-                (0, 3),
-                (1, 7),
-                (2, 11),
-                (3, 19),
-                (4, 3),
-                (5, 7),
-                (6, 11),
-                (7, 19),
-            ],
-        ),
-        (
-            g,
-            K2,
-            [
-                (1, 3),
-                (3, 5),
-                (5, 9),
-                (7, 13),
-                (0, 3),
-                (2, 5),
-                (4, 9),
-                (6, 13),
-            ],
-        ),
-        (
-            h,
-            K3,
-            [
-                (3, 3),
-                (7, 9),
-                (2, 11),
-                (6, 15),
-                (1, 3),
-                (5, 9),
-                (0, 11),
-                (4, 15),
-            ],
-        ),
+    type Function = fn(u32, u32, u32) -> u32;
+    /// Per round: the boolean function (selection, majority, parity) and the added constant.
+    const FUNCTIONS: [(Function, u32); 3] = [
+        (|x, y, z| z ^ (x & (y ^ z)), 0),
+        (|x, y, z| (x & y).wrapping_add((x ^ y) & z), 0x5a82_7999),
+        (|x, y, z| x ^ y ^ z, 0x6ed9_eba1),
     ];
+    /// Per round: the input word each of the eight steps adds.
+    const WORDS: [[usize; 8]; 3] = [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [1, 3, 5, 7, 0, 2, 4, 6],
+        [3, 7, 2, 6, 1, 5, 0, 4],
+    ];
+    /// Per round: the rotation of steps 0..4 (repeated for steps 4..8).
+    const SHIFTS: [[u32; 4]; 3] = [[3, 7, 11, 19], [3, 5, 9, 13], [3, 9, 11, 15]];
+
     let mut s = *buf;
-    for (func, k, steps) in rounds {
-        for (n, (word, shift)) in steps.into_iter().enumerate() {
-            // Step n updates state word (4 - n % 4) % 4 from the next three in rotation.
+    for ((&(func, k), words), shifts) in FUNCTIONS.iter().zip(WORDS).zip(SHIFTS) {
+        for (n, word) in words.into_iter().enumerate() {
+            // Step n updates a = s[(4 - n % 4) % 4] from the next three words in rotation:
+            // a = rol(a + func(b, c, d) + in[word] + k, shift), as MD4's ROUND(a, b, c, d)
+            // followed by ROUND(d, a, b, c) and so on.
             let a = (4 - n % 4) % 4;
             let (b, c, d) = ((a + 1) % 4, (a + 2) % 4, (a + 3) % 4);
             s[a] = s[a]
                 .wrapping_add(func(s[b], s[c], s[d]))
                 .wrapping_add(input[word].wrapping_add(k))
-                .rotate_left(shift);
+                .rotate_left(shifts[n % 4]);
         }
     }
     for (out, add) in buf.iter_mut().zip(s) {
@@ -619,6 +580,7 @@ mod tests {
     use super::HashVersion::{HalfMd4, Legacy, Tea};
     use super::*;
     use std::collections::{BTreeMap, BTreeSet};
+    use std::ffi::OsStr;
 
     /// The seed `debugfs dx_hash -s` was given for the SEED rows below.
     const SEED_UUID: &str = "5f1c3a2b-9d4e-4f60-8a7b-c0d1e2f3a4b5";
@@ -1270,5 +1232,418 @@ mod tests {
         assert_eq!(err.to_string().lines().count(), 1);
         assert!(node_shares(258_571, 507, 510).is_none());
         assert!(node_shares(258_570, 507, 510).is_some());
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Real images: e2fsprogs (e2fsck, debugfs) and, as root, the kernel read our directories.
+    // -----------------------------------------------------------------------------------------
+
+    mod image {
+        use std::ffi::OsStr;
+        use std::path::{Path, PathBuf};
+        use std::process::{Command, Output};
+
+        pub fn find_tool(name: &str) -> Option<PathBuf> {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path)
+                .chain(["/sbin", "/usr/sbin"].map(PathBuf::from))
+                .map(|dir| dir.join(name))
+                .find(|candidate| candidate.is_file())
+        }
+
+        pub fn run<S: AsRef<OsStr>>(tool: &Path, args: &[S]) -> Output {
+            let out = Command::new(tool).args(args).output().unwrap();
+            out
+        }
+
+        pub fn text(bytes: &[u8]) -> String {
+            String::from_utf8_lossy(bytes).into_owned()
+        }
+
+        /// Runs a debugfs command script read-write; panics on any error it reports.
+        pub fn debugfs_script(debugfs: &Path, img: &Path, script: &str) {
+            let file = img.with_extension("debugfs");
+            std::fs::write(&file, script).unwrap();
+            let out = run(
+                debugfs,
+                &[
+                    OsStr::new("-w"),
+                    OsStr::new("-f"),
+                    file.as_os_str(),
+                    img.as_os_str(),
+                ],
+            );
+            let errors: Vec<String> = text(&out.stderr)
+                .lines()
+                .filter(|line| !line.starts_with("debugfs "))
+                .map(str::to_owned)
+                .collect();
+            assert!(
+                out.status.success() && errors.is_empty(),
+                "debugfs: {errors:?}"
+            );
+        }
+
+        /// Runs one read-only debugfs request and returns its standard output.
+        pub fn debugfs(debugfs: &Path, img: &Path, request: &str) -> String {
+            let out = run(
+                debugfs,
+                &[OsStr::new("-R"), OsStr::new(request), img.as_os_str()],
+            );
+            assert!(
+                out.status.success(),
+                "debugfs -R {request}: {}",
+                text(&out.stderr)
+            );
+            text(&out.stdout)
+        }
+
+        /// The value after `key` in `debugfs stat` output.
+        pub fn stat_field(stat: &str, key: &str) -> String {
+            let at = stat
+                .find(key)
+                .unwrap_or_else(|| panic!("no {key} in {stat}"));
+            stat[at + key.len()..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned()
+        }
+
+        /// Unmounts (and so frees the loop device of) a mount made by the test.
+        pub struct Mounted(pub PathBuf);
+
+        impl Drop for Mounted {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(&self.0).status();
+            }
+        }
+    }
+
+    struct TestDir {
+        path: &'static str,
+        file: &'static str,
+        names: Vec<Vec<u8>>,
+        levels: u8,
+    }
+
+    #[test]
+    fn e2fsck_debugfs_and_the_kernel_accept_indexed_directories() {
+        let (Some(mkfs), Some(debugfs_bin), Some(e2fsck)) = (
+            image::find_tool("mkfs.ext4"),
+            image::find_tool("debugfs"),
+            image::find_tool("e2fsck"),
+        ) else {
+            eprintln!("SKIP: mkfs.ext4, debugfs or e2fsck not installed");
+            return;
+        };
+        // The mkfs default, then the other algorithms and char signedness set with debugfs.
+        let variants = [
+            ("", HalfMd4, true),
+            ("ssv def_hash_version tea\nssv flags 2\n", Tea, false),
+            ("ssv def_hash_version legacy\n", Legacy, true),
+        ];
+        for (setup, version, signed) in variants {
+            check_real_image(&mkfs, &debugfs_bin, &e2fsck, setup, version, signed);
+        }
+    }
+
+    /// Makes an image, sets its hash options with the debugfs `setup` script, puts three
+    /// indexed directories made by `indexed_dir_blocks` into it and has e2fsck, debugfs and
+    /// (as root) the kernel read them.
+    fn check_real_image(
+        mkfs: &std::path::Path,
+        debugfs_bin: &std::path::Path,
+        e2fsck: &std::path::Path,
+        setup: &str,
+        expect_version: HashVersion,
+        expect_signed: bool,
+    ) {
+        use image::*;
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("img");
+        let out = run(
+            mkfs,
+            &[
+                "-F",
+                "-q",
+                "-b",
+                "4096",
+                "-O",
+                "metadata_csum,64bit",
+                "-E",
+                "root_owner=0:0",
+            ]
+            .map(OsStr::new)
+            .into_iter()
+            .chain([img.as_os_str(), OsStr::new("64M")])
+            .collect::<Vec<_>>(),
+        );
+        assert!(out.status.success(), "mkfs.ext4: {}", text(&out.stderr));
+        if !setup.is_empty() {
+            debugfs_script(debugfs_bin, &img, setup);
+        }
+
+        // The superblock fields the layout depends on.
+        let image = std::fs::read(&img).unwrap();
+        let sb = &image[1024..2048];
+        let uuid: [u8; 16] = sb[0x68..0x78].try_into().unwrap();
+        let seed = seed_words(&sb[0xec..0xfc]);
+        let version = match sb[0xfc] {
+            0 => Legacy,
+            1 => HalfMd4,
+            2 => Tea,
+            other => panic!("hash version {other}"),
+        };
+        let s_flags = le32(sb, 0x160);
+        let signed = s_flags & 1 != 0;
+        assert_ne!(
+            signed,
+            s_flags & 2 != 0,
+            "exactly one of signed/unsigned hash flags"
+        );
+        assert_eq!(
+            (version, signed),
+            (expect_version, expect_signed),
+            "after {setup:?}"
+        );
+        let fs_seed = if le32(sb, 0x60) & 0x2000 != 0 {
+            le32(sb, 0x270)
+        } else {
+            csum::fs_seed(&uuid)
+        };
+        drop(image);
+
+        // Names sharing a major hash under this filesystem's seed, for the largest directory.
+        let mut seen = std::collections::HashMap::new();
+        let mut colliding = Vec::new();
+        for n in 0..600_000u32 {
+            let name = format!("coll-{n}").into_bytes();
+            let (hash, _) = name_hash(&name, version, &seed, signed);
+            if let Some(other) = seen.insert(hash, name.clone()) {
+                colliding.push(other);
+                colliding.push(name);
+                if colliding.len() >= 6 {
+                    break;
+                }
+            }
+        }
+        assert!(colliding.len() >= 2, "no hash collision among 600000 names");
+        let mut big = sample_names(60_000);
+        big.extend(colliding.iter().cloned());
+        let dirs = [
+            TestDir {
+                path: "/d500",
+                file: "/f500",
+                names: sample_names(500),
+                levels: 0,
+            },
+            TestDir {
+                path: "/d5000",
+                file: "/f5000",
+                names: sample_names(5_000),
+                levels: 0,
+            },
+            TestDir {
+                path: "/d60000",
+                file: "/f60000",
+                names: big,
+                levels: 1,
+            },
+        ];
+
+        let payload = tmp.path().join("payload");
+        std::fs::write(&payload, b"payload\n").unwrap();
+        let mut script = String::new();
+        for dir in &dirs {
+            script += &format!(
+                "write {} {}\nmkdir {}\n",
+                payload.display(),
+                dir.file,
+                dir.path
+            );
+        }
+        debugfs_script(debugfs_bin, &img, &script);
+
+        let mut layouts = Vec::new();
+        let mut script = String::new();
+        for dir in &dirs {
+            let stat = debugfs(debugfs_bin, &img, &format!("stat {}", dir.path));
+            let ino: u32 = stat_field(&stat, "Inode:").parse().unwrap();
+            let generation: u32 = stat_field(&stat, "Generation:").parse().unwrap();
+            let flags =
+                u32::from_str_radix(stat_field(&stat, "Flags:").trim_start_matches("0x"), 16)
+                    .unwrap();
+            let file_stat = debugfs(debugfs_bin, &img, &format!("stat {}", dir.file));
+            let file_ino: u32 = stat_field(&file_stat, "Inode:").parse().unwrap();
+            let entries: Vec<DirEntry> = dir
+                .names
+                .iter()
+                .map(|name| DirEntry {
+                    name,
+                    ino: file_ino,
+                    file_type: 1,
+                })
+                .collect();
+            let csum_seed = csum::inode_seed(fs_seed, ino, generation);
+            let data =
+                indexed_dir_blocks(&entries, ino, 2, version, &seed, signed, Some(csum_seed))
+                    .unwrap();
+            assert_eq!(data[30], dir.levels, "{}", dir.path);
+            let blocks = data.len() / BLOCK_SIZE;
+            for _ in 1..blocks {
+                script += &format!("expand_dir {}\n", dir.path);
+            }
+            script += &format!("sif {} flags {:#x}\n", dir.path, flags | 0x1000);
+            script += &format!("sif {} links_count {}\n", dir.file, entries.len() + 1);
+            layouts.push((data, file_ino));
+        }
+        debugfs_script(debugfs_bin, &img, &script);
+
+        // Write the blocks where the directories' blocks are.
+        {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+            for (dir, (data, _)) in dirs.iter().zip(&layouts) {
+                let listed = debugfs(debugfs_bin, &img, &format!("blocks {}", dir.path));
+                let physical: Vec<u64> = listed
+                    .split_whitespace()
+                    .map(|b| b.parse().unwrap())
+                    .collect();
+                assert_eq!(physical.len(), data.len() / BLOCK_SIZE, "{}", dir.path);
+                for (block, chunk) in physical.iter().zip(data.chunks(BLOCK_SIZE)) {
+                    file.write_all_at(chunk, block * BLOCK_SIZE as u64).unwrap();
+                }
+            }
+        }
+
+        let out = run(e2fsck, &[OsStr::new("-fn"), img.as_os_str()]);
+        assert!(
+            out.status.success(),
+            "e2fsck -fn failed ({}):\n{}{}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+
+        for (dir, (_, file_ino)) in dirs.iter().zip(&layouts) {
+            // Every name listed, once, pointing at the file.
+            let listing = debugfs(debugfs_bin, &img, &format!("ls -p {}", dir.path));
+            let mut listed = BTreeSet::new();
+            for line in listing.lines().filter(|line| line.starts_with('/')) {
+                let fields: Vec<&str> = line.split('/').collect();
+                // Empty dirents (the fake ones heading interior dx nodes) list as inode 0.
+                if fields[5] == "." || fields[5] == ".." || fields[1] == "0" {
+                    continue;
+                }
+                assert_eq!(fields[1], file_ino.to_string(), "{line}");
+                assert!(listed.insert(fields[5].to_owned()), "{line} listed twice");
+            }
+            let expected: BTreeSet<String> = dir.names.iter().map(|n| text(n)).collect();
+            assert_eq!(listed.len(), expected.len(), "{}", dir.path);
+            let ascii: Vec<&String> = expected.iter().filter(|n| n.is_ascii()).collect();
+            for name in &ascii {
+                assert!(listed.contains(*name), "{} misses {name}", dir.path);
+            }
+            // debugfs walks the index and recomputes each name's hash.
+            let htree = debugfs(debugfs_bin, &img, &format!("htree {}", dir.path));
+            assert!(
+                htree.contains(&format!("Indirect levels: {}", dir.levels)),
+                "{htree:.400}"
+            );
+            // Each leaf entry as "ino 0xHASH-MINOR (rec_len) name", several to a line, hashed
+            // by libext2fs (the test's names have no blanks).
+            let mut dumped = BTreeMap::new();
+            let tokens: Vec<&str> = htree.split_whitespace().collect();
+            for (n, window) in tokens.windows(4).enumerate() {
+                let Some((hash, minor)) =
+                    window[1].strip_prefix("0x").and_then(|t| t.split_once('-'))
+                else {
+                    continue;
+                };
+                let (Ok(hash), Ok(minor)) = (
+                    u32::from_str_radix(hash, 16),
+                    u32::from_str_radix(minor, 16),
+                ) else {
+                    continue;
+                };
+                assert!(window[2].starts_with('('), "token {n}: {window:?}");
+                assert_eq!(window[0], file_ino.to_string(), "token {n}: {window:?}");
+                assert!(
+                    dumped.insert(window[3].to_owned(), (hash, minor)).is_none(),
+                    "{window:?}"
+                );
+            }
+            let ours: BTreeMap<String, (u32, u32)> = dir
+                .names
+                .iter()
+                .map(|n| (text(n), name_hash(n, version, &seed, signed)))
+                .collect();
+            let differing: Vec<_> = ours
+                .iter()
+                .filter(|(name, hashes)| dumped.get(*name) != Some(hashes))
+                .take(5)
+                .map(|(name, hashes)| (name, hashes, dumped.get(name)))
+                .collect();
+            assert!(
+                differing.is_empty() && dumped.len() == ours.len(),
+                "{}: debugfs htree dump has {} entries, {} expected; ours vs dumped: {differing:x?}",
+                dir.path,
+                dumped.len(),
+                ours.len()
+            );
+            // Path lookups of a sample of names.
+            for name in ascii.iter().step_by(ascii.len() / 20 + 1) {
+                let stat = debugfs(debugfs_bin, &img, &format!("stat {}/{name}", dir.path));
+                assert_eq!(stat_field(&stat, "Inode:"), file_ino.to_string(), "{name}");
+            }
+        }
+
+        // The kernel: hashed lookups (with checksum verification) and readdir of every name.
+        let is_root = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+            .unwrap_or(false);
+        if !is_root {
+            eprintln!("SKIP: kernel check of the image needs root (loop mount)");
+            return;
+        }
+        let mnt = tmp.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args([
+                OsStr::new("-o"),
+                OsStr::new("loop,ro"),
+                img.as_os_str(),
+                mnt.as_os_str(),
+            ])
+            .output();
+        match mounted {
+            Ok(out) if out.status.success() => {}
+            other => {
+                eprintln!("SKIP: kernel check: cannot loop-mount the image: {other:?}");
+                return;
+            }
+        }
+        let _guard = Mounted(mnt.clone());
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::fs::MetadataExt;
+        for (dir, (_, file_ino)) in dirs.iter().zip(&layouts) {
+            let path = mnt.join(&dir.path[1..]);
+            for name in &dir.names {
+                let meta = std::fs::symlink_metadata(path.join(OsStr::from_bytes(name)))
+                    .unwrap_or_else(|e| {
+                        panic!("kernel lookup of {}/{}: {e}", dir.path, text(name))
+                    });
+                assert_eq!(meta.ino(), u64::from(*file_ino));
+            }
+            let missing = path.join("no-such-name-here");
+            assert!(std::fs::symlink_metadata(missing).is_err());
+            let read: BTreeSet<Vec<u8>> = std::fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().as_bytes().to_vec())
+                .collect();
+            let expected: BTreeSet<Vec<u8>> = dir.names.iter().cloned().collect();
+            assert_eq!(read, expected, "kernel readdir of {}", dir.path);
+        }
     }
 }
