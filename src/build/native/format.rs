@@ -86,6 +86,14 @@ impl Geometry {
     pub fn itable_blocks(&self) -> u64 {
         (self.inodes_per_group as u64 * INODE_SIZE as u64).div_ceil(BLOCK as u64)
     }
+    /// `s_hash_seed` as the directory hash takes it: four little-endian words.
+    pub fn hash_seed_words(&self) -> [u32; 4] {
+        let mut w = [0u32; 4];
+        for (i, c) in self.hash_seed.chunks(4).enumerate() {
+            w[i] = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        w
+    }
 }
 
 /// Per-group values for the descriptor.
@@ -432,7 +440,6 @@ pub fn linear_dir(
 }
 
 /// How many linear blocks `entries` (with "." and "..") take.
-#[cfg(test)]
 pub fn linear_dir_blocks(entries: &[(&[u8], u32, u8)]) -> usize {
     let usable = BLOCK - 12;
     let mut blocks = 1;

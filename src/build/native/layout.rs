@@ -9,7 +9,7 @@ use super::format::{
     EXT4_INDEX_FL, FIRST_INO, INODE_SIZE, JOURNAL_INO, LEAF_EXTENTS, LOST_FOUND_INO,
     MAX_EXTENT_LEN, ROOT_INO,
 };
-use super::{xattr, NativeError};
+use super::{htree, xattr, NativeError};
 use crate::tree::{NodeId, NodeKind, Tree, ROOT};
 
 const B: u64 = BLOCK as u64;
@@ -324,10 +324,33 @@ fn dir_blocks(
     entries: &[(&[u8], u32, u8)],
     min_blocks: usize,
 ) -> Result<(Vec<u8>, bool), NativeError> {
-    Ok((
-        format::linear_dir(geo, ino, parent, entries, min_blocks),
-        false,
-    ))
+    // Like the kernel: a directory that outgrows one block gets a hash index. (lost+found
+    // keeps mke2fs's four linear blocks.)
+    if ino == LOST_FOUND_INO || format::linear_dir_blocks(entries) <= 1 {
+        return Ok((
+            format::linear_dir(geo, ino, parent, entries, min_blocks),
+            false,
+        ));
+    }
+    let dx: Vec<htree::DirEntry> = entries
+        .iter()
+        .map(|&(name, ino, file_type)| htree::DirEntry {
+            name,
+            ino,
+            file_type,
+        })
+        .collect();
+    let blocks = htree::indexed_dir_blocks(
+        &dx,
+        ino,
+        parent,
+        htree::HashVersion::HalfMd4,
+        &geo.hash_seed_words(),
+        true,
+        Some(super::csum::inode_seed(geo.fs_seed, ino, 0)),
+    )
+    .map_err(|e| NativeError::Directory { ino, source: e })?;
+    Ok((blocks, true))
 }
 
 /// The tree path of `id`, for messages.

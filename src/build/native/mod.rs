@@ -13,6 +13,7 @@
 
 pub mod csum;
 mod format;
+mod htree;
 mod layout;
 #[cfg(test)]
 mod tests;
@@ -39,6 +40,12 @@ pub enum NativeError {
         path: String,
         #[source]
         source: xattr::XattrError,
+    },
+    #[error("directory inode {ino}: {source}")]
+    Directory {
+        ino: u32,
+        #[source]
+        source: htree::HtreeError,
     },
     #[error("{path} has {links} hard links; ext4 allows at most 65000")]
     TooManyLinks { path: String, links: u32 },
