@@ -289,6 +289,12 @@ fn pending_inodes(
                 }
             }
             NodeKind::Symlink { target } => {
+                if target.is_empty() {
+                    // Linux cannot create one, and e2fsck calls it invalid.
+                    return Err(NativeError::EmptySymlink {
+                        path: path_of(tree, id),
+                    });
+                }
                 f.size = target.len() as u64;
                 if target.len() < 60 {
                     f.block[..target.len()].copy_from_slice(target);

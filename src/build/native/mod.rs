@@ -47,6 +47,8 @@ pub enum NativeError {
         #[source]
         source: htree::HtreeError,
     },
+    #[error("{path} is a symlink with an empty target, which ext4 cannot hold")]
+    EmptySymlink { path: String },
     #[error("{path} has {links} hard links; ext4 allows at most 65000")]
     TooManyLinks { path: String, links: u32 },
     #[error("inode {ino} needs more than 1360 extents")]
