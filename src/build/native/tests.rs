@@ -406,3 +406,61 @@ fn a_file_longer_than_four_extents_gets_an_extent_tree() {
         assert_eq!(&b, b"mark!", "at {at}");
     }
 }
+
+#[test]
+fn what_ext4_cannot_hold_is_refused_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let attempt = |tree: &Tree| {
+        let image = dir.path().join("refused.img");
+        File::create(&image).unwrap();
+        let plan = SizePlan {
+            content_bytes: 0,
+            buffer_bytes: MIB,
+            image_bytes: 0,
+            inodes: tree.nodes.len() as u64 + 64,
+        };
+        let mut sw = crate::timing::Stopwatch::start();
+        match build(tree, &plan, &image, &mut sw, &|_| {}) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    // An empty symlink target.
+    let mut t = T::new();
+    let d = t.add(
+        0,
+        "d",
+        NodeKind::Dir {
+            entries: Vec::new(),
+        },
+        meta(0o755, 0, 0),
+    );
+    t.add(
+        d,
+        "empty",
+        NodeKind::Symlink {
+            target: Vec::new().into(),
+        },
+        meta(0o777, 0, 0),
+    );
+    let msg = attempt(&t.tree());
+    assert!(
+        msg.contains("/d/empty") && msg.contains("empty target"),
+        "{msg}"
+    );
+    // 65001 names for one file.
+    let mut t = T::new();
+    let f = t.file(0, "f", b"x", meta(0o644, 0, 0));
+    for i in 0..65_000 {
+        t.link(0, &format!("l{i}"), f);
+    }
+    let msg = attempt(&t.tree());
+    assert!(msg.contains("65001 hard links"), "{msg}");
+    // More attribute bytes than one block holds.
+    let mut t = T::new();
+    let mut m = meta(0o644, 0, 0);
+    m.xattrs = vec![x("user.big", &[7; 5000])];
+    t.file(0, "fat", b"x", m);
+    let msg = attempt(&t.tree());
+    assert!(msg.contains("/fat") && msg.contains("user.big"), "{msg}");
+}

@@ -13,8 +13,12 @@ const BLOCK_HEADER: usize = 32;
 /// An attribute ext4 cannot hold.
 #[derive(Debug, thiserror::Error)]
 pub enum XattrError {
-    #[error("extended attribute {name} is {size} bytes: ext4 without ea_inode holds at most about 4000 bytes of attributes per inode")]
-    TooLarge { name: String, size: usize },
+    #[error("extended attributes need {total} bytes (the largest, {name}, has {value}): ext4 without ea_inode holds at most about 4000 bytes of them per inode")]
+    TooLarge {
+        name: String,
+        value: usize,
+        total: usize,
+    },
     #[error("extended attribute {name} is not a valid POSIX ACL")]
     BadAcl { name: String },
 }
@@ -22,6 +26,8 @@ pub enum XattrError {
 /// One attribute in ext4's form: name index, name suffix, value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
+    /// The full name, for messages.
+    full: String,
     index: u8,
     name: Vec<u8>,
     value: Vec<u8>,
@@ -115,6 +121,7 @@ pub fn place(xattrs: &[crate::tree::Xattr]) -> Result<Placed, XattrError> {
             value.to_vec()
         };
         entries.push(Entry {
+            full: String::from_utf8_lossy(name).into_owned(),
             index,
             name: suffix.to_vec(),
             value,
@@ -152,14 +159,11 @@ pub fn place(xattrs: &[crate::tree::Xattr]) -> Result<Placed, XattrError> {
                 .sum::<usize>()
             + 4;
         if total > BLOCK {
-            let e = rest.iter().max_by_key(|e| e.value.len()).map_or_else(
-                || (String::new(), 0),
-                |e| (String::from_utf8_lossy(&e.name).into_owned(), e.value.len()),
-            );
-            return Err(XattrError::TooLarge {
-                name: e.0,
-                size: total.max(e.1),
-            });
+            let (name, value) = rest
+                .iter()
+                .max_by_key(|e| e.value.len())
+                .map_or((String::new(), 0), |e| (e.full.clone(), e.value.len()));
+            return Err(XattrError::TooLarge { name, value, total });
         }
         let mut b = vec![0u8; BLOCK];
         put32(&mut b, 0, MAGIC);
