@@ -431,49 +431,50 @@ pub fn plan(
         content += u64::from(p.xattr_block.is_some());
     }
     let free_blocks = free_bytes.div_ceil(B);
-    // Solve total = content + overhead(total) + journal(total) + free + reserve(total).
-    let mut total = (content + free_blocks + 1024).max(2048);
-    for _ in 0..8 {
+    // The size is the fixed point of total = content + group metadata(total) +
+    // journal(total) + free + ext4's reserve(total). Every term grows with total, so start
+    // from the content alone and raise until the need is met.
+    let need = |total: u64| {
         let groups = total
             .div_ceil(BLOCKS_PER_GROUP)
             .max(want_inodes.div_ceil(BLOCKS_PER_GROUP));
         let ipg = inodes_per_group(want_inodes, groups);
         let resv = (total / 50).min(4096);
-        let need =
-            content + fixed_overhead(total, ipg) + journal_blocks(total) + free_blocks + resv + 64; // extent leaves and rounding
-        let need = need.div_ceil(256) * 256;
-        if need == total {
-            break;
-        }
-        total = need.max(total.min(need + 256));
-        if need <= total && total - need < 256 {
-            break;
-        }
+        // + 64: extent tree leaves, and rounding to whole MiB.
+        (content + fixed_overhead(total, ipg) + journal_blocks(total) + free_blocks + resv + 64)
+            .div_ceil(256)
+            * 256
+    };
+    let mut total = (content + free_blocks).max(2048).div_ceil(256) * 256;
+    while need(total) > total {
+        total = need(total);
     }
     // Keep the last group large enough to be worth its metadata.
     let tail = total % BLOCKS_PER_GROUP;
     if tail != 0 && tail < 1024 {
         total += 1024 - tail;
     }
-    loop {
-        match place(tree, &num, &pending, &mut geo, total, want_inodes) {
+    // Placing is exact; should the estimate fall short (extents split around superblock
+    // copies need leaf blocks), grow and place again.
+    for _ in 0..16 {
+        match place(&num, &pending, &mut geo, total, want_inodes) {
             Ok(l) => {
-                let resv = (total / 50).min(4096);
-                if l.counts.free_blocks.saturating_sub(resv) >= free_blocks {
+                let resv = (l.geo.blocks / 50).min(4096);
+                let free = l.counts.free_blocks.saturating_sub(resv);
+                if free >= free_blocks {
                     return Ok(l);
                 }
-                total += free_blocks + resv - l.counts.free_blocks.min(free_blocks + resv);
-                total = total.div_ceil(256) * 256;
+                total = (l.geo.blocks + free_blocks - free).div_ceil(256) * 256;
             }
             Err(NativeError::Full) => total = (total + total / 16).div_ceil(256) * 256,
             Err(e) => return Err(e),
         }
     }
+    Err(NativeError::Full)
 }
 
 /// Place everything in a filesystem of `total` blocks.
 fn place(
-    _tree: &Tree,
     num: &Numbering,
     pending: &[Pending],
     geo: &mut Geometry,

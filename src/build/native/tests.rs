@@ -464,3 +464,29 @@ fn what_ext4_cannot_hold_is_refused_naming_the_path() {
     let msg = attempt(&t.tree());
     assert!(msg.contains("/fat") && msg.contains("user.big"), "{msg}");
 }
+
+#[test]
+fn free_space_lands_in_the_accepted_window() {
+    use crate::build::size::slack;
+    let mut t = T::new();
+    for i in 0..500 {
+        t.file(0, &format!("f{i}"), &vec![1u8; i * 97], meta(0o644, 0, 0));
+    }
+    let tree = t.tree();
+    for buffer_mib in [0u64, 1, 7, 100, 1000, 5000] {
+        let buffer = buffer_mib * MIB;
+        let l = super::layout::plan(&tree, 2000, buffer, [3; 16], [4; 16], 0).unwrap();
+        let info = crate::build::ext4::SuperInfo {
+            block_count: l.geo.blocks,
+            free_blocks: l.counts.free_blocks,
+            reserved_blocks: 0,
+            block_size: 4096,
+        };
+        let free = info.user_free_bytes();
+        assert!(
+            free >= buffer && free <= buffer + slack(buffer),
+            "buffer {buffer_mib} MiB: {} KiB free",
+            free / 1024
+        );
+    }
+}
