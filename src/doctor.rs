@@ -352,7 +352,7 @@ fn render(r: &Report) -> String {
             }
         }
     }
-    s.push_str("\nFILESYSTEM  KERNEL  USERSPACE  BUILD WILL USE\n");
+    s.push_str("\nFILESYSTEM  NATIVE  KERNEL  USERSPACE  BUILD WILL USE\n");
     for f in &r.filesystems {
         let yes = |k: BackendKind| {
             if f.backends.iter().any(|b| b.backend == k && b.available) {
@@ -362,8 +362,9 @@ fn render(r: &Report) -> String {
             }
         };
         s.push_str(&format!(
-            "{:<11} {:<7} {:<10} {}\n",
+            "{:<11} {:<7} {:<7} {:<10} {}\n",
             f.fs,
+            yes(BackendKind::Native),
             yes(BackendKind::Kernel),
             yes(BackendKind::Userspace),
             f.chosen

@@ -2,7 +2,8 @@
 //! backend that supports it, the mounted image equals `umoci unpack` of the image plus the
 //! injected files, passes its filesystem checker, keeps the free-space window, is sparse or
 //! preallocated as asked, and comes with a manifest whose checksum is the image's.
-//! Rootless builds (the `fledge-test` user, userspace backend) equal root's builds.
+//! Rootless builds (the `fledge-test` user: auto, which is the native writer for ext4, and the
+//! userspace backend) equal root's builds.
 //!
 //! Needs root (loop mounts to inspect the results); prints SKIP otherwise.
 
@@ -372,7 +373,8 @@ fn build_xfs_userspace_refuses_with_paths() {
     assert!(!project.path().join("debian.img").exists());
 }
 
-/// `preallocate = true` gives a fully allocated image.
+/// `preallocate = true` gives a fully allocated image, whose manifest checksum is still the
+/// image's: with auto (the native writer, which hashes as it writes) and the kernel backend.
 #[test]
 fn build_preallocated() {
     let test = "build_preallocated";
@@ -387,22 +389,44 @@ fn build_preallocated() {
         .unwrap()
         .replace("preallocate = false", "preallocate = true");
     fs::write(project.path().join("fledge.toml"), toml).unwrap();
-    let out = project.build("d.img", &[]);
-    assert!(out.status.success(), "{}", text(&out));
-    let md = fs::metadata(project.path().join("d.img")).unwrap();
-    assert!(
-        md.blocks() * 512 >= md.len(),
-        "preallocated image has holes: {} allocated of {}",
-        md.blocks() * 512,
-        md.len()
-    );
-    fsck(&project.path().join("d.img"), "ext4");
+    for (args, backend) in [
+        (&[][..], "native"),
+        (&["--backend", "kernel"][..], "kernel"),
+    ] {
+        let name = format!("{backend}.img");
+        let out = project.build(&name, &[args, &["-v"]].concat());
+        assert!(out.status.success(), "{test} {backend}: {}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("backend: {backend} ")),
+            "{test}: expected the {backend} backend:\n{stderr}"
+        );
+        let image = project.path().join(&name);
+        let md = fs::metadata(&image).unwrap();
+        assert!(
+            md.blocks() * 512 >= md.len(),
+            "{test} {backend}: preallocated image has holes: {} allocated of {}",
+            md.blocks() * 512,
+            md.len()
+        );
+        let manifest: serde_json::Value = serde_json::from_slice(
+            &fs::read(project.path().join(format!("{backend}.manifest.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            manifest["rootfs"]["checksum"],
+            format!("sha256:{}", sha256_file(&image)),
+            "{test} {backend}: manifest checksum"
+        );
+        fsck(&image, "ext4");
+    }
 }
 
-/// Run fledge as the unprivileged test user with auto backend selection; the result must
-/// equal root's build of the same type, entry by entry.
-fn rootless_case(fs_type: &str) {
-    let test = format!("rootless_{fs_type}_equals_root");
+/// Run fledge as the unprivileged test user with `backend` (`auto`: no `--backend`), which
+/// must report `expect`; the result must equal root's kernel build of the same type, entry by
+/// entry.
+fn rootless_case(fs_type: &str, backend: &str, expect: &str) {
+    let test = format!("rootless_{fs_type}_{backend}_equals_root");
     if !root_or_skip(&test) {
         return;
     }
@@ -447,10 +471,16 @@ fn rootless_case(fs_type: &str) {
         )
         .unwrap();
     }
+    let backend_args: &[&str] = if backend == "auto" {
+        &[]
+    } else {
+        &["--backend", backend]
+    };
     let out = Command::new("runuser")
         .args(["-u", support::TEST_USER, "--"])
         .arg(bin_dir.join("fledge"))
         .args(["build", "-v", "-c", "fledge.toml", "-o", "user.img"])
+        .args(backend_args)
         .current_dir(user_project.path())
         .env("FLEDGE_CACHE_DIR", user_project.path().join("cache"))
         .env("HOME", user_project.path())
@@ -463,8 +493,8 @@ fn rootless_case(fs_type: &str) {
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("backend: userspace"),
-        "{test}: rootless build did not choose userspace:\n{stderr}"
+        stderr.contains(&format!("backend: {expect} ")),
+        "{test}: rootless build did not use the {expect} backend:\n{stderr}"
     );
     let user_image = user_project.path().join("user.img");
     assert_eq!(fs::metadata(&user_image).unwrap().uid(), uid);
@@ -501,14 +531,21 @@ fn make_world_readable(dir: &Path) {
     }
 }
 
+/// auto picks the native writer for ext4, root or not.
 #[test]
-fn rootless_ext4_equals_root() {
-    rootless_case("ext4");
+fn rootless_ext4_auto_equals_root() {
+    rootless_case("ext4", "auto", "native");
 }
 
 #[test]
-fn rootless_btrfs_equals_root() {
-    rootless_case("btrfs");
+fn rootless_ext4_userspace_equals_root() {
+    rootless_case("ext4", "userspace", "userspace");
+}
+
+/// btrfs rootless: the userspace backend (the native writer is ext4 only).
+#[test]
+fn rootless_btrfs_auto_equals_root() {
+    rootless_case("btrfs", "auto", "userspace");
 }
 
 /// `-q` prints nothing on success; the default prints one summary line.

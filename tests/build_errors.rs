@@ -33,6 +33,8 @@ struct Case {
     needs_image: bool,
     /// Command prefix (e.g. unshare to hide a tool); empty: run fledge directly.
     wrap: Vec<String>,
+    /// Extra `fledge build` arguments (e.g. `--backend kernel`).
+    args: Vec<&'static str>,
 }
 
 fn case(name: &'static str, toml: &str, expect: &[&str]) -> Case {
@@ -44,6 +46,7 @@ fn case(name: &'static str, toml: &str, expect: &[&str]) -> Case {
         expect: expect.iter().map(|s| s.to_string()).collect(),
         needs_image: false,
         wrap: Vec::new(),
+        args: Vec::new(),
     }
 }
 
@@ -124,6 +127,7 @@ fn run_case(c: &Case, image_ref: &str) {
         .env("FLEDGE_CACHE_DIR", project.join("cache"))
         .env("FLEDGE_RELEASE_BASE_URL", "http://127.0.0.1:9")
         .args(["build", "-c", "fledge.toml", "-o", &c.output])
+        .args(&c.args)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -284,17 +288,13 @@ fn bad_inputs_with_image() {
             ..case("disk full", GOOD_TOML, &["not enough space", "MiB"])
         });
         // A required tool missing: hide /usr/sbin (mkfs.*, e2fsck, ...) in a private mount
-        // namespace.
+        // namespace. The kernel backend needs mkfs.ext4 (auto would pick the native writer,
+        // which needs none: see native_builds_without_any_tool).
         if support::have_program("unshare") {
             cases.push(Case {
                 needs_image: true,
-                wrap: vec![
-                    "unshare".into(),
-                    "-m".into(),
-                    "sh".into(),
-                    "-c".into(),
-                    "mount -t tmpfs none /usr/sbin && exec \"$0\" \"$@\"".into(),
-                ],
+                wrap: hide_usr_sbin(),
+                args: vec!["--backend", "kernel"],
                 ..case("required tool missing", GOOD_TOML, &["mkfs.ext4"])
             });
         }
@@ -313,12 +313,73 @@ fn bad_inputs_with_image() {
     }
 }
 
+/// Run fledge in a private mount namespace where /usr/sbin (mkfs.*, e2fsck, debugfs,
+/// resize2fs, ...) is an empty tmpfs.
+fn hide_usr_sbin() -> Vec<String> {
+    vec![
+        "unshare".into(),
+        "-m".into(),
+        "sh".into(),
+        "-c".into(),
+        "mount -t tmpfs none /usr/sbin && exec \"$0\" \"$@\"".into(),
+    ]
+}
+
+/// The native writer needs no e2fsprogs at all: with /usr/sbin hidden, `--backend auto`
+/// still builds ext4 (natively), and the image is clean.
+#[test]
+fn native_builds_without_any_tool() {
+    let test = "native_builds_without_any_tool";
+    let Some(img) = support::debian_image_as_root(test, "needs root (unshare -m to hide tools)")
+    else {
+        return;
+    };
+    if !support::have_program("unshare") || !support::have_program("e2fsck") {
+        support::skip(test, "needs unshare and e2fsck");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    fs::write(
+        p.join("fledge.toml"),
+        GOOD_TOML.replace("IMAGE", &img.reference),
+    )
+    .unwrap();
+    let wrap = hide_usr_sbin();
+    let out = Command::new(&wrap[0])
+        .args(&wrap[1..])
+        .arg(fledge_bin())
+        .current_dir(p)
+        .env("FLEDGE_CACHE_DIR", p.join("cache"))
+        .args(["build", "-v", "-c", "fledge.toml", "-o", "out.img"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{test}: {stderr}");
+    assert!(stderr.contains("backend: native "), "{test}: {stderr}");
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(p.join("out.img"))
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{test}: e2fsck:\n{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+}
+
 /// A mapped file that vanishes between planning and copying: a clear error naming it, no
 /// image, nothing left behind; once the file is back the same build succeeds.
-#[test]
-fn mapping_source_vanishing_mid_build() {
-    let test = "mapping_source_vanishing_mid_build";
-    let Some(img) = support::debian_image_as_root(test, "needs root (kernel backend)") else {
+fn mapping_source_vanishing_mid_build(backend: &str) {
+    let test = format!("mapping_source_vanishing_mid_build_{backend}");
+    let img = if backend == "kernel" {
+        support::debian_image_as_root(&test, "needs root (kernel backend)")
+    } else {
+        support::debian_image(&test)
+    };
+    let Some(img) = img else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -337,7 +398,7 @@ fn mapping_source_vanishing_mid_build() {
         let mut cmd = Command::new(fledge_bin());
         cmd.current_dir(p)
             .env("FLEDGE_CACHE_DIR", p.join("cache"))
-            .args(["build", "--backend", "kernel", "-o", "out.img"])
+            .args(["build", "--backend", backend, "-o", "out.img"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         if with_pause {
@@ -348,16 +409,19 @@ fn mapping_source_vanishing_mid_build() {
     let child = run(true);
     let start = std::time::Instant::now();
     while !pause.exists() {
-        assert!(start.elapsed().as_secs() < 60, "the build never paused");
+        assert!(
+            start.elapsed().as_secs() < 60,
+            "{test}: the build never paused"
+        );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     fs::rename(p.join("payload.bin"), p.join("payload.away")).unwrap();
     fs::remove_file(&pause).unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("payload.bin"), "{stderr}");
-    assert!(stderr.contains("hint: "), "{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{test}: {stderr}");
+    assert!(stderr.contains("payload.bin"), "{test}: {stderr}");
+    assert!(stderr.contains("hint: "), "{test}: {stderr}");
     assert!(!p.join("out.img").exists() && !p.join("out.manifest.json").exists());
     assert!(
         fs::read_dir(p).unwrap().all(|e| !e
@@ -365,7 +429,7 @@ fn mapping_source_vanishing_mid_build() {
             .file_name()
             .to_string_lossy()
             .starts_with(".fledge")),
-        "work directory left behind"
+        "{test}: work directory left behind"
     );
     assert!(support::loops_under(p).is_empty() && support::mounts_under(p).is_empty());
     // Retried with the file back: success.
@@ -373,8 +437,18 @@ fn mapping_source_vanishing_mid_build() {
     let out = run(false).wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "{test}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(p.join("out.img").exists());
+}
+
+#[test]
+fn mapping_source_vanishing_mid_build_kernel() {
+    mapping_source_vanishing_mid_build("kernel");
+}
+
+#[test]
+fn mapping_source_vanishing_mid_build_native() {
+    mapping_source_vanishing_mid_build("native");
 }

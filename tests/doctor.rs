@@ -1,5 +1,6 @@
 //! `fledge doctor`: its verdicts as root, as an unprivileged user, and as an unprivileged user
-//! without FUSE; its JSON schema and exit codes; and agreement with `fledge build -v`.
+//! without FUSE; its JSON schema and exit codes; and agreement with `fledge build -v`. The
+//! native writer (ext4 only, no requirements) must be listed and chosen for ext4 everywhere.
 
 mod support;
 
@@ -43,6 +44,20 @@ fn chosen(report: &serde_json::Value, fs: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+fn backend<'a>(report: &'a serde_json::Value, fs: &str, name: &str) -> &'a serde_json::Value {
+    report["filesystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fs"] == fs)
+        .unwrap()["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["backend"] == name)
+        .unwrap_or_else(|| panic!("{fs}: no backend {name}"))
+}
+
 /// The stable parts of the schema, documented in the README.
 fn assert_schema(r: &serde_json::Value) {
     assert_eq!(r["schema"], "fledge-doctor/1");
@@ -61,18 +76,41 @@ fn assert_schema(r: &serde_json::Value) {
         .collect();
     assert_eq!(fss, ["ext4", "xfs", "btrfs"]);
     for f in r["filesystems"].as_array().unwrap() {
+        let names: Vec<&str> = f["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["backend"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["native", "kernel", "userspace"], "{f}");
         for b in f["backends"].as_array().unwrap() {
-            assert!(["kernel", "userspace"].contains(&b["backend"].as_str().unwrap()));
             assert!(b["available"].is_boolean() && b["detail"].is_string());
+        }
+    }
+    // The native writer builds ext4 anywhere (no root, FUSE, loop device or mkfs) and
+    // nothing else.
+    for fs in ["ext4", "xfs", "btrfs"] {
+        let native = backend(r, fs, "native");
+        assert_eq!(native["available"], fs == "ext4", "{fs}: {native}");
+        if fs == "ext4" {
+            assert_eq!(native["detail"], "ready", "{native}");
+            assert_eq!(chosen(r, fs).as_deref(), Some("native"), "{r}");
+        } else {
+            assert!(
+                native["detail"].as_str().unwrap().contains("ext4 only"),
+                "{fs}: {native}"
+            );
         }
     }
     assert!(["all", "some", "none"].contains(&r["verdict"].as_str().unwrap()));
     assert!(r["elapsed_ms"].is_u64());
 }
 
+/// As root: native for ext4 (auto prefers it everywhere), kernel for xfs and btrfs; every
+/// backend is available where it can build the type.
 #[test]
-fn doctor_as_root_picks_kernel_and_agrees_with_build() {
-    let test = "doctor_as_root_picks_kernel_and_agrees_with_build";
+fn doctor_as_root_agrees_with_build() {
+    let test = "doctor_as_root_agrees_with_build";
     if !support::is_root() {
         support::skip(test, "needs root");
         return;
@@ -87,15 +125,33 @@ fn doctor_as_root_picks_kernel_and_agrees_with_build() {
     assert_eq!(r["verdict"], "all");
     assert_eq!(check(&r, "kernel.loop_attach"), "ok");
     assert_eq!(check(&r, "fuse.mount"), "ok");
-    for fs in ["ext4", "xfs", "btrfs"] {
+    assert_eq!(chosen(&r, "ext4").as_deref(), Some("native"));
+    for fs in ["xfs", "btrfs"] {
         assert_eq!(chosen(&r, fs).as_deref(), Some("kernel"), "{fs}");
+    }
+    for fs in ["ext4", "xfs", "btrfs"] {
+        for b in ["kernel", "userspace"] {
+            assert_eq!(backend(&r, fs, b)["available"], true, "{fs} {b}: {r}");
+        }
     }
     eprintln!("doctor (root) took {} ms", r["elapsed_ms"]);
 
-    // The table form carries the same verdict.
+    // The table form carries the same verdict and choices.
     let table = Command::new(fledge_bin()).arg("doctor").output().unwrap();
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(text.contains("verdict: all"), "{text}");
+    assert_eq!(
+        table_row(&text, "ext4"),
+        ["ext4", "yes", "yes", "yes", "native"],
+        "{text}"
+    );
+    for fs in ["xfs", "btrfs"] {
+        assert_eq!(
+            table_row(&text, fs),
+            [fs, "no", "yes", "yes", "kernel"],
+            "{text}"
+        );
+    }
 
     // build -v reports the backend doctor predicted.
     let Some(img) = support::debian_image(test) else {
@@ -123,6 +179,37 @@ fn doctor_as_root_picks_kernel_and_agrees_with_build() {
         stderr.contains(&format!("backend: {predicted} ")),
         "doctor predicted {predicted}, build said:\n{stderr}"
     );
+}
+
+/// The words of the table row of `fs` (FILESYSTEM NATIVE KERNEL USERSPACE BUILD-WILL-USE).
+fn table_row<'a>(text: &'a str, fs: &str) -> Vec<&'a str> {
+    let header = text
+        .lines()
+        .position(|l| l.starts_with("FILESYSTEM "))
+        .unwrap_or_else(|| panic!("no backend table:\n{text}"));
+    assert_eq!(
+        text.lines()
+            .nth(header)
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        [
+            "FILESYSTEM",
+            "NATIVE",
+            "KERNEL",
+            "USERSPACE",
+            "BUILD",
+            "WILL",
+            "USE"
+        ],
+        "{text}"
+    );
+    text.lines()
+        .skip(header + 1)
+        .find(|l| l.split_whitespace().next() == Some(fs))
+        .unwrap_or_else(|| panic!("no table row for {fs}:\n{text}"))
+        .split_whitespace()
+        .collect()
 }
 
 /// Run doctor --json as the test user, optionally with /dev/fuse hidden from it (a private
@@ -178,7 +265,10 @@ fn doctor_unprivileged() {
     assert_eq!(check(&r, "privileges.euid"), "warn");
     assert_eq!(check(&r, "kernel.loop_attach"), "fail");
     assert_eq!(check(&r, "fuse.mount"), "ok");
-    assert_eq!(chosen(&r, "ext4").as_deref(), Some("userspace"));
+    // ext4: the native writer needs no privileges; the userspace backend is there too.
+    assert_eq!(chosen(&r, "ext4").as_deref(), Some("native"));
+    assert_eq!(backend(&r, "ext4", "userspace")["available"], true, "{r}");
+    assert_eq!(backend(&r, "ext4", "kernel")["available"], false, "{r}");
     assert_eq!(chosen(&r, "btrfs").as_deref(), Some("userspace"));
     // xfs has no faithful rootless backend: some types can be built -> exit 2.
     assert_eq!(chosen(&r, "xfs"), None);
@@ -192,11 +282,19 @@ fn doctor_unprivileged_without_fuse() {
         return;
     };
     assert_eq!(check(&r, "fuse.dev"), "fail");
+    // Without root or FUSE only the native writer is left: ext4 can still be built, xfs and
+    // btrfs cannot -> some types can be built, exit 2.
+    assert_eq!(chosen(&r, "ext4").as_deref(), Some("native"));
     for fs in ["ext4", "xfs", "btrfs"] {
+        for b in ["kernel", "userspace"] {
+            assert_eq!(backend(&r, fs, b)["available"], false, "{fs} {b}: {r}");
+        }
+    }
+    for fs in ["xfs", "btrfs"] {
         assert_eq!(chosen(&r, fs), None, "{fs}");
     }
-    assert_eq!(r["verdict"], "none");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(r["verdict"], "some");
+    assert_eq!(out.status.code(), Some(2));
     let hints: Vec<&str> = r["checks"]
         .as_array()
         .unwrap()

@@ -3,8 +3,8 @@
 //! Every test builds a tiny OCI layout by hand (tests/support/layout.rs writes raw tar
 //! headers, so names with `..`, absolute names and lying sizes are possible), then
 //! (a) runs `fledge mount` on it and checks the view, and
-//! (b) runs `fledge build --backend kernel` (ext4) and checks the image (mounted
-//!     `-o loop,ro,nodev,nosuid`),
+//! (b) runs `fledge build` (ext4) with the kernel backend and again with the native writer,
+//!     and checks each image (e2fsck-clean, then mounted `-o loop,ro,nodev,nosuid`),
 //! and for both checks the host: sentinel files and directories planted where a `..`, an
 //! absolute name or a symlink would reach (a directory under /tmp and one beside the work
 //! directories) keep their content, mode and mtime, and no entry appears beside them.
@@ -301,7 +301,14 @@ fn have_fuse() -> bool {
     Path::new("/dev/fuse").exists()
 }
 
-fn can_build() -> Result<(), String> {
+/// The backends every case is built with.
+const BACKENDS: [&str; 2] = ["kernel", "native"];
+
+/// Whether `backend` can build here. The native writer needs nothing.
+fn can_build(backend: &str) -> Result<(), String> {
+    if backend == "native" {
+        return Ok(());
+    }
     if !support::is_root() {
         return Err("the kernel backend needs root".into());
     }
@@ -379,10 +386,11 @@ impl Drop for LoopMount {
     }
 }
 
-/// `fledge build` (kernel backend, ext4) and check the image, or check that it fails
+/// `fledge build --backend BACKEND` (ext4) and check the image, or check that it fails
 /// naming the entry and leaves nothing at the output path.
-fn check_build(host: &Host, reference: &str, expect: &Expect, test: &str) {
-    if let Err(why) = can_build() {
+fn check_build(host: &Host, reference: &str, expect: &Expect, case: &str, backend: &str) {
+    let test = &format!("{case} [{backend} backend]");
+    if let Err(why) = can_build(backend) {
         support::skip(test, &format!("{why} (build part)"));
         return;
     }
@@ -403,7 +411,7 @@ fn check_build(host: &Host, reference: &str, expect: &Expect, test: &str) {
         .arg(&config)
         .arg("-o")
         .arg(&image)
-        .args(["--backend", "kernel", "--cache-dir"])
+        .args(["--backend", backend, "--cache-dir"])
         .arg(host.w().join("cache"))
         .output()
         .unwrap();
@@ -427,11 +435,33 @@ fn check_build(host: &Host, reference: &str, expect: &Expect, test: &str) {
                 ["hostile.img", "hostile.manifest.json"],
                 "{test}: unexpected files in the output directory"
             );
-            let mp = host.w().join("imgmnt");
-            support::mount_loop(&image, "ext4", "loop,ro,nodev,nosuid,noexec", &mp);
-            let guard = LoopMount(mp.clone());
-            apply_checks(&mp, checks, &format!("{test}: built image"));
-            drop(guard);
+            if support::have_program("e2fsck") {
+                let fsck = Command::new("e2fsck")
+                    .args(["-f", "-n"])
+                    .arg(&image)
+                    .output()
+                    .unwrap();
+                assert!(
+                    fsck.status.success(),
+                    "{test}: e2fsck finds errors in the built image:\n{}{}",
+                    String::from_utf8_lossy(&fsck.stdout),
+                    String::from_utf8_lossy(&fsck.stderr)
+                );
+            } else {
+                support::skip(test, "e2fsck not installed (image check)");
+            }
+            if support::is_root() {
+                let mp = host.w().join("imgmnt");
+                support::mount_loop(&image, "ext4", "loop,ro,nodev,nosuid,noexec", &mp);
+                let guard = LoopMount(mp.clone());
+                apply_checks(&mp, checks, &format!("{test}: built image"));
+                drop(guard);
+            } else {
+                support::skip(
+                    test,
+                    "loop-mounting the built image needs root (image contents not checked)",
+                );
+            }
             fs::remove_file(&image).unwrap();
             fs::remove_file(out_dir.join("hostile.manifest.json")).unwrap();
         }
@@ -451,8 +481,10 @@ fn run_case(test: &str, host: &Host, layers: Vec<Layer>, expect: Expect) {
     let reference = layout::write_layout(&host.w().join("layout"), &layers);
     check_mount(host, &reference, &expect, test);
     host.assert_untouched(&format!("{test}: after fledge mount"));
-    check_build(host, &reference, &expect, test);
-    host.assert_untouched(&format!("{test}: after fledge build"));
+    for backend in BACKENDS {
+        check_build(host, &reference, &expect, test, backend);
+        host.assert_untouched(&format!("{test}: after fledge build --backend {backend}"));
+    }
 }
 
 fn plain(entries: &[E]) -> Layer {

@@ -1,5 +1,7 @@
 //! With `SOURCE_DATE_EPOCH` set, two builds of the same image and config give byte-identical
-//! ext4 images and the same manifest checksum; another epoch gives another image.
+//! ext4 images and the same manifest checksum; another epoch gives another image. Checked for
+//! the native writer (what `--backend auto` picks for ext4, root or not) and for the userspace
+//! backend.
 
 mod support;
 
@@ -13,9 +15,9 @@ fn fledge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
 }
 
-/// Build in a fresh directory (and a fresh cache) and return (image sha256, manifest checksum,
-/// stderr).
-fn build(reference: &str, epoch: &str) -> (String, String, String) {
+/// Build in a fresh directory (and a fresh cache) with `backend` (`auto` passes no
+/// `--backend`) and return (image sha256, manifest checksum, stderr).
+fn build(reference: &str, epoch: &str, backend: &str) -> (String, String, String) {
     let dir = tempfile::tempdir().unwrap();
     fs::write(
         dir.path().join("fledge.toml"),
@@ -25,15 +27,17 @@ fn build(reference: &str, epoch: &str) -> (String, String, String) {
         ),
     )
     .unwrap();
-    let out = Command::new(fledge_bin())
-        .current_dir(dir.path())
+    let mut cmd = Command::new(fledge_bin());
+    cmd.current_dir(dir.path())
         .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
         .env("SOURCE_DATE_EPOCH", epoch)
-        .args(["build", "-v", "-o", "r.img"])
-        .output()
-        .unwrap();
+        .args(["build", "-v", "-o", "r.img"]);
+    if backend != "auto" {
+        cmd.args(["--backend", backend]);
+    }
+    let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{stderr}");
+    assert!(out.status.success(), "{backend} build failed:\n{stderr}");
     let sha = sha256_file(&dir.path().join("r.img"));
     let manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.path().join("r.manifest.json")).unwrap()).unwrap();
@@ -48,24 +52,50 @@ fn sha256_file(p: &Path) -> String {
     hex::encode(h.finalize())
 }
 
+/// The native writer needs neither root nor FUSE, so this runs everywhere.
 #[test]
-fn source_date_epoch_gives_identical_ext4_images() {
-    let test = "source_date_epoch_gives_identical_ext4_images";
+fn source_date_epoch_gives_identical_native_ext4_images() {
+    let test = "source_date_epoch_gives_identical_native_ext4_images";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let (a, ca, log) = build(&img.reference, "1700000000", "native");
+    assert!(log.contains("backend: native"), "{log}");
+    let (b, cb, _) = build(&img.reference, "1700000000", "native");
+    assert_eq!(
+        a, b,
+        "two native builds with the same SOURCE_DATE_EPOCH differ"
+    );
+    assert_eq!(ca, cb);
+    // auto picks the native writer for ext4 and gives the same bytes.
+    let (auto, _, log) = build(&img.reference, "1700000000", "auto");
+    assert!(
+        log.contains("backend: native"),
+        "auto did not pick native:\n{log}"
+    );
+    assert_eq!(a, auto, "auto (native) differs from --backend native");
+    let (c, _, _) = build(&img.reference, "1700000001", "native");
+    assert_ne!(a, c, "the epoch does not reach the native image");
+}
+
+#[test]
+fn source_date_epoch_gives_identical_userspace_ext4_images() {
+    let test = "source_date_epoch_gives_identical_userspace_ext4_images";
     if !Path::new("/dev/fuse").exists() {
-        support::skip(
-            test,
-            "needs FUSE (the reproducible ext4 build is the userspace one)",
-        );
+        support::skip(test, "needs FUSE (the userspace backend)");
         return;
     }
     let Some(img) = support::debian_image(test) else {
         return;
     };
-    let (a, ca, log) = build(&img.reference, "1700000000");
+    let (a, ca, log) = build(&img.reference, "1700000000", "userspace");
     assert!(log.contains("backend: userspace"), "{log}");
-    let (b, cb, _) = build(&img.reference, "1700000000");
-    assert_eq!(a, b, "two builds with the same SOURCE_DATE_EPOCH differ");
+    let (b, cb, _) = build(&img.reference, "1700000000", "userspace");
+    assert_eq!(
+        a, b,
+        "two userspace builds with the same SOURCE_DATE_EPOCH differ"
+    );
     assert_eq!(ca, cb);
-    let (c, _, _) = build(&img.reference, "1700000001");
-    assert_ne!(a, c, "the epoch does not reach the image");
+    let (c, _, _) = build(&img.reference, "1700000001", "userspace");
+    assert_ne!(a, c, "the epoch does not reach the userspace image");
 }
