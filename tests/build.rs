@@ -79,21 +79,6 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn fsck(image: &Path, fs: &str) {
-    let (prog, args): (&str, Vec<&str>) = match fs {
-        "ext4" => ("e2fsck", vec!["-fn"]),
-        "xfs" => ("xfs_repair", vec!["-n"]),
-        _ => ("btrfs", vec!["check"]),
-    };
-    let out = Command::new(prog).args(&args).arg(image).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} {} failed:\n{}",
-        image.display(),
-        text(&out)
-    );
-}
-
 fn sha256_file(path: &Path) -> String {
     let mut h = Sha256::new();
     let mut f = fs::File::open(path).unwrap();
@@ -171,7 +156,7 @@ fn check_case(fs_type: &str, backend: &str) {
     left.sort();
     assert_eq!(left, vec!["debian.img", "debian.manifest.json"]);
 
-    fsck(&image, fs_type);
+    support::assert_fsck_clean(&image, fs_type, &test);
 
     // Sparse: far fewer blocks allocated than the file's size.
     let md = fs::metadata(&image).unwrap();
@@ -290,7 +275,7 @@ fn build_btrfs_userspace_equals_kernel() {
     for (out, backend) in [("k.img", "kernel"), ("u.img", "userspace")] {
         let o = project.build(out, &["--backend", backend]);
         assert!(o.status.success(), "{backend}: {}", text(&o));
-        fsck(&project.path().join(out), "btrfs");
+        support::assert_fsck_clean(&project.path().join(out), "btrfs", backend);
     }
     let kernel = {
         let m = support::LoopMount::new(&project.path().join("k.img"), "btrfs", true);
@@ -418,7 +403,7 @@ fn build_preallocated() {
             format!("sha256:{}", sha256_file(&image)),
             "{test} {backend}: manifest checksum"
         );
-        fsck(&image, "ext4");
+        support::assert_fsck_clean(&image, "ext4", &format!("{test} {backend}"));
     }
 }
 
@@ -498,7 +483,7 @@ fn rootless_case(fs_type: &str, backend: &str, expect: &str) {
     );
     let user_image = user_project.path().join("user.img");
     assert_eq!(fs::metadata(&user_image).unwrap().uid(), uid);
-    fsck(&user_image, fs_type);
+    support::assert_fsck_clean(&user_image, fs_type, &test);
 
     let root_snap = {
         let m = support::LoopMount::new(&root_project.path().join("root.img"), fs_type, true);

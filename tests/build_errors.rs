@@ -357,17 +357,7 @@ fn native_builds_without_any_tool() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{test}: {stderr}");
     assert!(stderr.contains("backend: native "), "{test}: {stderr}");
-    let fsck = Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(p.join("out.img"))
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "{test}: e2fsck:\n{}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    support::assert_fsck_clean(&p.join("out.img"), "ext4", test);
 }
 
 /// A mapped file that vanishes between planning and copying: a clear error naming it, no

@@ -436,17 +436,7 @@ fn check_build(host: &Host, reference: &str, expect: &Expect, case: &str, backen
                 "{test}: unexpected files in the output directory"
             );
             if support::have_program("e2fsck") {
-                let fsck = Command::new("e2fsck")
-                    .args(["-f", "-n"])
-                    .arg(&image)
-                    .output()
-                    .unwrap();
-                assert!(
-                    fsck.status.success(),
-                    "{test}: e2fsck finds errors in the built image:\n{}{}",
-                    String::from_utf8_lossy(&fsck.stdout),
-                    String::from_utf8_lossy(&fsck.stderr)
-                );
+                support::assert_fsck_clean(&image, "ext4", test);
             } else {
                 support::skip(test, "e2fsck not installed (image check)");
             }

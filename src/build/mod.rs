@@ -666,11 +666,49 @@ fn preallocate(path: &Path) -> Result<(), BuildError> {
     .map_err(|e| err(e.into()))
 }
 
-/// One piece of the image for the hasher: bytes read from a data extent, or the length of a
-/// hole (zeros that need not be read).
+/// One piece of an image for a hashing thread: bytes, or the length of a hole (zeros that
+/// need not be read or written).
 enum Piece {
     Data(Vec<u8>),
     Zeros(u64),
+}
+
+/// sha256 over an image's pieces, in order; holes are hashed from a small zero buffer.
+struct PieceHasher {
+    h: Sha256,
+    zeros: Vec<u8>,
+}
+
+impl PieceHasher {
+    fn new() -> PieceHasher {
+        PieceHasher {
+            h: Sha256::new(),
+            zeros: vec![0u8; 1 << 16],
+        }
+    }
+
+    /// Hash `piece`; gives its buffer back for reuse.
+    fn update(&mut self, piece: Piece) -> Option<Vec<u8>> {
+        match piece {
+            Piece::Data(buf) => {
+                self.h.update(&buf);
+                Some(buf)
+            }
+            Piece::Zeros(mut n) => {
+                while n > 0 {
+                    let k = n.min(self.zeros.len() as u64) as usize;
+                    self.h.update(&self.zeros[..k]);
+                    n -= k as u64;
+                }
+                None
+            }
+        }
+    }
+
+    /// The digest, as lower-case hex.
+    fn finish(self) -> String {
+        hex::encode(self.h.finalize())
+    }
 }
 
 /// The sha256 of the finished image. A second thread reads the data extents while this one
@@ -693,25 +731,14 @@ fn sha256_file(path: &Path) -> Result<String, BuildError> {
                 let _ = tx.send(Err(e));
             }
         });
-        let zeros = vec![0u8; 1 << 20];
-        let mut h = Sha256::new();
+        let mut h = PieceHasher::new();
         for piece in rx {
             check_interrupt()?;
-            match piece.map_err(err)? {
-                Piece::Data(buf) => {
-                    h.update(&buf);
-                    let _ = back_tx.send(buf);
-                }
-                Piece::Zeros(mut n) => {
-                    while n > 0 {
-                        let k = n.min(zeros.len() as u64) as usize;
-                        h.update(&zeros[..k]);
-                        n -= k as u64;
-                    }
-                }
+            if let Some(buf) = h.update(piece.map_err(err)?) {
+                let _ = back_tx.send(buf);
             }
         }
-        Ok(hex::encode(h.finalize()))
+        Ok(h.finish())
     })
 }
 

@@ -358,6 +358,24 @@ impl Drop for LoopMount {
     }
 }
 
+/// Panic, naming `what` and printing the checker's output, unless the filesystem checker of
+/// `fs` (`e2fsck -fn`, `xfs_repair -n`, `btrfs check`) finds `image` clean.
+pub fn assert_fsck_clean(image: &Path, fs: &str, what: &str) {
+    let (prog, args): (&str, &[&str]) = match fs {
+        "ext4" => ("e2fsck", &["-fn"]),
+        "xfs" => ("xfs_repair", &["-n"]),
+        _ => ("btrfs", &["check"]),
+    };
+    let out = Command::new(prog).args(args).arg(image).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {prog} {args:?} {} finds errors:\n{}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn have_program(prog: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(prog).is_file()))

@@ -120,23 +120,11 @@ pub fn name_hash(name: &[u8], version: HashVersion, seed: &[u32; 4], signed: boo
     let (major, minor) = match version {
         HashVersion::Legacy => (legacy_hash(name, signed), 0),
         HashVersion::HalfMd4 => {
-            let mut words = [0u32; 8];
-            let mut rest = name;
-            while !rest.is_empty() {
-                str_to_words(rest, &mut words, signed);
-                half_md4_transform(&mut buf, &words);
-                rest = &rest[rest.len().min(32)..];
-            }
+            fold(name, &mut buf, signed, half_md4_transform);
             (buf[1], buf[2])
         }
         HashVersion::Tea => {
-            let mut words = [0u32; 4];
-            let mut rest = name;
-            while !rest.is_empty() {
-                str_to_words(rest, &mut words, signed);
-                tea_transform(&mut buf, &words);
-                rest = &rest[rest.len().min(16)..];
-            }
+            fold(name, &mut buf, signed, tea_transform);
             (buf[0], buf[1])
         }
     };
@@ -158,6 +146,23 @@ fn char_value(byte: u8, signed: bool) -> u32 {
 
 /// The kernel's `str2hashbuf`: packs up to `4 * out.len()` bytes of `rest` (the remaining
 /// name, whose full length sets the padding) big-end-first into words, padding the rest.
+/// Feed `name` to `transform` in chunks of `W` words (four name bytes each), as the kernel's
+/// ext4fs_dirhash does for half_md4 (8 words) and tea (4 words).
+fn fold<const W: usize>(
+    name: &[u8],
+    buf: &mut [u32; 4],
+    signed: bool,
+    transform: fn(&mut [u32; 4], &[u32; W]),
+) {
+    let mut words = [0u32; W];
+    let mut rest = name;
+    while !rest.is_empty() {
+        str_to_words(rest, &mut words, signed);
+        transform(buf, &words);
+        rest = &rest[rest.len().min(4 * W)..];
+    }
+}
+
 fn str_to_words(rest: &[u8], out: &mut [u32], signed: bool) {
     // The kernel truncates the length to an int and then to u32; names are at most 255 bytes.
     let len = rest.len() as u32;

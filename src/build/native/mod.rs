@@ -24,10 +24,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use sha2::{Digest, Sha256};
-
 use super::size::SizePlan;
-use super::{BuildError, BuildReport};
+use super::{BuildError, BuildReport, Piece, PieceHasher};
 use crate::tree::Tree;
 use format::BLOCK;
 use layout::{Fill, Layout};
@@ -142,12 +140,6 @@ pub fn build(
         },
         sha256,
     })
-}
-
-/// One piece of the image for the hasher.
-enum Piece {
-    Data(Vec<u8>),
-    Zeros(u64),
 }
 
 /// The image writer: buffers consecutive bytes, writes them with `pwrite`, passes them to
@@ -292,28 +284,17 @@ fn emit(
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let hasher = s.spawn(move || {
-            let zeros = vec![0u8; 1 << 16];
-            let mut h = Sha256::new();
+            let mut h = PieceHasher::new();
             let mut busy = std::time::Duration::ZERO;
             for piece in rx {
                 let t = std::time::Instant::now();
-                match piece {
-                    Piece::Data(buf) => {
-                        h.update(&buf);
-                        let _ = back_tx.send(buf);
-                    }
-                    Piece::Zeros(mut n) => {
-                        while n > 0 {
-                            let k = n.min(zeros.len() as u64) as usize;
-                            h.update(&zeros[..k]);
-                            n -= k as u64;
-                        }
-                    }
+                if let Some(buf) = h.update(piece) {
+                    let _ = back_tx.send(buf);
                 }
                 busy += t.elapsed();
             }
             tracing::debug!(target: "fledge::timing", "hashing busy for {:.1} ms", busy.as_secs_f64() * 1e3);
-            hex::encode(h.finalize())
+            h.finish()
         });
         let mut out = Out {
             file,

@@ -12,6 +12,7 @@ use std::process::Command;
 
 use super::build;
 use crate::build::size::{SizePlan, MIB};
+use crate::build::BuildError;
 use crate::tree::{Content, Meta, Node, NodeId, NodeKind, Timestamp, Tree, Xattr};
 
 fn have(tool: &str) -> bool {
@@ -95,9 +96,9 @@ fn x(name: &str, value: &[u8]) -> Xattr {
     (name.as_bytes().into(), value.into())
 }
 
-fn write_image(tree: &Tree, dir: &Path, buffer: u64) -> (std::path::PathBuf, String) {
-    let image = dir.join("native.img");
-    File::create(&image).unwrap();
+/// Run the native writer on `tree` into `image`, with `buffer` bytes of free space.
+fn try_build(tree: &Tree, image: &Path, buffer: u64) -> Result<super::Written, BuildError> {
+    File::create(image).unwrap();
     let plan = SizePlan {
         content_bytes: 0,
         buffer_bytes: buffer,
@@ -105,7 +106,12 @@ fn write_image(tree: &Tree, dir: &Path, buffer: u64) -> (std::path::PathBuf, Str
         inodes: tree.nodes.len() as u64 + 1024,
     };
     let mut sw = crate::timing::Stopwatch::start();
-    let w = build(tree, &plan, &image, &mut sw, &|_| {}).unwrap();
+    build(tree, &plan, image, &mut sw, &|_| {})
+}
+
+fn write_image(tree: &Tree, dir: &Path, buffer: u64) -> (std::path::PathBuf, String) {
+    let image = dir.join("native.img");
+    let w = try_build(tree, &image, buffer).unwrap();
     (image, w.sha256)
 }
 
@@ -251,18 +257,13 @@ fn every_kind_of_node_survives_fsck_and_the_kernel() {
         x("trusted.three", b"3"),
     ];
     t.file(0, "xattr-block", b"d", m);
-    let mut acl = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [
-        (1u16, 6u16, u32::MAX),
+    let acl = super::xattr::posix_acl_xattr(&[
+        (1, 6, u32::MAX),
         (2, 4, 1000),
         (4, 4, u32::MAX),
         (0x10, 4, u32::MAX),
         (0x20, 0, u32::MAX),
-    ] {
-        acl.extend_from_slice(&tag.to_le_bytes());
-        acl.extend_from_slice(&perm.to_le_bytes());
-        acl.extend_from_slice(&id.to_le_bytes());
-    }
+    ]);
     let mut m = meta(0o640, 1_600_000_000, 0);
     m.xattrs = vec![x("system.posix_acl_access", &acl)];
     t.file(0, "acl", b"e", m);
@@ -410,20 +411,9 @@ fn a_file_longer_than_four_extents_gets_an_extent_tree() {
 #[test]
 fn what_ext4_cannot_hold_is_refused_naming_the_path() {
     let dir = tempfile::tempdir().unwrap();
-    let attempt = |tree: &Tree| {
-        let image = dir.path().join("refused.img");
-        File::create(&image).unwrap();
-        let plan = SizePlan {
-            content_bytes: 0,
-            buffer_bytes: MIB,
-            image_bytes: 0,
-            inodes: tree.nodes.len() as u64 + 64,
-        };
-        let mut sw = crate::timing::Stopwatch::start();
-        match build(tree, &plan, &image, &mut sw, &|_| {}) {
-            Ok(_) => panic!("accepted"),
-            Err(e) => e.to_string(),
-        }
+    let attempt = |tree: &Tree| match try_build(tree, &dir.path().join("refused.img"), MIB) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
     };
     // An empty symlink target.
     let mut t = T::new();

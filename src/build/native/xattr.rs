@@ -207,6 +207,18 @@ fn write_entries(area: &mut [u8], entries: &[Entry], len: usize, first: usize) -
     hashes
 }
 
+/// A POSIX ACL in the xattr form: (tag, perm, id) entries after the version-2 header.
+#[cfg(test)]
+pub(super) fn posix_acl_xattr(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    v
+}
+
 /// Fill in an attribute block's checksum once its block number is known.
 pub fn seal_block(fs_seed: u32, block_nr: u64, b: &mut [u8]) {
     put32(b, 16, 0);
@@ -242,18 +254,13 @@ mod tests {
     #[test]
     fn acls_shrink_to_the_disk_form() {
         // user::rw- user:1000:r-- group::r-- mask::r-- other::---
-        let mut v = 2u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [
-            (1u16, 6u16, u32::MAX),
+        let v = posix_acl_xattr(&[
+            (1, 6, u32::MAX),
             (2, 4, 1000),
             (4, 4, u32::MAX),
             (0x10, 4, u32::MAX),
             (0x20, 0, u32::MAX),
-        ] {
-            v.extend_from_slice(&tag.to_le_bytes());
-            v.extend_from_slice(&perm.to_le_bytes());
-            v.extend_from_slice(&id.to_le_bytes());
-        }
+        ]);
         let d = acl_to_disk("a", &v).unwrap();
         assert_eq!(d.len(), 4 + 4 + 8 + 4 + 4 + 4);
         assert_eq!(&d[..4], &1u32.to_le_bytes());
