@@ -10,8 +10,8 @@
 //! - [`tree`]: the frozen, read-only index of the merged image; contents stay in the layer data.
 //! - [`image`]: reference -> cached layers -> merged tree.
 //! - [`fusefs`]: serve a [`tree::Tree`] read-only through FUSE.
-//! - [`probe`]: capability probes; [`build`]: backends (kernel, userspace), chosen by the
-//!   probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
+//! - [`probe`]: capability probes; [`build`]: backends (native ext4 writer, kernel,
+//!   userspace), chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
 //!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
 //! - [`doctor`], [`inspect`], [`cli`]: the commands; `main.rs` only calls [`cli::main`].
 //! - [`sys`]: the only place for `unsafe` code and raw syscalls (`LOOP_CONFIGURE` and

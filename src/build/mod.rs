@@ -7,7 +7,8 @@
 //!    is edited on disk), then freeze the tree.
 //! 4. Choose the backend ([`select`]) with the same probes `fledge doctor` reports.
 //! 5. Size the image from the tree ([`size`]), build it in a private work directory next to
-//!    the output ([`kernel`] or [`userspace`]), correct its size, checksum it.
+//!    the output, checksum it: `native` (ext4 written and hashed in one pass, sized exactly),
+//!    or [`kernel`] / `userspace` (formatted, size corrected, then hashed).
 //! 6. Move the image and its manifest into place with `rename(2)`: a failed or interrupted
 //!    build leaves nothing at the output paths, and an existing output untouched.
 
