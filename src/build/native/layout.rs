@@ -52,12 +52,32 @@ pub struct Run {
 pub struct Layout {
     pub geo: Geometry,
     pub runs: Vec<Run>,
-    /// Inode fields by inode number - 1 (zeroed fields for unused inodes).
-    pub inodes: Vec<Option<InodeFields>>,
+    /// Index into `pending` of each inode number - 1 (`UNUSED` for free inodes).
+    slot: Vec<u32>,
+    /// The tree's inodes, with their block maps filled in by `place`.
+    pending: Vec<Pending>,
+    /// The journal's inode.
+    journal: InodeFields,
     pub groups: Vec<format::GroupDesc>,
     pub block_bitmaps: Vec<Vec<u8>>,
     pub inode_bitmaps: Vec<Vec<u8>>,
     pub counts: format::SuperCounts,
+}
+
+const UNUSED: u32 = u32::MAX;
+
+impl Layout {
+    /// The fields of inode `ino`, if it is in use (reserved inodes other than the journal
+    /// stay zero).
+    pub fn inode(&self, ino: u32) -> Option<&InodeFields> {
+        if ino == JOURNAL_INO {
+            return Some(&self.journal);
+        }
+        match self.slot.get(ino as usize - 1) {
+            Some(&i) if i != UNUSED => self.pending.get(i as usize).map(|p| &p.fields),
+            _ => None,
+        }
+    }
 }
 
 /// Allocates blocks upward from a cursor, around the superblock backups.
@@ -422,7 +442,7 @@ pub fn plan(
         time,
         fs_seed,
     };
-    let pending = pending_inodes(tree, &num, &geo)?;
+    let mut pending = pending_inodes(tree, &num, &geo)?;
     // Blocks that do not depend on the geometry.
     let mut content: u64 = 0;
     for p in &pending {
@@ -457,14 +477,20 @@ pub fn plan(
     // Placing is exact; should the estimate fall short (extents split around superblock
     // copies need leaf blocks), grow and place again.
     for _ in 0..16 {
-        match place(&num, &pending, &mut geo, total, want_inodes) {
-            Ok(l) => {
-                let resv = (l.geo.blocks / 50).min(4096);
-                let free = l.counts.free_blocks.saturating_sub(resv);
-                if free >= free_blocks {
-                    return Ok(l);
-                }
-                total = (l.geo.blocks + free_blocks - free).div_ceil(256) * 256;
+        match place(
+            &num,
+            &mut pending,
+            &mut geo,
+            total,
+            want_inodes,
+            free_blocks,
+        ) {
+            Ok(mut l) => {
+                l.pending = pending;
+                return Ok(l);
+            }
+            Err(NativeError::Short { blocks }) => {
+                total = (geo.blocks + blocks).div_ceil(256) * 256;
             }
             Err(NativeError::Full) => total = (total + total / 16).div_ceil(256) * 256,
             Err(e) => return Err(e),
@@ -476,10 +502,11 @@ pub fn plan(
 /// Place everything in a filesystem of `total` blocks.
 fn place(
     num: &Numbering,
-    pending: &[Pending],
+    pending: &mut [Pending],
     geo: &mut Geometry,
     total: u64,
     want_inodes: u64,
+    need_free: u64,
 ) -> Result<Layout, NativeError> {
     let groups = total
         .div_ceil(BLOCKS_PER_GROUP)
@@ -538,7 +565,7 @@ fn place(
         });
     }
 
-    let mut inodes: Vec<Option<InodeFields>> = vec![None; geo.inodes() as usize];
+    let mut slot: Vec<u32> = vec![UNUSED; geo.inodes() as usize];
     let extents_of = |runs: &[(u64, u64)]| -> Vec<Extent> {
         let mut logical = 0u32;
         runs.iter()
@@ -576,7 +603,7 @@ fn place(
         }
     }
     let jblock = format::extent_root(&jext, &jleaves);
-    inodes[JOURNAL_INO as usize - 1] = Some(InodeFields {
+    let journal = InodeFields {
         mode: mode_of(libc::S_IFREG, 0o600),
         time: (geo.time, 0),
         links: 1,
@@ -585,7 +612,7 @@ fn place(
         flags: EXT4_EXTENTS_FL,
         block: jblock,
         ..InodeFields::default()
-    });
+    };
 
     // Directories, symlink blocks and attribute blocks first (compact metadata), then data.
     let mut data_runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); pending.len()];
@@ -641,40 +668,28 @@ fn place(
             data_runs[i] = r;
         }
     }
-    // Inode fields with their block maps; extent leaves after all data.
+    // Extent tree leaves, after all data: the last allocation, so the last step that can fail.
+    let mut leaves_of: Vec<Vec<u64>> = vec![Vec::new(); pending.len()];
     for (i, p) in pending.iter().enumerate() {
-        let mut f = p.fields.clone();
         let r = &data_runs[i];
-        let mut sectors = r.iter().map(|(_, l)| l).sum::<u64>() * 8;
-        if !r.is_empty() || f.flags & EXT4_EXTENTS_FL != 0 {
-            let ext = extents_of(r);
-            let mut leaves = Vec::new();
-            if ext.len() > 4 {
-                let chunks: Vec<&[Extent]> = ext.chunks(LEAF_EXTENTS).collect();
-                if chunks.len() > 4 {
-                    return Err(NativeError::Fragmented { ino: p.ino });
-                }
-                for chunk in chunks {
-                    let leaf = alloc.contiguous(1)?;
-                    runs.push(Run {
-                        start: leaf,
-                        blocks: 1,
-                        fill: Fill::Bytes(format::extent_leaf(geo, p.ino, chunk).into()),
-                    });
-                    leaves.push(leaf);
-                }
-                sectors += leaves.len() as u64 * 8;
-            }
-            f.block = format::extent_root(&ext, &leaves);
+        if r.len() <= 4 {
+            continue;
         }
-        if xattr_at[i] != 0 {
-            f.xattr_block = xattr_at[i];
-            sectors += 8;
+        let ext = extents_of(r);
+        let chunks: Vec<&[Extent]> = ext.chunks(LEAF_EXTENTS).collect();
+        if chunks.len() > 4 {
+            return Err(NativeError::Fragmented { ino: p.ino });
         }
-        f.sectors = sectors;
-        inodes[p.ino as usize - 1] = Some(f);
+        for chunk in chunks {
+            let leaf = alloc.contiguous(1)?;
+            runs.push(Run {
+                start: leaf,
+                blocks: 1,
+                fill: Fill::Bytes(format::extent_leaf(geo, p.ino, chunk).into()),
+            });
+            leaves_of[i].push(leaf);
+        }
     }
-
     // Bitmaps and counts.
     runs.sort_by_key(|r| r.start);
     let mut used = vec![0u8; (groups * BLOCKS_PER_GROUP / 8) as usize];
@@ -696,8 +711,6 @@ fn place(
     );
     let mut free_total = 0u64;
     let mut block_bitmaps = Vec::with_capacity(groups as usize);
-    let mut inode_bitmaps = Vec::with_capacity(groups as usize);
-    let mut free_inodes_total = 0u32;
     for (g, d) in descs.iter_mut().enumerate() {
         let bm = used[g * BLOCK..(g + 1) * BLOCK].to_vec();
         let ones: u32 = bm.iter().map(|b| b.count_ones()).sum();
@@ -705,20 +718,49 @@ fn place(
         free_total += u64::from(d.free_blocks);
         d.block_bitmap_csum = super::csum::raw(geo.fs_seed, &bm);
         block_bitmaps.push(bm);
+    }
+    // Free space as statfs will show it: ext4 holds back 2% of the blocks, at most 4096.
+    let visible = free_total.saturating_sub((total / 50).min(4096));
+    if visible < need_free {
+        return Err(NativeError::Short {
+            blocks: need_free - visible,
+        });
+    }
 
+    // Nothing below fails: complete the inode fields with their block maps (every field set
+    // here is set on every attempt).
+    for (i, p) in pending.iter_mut().enumerate() {
+        let f = &mut p.fields;
+        let r = &data_runs[i];
+        let leaves = &leaves_of[i];
+        let mut sectors = (r.iter().map(|(_, l)| l).sum::<u64>() + leaves.len() as u64) * 8;
+        if !r.is_empty() || f.flags & EXT4_EXTENTS_FL != 0 {
+            f.block = format::extent_root(&extents_of(r), leaves);
+        }
+        f.xattr_block = xattr_at[i];
+        if xattr_at[i] != 0 {
+            sectors += 8;
+        }
+        f.sectors = sectors;
+        slot[p.ino as usize - 1] = i as u32;
+    }
+
+    let mut inode_bitmaps = Vec::with_capacity(groups as usize);
+    let mut free_inodes_total = 0u32;
+    for (g, d) in descs.iter_mut().enumerate() {
         let mut ib = vec![0u8; BLOCK];
         let base = g * ipg as usize;
         let mut last_used = 0u32;
         for j in 0..ipg as usize {
             let ino = base + j + 1;
-            let in_use = ino < FIRST_INO as usize || inodes[ino - 1].is_some();
-            if in_use {
+            let at = slot[ino - 1];
+            if ino < FIRST_INO as usize || at != UNUSED {
                 ib[j / 8] |= 1 << (j % 8);
                 last_used = j as u32 + 1;
-                if let Some(f) = &inodes[ino - 1] {
-                    if u32::from(f.mode) & libc::S_IFMT == libc::S_IFDIR {
-                        d.used_dirs += 1;
-                    }
+                if at != UNUSED
+                    && u32::from(pending[at as usize].fields.mode) & libc::S_IFMT == libc::S_IFDIR
+                {
+                    d.used_dirs += 1;
                 }
             }
         }
@@ -730,14 +772,13 @@ fn place(
         d.inode_bitmap_csum = super::csum::raw(geo.fs_seed, &ib[..ipg as usize / 8]);
         inode_bitmaps.push(ib);
     }
-    let journal_inode = inodes[JOURNAL_INO as usize - 1]
-        .as_ref()
-        .map(|f| (f.block, f.size))
-        .unwrap_or(([0; 60], 0));
+    let journal_inode = (journal.block, journal.size);
     Ok(Layout {
         geo: geo.clone(),
         runs,
-        inodes,
+        slot,
+        pending: Vec::new(),
+        journal,
         groups: descs,
         block_bitmaps,
         inode_bitmaps,

@@ -54,6 +54,9 @@ pub enum NativeError {
     /// Internal: the trial size was too small (retried with a larger one).
     #[error("the planned filesystem is too small for the tree")]
     Full,
+    /// Internal: the trial size leaves `blocks` too few free (retried with a larger one).
+    #[error("the planned filesystem is {blocks} blocks short of the free space asked for")]
+    Short { blocks: u64 },
     #[error("cannot read {path} from the layer data: {source}")]
     Read {
         path: String,
@@ -349,10 +352,12 @@ fn write_runs(tree: &Tree, l: &Layout, out: &mut Out) -> Result<(), BuildError> 
             Fill::InodeBitmap { group } => out.bytes(&l.inode_bitmaps[*group as usize])?,
             Fill::InodeTable { group } => {
                 let first = *group as usize * ipg;
-                let slots = &l.inodes[first..first + ipg];
-                let used = slots.iter().rposition(Option::is_some).map_or(0, |i| i + 1);
-                for (j, slot) in slots[..used].iter().enumerate() {
-                    match slot {
+                let inode = |j: usize| l.inode((first + j + 1) as u32);
+                let used = (0..ipg)
+                    .rposition(|j| inode(j).is_some())
+                    .map_or(0, |j| j + 1);
+                for j in 0..used {
+                    match inode(j) {
                         Some(f) => out.bytes(&format::inode(&l.geo, (first + j + 1) as u32, f))?,
                         None => out.zeros(format::INODE_SIZE as u64)?,
                     }
