@@ -222,8 +222,8 @@ pub fn mkfs_args(fs: FsType, plan: &SizePlan) -> (&'static str, Vec<String>) {
             let mut args = s(&["-F", "-q", "-b", "4096", "-m", "0", "-I", "256"]);
             args.extend(["-N".to_string(), plan.inodes.to_string()]);
             if let Some(r) = repro {
-                ext.push_str(&format!(",hash_seed={}", r.hash_seed));
-                args.extend(["-U".to_string(), r.uuid.clone()]);
+                ext.push_str(&format!(",hash_seed={}", super::uuid_text(&r.hash_seed)));
+                args.extend(["-U".to_string(), super::uuid_text(&r.uuid)]);
             }
             args.extend(["-E".to_string(), ext]);
             ("mkfs.ext4", args)
@@ -231,14 +231,17 @@ pub fn mkfs_args(fs: FsType, plan: &SizePlan) -> (&'static str, Vec<String>) {
         FsType::Xfs => {
             let mut args = s(&["-f", "-q", "-K"]);
             if let Some(r) = repro {
-                args.extend(["-m".to_string(), format!("uuid={}", r.uuid)]);
+                args.extend([
+                    "-m".to_string(),
+                    format!("uuid={}", super::uuid_text(&r.uuid)),
+                ]);
             }
             ("mkfs.xfs", args)
         }
         FsType::Btrfs => {
             let mut args = s(&["-f", "-q", "-K"]);
             if let Some(r) = repro {
-                args.extend(["-U".to_string(), r.uuid.clone()]);
+                args.extend(["-U".to_string(), super::uuid_text(&r.uuid)]);
             }
             ("mkfs.btrfs", args)
         }

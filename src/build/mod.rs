@@ -232,8 +232,8 @@ impl BuildError {
 #[derive(Clone, Debug)]
 pub struct Repro {
     pub epoch: i64,
-    pub uuid: String,
-    pub hash_seed: String,
+    pub uuid: [u8; 16],
+    pub hash_seed: [u8; 16],
 }
 
 static REPRO: std::sync::OnceLock<Repro> = std::sync::OnceLock::new();
@@ -243,16 +243,15 @@ pub fn repro() -> Option<&'static Repro> {
     REPRO.get()
 }
 
-/// A UUID (version 4 layout) from a hash of `parts`.
-fn derived_uuid(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    let mut b: [u8; 16] = h.finalize()[..16].try_into().unwrap_or([0; 16]);
+/// 16 bytes shaped as a version-4 UUID (version and variant bits set).
+fn uuid_v4(mut b: [u8; 16]) -> [u8; 16] {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
+/// A UUID's text form, as mkfs tools take it (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
+pub fn uuid_text(b: &[u8; 16]) -> String {
     let x = hex::encode(b);
     format!(
         "{}-{}-{}-{}-{}",
@@ -262,6 +261,16 @@ fn derived_uuid(parts: &[&[u8]]) -> String {
         &x[16..20],
         &x[20..]
     )
+}
+
+/// A UUID (version 4 layout) from a hash of `parts`.
+fn derived_uuid(parts: &[&[u8]]) -> [u8; 16] {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    uuid_v4(h.finalize()[..16].try_into().unwrap_or([0; 16]))
 }
 
 /// Run an external tool through the runner; returns its stdout and stderr, joined.

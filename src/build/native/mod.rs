@@ -77,29 +77,22 @@ pub struct Written {
     pub sha256: String,
 }
 
-/// The UUID and directory hash seed: derived ones for reproducible builds, else random.
+/// The UUID, directory hash seed and clock: derived ones for reproducible builds, else
+/// random and now.
 fn identity() -> ([u8; 16], [u8; 16], i64) {
-    let parse = |s: &str| -> Option<[u8; 16]> {
-        let hex: String = s.chars().filter(|c| *c != '-').collect();
-        hex::decode(hex).ok()?.try_into().ok()
-    };
     if let Some(r) = super::repro() {
-        if let (Some(u), Some(h)) = (parse(&r.uuid), parse(&r.hash_seed)) {
-            return (u, h, r.epoch);
-        }
+        return (r.uuid, r.hash_seed, r.epoch);
     }
     let mut rnd = [0u8; 32];
     if let Ok(f) = File::open("/dev/urandom") {
         let _ = f.read_exact_at(&mut rnd, 0);
     }
-    let mut u: [u8; 16] = rnd[..16].try_into().unwrap_or([1; 16]);
+    let u: [u8; 16] = rnd[..16].try_into().unwrap_or([1; 16]);
     let h: [u8; 16] = rnd[16..].try_into().unwrap_or([2; 16]);
-    u[6] = (u[6] & 0x0f) | 0x40;
-    u[8] = (u[8] & 0x3f) | 0x80;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    (u, h, now)
+    (super::uuid_v4(u), h, now)
 }
 
 /// Write `tree` as an ext4 image to `image` (replacing its contents) and hash it.
