@@ -23,11 +23,17 @@ pub struct SuperInfo {
     pub block_size: u64,
 }
 
+/// Blocks the kernel's ext4 holds back for itself on a filesystem of `block_count` blocks
+/// (`s_resv_clusters`: 2%, at most 4096); `statvfs` does not count them as free.
+pub fn kernel_reserve_blocks(block_count: u64) -> u64 {
+    (block_count / 50).min(4096)
+}
+
 impl SuperInfo {
     /// Free bytes as `statvfs` will report them to an unprivileged process once mounted:
-    /// ext4 holds back 2% of the blocks (at most 4096) for itself, plus the root reserve.
+    /// ext4 holds back [`kernel_reserve_blocks`] for itself, plus the root reserve.
     pub fn user_free_bytes(&self) -> u64 {
-        let resv = (self.block_count / 50).min(4096);
+        let resv = kernel_reserve_blocks(self.block_count);
         self.free_blocks
             .saturating_sub(resv)
             .saturating_sub(self.reserved_blocks)

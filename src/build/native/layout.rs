@@ -459,7 +459,7 @@ pub fn plan(
             .div_ceil(BLOCKS_PER_GROUP)
             .max(want_inodes.div_ceil(BLOCKS_PER_GROUP));
         let ipg = inodes_per_group(want_inodes, groups);
-        let resv = (total / 50).min(4096);
+        let resv = super::super::ext4::kernel_reserve_blocks(total);
         // + 64: extent tree leaves, and rounding to whole MiB.
         (content + fixed_overhead(total, ipg) + journal_blocks(total) + free_blocks + resv + 64)
             .div_ceil(256)
@@ -719,8 +719,8 @@ fn place(
         d.block_bitmap_csum = super::csum::raw(geo.fs_seed, &bm);
         block_bitmaps.push(bm);
     }
-    // Free space as statfs will show it: ext4 holds back 2% of the blocks, at most 4096.
-    let visible = free_total.saturating_sub((total / 50).min(4096));
+    // Free space as statfs will show it.
+    let visible = free_total.saturating_sub(super::super::ext4::kernel_reserve_blocks(total));
     if visible < need_free {
         return Err(NativeError::Short {
             blocks: need_free - visible,

@@ -232,17 +232,8 @@ impl Out<'_> {
             let at = self.buf.len();
             let n = ((CHUNK - at) as u64).min(len) as usize;
             self.buf.resize(at + n, 0);
+            // Tree::read_at fills the whole range or fails (data ending early is an error).
             tree.read_at(node, offset, &mut self.buf[at..at + n])
-                .and_then(|got| {
-                    if got == n {
-                        Ok(())
-                    } else {
-                        Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "file data ends early",
-                        ))
-                    }
-                })
                 .map_err(|e| match &tree.node(node).kind {
                     // A mapped host file that changed or vanished since it was planned.
                     crate::tree::NodeKind::File {
