@@ -1039,6 +1039,19 @@ mod tests {
         names
     }
 
+    /// Entries for `names`, inode numbers from 100, file types by inode number.
+    fn entries_of(names: &[Vec<u8>], file_type: fn(u32) -> u8) -> Vec<DirEntry<'_>> {
+        names
+            .iter()
+            .zip(100u32..)
+            .map(|(name, ino)| DirEntry {
+                name,
+                ino,
+                file_type: file_type(ino),
+            })
+            .collect()
+    }
+
     fn sample_names(count: usize) -> Vec<Vec<u8>> {
         (0..count)
             .map(|n| match n % 4 {
@@ -1064,15 +1077,7 @@ mod tests {
         ];
         for (version, signed, csum_seed, count, levels) in cases {
             let names = sample_names(count);
-            let entries: Vec<DirEntry> = names
-                .iter()
-                .zip(100u32..)
-                .map(|(name, ino)| DirEntry {
-                    name,
-                    ino,
-                    file_type: 1 + (ino % 7) as u8,
-                })
-                .collect();
+            let entries = entries_of(&names, |ino| 1 + (ino % 7) as u8);
             let data =
                 indexed_dir_blocks(&entries, 12, 2, version, &seed, signed, csum_seed).unwrap();
             assert_eq!(data[30], levels, "{count} entries");
@@ -1139,15 +1144,7 @@ mod tests {
         // 700 names sharing one hash (more than fit one leaf) among ordinary ones: lookups must
         // follow the continuation bit into the next leaves.
         let names = sample_names(3_000);
-        let entries: Vec<DirEntry> = names
-            .iter()
-            .zip(100u32..)
-            .map(|(name, ino)| DirEntry {
-                name,
-                ino,
-                file_type: 1,
-            })
-            .collect();
+        let entries = entries_of(&names, |_| 1);
         let fake = |name: &[u8]| -> u32 {
             let (hash, _) = name_hash(name, HalfMd4, &[0; 4], true);
             if name.len() > 40 {
