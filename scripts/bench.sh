@@ -2,7 +2,7 @@
 # Benchmarks, side by side with their baselines in the same run, reported as medians and ratios
 # (issue 7).
 #
-#   sudo scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|all]
+#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|all]
 #
 #   build  Debian test image -> ext4, everything pulled from a local docker-registry on
 #          127.0.0.1 that holds the image:
@@ -55,7 +55,8 @@ case $what in build | scale | index | all) ;; *)
     echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|all]" >&2; exit 2 ;;
 esac
 
-[ "$(id -u)" -eq 0 ] || { echo "bench.sh: run as root" >&2; exit 1; }
+. scripts/lib/need-root.sh
+need_root "the baseline pipeline loop-mounts images"
 for p in docker-registry skopeo umoci curl gzip python3 mkfs.ext4 e2fsck resize2fs; do
     command -v "$p" >/dev/null || { echo "bench.sh: $p not found (scripts/install-deps.sh)" >&2; exit 1; }
 done

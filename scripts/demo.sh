@@ -2,14 +2,12 @@
 # From a fresh Debian 12 machine to a bootable ext4 image: installs the system packages,
 # builds fledge, builds the Debian test image (debootstrap + umoci, cached in
 # /var/tmp/fledge-test-images), and runs `fledge build` on it.
-#   sudo scripts/demo.sh [ext4|xfs|btrfs]
-# Output: ./demo/debian.img and ./demo/debian.manifest.json
+#   scripts/demo.sh [ext4|xfs|btrfs]
+# Run as root (sudo where you have it). Output: ./demo/debian.img and ./demo/debian.manifest.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "demo.sh: run as root (sudo $0): it installs packages and builds with loop devices" >&2
-    exit 1
-fi
+. scripts/lib/need-root.sh
+need_root "it installs packages and builds with loop devices"
 fs="${1:-ext4}"
 scripts/install-deps.sh
 cargo build --release --quiet
@@ -29,4 +27,4 @@ preallocate = false
 TOML
 ./target/release/fledge build -v -c demo/fledge.toml -o demo/debian.img
 echo
-echo "demo.sh: done. Try: sudo mount -o loop,ro demo/debian.img /mnt && ls /mnt"
+echo "demo.sh: done. Look inside (as root): mount -o loop,ro demo/debian.img /mnt && ls /mnt"

@@ -2,10 +2,8 @@
 # Install every system package fledge's build, tests, VM tests and benchmarks use.
 # Debian 12 (bookworm). Runs `apt-get update` once, then one `apt-get install`.
 set -euo pipefail
-if [ "$(id -u)" -ne 0 ]; then
-    echo "install-deps: run as root (sudo $0)" >&2
-    exit 1
-fi
+. "$(dirname "$0")/lib/need-root.sh"
+need_root "it installs Debian packages"
 packages=(
     # building fledge (loopdev-3 generates bindings with libclang; the default `isal` feature
     # builds Intel's ISA-L inflate, which needs nasm and autotools)

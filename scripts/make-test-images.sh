@@ -49,7 +49,8 @@ if [[ -f "$STAMP" && -f "$OUT/debian/index.json" && -d "$OUT/oracle/debian-test/
     exit 0
 fi
 
-[[ $(id -u) -eq 0 ]] || die "must run as root (debootstrap, chroot, mknod, chown and setcap need it); try: sudo $0"
+. "$(dirname "$0")/lib/need-root.sh"
+need_root "debootstrap, chroot, mknod, chown and setcap need it"
 
 START=$(date +%s)
 

@@ -3,10 +3,8 @@
 # /dev/fuse usable by it, and `user_allow_other` so root can inspect that user's FUSE mounts.
 # Idempotent. Root only.
 set -euo pipefail
-if [ "$(id -u)" -ne 0 ]; then
-    echo "setup-test-host: run as root" >&2
-    exit 1
-fi
+. "$(dirname "$0")/lib/need-root.sh"
+need_root "it creates a user and changes /dev/fuse and /etc/fuse.conf"
 id fledge-test >/dev/null 2>&1 || useradd --system --create-home --shell /bin/bash fledge-test
 chmod 0666 /dev/fuse
 grep -qx 'user_allow_other' /etc/fuse.conf 2>/dev/null || echo 'user_allow_other' >> /etc/fuse.conf

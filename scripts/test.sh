@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # The full test suite, from a fresh Debian 12 machine: installs what it needs, builds the
 # cached Debian test images, then runs lint, unit, integration (root, rootless, FUSE) tests.
-#   sudo scripts/test.sh            everything
+#   scripts/test.sh            everything
 #   FLEDGE_SKIP_INSTALL=1 ...       skip apt (packages already present)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ "$(id -u)" -ne 0 ]; then
-    echo "test.sh: the full suite needs root (loop devices, mounts, a test user); run: sudo $0" >&2
-    exit 1
-fi
+. scripts/lib/need-root.sh
+need_root "the full suite uses loop devices, mounts and a test user"
 start=$(date +%s)
 [ "${FLEDGE_SKIP_INSTALL:-}" = 1 ] || scripts/install-deps.sh
 scripts/setup-test-host.sh

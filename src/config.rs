@@ -576,59 +576,6 @@ pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The base name of an image: the last path component of the reference without tag or
-/// digest, lower-cased, with spaces and slashes replaced by `-`. Transport prefixes are
-/// understood: `oci:DIR[:TAG]` and `oci-archive:FILE[:TAG]` use the last component of the
-/// directory / file (an archive's `.tar` suffix dropped), `docker://` and `docker-daemon:`
-/// are stripped. Never empty (falls back to `rootfs`).
-pub fn image_base_name(image_ref: &str) -> String {
-    let r = image_ref.trim();
-    let base = if let Some(rest) = r.strip_prefix("oci:") {
-        last_component(strip_layout_tag(rest)).to_string()
-    } else if let Some(rest) = r.strip_prefix("oci-archive:") {
-        let file = last_component(strip_layout_tag(rest));
-        file.strip_suffix(".tar").unwrap_or(file).to_string()
-    } else {
-        let r = r
-            .strip_prefix("docker://")
-            .or_else(|| r.strip_prefix("docker-daemon:"))
-            .unwrap_or(r);
-        let no_digest = r.split('@').next().unwrap_or(r);
-        let last = last_component(no_digest);
-        // A tag follows the last ':' of the last component (a registry port can only be in
-        // the first component, which is never the last one of a valid reference).
-        last.split(':').next().unwrap_or(last).to_string()
-    };
-    let name: String = base
-        .to_lowercase()
-        .chars()
-        .map(|c| if c == ' ' || c == '/' { '-' } else { c })
-        .collect();
-    if name.is_empty() {
-        "rootfs".to_string()
-    } else {
-        name
-    }
-}
-
-/// The default image file name: [`image_base_name`] plus `.img` (`nginx:alpine` -> `nginx.img`).
-pub fn default_output_name(image_ref: &str) -> String {
-    format!("{}.img", image_base_name(image_ref))
-}
-
-/// `DIR[:TAG]` -> `DIR`: a trailing `:TAG` is recognised when it holds no `/`.
-fn strip_layout_tag(s: &str) -> &str {
-    match s.rfind(':') {
-        Some(i) if !s[i + 1..].contains('/') => &s[..i],
-        _ => s,
-    }
-}
-
-fn last_component(s: &str) -> &str {
-    let s = s.trim_end_matches('/');
-    s.rsplit('/').next().unwrap_or(s)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -974,32 +921,6 @@ mod tests {
         ];
         for (mb, content, want) in cases {
             assert_eq!(fs(mb).buffer_bytes(content), want, "{mb} MiB, {content}");
-        }
-    }
-
-    #[test]
-    fn output_names() {
-        let cases = [
-            ("nginx:alpine", "nginx.img"),
-            ("nginx", "nginx.img"),
-            ("library/nginx:1.25", "nginx.img"),
-            ("docker.io/library/Redis:7", "redis.img"),
-            ("registry:5000/team/app@sha256:0123abcd", "app.img"),
-            ("registry:5000/team/app:v2@sha256:0123abcd", "app.img"),
-            ("localhost:5000/app", "app.img"),
-            ("oci:/x/debian:test", "debian.img"),
-            ("oci:/x/debian", "debian.img"),
-            ("oci:/x/debian/", "debian.img"),
-            ("oci:layouts/My Image:latest", "my-image.img"),
-            ("oci-archive:/tmp/alpine.tar:3.19", "alpine.img"),
-            ("docker://quay.io/org/tool:1", "tool.img"),
-            ("docker-daemon:myapp:dev", "myapp.img"),
-            ("My App:1", "my-app.img"),
-            ("", "rootfs.img"),
-            ("oci:", "rootfs.img"),
-        ];
-        for (r, want) in cases {
-            assert_eq!(default_output_name(r), want, "{r}");
         }
     }
 

@@ -6,9 +6,10 @@
 //! override what is derived.
 //!
 //! Derivation rules when `manifest.toml` does not say otherwise:
-//! - `name` and `runtime`: [`image_base_name`] of the reference (`nginx:alpine` -> `nginx`);
-//! - `version`: [`derive_version`]: the reference's tag with a leading `v` dropped when the tag
-//!   starts with a digit (`1.25-alpine`, `v2.0.1` -> `2.0.1`), else `0.1.0` (`latest`,
+//! - `name` and `runtime`: the reference's [`ImageRef::base_name`] (`nginx:alpine` -> `nginx`,
+//!   `docker-archive:app.tar:myapp:1.2` -> `myapp`);
+//! - `version`: [`ImageRef::version`]: the reference's tag with a leading `v` dropped when the
+//!   tag starts with a digit (`1.25-alpine`, `v2.0.1` -> `2.0.1`), else `0.1.0` (`latest`,
 //!   `alpine`, no tag, digest only);
 //! - `workload.entrypoint`: Entrypoint followed by Cmd (must be non-empty);
 //! - `workload.env`: the image's `K=V` entries (entries without `=` are skipped), with
@@ -24,13 +25,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::{image_base_name, line_col, FsType};
+use crate::config::{line_col, FsType};
+use crate::source::reference::ImageRef;
+pub use crate::source::reference::DEFAULT_VERSION;
 
 /// The schema's `$id`, written as `$schema`.
 pub const SCHEMA_ID: &str =
     "https://raw.githubusercontent.com/volantvm/volant/main/docs/schemas/plugin-manifest-v1.json";
 pub const SCHEMA_VERSION: &str = "1.0";
-pub const DEFAULT_VERSION: &str = "0.1.0";
 pub const DEFAULT_CPU_CORES: u32 = 1;
 pub const DEFAULT_MEMORY_MB: u64 = 1024;
 pub const DEFAULT_PORT: u16 = 80;
@@ -310,8 +312,10 @@ impl ImageRuntimeConfig {
 /// Everything the manifest is built from.
 #[derive(Clone, Debug)]
 pub struct ManifestInputs<'a> {
-    /// The image reference as configured (`source.image`).
+    /// The image reference as configured (`source.image`), recorded as written.
     pub image_ref: &'a str,
+    /// The same reference, parsed: the only source of the derived name and version.
+    pub image: &'a ImageRef,
     /// The image manifest digest (`sha256:...`), when known.
     pub image_digest: Option<&'a str>,
     /// The produced image file.
@@ -427,41 +431,6 @@ pub fn manifest_path_for(image_path: &Path) -> PathBuf {
     image_path.with_file_name(format!("{stem}.manifest.json"))
 }
 
-/// The tag of a reference, if any (`oci:DIR:TAG` understood; digests are not tags).
-pub fn image_tag(image_ref: &str) -> Option<&str> {
-    let r = image_ref.trim();
-    if let Some(rest) = r
-        .strip_prefix("oci:")
-        .or_else(|| r.strip_prefix("oci-archive:"))
-    {
-        let i = rest.rfind(':')?;
-        let tag = &rest[i + 1..];
-        return (!tag.contains('/') && !tag.is_empty()).then_some(tag);
-    }
-    let r = r
-        .strip_prefix("docker://")
-        .or_else(|| r.strip_prefix("docker-daemon:"))
-        .unwrap_or(r);
-    let no_digest = r.split('@').next().unwrap_or(r);
-    let last = no_digest.rsplit('/').next().unwrap_or(no_digest);
-    let (_, tag) = last.split_once(':')?;
-    (!tag.is_empty()).then_some(tag)
-}
-
-/// The manifest version derived from a reference: its tag without a leading `v` when the tag
-/// starts with a digit and holds only `[0-9A-Za-z.+_-]`; else [`DEFAULT_VERSION`].
-pub fn derive_version(image_ref: &str) -> String {
-    image_tag(image_ref)
-        .map(|t| t.strip_prefix('v').unwrap_or(t))
-        .filter(|t| {
-            t.starts_with(|c: char| c.is_ascii_digit())
-                && t.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".+_-".contains(&b))
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| DEFAULT_VERSION.to_string())
-}
-
 /// The lowest exposed TCP port (`80/tcp`, bare `8080`), if any.
 pub fn first_tcp_port(exposed: &[String]) -> Option<u16> {
     exposed
@@ -483,13 +452,10 @@ pub fn build_manifest(inp: &ManifestInputs<'_>) -> Result<PluginManifest, Manife
     let w = o.workload.clone().unwrap_or_default();
     let ic = inp.image_config;
 
-    let base = image_base_name(inp.image_ref);
+    let base = inp.image.base_name();
     let name = o.name.clone().unwrap_or_else(|| base.clone());
     let runtime = o.runtime.clone().unwrap_or_else(|| base.clone());
-    let version = o
-        .version
-        .clone()
-        .unwrap_or_else(|| derive_version(inp.image_ref));
+    let version = o.version.clone().unwrap_or_else(|| inp.image.version());
 
     let entrypoint = match w.entrypoint {
         Some(e) => e,
@@ -602,8 +568,11 @@ mod tests {
         cfg: &'a ImageRuntimeConfig,
         overrides: Option<&'a ManifestOverrides>,
     ) -> ManifestInputs<'a> {
+        // Tests only: the parsed reference lives as long as the test process.
+        let image = Box::leak(Box::new(ImageRef::parse(image_ref).unwrap()));
         ManifestInputs {
             image_ref,
+            image,
             image_digest: None,
             image_path: Path::new("/out/nginx.img"),
             image_sha256: SUM,
@@ -749,25 +718,7 @@ readonly = true
     }
 
     #[test]
-    fn derivation_rules() {
-        let versions = [
-            ("nginx:alpine", "0.1.0"),
-            ("nginx:latest", "0.1.0"),
-            ("nginx", "0.1.0"),
-            ("nginx:1.25-alpine", "1.25-alpine"),
-            ("app:v2.0.1", "2.0.1"),
-            ("registry:5000/team/app:3.1@sha256:abcd", "3.1"),
-            ("registry:5000/team/app@sha256:abcd", "0.1.0"),
-            ("localhost:5000/app", "0.1.0"),
-            ("oci:/x/debian:12.4", "12.4"),
-            ("oci:/x/debian", "0.1.0"),
-            ("oci:/x:y/debian", "0.1.0"),
-            ("app:v", "0.1.0"),
-            ("app:1.0!", "0.1.0"),
-        ];
-        for (r, want) in versions {
-            assert_eq!(derive_version(r), want, "{r}");
-        }
+    fn port_and_path_rules() {
         let ports: &[(&[&str], Option<u16>)] = &[
             (&[], None),
             (&["8080/tcp", "443/tcp", "53/udp"], Some(443)),
@@ -798,7 +749,7 @@ readonly = true
             exposed_ports: vec!["8000/tcp".into(), "5000".into()],
             ..ImageRuntimeConfig::default()
         };
-        let mut inp = inputs("docker.io/library/Python:3.12-slim", &cfg, None);
+        let mut inp = inputs("docker.io/library/python:3.12-slim", &cfg, None);
         inp.image_path = Path::new("python.img");
         inp.image_sha256 =
             "sha256:ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789";

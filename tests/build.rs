@@ -557,3 +557,65 @@ fn quiet_prints_nothing() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.starts_with("built "), "{stderr}");
 }
+
+/// Without `-o` and manifest.toml, the reference names the outputs and the manifest: the
+/// base name and version come from the name inside a docker-archive (not from the
+/// transport), from the archive's file name when it names none, and from an oci-archive's
+/// file name and tag. Native ext4 builds: no root needed.
+#[test]
+fn default_names_follow_the_reference() {
+    let test = "default_names_follow_the_reference";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    if !support::have_program("skopeo") {
+        support::skip(test, "needs skopeo (makes the archives)");
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let docker_ar = scratch.path().join("app.tar");
+    let oci_ar = scratch.path().join("Tools.tar");
+    for dest in [
+        format!("docker-archive:{}:myapp:1.2", docker_ar.display()),
+        format!("oci-archive:{}:v3.4", oci_ar.display()),
+    ] {
+        support::run_ok(Command::new("skopeo").args(["copy", "--quiet", &img.reference, &dest]));
+    }
+    let cases = [
+        (
+            format!("docker-archive:{}:myapp:1.2", docker_ar.display()),
+            "myapp",
+            "1.2",
+        ),
+        (
+            format!("docker-archive:{}", docker_ar.display()),
+            "app",
+            "0.1.0",
+        ),
+        (
+            format!("oci-archive:{}:v3.4", oci_ar.display()),
+            "tools",
+            "3.4",
+        ),
+        (img.reference.clone(), "debian", "0.1.0"),
+    ];
+    let cache = scratch.path().join("cache");
+    for (reference, base, version) in cases {
+        let p = Project::new(&reference, "ext4", "");
+        let out = Command::new(fledge_bin())
+            .current_dir(p.path())
+            .env("FLEDGE_CACHE_DIR", &cache)
+            .args(["build", "-q", "-c", "fledge.toml"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{reference}: {}", text(&out));
+        let image = p.path().join(format!("{base}.img"));
+        let manifest = p.path().join(format!("{base}.manifest.json"));
+        assert!(image.is_file(), "{reference}: no {}", image.display());
+        let m: serde_json::Value = serde_json::from_slice(&fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(m["name"], base, "{reference}");
+        assert_eq!(m["runtime"], base, "{reference}");
+        assert_eq!(m["version"], version, "{reference}");
+        assert_eq!(m["image"], reference.as_str(), "{reference}");
+    }
+}

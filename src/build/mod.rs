@@ -327,10 +327,12 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
         .map(ManifestOverrides::load)
         .transpose()?;
     let reference = cfg.source.image.clone();
+    // Parsed once: the base name and version of every default come from here.
+    let image_ref = crate::source::reference::ImageRef::parse(&reference)?;
     let output = absolute(
         args.output
             .clone()
-            .unwrap_or_else(|| PathBuf::from(crate::config::default_output_name(&reference))),
+            .unwrap_or_else(|| PathBuf::from(format!("{}.img", image_ref.base_name()))),
     )?;
     let manifest_path = manifest::manifest_path_for(&output);
     let out_dir = output
@@ -516,6 +518,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     let runtime = ImageRuntimeConfig::from_oci(&resolved.config);
     let plugin = manifest::build_manifest(&ManifestInputs {
         image_ref: &reference,
+        image: &image_ref,
         image_digest: Some(&resolved.manifest_digest),
         image_path: &output,
         image_sha256: &checksum,

@@ -143,6 +143,84 @@ impl ImageRef {
     }
 }
 
+/// The version a build gives its manifest when the reference's tag is not a version.
+pub const DEFAULT_VERSION: &str = "0.1.0";
+
+impl ImageRef {
+    /// The image's base name, which names the default outputs (`<base>.img`) and the
+    /// manifest's `name` and `runtime`: the last path component of the repository (of the
+    /// directory for `oci:`, of the file without `.tar` for `oci-archive:` and for a
+    /// `docker-archive:` without a reference), lower-cased, spaces and slashes turned into
+    /// `-`. Never empty (`rootfs`).
+    pub fn base_name(&self) -> String {
+        let file_stem = |p: &std::path::Path| {
+            let name = last_component(&p.to_string_lossy()).to_string();
+            name.strip_suffix(".tar")
+                .map(str::to_string)
+                .unwrap_or(name)
+        };
+        let raw = match self {
+            ImageRef::OciLayout { dir, .. } => last_component(&dir.to_string_lossy()).to_string(),
+            ImageRef::OciArchive { file, .. }
+            | ImageRef::DockerArchive {
+                file,
+                reference: None,
+            } => file_stem(file),
+            ImageRef::DockerArchive {
+                reference: Some(r), ..
+            }
+            | ImageRef::Registry(r)
+            | ImageRef::DockerDaemon(r)
+            | ImageRef::Bare(r) => last_component(&r.repository).to_string(),
+        };
+        let name: String = raw
+            .to_lowercase()
+            .chars()
+            .map(|c| if c == ' ' || c == '/' { '-' } else { c })
+            .collect();
+        if name.is_empty() {
+            "rootfs".to_string()
+        } else {
+            name
+        }
+    }
+
+    /// The tag the reference names, if any (`oci:DIR:TAG`, `nginx:1.25`; `latest` for a
+    /// Docker name with neither tag nor digest; a digest is not a tag).
+    pub fn tag(&self) -> Option<&str> {
+        match self {
+            ImageRef::OciLayout { tag, .. } | ImageRef::OciArchive { tag, .. } => tag.as_deref(),
+            ImageRef::DockerArchive { reference, .. } => {
+                reference.as_ref().and_then(|r| r.tag.as_deref())
+            }
+            ImageRef::Registry(r) | ImageRef::DockerDaemon(r) | ImageRef::Bare(r) => {
+                r.tag.as_deref()
+            }
+        }
+    }
+
+    /// The manifest version derived from the tag: the tag without a leading `v` when it
+    /// starts with a digit and holds only `[0-9A-Za-z.+_-]` (`v2.0.1` -> `2.0.1`,
+    /// `1.25-alpine`); else [`DEFAULT_VERSION`].
+    pub fn version(&self) -> String {
+        self.tag()
+            .map(|t| t.strip_prefix('v').unwrap_or(t))
+            .filter(|t| {
+                t.starts_with(|c: char| c.is_ascii_digit())
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".+_-".contains(&b))
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| DEFAULT_VERSION.to_string())
+    }
+}
+
+/// The last `/`-separated component, trailing slashes ignored.
+fn last_component(s: &str) -> &str {
+    let s = s.trim_end_matches('/');
+    s.rsplit('/').next().unwrap_or(s)
+}
+
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -274,6 +352,79 @@ mod tests {
             assert_eq!(got.to_string(), display, "{input}");
             assert_eq!(ImageRef::parse(display).unwrap(), want, "{display}");
         }
+    }
+
+    /// The names a build derives from each kind of reference: (reference, default output,
+    /// manifest name, manifest version).
+    #[test]
+    fn default_names_table() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let cases: Vec<(String, &str, &str)> = vec![
+            // bare Docker names
+            ("nginx:alpine".into(), "nginx", "0.1.0"),
+            ("nginx".into(), "nginx", "0.1.0"),
+            ("library/nginx:1.25".into(), "nginx", "1.25"),
+            ("docker.io/library/redis:7".into(), "redis", "7"),
+            ("app:v2.0.1".into(), "app", "2.0.1"),
+            ("app:1.25-alpine".into(), "app", "1.25-alpine"),
+            ("app:v".into(), "app", "0.1.0"),
+            ("localhost:5000/app".into(), "app", "0.1.0"),
+            (format!("registry:5000/team/app@{digest}"), "app", "0.1.0"),
+            (format!("registry:5000/team/app:3.1@{digest}"), "app", "3.1"),
+            // docker:// and docker-daemon:
+            ("docker://quay.io/org/tool:1".into(), "tool", "1"),
+            (
+                "docker://127.0.0.1:5000/debian:test".into(),
+                "debian",
+                "0.1.0",
+            ),
+            (
+                format!("docker://127.0.0.1:5000/debian@{digest}"),
+                "debian",
+                "0.1.0",
+            ),
+            ("docker-daemon:myapp:dev".into(), "myapp", "0.1.0"),
+            ("docker-daemon:myapp:2.4".into(), "myapp", "2.4"),
+            // oci: with and without a tag
+            ("oci:/x/debian:test".into(), "debian", "0.1.0"),
+            ("oci:/x/debian:12.4".into(), "debian", "12.4"),
+            ("oci:/x/debian".into(), "debian", "0.1.0"),
+            ("oci:/x/debian/".into(), "debian", "0.1.0"),
+            ("oci:/x:y/debian".into(), "debian", "0.1.0"),
+            ("oci:layouts/My Image:latest".into(), "my-image", "0.1.0"),
+            // oci-archive:
+            ("oci-archive:/tmp/alpine.tar:3.19".into(), "alpine", "3.19"),
+            ("oci-archive:/tmp/alpine.tar".into(), "alpine", "0.1.0"),
+            // docker-archive: with and without a reference
+            ("docker-archive:app.tar:myapp:1.2".into(), "myapp", "1.2"),
+            (
+                "docker-archive:/s/app.tar:team/myapp:v3".into(),
+                "myapp",
+                "3",
+            ),
+            ("docker-archive:/s/app.tar:myapp".into(), "myapp", "0.1.0"),
+            ("docker-archive:/s/app.tar".into(), "app", "0.1.0"),
+            ("docker-archive:/s/save".into(), "save", "0.1.0"),
+        ];
+        for (input, base, version) in cases {
+            let r = ImageRef::parse(&input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(
+                (r.base_name().as_str(), r.version().as_str()),
+                (base, version),
+                "{input}"
+            );
+        }
+        let tags = [
+            ("nginx", Some("latest")),
+            ("oci:/x/debian", None),
+            ("docker-archive:/s/app.tar", None),
+            ("docker-archive:/s/app.tar:a:b", Some("b")),
+        ];
+        for (input, tag) in tags {
+            assert_eq!(ImageRef::parse(input).unwrap().tag(), tag, "{input}");
+        }
+        let pinned = ImageRef::parse(&format!("app@{digest}")).unwrap();
+        assert_eq!(pinned.tag(), None);
     }
 
     #[test]
