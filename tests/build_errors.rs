@@ -5,8 +5,6 @@
 mod support;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -52,26 +50,6 @@ fn case(name: &'static str, toml: &str, expect: &[&str]) -> Case {
 
 fn with_mapping(extra: &str) -> String {
     format!("{GOOD_TOML}\n[mappings]\n{extra}\n")
-}
-
-/// Serve `body` once to every connection on 127.0.0.1, in the background.
-fn serve(body: &'static [u8]) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(body);
-        }
-    });
-    format!("http://{addr}/kestrel")
 }
 
 /// A tmpfs mounted for one test, unmounted on drop (also when the test panics).
@@ -251,7 +229,12 @@ fn bad_inputs_with_image() {
     let Some(img) = support::debian_image(test) else {
         return;
     };
-    let url = serve(b"\x7fELF not really an agent");
+    let addr = support::servers::canned_http(support::servers::http_response(
+        "200 OK",
+        &[],
+        b"\x7fELF not really an agent",
+    ));
+    let url = format!("http://{addr}/kestrel");
     let mut cases = vec![Case {
         needs_image: true,
         ..case(

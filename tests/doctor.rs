@@ -312,23 +312,16 @@ fn doctor_unprivileged_without_fuse() {
 /// reachable, a closed port is a warning with a hint. Without `--online` no registry is tried.
 #[test]
 fn doctor_online_tries_configured_registries() {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { continue };
-            let mut buf = [0u8; 2048];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(
-                b"HTTP/1.1 401 Unauthorized\r\nWww-Authenticate: Basic realm=\"r\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            );
-        }
-    });
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    use support::servers::{canned_http, http_response, ClosedPort};
+    let port = canned_http(http_response(
+        "401 Unauthorized",
+        &[("Www-Authenticate", "Basic realm=\"r\"")],
+        b"",
+    ))
+    .port();
+    // Held until the test ends: no other server can be given this port meanwhile.
+    let closed_port = ClosedPort::new();
+    let closed = closed_port.port();
     let registries = format!("127.0.0.1:{port},127.0.0.1:{closed}");
     let dir = tempfile::tempdir().unwrap();
     let run = |online: bool| {

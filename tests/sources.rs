@@ -12,12 +12,12 @@
 mod support;
 
 use std::fs;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use support::servers::{ClosedPort, PodmanStorage, Registry, RegistryOptions};
 use support::treecmp;
 use support::FledgeMount;
 
@@ -42,111 +42,6 @@ fn need(test: &str, programs: &[&str]) -> bool {
     assert!(!support::in_ci(), "{test}: {reason} (required in CI)");
     support::skip(test, &reason);
     false
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-/// A `docker-registry` child on 127.0.0.1 with its own storage; killed on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Registry {
-    /// Start a registry; with `htpasswd`, only that user/password may pull or push.
-    fn start(htpasswd: Option<(&str, &str)>) -> Registry {
-        Registry::start_with(htpasswd, None)
-    }
-
-    /// Start a registry, over TLS with `(certificate, key)` files when given.
-    fn start_with(htpasswd: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let mut auth = String::new();
-        if let Some((user, pass)) = htpasswd {
-            let out = support::run_ok(Command::new("htpasswd").args(["-Bbn", user, pass]));
-            let file = dir.path().join("htpasswd");
-            fs::write(&file, &out.stdout).unwrap();
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: fledge-test-realm\n    path: {}\n",
-                file.display()
-            );
-        }
-        let tls = match tls {
-            Some((cert, key)) => format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            ),
-            None => String::new(),
-        };
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{tls}{auth}",
-            dir.path().join("storage").display()
-        );
-        let cfg = dir.path().join("config.yml");
-        fs::write(&cfg, config).unwrap();
-        let log = fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&cfg)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let reg = Registry { child, port, dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "docker-registry did not start: {}",
-                fs::read_to_string(reg.dir.path().join("registry.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        reg
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// `skopeo copy` `src` to `repo:tag` in this registry.
-    fn push(&self, src: &str, repo_tag: &str, creds: Option<&str>, all: bool) {
-        let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
-        if all {
-            cmd.arg("--all");
-        }
-        if let Some(c) = creds {
-            cmd.arg(format!("--dest-creds={c}"));
-        }
-        cmd.arg(src)
-            .arg(format!("docker://{}/{repo_tag}", self.host()));
-        support::run_ok(&mut cmd);
-    }
-
-    /// The registry's data file for blob `digest`.
-    fn blob_data(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A fledge command with a private cache, no daemon, and a private docker config.
@@ -519,7 +414,8 @@ fn registry_errors_name_what_failed() {
     );
 
     // Registry down: a quick, clear, one-line error.
-    let down = free_port();
+    let closed = ClosedPort::new();
+    let down = closed.port();
     let started = Instant::now();
     let err = env.fail(&["inspect", &format!("docker://127.0.0.1:{down}/debian:test")]);
     assert!(
@@ -810,13 +706,17 @@ fn https_registry_with_a_private_ca() {
         "-extfile",
         "ext.cnf",
     ]);
-    let reg = Registry::start_with(None, Some((&d.join("srv.crt"), &d.join("srv.key"))));
+    let (cert, key) = (d.join("srv.crt"), d.join("srv.key"));
+    let reg = Registry::start_with(&RegistryOptions {
+        tls: Some((&cert, &key)),
+        ..RegistryOptions::default()
+    });
     reg.push(&img.reference, "debian:test", None, false);
-    let r = format!("docker://{name}:{}/debian:test", reg.port);
+    let r = format!("docker://{name}:{}/debian:test", reg.port());
 
     let err = env.fail(&["inspect", &r]);
     assert!(
-        err.contains(&format!("cannot reach registry {name}:{}", reg.port))
+        err.contains(&format!("cannot reach registry {name}:{}", reg.port()))
             && err.to_lowercase().contains("certificate"),
         "{err}"
     );
@@ -830,10 +730,10 @@ fn https_registry_with_a_private_ca() {
         "inspect",
         &r,
         "--insecure-registry",
-        &format!("{name}:{}", reg.port),
+        &format!("{name}:{}", reg.port()),
     ]);
     assert!(
-        err.contains(&format!("registry {name}:{}", reg.port)),
+        err.contains(&format!("registry {name}:{}", reg.port())),
         "{err}"
     );
 }
@@ -895,18 +795,7 @@ fn docker_daemon_through_podman() {
     }
     let Some(img) = debian(test) else { return };
     let env = Env::new();
-    let root = env.dir.path().join("podman-root");
-    let runroot = env.dir.path().join("podman-run");
-    let podman = |args: &[&str]| {
-        let mut c = Command::new("podman");
-        c.arg("--root")
-            .arg(&root)
-            .arg("--runroot")
-            .arg(&runroot)
-            .args(["--storage-driver", "vfs"])
-            .args(args);
-        c
-    };
+    let storage = PodmanStorage::new(env.dir.path());
     let ar = env.dir.path().join("debian-docker.tar");
     support::run_ok(Command::new("skopeo").args([
         "copy",
@@ -914,104 +803,184 @@ fn docker_daemon_through_podman() {
         &img.reference,
         &format!("docker-archive:{}:localhost/debian:test", ar.display()),
     ]));
-    support::run_ok(&mut podman(&[
-        "load",
-        "-q",
-        "-i",
-        &ar.display().to_string(),
-    ]));
-    let sock = env.dir.path().join("podman.sock");
-    let mut service = podman(&[
-        "system",
-        "service",
-        "--time=0",
-        &format!("unix://{}", sock.display()),
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
+    support::run_ok(&mut storage.podman(&["load", "-q", "-i", &ar.display().to_string()]));
+    let service = storage.serve();
+    let host = service.host();
+    let expected = inspect(&env, &img.reference, &[]).2;
+    let mut c = env.cmd(&["inspect", "--json", "docker-daemon:localhost/debian:test"]);
+    c.env("DOCKER_HOST", &host);
+    let out = support::run_ok(&mut c);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let got: Vec<String> = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["diff_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, expected);
+
+    // A bare reference is served by the daemon when it has the image.
+    let mut c = env.cmd(&["-v", "pull", "localhost/debian:test"]);
+    c.env("DOCKER_HOST", &host);
+    let out = support::run_ok(&mut c);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("from Docker daemon at unix://"), "{log}");
+    assert!(
+        env.cache_leftovers().is_empty(),
+        "{:?}",
+        env.cache_leftovers()
+    );
+
+    // Not in the daemon: the registry serves a bare reference; if neither has it, both
+    // are named.
+    let reg = Registry::start(None);
+    reg.push(&img.reference, "debian:test", None, false);
+    let bare = format!("{}/debian:test", reg.host());
+    let mut c = env.cmd(&["-v", "inspect", "--json", &bare]);
+    c.env("DOCKER_HOST", &host);
+    let out = support::run_ok(&mut c);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("not in the Docker daemon at") && log.contains("using registry 127.0.0.1:"),
+        "{log}"
+    );
+    let mut c = env.cmd(&["inspect", &format!("{}/debian:none", reg.host())]);
+    c.env("DOCKER_HOST", &host);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("is not in the Docker daemon at") && err.contains("manifest none not found"),
+        "{err}"
+    );
+
+    // Unknown image in the daemon, asked explicitly: named.
+    let mut c = env.cmd(&["inspect", "docker-daemon:localhost/nothere:x"]);
+    c.env("DOCKER_HOST", &host);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("has no image localhost/nothere:x"), "{err}");
+
+    if let Some(oracle) = mounted_snapshot(&env, &img.reference, &[]) {
+        let snap = mounted_snapshot(
+            &env,
+            "docker-daemon:localhost/debian:test",
+            &[("DOCKER_HOST", host.clone())],
+        )
+        .unwrap();
+        let lines = treecmp::diff(&oracle, &snap, &treecmp::DiffOptions::default());
+        assert!(lines.is_empty(), "daemon:\n{}", treecmp::report(&lines, 50));
     }
-    let host = format!("unix://{}", sock.display());
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let expected = inspect(&env, &img.reference, &[]).2;
-        let mut c = env.cmd(&["inspect", "--json", "docker-daemon:localhost/debian:test"]);
-        c.env("DOCKER_HOST", &host);
-        let out = support::run_ok(&mut c);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let got: Vec<String> = v["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["diff_id"].as_str().unwrap().to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The test kit's servers (tests/support/servers.rs): each registry these tests start must be
+// their own, also when many start at once.
+
+/// Registries started at the same moment get distinct ports, and each port is held by its
+/// own child (seen in /proc, independently of the kit's own check) and answers with its own
+/// secret, which no other one gives. A free port looked up first and handed to the server
+/// afterwards fails this: two registries end up told one port, the second cannot bind it and
+/// exits, and its port answers for the first.
+#[test]
+fn registries_started_at_once_are_each_their_own() {
+    let test = "registries_started_at_once_are_each_their_own";
+    if !need(test, &["docker-registry"]) {
+        return;
+    }
+    const N: usize = 8;
+    let barrier = std::sync::Barrier::new(N);
+    let regs: Vec<Registry> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..N)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    Registry::start(None)
+                })
+            })
             .collect();
-        assert_eq!(got, expected);
-
-        // A bare reference is served by the daemon when it has the image.
-        let mut c = env.cmd(&["-v", "pull", "localhost/debian:test"]);
-        c.env("DOCKER_HOST", &host);
-        let out = support::run_ok(&mut c);
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(log.contains("from Docker daemon at unix://"), "{log}");
-        assert!(
-            env.cache_leftovers().is_empty(),
-            "{:?}",
-            env.cache_leftovers()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ports: Vec<u16> = regs.iter().map(Registry::port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), N, "ports given twice: {ports:?}");
+    for (i, reg) in regs.iter().enumerate() {
+        assert_eq!(
+            support::servers::listening_pids(reg.port()),
+            [reg.pid()],
+            "the socket listening on {} is not registry {i}'s (pid {})",
+            reg.host(),
+            reg.pid()
         );
-
-        // Not in the daemon: the registry serves a bare reference; if neither has it, both
-        // are named.
-        let reg = Registry::start(None);
-        reg.push(&img.reference, "debian:test", None, false);
-        let bare = format!("{}/debian:test", reg.host());
-        let mut c = env.cmd(&["-v", "inspect", "--json", &bare]);
-        c.env("DOCKER_HOST", &host);
-        let out = support::run_ok(&mut c);
-        let log = String::from_utf8_lossy(&out.stderr);
+        support::servers::check_identity(reg.port(), false, reg.instance())
+            .unwrap_or_else(|e| panic!("registry {i}: {e}"));
+        let other = &regs[(i + 1) % N];
         assert!(
-            log.contains("not in the Docker daemon at")
-                && log.contains("using registry 127.0.0.1:"),
-            "{log}"
+            support::servers::check_identity(reg.port(), false, other.instance()).is_err(),
+            "registry {i} answers with another registry's secret"
         );
-        let mut c = env.cmd(&["inspect", &format!("{}/debian:none", reg.host())]);
-        c.env("DOCKER_HOST", &host);
-        let out = c.output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
-        assert!(
-            err.contains("is not in the Docker daemon at")
-                && err.contains("manifest none not found"),
-            "{err}"
-        );
-
-        // Unknown image in the daemon, asked explicitly: named.
-        let mut c = env.cmd(&["inspect", "docker-daemon:localhost/nothere:x"]);
-        c.env("DOCKER_HOST", &host);
-        let out = c.output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
-        assert!(err.contains("has no image localhost/nothere:x"), "{err}");
-
-        if let Some(oracle) = mounted_snapshot(&env, &img.reference, &[]) {
-            let snap = mounted_snapshot(
-                &env,
-                "docker-daemon:localhost/debian:test",
-                &[("DOCKER_HOST", host.clone())],
-            )
-            .unwrap();
-            let lines = treecmp::diff(&oracle, &snap, &treecmp::DiffOptions::default());
-            assert!(lines.is_empty(), "daemon:\n{}", treecmp::report(&lines, 50));
-        }
-    }));
-    let _ = service.kill();
-    let _ = service.wait();
-    let _ = podman(&["system", "reset", "--force"]).output();
-    if let Err(p) = result {
-        std::panic::resume_unwind(p);
     }
+}
+
+/// The identity check refuses whatever else answers on a port: a server with another secret,
+/// or with none.
+#[test]
+fn registry_identity_check_refuses_a_stranger() {
+    use support::servers::{canned_http, check_identity, http_response, INSTANCE_HEADER};
+    let mine = support::servers::unique_token();
+    let theirs = support::servers::unique_token();
+    assert_ne!(mine, theirs);
+    let stranger = canned_http(http_response(
+        "200 OK",
+        &[(INSTANCE_HEADER, &theirs)],
+        b"{}",
+    ));
+    let err = check_identity(stranger.port(), false, &mine).unwrap_err();
+    assert!(
+        err.contains(&format!("127.0.0.1:{}", stranger.port())) && err.contains(&theirs),
+        "{err}"
+    );
+    let plain = canned_http(http_response("401 Unauthorized", &[], b"{}"));
+    let err = check_identity(plain.port(), false, &mine).unwrap_err();
+    assert!(err.contains("not as the server just started"), "{err}");
+    // The same server, asked for its own secret, is accepted.
+    check_identity(stranger.port(), false, &theirs).unwrap();
+}
+
+/// A registry that exits instead of listening is reported with its log (not waited for until
+/// some other server happens to answer).
+#[test]
+fn a_registry_that_cannot_start_is_reported_with_its_log() {
+    let test = "a_registry_that_cannot_start_is_reported_with_its_log";
+    if !need(test, &["docker-registry"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("no.crt"), dir.path().join("no.key"));
+    let started = Instant::now();
+    let err = Registry::try_start(&RegistryOptions {
+        tls: Some((&cert, &key)),
+        ..RegistryOptions::default()
+    })
+    .err()
+    .expect("a registry without its certificate started");
+    assert!(
+        err.contains("docker-registry exited with") && err.contains("no.crt"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "{err}");
+}
+
+/// A [`ClosedPort`] refuses connections, and no server can be given it while it is held.
+#[test]
+fn a_closed_port_refuses_and_cannot_be_taken() {
+    let closed = ClosedPort::new();
+    let e = std::net::TcpStream::connect(("127.0.0.1", closed.port())).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    let e = std::net::TcpListener::bind(("127.0.0.1", closed.port())).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
 }
 
 // ---------------------------------------------------------------------------------------------

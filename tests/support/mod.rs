@@ -3,9 +3,12 @@
 //! - [`treecmp`]: snapshot a directory tree and diff it against another.
 //! - test images made by `scripts/make-test-images.sh` (location, skip/fail policy).
 //! - running `fledge mount` as a child and waiting for / tearing down the FUSE mount.
+//! - [`servers`]: a registry, podman's Docker API, canned HTTP servers and a refusing port,
+//!   each provably the test's own.
 #![allow(dead_code)]
 
 pub mod layout;
+pub mod servers;
 pub mod treecmp;
 
 use std::fs;
