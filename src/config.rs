@@ -1,6 +1,7 @@
 //! `fledge.toml`: the build-time configuration.
 //!
-//! Loading goes in three steps so every error can be precise:
+//! Loading goes through [`crate::tomlfile`] (the loader manifest.toml shares) in three
+//! steps, so every error can be precise:
 //! 1. parse the text into a [`toml::Table`] (syntax errors carry `line:column`);
 //! 2. check every key against the known keys of its table (an unknown key is named together
 //!    with its table and, when one is close, the key that was probably meant);
@@ -17,6 +18,8 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::tomlfile::{self, Keys, TomlProblem};
+
 /// The only configuration version this fledge understands.
 pub const CONFIG_VERSION: &str = "1";
 
@@ -25,17 +28,31 @@ const MIB: u64 = 1024 * 1024;
 /// Buffer used when `size_buffer_mb` is absent.
 pub const DEFAULT_SIZE_BUFFER_MB: u64 = 100;
 
-const TOP_KEYS: &[&str] = &[
-    "version",
-    "strategy",
-    "source",
-    "filesystem",
-    "agent",
-    "mappings",
-];
-const SOURCE_KEYS: &[&str] = &["image"];
-const FILESYSTEM_KEYS: &[&str] = &["type", "size_buffer_mb", "preallocate"];
-const AGENT_KEYS: &[&str] = &["source_strategy", "version", "path", "url", "checksum"];
+/// Every key fledge.toml may hold (checked before deserializing, for "did you mean").
+static KEYS: Keys = Keys::Table(&[
+    ("version", Keys::Any),
+    ("strategy", Keys::Any),
+    ("source", Keys::Table(&[("image", Keys::Any)])),
+    (
+        "filesystem",
+        Keys::Table(&[
+            ("type", Keys::Any),
+            ("size_buffer_mb", Keys::Any),
+            ("preallocate", Keys::Any),
+        ]),
+    ),
+    (
+        "agent",
+        Keys::Table(&[
+            ("source_strategy", Keys::Any),
+            ("version", Keys::Any),
+            ("path", Keys::Any),
+            ("url", Keys::Any),
+            ("checksum", Keys::Any),
+        ]),
+    ),
+    ("mappings", Keys::Any),
+]);
 
 /// An error while loading or validating `fledge.toml`.
 #[derive(Debug, Error)]
@@ -321,18 +338,27 @@ impl Config {
     /// Parse and validate configuration text; `path` is used in messages, `dir` becomes
     /// [`Config::dir`].
     pub fn parse(text: &str, path: &Path, dir: &Path) -> Result<Config, ConfigError> {
-        let syntax = |e: toml::de::Error| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ConfigError::Syntax {
+        let raw: RawConfig = tomlfile::parse(text, &KEYS).map_err(|p| match p {
+            TomlProblem::Syntax {
+                line,
+                column,
+                message,
+            } => ConfigError::Syntax {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().trim().replace('\n', " "),
-            }
-        };
-        let table: toml::Table = toml::from_str(text).map_err(syntax)?;
-        check_keys(&table)?;
-        let raw: RawConfig = toml::from_str(text).map_err(syntax)?;
+                message,
+            },
+            TomlProblem::UnknownKey {
+                key,
+                table,
+                suggestion,
+            } => ConfigError::UnknownKey {
+                key,
+                table,
+                suggestion,
+            },
+        })?;
         validate(raw, path, dir)
     }
 }
@@ -507,73 +533,6 @@ fn validate_mapping(host: &str, dest: &str) -> Result<(), ConfigError> {
         return Err(bad("paths must not contain NUL"));
     }
     Ok(())
-}
-
-fn check_keys(table: &toml::Table) -> Result<(), ConfigError> {
-    check_table(table, TOP_KEYS, "the top-level table")?;
-    for (name, known) in [
-        ("source", SOURCE_KEYS),
-        ("filesystem", FILESYSTEM_KEYS),
-        ("agent", AGENT_KEYS),
-    ] {
-        if let Some(toml::Value::Table(t)) = table.get(name) {
-            check_table(t, known, &format!("[{name}]"))?;
-        }
-    }
-    Ok(())
-}
-
-fn check_table(table: &toml::Table, known: &[&str], label: &str) -> Result<(), ConfigError> {
-    for key in table.keys() {
-        if !known.contains(&key.as_str()) {
-            return Err(ConfigError::UnknownKey {
-                key: key.clone(),
-                table: label.into(),
-                suggestion: nearest(key, known).map(str::to_owned),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The known key closest to `key` by edit distance, when the distance is small.
-fn nearest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
-    let limit = if key.chars().count() <= 3 { 1 } else { 2 };
-    known
-        .iter()
-        .map(|k| (levenshtein(key, k), *k))
-        .filter(|(d, _)| *d <= limit)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-fn levenshtein(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    let mut cur = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        cur[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        std::mem::swap(&mut prev, &mut cur);
-    }
-    prev[b.len()]
-}
-
-/// 1-based line and column (in characters) of byte `offset` in `text`.
-pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = text.get(..offset).unwrap_or(text);
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let column = before
-        .get(line_start..)
-        .map(|s| s.chars().count())
-        .unwrap_or(0)
-        + 1;
-    (line, column)
 }
 
 #[cfg(test)]
@@ -922,27 +881,5 @@ mod tests {
         for (mb, content, want) in cases {
             assert_eq!(fs(mb).buffer_bytes(content), want, "{mb} MiB, {content}");
         }
-    }
-
-    #[test]
-    fn levenshtein_distances() {
-        for (a, b, d) in [
-            ("", "", 0),
-            ("abc", "", 3),
-            ("preallocat", "preallocate", 1),
-            ("kitten", "sitting", 3),
-            ("type", "tpye", 2),
-        ] {
-            assert_eq!(levenshtein(a, b), d, "{a} {b}");
-        }
-    }
-
-    #[test]
-    fn line_col_counts_characters() {
-        let t = "ab\nçd\nx";
-        assert_eq!(line_col(t, 0), (1, 1));
-        assert_eq!(line_col(t, 3), (2, 1));
-        assert_eq!(line_col(t, 5), (2, 2)); // 'ç' is two bytes
-        assert_eq!(line_col(t, 100), (3, 2));
     }
 }

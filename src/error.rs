@@ -92,6 +92,9 @@ impl Error {
             Error::Mapping(_) => Some(
                 "in [mappings], host paths are relative to fledge.toml's directory and must exist".into(),
             ),
+            Error::Manifest(crate::manifest::ManifestError::UnknownKey { .. }) => Some(
+                "remove or rename the key; README 'Manifest' lists every key".into(),
+            ),
             Error::Manifest(_) => Some("check manifest.toml (README 'Manifest')".into()),
             Error::Fuse(e) => e.hint().map(str::to_string),
             Error::Agent(e) => e.hint().map(str::to_string),

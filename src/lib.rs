@@ -39,6 +39,7 @@ pub mod source;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod timing;
+pub mod tomlfile;
 pub mod tree;
 
 pub use error::Error;

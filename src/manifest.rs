@@ -25,9 +25,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::{line_col, FsType};
+use crate::config::FsType;
 use crate::source::reference::ImageRef;
 pub use crate::source::reference::DEFAULT_VERSION;
+use crate::tomlfile::{self, Keys, TomlProblem};
 
 /// The schema's `$id`, written as `$schema`.
 pub const SCHEMA_ID: &str =
@@ -55,6 +56,13 @@ pub enum ManifestError {
         column: usize,
         message: String,
     },
+    #[error("{}: unknown key '{key}' in {table}{}", path.display(), suggestion.as_ref().map(|s| format!(" (did you mean '{s}'?)")).unwrap_or_default())]
+    UnknownKey {
+        path: PathBuf,
+        key: String,
+        table: String,
+        suggestion: Option<String>,
+    },
     #[error("{}: invalid '{field}': {reason}", path.display())]
     Invalid {
         path: PathBuf,
@@ -75,6 +83,79 @@ pub enum ManifestError {
 }
 
 // ---- manifest.toml -----------------------------------------------------------------------
+
+static CLOUD_INIT_DOC: Keys = Keys::Table(&[
+    ("inline", Keys::Any),
+    ("content", Keys::Any),
+    ("path", Keys::Any),
+]);
+static ACTION: Keys = Keys::Table(&[
+    ("description", Keys::Any),
+    ("method", Keys::Any),
+    ("path", Keys::Any),
+    ("timeout_ms", Keys::Any),
+]);
+static DISK: Keys = Keys::Table(&[
+    ("name", Keys::Any),
+    ("source", Keys::Any),
+    ("checksum", Keys::Any),
+    ("format", Keys::Any),
+    ("readonly", Keys::Any),
+    ("target", Keys::Any),
+]);
+
+/// Every key manifest.toml may hold (checked before deserializing, for "did you mean").
+static KEYS: Keys = Keys::Table(&[
+    ("name", Keys::Any),
+    ("version", Keys::Any),
+    ("runtime", Keys::Any),
+    ("enabled", Keys::Any),
+    ("openapi", Keys::Any),
+    ("labels", Keys::Any),
+    (
+        "resources",
+        Keys::Table(&[("cpu_cores", Keys::Any), ("memory_mb", Keys::Any)]),
+    ),
+    (
+        "workload",
+        Keys::Table(&[
+            ("type", Keys::Any),
+            ("base_url", Keys::Any),
+            ("entrypoint", Keys::Any),
+            ("env", Keys::Any),
+            ("workdir", Keys::Any),
+        ]),
+    ),
+    (
+        "health_check",
+        Keys::Table(&[("endpoint", Keys::Any), ("timeout_ms", Keys::Any)]),
+    ),
+    ("actions", Keys::MapOf(&ACTION)),
+    (
+        "network",
+        Keys::Table(&[
+            ("mode", Keys::Any),
+            ("subnet", Keys::Any),
+            ("gateway", Keys::Any),
+            ("auto_assign", Keys::Any),
+        ]),
+    ),
+    (
+        "devices",
+        Keys::Table(&[("pci_passthrough", Keys::Any), ("allowlist", Keys::Any)]),
+    ),
+    (
+        "cloud_init",
+        Keys::Table(&[
+            ("datasource", Keys::Any),
+            ("seed_mode", Keys::Any),
+            ("user_data", Keys::Shape(&CLOUD_INIT_DOC)),
+            ("meta_data", Keys::Shape(&CLOUD_INIT_DOC)),
+            ("network_config", Keys::Shape(&CLOUD_INIT_DOC)),
+        ]),
+    ),
+    ("disks", Keys::ArrayOf(&DISK)),
+]);
 
 /// `manifest.toml`: every key optional; present keys override the derived values.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -207,14 +288,27 @@ impl ManifestOverrides {
 
     /// Parse and validate `manifest.toml` text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<ManifestOverrides, ManifestError> {
-        let o: ManifestOverrides = toml::from_str(text).map_err(|e| {
-            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
-            ManifestError::Parse {
+        let o: ManifestOverrides = tomlfile::parse(text, &KEYS).map_err(|p| match p {
+            TomlProblem::Syntax {
+                line,
+                column,
+                message,
+            } => ManifestError::Parse {
                 path: path.to_path_buf(),
                 line,
                 column,
-                message: e.message().trim().replace('\n', " "),
-            }
+                message,
+            },
+            TomlProblem::UnknownKey {
+                key,
+                table,
+                suggestion,
+            } => ManifestError::UnknownKey {
+                path: path.to_path_buf(),
+                key,
+                table,
+                suggestion,
+            },
         })?;
         o.validate(path)?;
         Ok(o)
@@ -793,10 +887,29 @@ readonly = true
         );
 
         let cases = [
-            ("nme = \"x\"\n", "m.toml:1:1: unknown field `nme`"),
+            (
+                "nme = \"x\"\n",
+                "m.toml: unknown key 'nme' in the top-level table (did you mean 'name'?)",
+            ),
             (
                 "[resources]\ncpus = 2\n",
-                "m.toml:2:1: unknown field `cpus`",
+                "m.toml: unknown key 'cpus' in [resources]",
+            ),
+            (
+                "[workload]\nentrypiont = [\"x\"]\n",
+                "m.toml: unknown key 'entrypiont' in [workload] (did you mean 'entrypoint'?)",
+            ),
+            (
+                "[actions.restart]\nmethod = \"POST\"\npaht = \"/r\"\n",
+                "m.toml: unknown key 'paht' in [actions.restart] (did you mean 'path'?)",
+            ),
+            (
+                "[[disks]]\nname = \"d\"\nsource = \"s\"\nreadonyl = true\n",
+                "m.toml: unknown key 'readonyl' in [[disks]] (did you mean 'readonly'?)",
+            ),
+            (
+                "[cloud_init.user_data]\ninlin = true\n",
+                "m.toml: unknown key 'inlin' in [cloud_init.user_data] (did you mean 'inline'?)",
             ),
             (
                 "[resources]\ncpu_cores = -1\n",
