@@ -438,6 +438,7 @@ fn check(tree: &Tree, num: &Numbering) -> Result<Vec<u32>, SquashError> {
 
 /// Write `tree` as a squashfs image to `out` (created, or overwritten), and hash it.
 pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashReport, SquashError> {
+    let mut sw = crate::timing::Stopwatch::start();
     let codec = opts.codec()?;
     let threads = match opts.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -458,6 +459,7 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
         opts.always_fragments,
         threads,
     )?;
+    sw.mark("squashfs: tree checked, data planned");
     check_interrupt()?;
 
     let werr = |source| SquashError::Write {
@@ -491,6 +493,7 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
         frags,
         stats,
     } = data::write(tree, &plan, &codec, threads, &mut w)?;
+    sw.mark("squashfs: data compressed and written");
     check_interrupt()?;
 
     // Inode and directory tables.
@@ -703,11 +706,13 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
     w.write_at(&head, 0)?;
     file.set_len(padded).map_err(werr)?;
     drop(file);
+    sw.mark("squashfs: tables written");
     check_interrupt()?;
     let sha256 = crate::build::sha256_file(out).map_err(|e| SquashError::Hash {
         path: out.to_path_buf(),
         source: Box::new(e),
     })?;
+    sw.mark("squashfs: image hashed");
     Ok(SquashReport {
         bytes: padded,
         bytes_used,

@@ -1233,15 +1233,24 @@ fn size_and_time_against_mksquashfs() {
         eprintln!("SKIP size_and_time_against_mksquashfs: needs root and squashfs-tools");
         return;
     }
-    let Some(src) = ["/usr/lib/python3.11", "/usr/share/perl5", "/usr/share/doc"]
+    // FLEDGE_LOG=fledge::timing=debug shows the writer's phases.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("FLEDGE_LOG"))
+        .with_test_writer()
+        .try_init();
+    // FLEDGE_SQUASH_BENCH_DIR picks another directory to measure.
+    let bench = std::env::var_os("FLEDGE_SQUASH_BENCH_DIR").map(PathBuf::from);
+    let defaults = ["/usr/lib/python3.11", "/usr/share/perl5", "/usr/share/doc"];
+    let Some(src) = bench
         .into_iter()
-        .map(Path::new)
+        .chain(defaults.into_iter().map(PathBuf::from))
         .find(|p| p.is_dir())
     else {
         eprintln!("SKIP size_and_time_against_mksquashfs: no sample directory");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
+    let src = src.as_path();
     let tree = host_tree(src);
     let stats = tree.stats();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -1295,5 +1304,117 @@ fn size_and_time_against_mksquashfs() {
         );
         std::fs::remove_dir_all(&dest).unwrap();
         std::fs::remove_file(&ours).unwrap();
+    }
+}
+
+/// The uncompressed bytes of a metadata stream, and the block index of each on-disk block
+/// offset.
+fn unmeta(disk: &[u8]) -> (Vec<u8>, HashMap<u64, usize>) {
+    let mut out = Vec::new();
+    let mut blocks = HashMap::new();
+    let mut at = 0;
+    while at < disk.len() {
+        let h = u16::from_le_bytes([disk[at], disk[at + 1]]);
+        let n = usize::from(h & 0x7fff);
+        let data = &disk[at + 2..at + 2 + n];
+        let block = if h & 0x8000 != 0 {
+            data.to_vec()
+        } else {
+            zstd::bulk::decompress(data, super::tables::META).unwrap()
+        };
+        blocks.insert(at as u64, blocks.len());
+        assert!(block.len() == super::tables::META || at + 2 + n == disk.len());
+        out.extend_from_slice(&block);
+        at += 2 + n;
+    }
+    (out, blocks)
+}
+
+/// A large listing decoded back: runs of at most 256 entries sharing an inode block and a
+/// base inode number within ±32767, every entry as given, and an index entry for every
+/// metadata block the listing reaches after its first, pointing (by the kernel's own
+/// arithmetic) at a header whose first name it holds.
+#[test]
+fn large_listings_split_into_runs_and_are_indexed_per_block() {
+    use super::tables::{listing, Entry, MetaWriter, META};
+    let codec = SquashOptions {
+        compression: Compression::Zstd,
+        ..SquashOptions::default()
+    }
+    .codec()
+    .unwrap();
+    let mut c = codec.start();
+    let mut w = MetaWriter::default();
+    // Something before, so the listing starts inside a block.
+    w.push(&mut c, &text(5000, 5)).unwrap();
+    let names: Vec<Vec<u8>> = (0..12_000u32)
+        .map(|i| {
+            if i % 9 == 0 {
+                format!("{i:05}-{}", "L".repeat(200)).into_bytes()
+            } else {
+                format!("{i:05}").into_bytes()
+            }
+        })
+        .collect();
+    // Inodes in blocks of 300 entries; entry 7000 is far away (a hard link).
+    let entries: Vec<Entry> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Entry {
+            name: n,
+            block: (i / 300) as u32 * 3000,
+            offset: (i % 300) as u16 * 24,
+            ino: if i == 7000 { 100_000 } else { 10 + i as u32 },
+            kind: super::tables::T_FILE,
+        })
+        .collect();
+    let l = listing(&mut w, &mut c, &entries).unwrap();
+    let (disk, _) = w.finish(&mut c).unwrap();
+    let (raw, blocks) = unmeta(&disk);
+    let begin = blocks[&u64::from(l.start)] * META + usize::from(l.offset);
+    let end = begin + l.size as usize;
+    let u32_at = |p: usize| u32::from_le_bytes(raw[p..p + 4].try_into().unwrap());
+    let u16_at = |p: usize| u16::from_le_bytes(raw[p..p + 2].try_into().unwrap());
+    let mut p = begin;
+    let mut i = 0;
+    let mut headers = Vec::new();
+    while p < end {
+        let count = u32_at(p) as usize + 1;
+        let (block, base) = (u32_at(p + 4), u32_at(p + 8) as i32);
+        assert!(count <= 256);
+        headers.push((p, i));
+        p += 12;
+        for _ in 0..count {
+            let e = &entries[i];
+            let diff = u16_at(p + 2) as i16;
+            let len = usize::from(u16_at(p + 6)) + 1;
+            assert_eq!(
+                (block, u16_at(p), base + i32::from(diff), u16_at(p + 4)),
+                (e.block, e.offset, e.ino as i32, e.kind),
+                "entry {i}"
+            );
+            assert_eq!(&raw[p + 8..p + 8 + len], e.name, "entry {i}");
+            p += 8 + len;
+            i += 1;
+        }
+    }
+    assert_eq!((p, i), (end, entries.len()));
+    // Runs break at block changes (40 of them), the far inode (2 more) and 256 entries.
+    assert!(
+        headers.len() >= 40 + 2 + 12_000 / 256,
+        "{} headers",
+        headers.len()
+    );
+    let spanned = (end - 1) / META - begin / META;
+    assert_eq!(l.index.len(), spanned, "one index entry per further block");
+    for ix in &l.index {
+        let at = blocks[&u64::from(ix.start)] * META
+            + (usize::from(l.offset) + ix.index as usize) % META;
+        let (_, first) = headers
+            .iter()
+            .find(|(hp, _)| *hp == at)
+            .unwrap_or_else(|| panic!("index {ix:?} points at no header"));
+        assert_eq!(ix.name, entries[*first].name);
+        assert_eq!(at - begin, ix.index as usize);
     }
 }
