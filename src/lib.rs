@@ -13,6 +13,7 @@
 //! - [`probe`]: capability probes; [`build`]: backends (native ext4 writer, kernel,
 //!   userspace), chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
 //!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
+//! - [`squashfs`]: fledge's own squashfs writer (compressed read-only roots), from a tree.
 //! - [`doctor`], [`inspect`], [`cli`]: the commands; `main.rs` only calls [`cli::main`].
 //! - [`sys`]: the only place for `unsafe` code and raw syscalls (`LOOP_CONFIGURE` and
 //!   `sync_file_range`; every other syscall goes through nix, loopdev, sys-mount or fuser).
@@ -36,6 +37,7 @@ pub mod merge;
 pub mod probe;
 pub mod runner;
 pub mod source;
+pub mod squashfs;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod timing;

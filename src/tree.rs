@@ -251,6 +251,26 @@ impl Tree {
         }
     }
 
+    /// The path of `id` (through its first parent), for messages.
+    pub fn path_of(&self, id: NodeId) -> String {
+        let mut parts = Vec::new();
+        let mut cur = id;
+        while cur != ROOT {
+            let parent = self.node(cur).parent;
+            if let NodeKind::Dir { entries } = &self.node(parent).kind {
+                if let Some((name, _)) = entries.iter().find(|(_, c)| *c == cur) {
+                    parts.push(String::from_utf8_lossy(name).into_owned());
+                }
+            }
+            if parent == cur {
+                break;
+            }
+            cur = parent;
+        }
+        parts.reverse();
+        format!("/{}", parts.join("/"))
+    }
+
     /// Walk every directory entry depth-first in name order, calling `f(path, id)`; the root
     /// is visited first with the path `/`. Paths are absolute, raw bytes.
     pub fn walk(&self, mut f: impl FnMut(&[u8], NodeId)) {

@@ -727,7 +727,7 @@ impl PieceHasher {
 /// The sha256 of the finished image. A second thread reads the data extents while this one
 /// hashes, and holes (the sparse free space, often a third of the image) are hashed from a
 /// zero buffer without being read.
-fn sha256_file(path: &Path) -> Result<String, BuildError> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String, BuildError> {
     use std::sync::mpsc;
     let err = |e| BuildError::Io {
         path: path.to_path_buf(),

@@ -381,22 +381,7 @@ fn dir_blocks(
 
 /// The tree path of `id`, for messages.
 pub fn path_of(tree: &Tree, id: NodeId) -> String {
-    let mut parts = Vec::new();
-    let mut cur = id;
-    while cur != ROOT {
-        let parent = tree.node(cur).parent;
-        if let NodeKind::Dir { entries } = &tree.node(parent).kind {
-            if let Some((name, _)) = entries.iter().find(|(_, c)| *c == cur) {
-                parts.push(String::from_utf8_lossy(name).into_owned());
-            }
-        }
-        if parent == cur {
-            break;
-        }
-        cur = parent;
-    }
-    parts.reverse();
-    format!("/{}", parts.join("/"))
+    tree.path_of(id)
 }
 
 /// Blocks the groups' fixed metadata takes for a filesystem of `total` blocks.
