@@ -959,6 +959,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn backend_choice_names_round_trip() {
+        for c in BackendChoice::ALL {
+            assert_eq!(c.to_string().parse::<BackendChoice>(), Ok(c));
+            assert!(!c.description().is_empty());
+        }
+        assert_eq!(BackendChoice::default(), BackendChoice::Auto);
+        let err = "Native".parse::<BackendChoice>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown backend 'Native' (expected auto, kernel, userspace or native)"
+        );
+    }
+
+    #[test]
     fn rfc3339() {
         assert_eq!(parse_rfc3339_seconds("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(
