@@ -7,32 +7,23 @@
 //! Exit status: 0 when every filesystem type has a usable backend, 2 when only some do, 1
 //! when none does.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::Args;
 use serde::Serialize;
 
 use crate::build::select::{self, BackendKind, Probed};
-use crate::cli::Ui;
 use crate::config::FsType;
-use crate::error::Error;
 use crate::probe::{Probe, Status};
 
-#[derive(Debug, Args)]
-pub struct DoctorArgs {
-    /// Print a JSON document instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    /// Cache directory to check (default: the layer cache's default).
-    #[arg(long, value_name = "DIR")]
+/// What to check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DoctorRequest {
+    /// Cache directory to check; `None`: the layer cache's default.
     pub cache_dir: Option<PathBuf>,
     /// Also try to reach the configured registries (docker config `auths`/`credHelpers`, the
     /// registry of ./fledge.toml's image, and FLEDGE_ONLINE_REGISTRIES). Without it, doctor
     /// uses no network.
-    #[arg(long)]
     pub online: bool,
 }
 
@@ -67,11 +58,11 @@ pub struct Report {
 }
 
 /// Run the probes and decide.
-pub fn report(cache_dir: Option<PathBuf>, online: bool) -> Report {
+pub fn report(req: &DoctorRequest) -> Report {
     let started = Instant::now();
     let mut probed = Probed::run(FsType::Ext4);
-    probed.probes.extend(env_probes(cache_dir));
-    if online {
+    probed.probes.extend(env_probes(req.cache_dir.clone()));
+    if req.online {
         probed.probes.extend(registry_probes());
     }
     let filesystems: Vec<FsVerdict> = FsType::ALL
@@ -325,16 +316,11 @@ fn auth_file_probe() -> Probe {
     }
 }
 
-pub fn run(args: &DoctorArgs, _ui: &Ui) -> Result<ExitCode, Error> {
-    let report = report(args.cache_dir.clone(), args.online);
-    let mut out = std::io::stdout().lock();
-    let text = if args.json {
-        serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
-    } else {
-        render(&report)
-    };
-    let _ = out.write_all(text.as_bytes());
-    Ok(ExitCode::from(report.exit_code))
+impl Report {
+    /// The report as the table `fledge doctor` prints.
+    pub fn render_text(&self) -> String {
+        render(self)
+    }
 }
 
 fn render(r: &Report) -> String {

@@ -5,12 +5,62 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::cli::Ui;
 use crate::error::Error;
 use crate::layer::{LayerError, LayerStore};
 use crate::merge::{MergeError, TreeBuilder};
 use crate::source::{self, ImageSource, Platform, ResolvedImage};
 use crate::tree::Tree;
+use crate::ui::Ui;
+
+/// What a command asks for when it reads an image, as given (the command line's image
+/// options): [`ImageRequest::open_options`] checks it and turns it into [`OpenOptions`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ImageRequest {
+    /// Platform to select from a multi-platform index, as `os/arch[/variant]`; `None`: this
+    /// host's.
+    pub platform: Option<String>,
+    /// Layer cache directory; `None`: [`LayerStore::default_dir`].
+    pub cache_dir: Option<PathBuf>,
+    /// Use a temporary cache, deleted when the last copy of the options is dropped.
+    pub no_cache: bool,
+    /// Registries (`host[:port]`) reached over plain HTTP, besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    /// Extra CA certificates (PEM) to trust for registries.
+    pub registry_ca: Option<PathBuf>,
+}
+
+impl ImageRequest {
+    /// Parse the platform and create the temporary cache, if one is asked for.
+    pub fn open_options(&self) -> Result<OpenOptions, Error> {
+        let platform = match &self.platform {
+            Some(p) => Platform::parse(p)?,
+            None => Platform::host(),
+        };
+        let (cache_dir, temp_cache) = if self.no_cache {
+            let base = std::env::temp_dir();
+            let tmp = tempfile::Builder::new()
+                .prefix("fledge-cache-")
+                .tempdir_in(&base)
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "cannot create a temporary cache in {}: {e}",
+                        base.display()
+                    ))
+                })?;
+            (Some(tmp.path().to_path_buf()), Some(Arc::new(tmp)))
+        } else {
+            (self.cache_dir.clone(), None)
+        };
+        Ok(OpenOptions {
+            platform,
+            platform_explicit: self.platform.is_some(),
+            cache_dir,
+            insecure_registries: self.insecure_registries.clone(),
+            registry_ca: self.registry_ca.clone(),
+            temp_cache,
+        })
+    }
+}
 
 /// How to open an image.
 #[derive(Clone, Debug)]
@@ -120,13 +170,11 @@ pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage
         layer_files.push(Arc::new(file));
     }
     let merging = sw.mark("merged");
-    if ui.verbose > 0 {
-        ui.info(format!(
-            "layers ready in {:.2}s, merged in {:.2}s",
-            ready.as_secs_f64(),
-            merging.as_secs_f64()
-        ));
-    }
+    ui.detail(format!(
+        "layers ready in {:.2}s, merged in {:.2}s",
+        ready.as_secs_f64(),
+        merging.as_secs_f64()
+    ));
     Ok(MergedImage {
         resolved,
         builder,
@@ -138,4 +186,27 @@ pub fn merge(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<MergedImage
 pub fn open_tree(reference: &str, opts: &OpenOptions, ui: &Ui) -> Result<OpenedImage, Error> {
     let (resolved, tree) = merge(reference, opts, ui)?.freeze();
     Ok(OpenedImage { resolved, tree })
+}
+
+/// What [`pull`] did.
+#[derive(Debug)]
+pub struct Pulled {
+    /// Where the image came from, as the source describes itself.
+    pub source: String,
+    pub manifest_digest: String,
+    pub platform: Platform,
+    pub layers: usize,
+}
+
+/// Resolve the image and fetch, verify and decode every layer into the cache.
+pub fn pull(reference: &str, opts: &OpenOptions) -> Result<Pulled, Error> {
+    let (src, resolved) = resolve(reference, opts)?;
+    let store = LayerStore::new(cache_dir(opts)?);
+    store.uncompressed_all(src.as_ref(), &resolved)?;
+    Ok(Pulled {
+        source: src.describe(),
+        manifest_digest: resolved.manifest_digest.clone(),
+        platform: resolved.platform.clone(),
+        layers: resolved.layers.len(),
+    })
 }

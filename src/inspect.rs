@@ -5,7 +5,29 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::error::Error;
+use crate::image::{self, OpenOptions};
 use crate::source::ResolvedImage;
+use crate::ui::Ui;
+
+/// Resolve `reference` and describe it; with `tree`, also fetch and merge its layers and
+/// report the merged tree's totals.
+pub fn inspect(
+    reference: &str,
+    opts: &OpenOptions,
+    tree: bool,
+    ui: &Ui,
+) -> Result<InspectReport, Error> {
+    if tree {
+        let opened = image::open_tree(reference, opts, ui)?;
+        let mut report = InspectReport::from_image(&opened.resolved);
+        report.tree = Some(opened.tree.stats());
+        Ok(report)
+    } else {
+        let (_source, resolved) = image::resolve(reference, opts)?;
+        Ok(InspectReport::from_image(&resolved))
+    }
+}
 
 /// One layer in an [`InspectReport`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -14,7 +14,10 @@
 //!   userspace), chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
 //!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
 //! - [`squashfs`]: fledge's own squashfs writer (compressed read-only roots), from a tree.
-//! - [`doctor`], [`inspect`], [`cli`]: the commands; `main.rs` only calls [`cli::main`].
+//! - [`doctor`], [`inspect`]: the reports of those commands; [`ui`]: the output sink (verbosity,
+//!   progress bars) every command reports through.
+//! - [`cli`]: the command line on top (argument parsing, completions, man pages, printing
+//!   reports and errors); nothing below it imports it. `main.rs` only calls [`cli::main`].
 //! - [`sys`]: the only place for `unsafe` code and raw syscalls (`LOOP_CONFIGURE` and
 //!   `sync_file_range`; every other syscall goes through nix, loopdev, sys-mount or fuser).
 
@@ -43,5 +46,6 @@ pub mod sys;
 pub mod timing;
 pub mod tomlfile;
 pub mod tree;
+pub mod ui;
 
 pub use error::Error;

@@ -23,28 +23,30 @@ mod userspace;
 mod xfsproto;
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::cli::{ImageArgs, Ui};
-use crate::config::Config;
+use crate::config::{Config, FsType};
 use crate::error::Error;
+use crate::image::ImageRequest;
 use crate::manifest::{self, ImageRuntimeConfig, ManifestInputs, ManifestOverrides};
 use crate::mapping::{self, PlannedKind};
 use crate::runner::{RunError, Tool};
+use crate::timing::Phase;
 use crate::tree::{Content, Meta, NodeKind, Timestamp};
+use crate::ui::Ui;
 
-pub use select::Backend;
+pub use select::{Backend, BackendKind};
 
 /// Which formatter backend to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendChoice {
     /// Probe the host and pick the fastest faithful backend.
+    #[default]
     Auto,
     /// Loop device + mkfs + mount + copy (root).
     Kernel,
@@ -54,22 +56,131 @@ pub enum BackendChoice {
     Native,
 }
 
-#[derive(Debug, Args)]
-pub struct BuildArgs {
-    /// Build configuration.
-    #[arg(short, long, value_name = "FILE", default_value = "fledge.toml")]
+impl BackendChoice {
+    /// Every choice, in the order help texts list them.
+    pub const ALL: [BackendChoice; 4] = [
+        BackendChoice::Auto,
+        BackendChoice::Kernel,
+        BackendChoice::Userspace,
+        BackendChoice::Native,
+    ];
+
+    /// The name `--backend` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Kernel => "kernel",
+            BackendChoice::Userspace => "userspace",
+            BackendChoice::Native => "native",
+        }
+    }
+
+    /// One line on what the choice means (help texts show it).
+    pub fn description(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "Probe the host and pick the fastest faithful backend",
+            BackendChoice::Kernel => "Loop device + mkfs + mount + copy (root)",
+            BackendChoice::Userspace => {
+                "mkfs reading the FUSE view (`mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`)"
+            }
+            BackendChoice::Native => {
+                "fledge's own ext4 writer (ext4 only): no privileges, FUSE or tools needed"
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A backend name that is not one of [`BackendChoice::ALL`].
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+#[error("unknown backend '{0}' (expected auto, kernel, userspace or native)")]
+pub struct UnknownBackend(pub String);
+
+impl std::str::FromStr for BackendChoice {
+    type Err = UnknownBackend;
+
+    fn from_str(s: &str) -> Result<BackendChoice, UnknownBackend> {
+        BackendChoice::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| UnknownBackend(s.to_string()))
+    }
+}
+
+/// What to build: `fledge build`'s inputs, as plain data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuildRequest {
+    /// The build configuration (fledge.toml).
     pub config: PathBuf,
-    /// Output image path (default: derived from the image reference, e.g. nginx.img).
-    #[arg(short, long, value_name = "OUT.img")]
+    /// Output image path; `None`: derived from the image reference (e.g. `nginx.img`).
     pub output: Option<PathBuf>,
-    /// Plugin manifest settings (name, version, runtime, resources, ...).
-    #[arg(long, value_name = "manifest.toml")]
+    /// Plugin manifest settings (manifest.toml).
     pub manifest: Option<PathBuf>,
-    /// Formatter backend.
-    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
-    #[command(flatten)]
-    pub image: ImageArgs,
+    /// How to read the image.
+    pub image: ImageRequest,
+}
+
+impl BuildRequest {
+    /// Build from `config` with every other setting at its default.
+    pub fn new(config: impl Into<PathBuf>) -> BuildRequest {
+        BuildRequest {
+            config: config.into(),
+            output: None,
+            manifest: None,
+            backend: BackendChoice::Auto,
+            image: ImageRequest::default(),
+        }
+    }
+}
+
+/// What a finished build produced (`fledge build --json` prints it).
+#[derive(Clone, Debug, Serialize)]
+pub struct BuildOutcome {
+    /// `fledge-build/1`: the version of this document's shape.
+    pub schema: &'static str,
+    pub fledge_version: &'static str,
+    /// The image file (absolute).
+    pub image: PathBuf,
+    /// The plugin manifest beside it.
+    pub manifest: PathBuf,
+    /// The image file's size.
+    pub image_bytes: u64,
+    /// sha256 of the image file, lower-case hex (the manifest's `rootfs.checksum`).
+    pub sha256: String,
+    pub filesystem: FsType,
+    pub backend: BackendKind,
+    /// Why the backend was chosen.
+    pub backend_reason: String,
+    /// What the backend wrote.
+    pub report: BuildReport,
+    /// The build's steps in order, each with its duration.
+    pub timings: Vec<Phase>,
+    pub elapsed_seconds: f64,
+}
+
+impl BuildOutcome {
+    /// The one-line summary `fledge build` prints.
+    pub fn summary(&self) -> String {
+        let free = self.report.free_bytes.map_or_else(
+            || "free space not measured".to_string(),
+            |f| format!("{} MiB free", f / size::MIB),
+        );
+        format!(
+            "built {} ({}, {} MiB, {free}, backend {}) and {} in {:.1}s",
+            self.image.display(),
+            self.filesystem.as_str(),
+            self.image_bytes / size::MIB,
+            self.backend.name(),
+            self.manifest.display(),
+            self.elapsed_seconds
+        )
+    }
 }
 
 /// Errors of the build itself (config, image and tool errors have their own types).
@@ -303,7 +414,7 @@ fn check_interrupt() -> Result<(), BuildError> {
 }
 
 /// What a backend did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct BuildReport {
     pub entries: u64,
     pub bytes: u64,
@@ -312,7 +423,9 @@ pub struct BuildReport {
     pub resizes: u32,
 }
 
-pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
+/// Build the image and its manifest; messages go to `ui`, the result is returned (the caller
+/// prints it).
+pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     crate::interrupt::install().map_err(|e| BuildError::Unexpected {
         what: "installing signal handlers".into(),
         detail: e.to_string(),
@@ -460,9 +573,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
 
     // 4. Backend.
     let backend = select::choose(args.backend, fs, &tree, &probes)?;
-    if ui.verbose > 0 {
-        ui.info(format!("backend: {} ({})", backend.name(), backend.reason));
-    }
+    ui.detail(format!("backend: {} ({})", backend.name(), backend.reason));
 
     // 5. Size and build.
     let buffer = cfg.filesystem.buffer_bytes(size::content_bytes(&tree, fs));
@@ -534,21 +645,21 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, Error> {
     rename(&manifest_tmp, &manifest_path)?;
     sw.mark("manifest written, outputs renamed");
 
-    let size = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
-    let free = report.free_bytes.map_or_else(
-        || "free space not measured".to_string(),
-        |f| format!("{} MiB free", f / size::MIB),
-    );
-    ui.info(format!(
-        "built {} ({}, {} MiB, {free}, backend {}) and {} in {:.1}s",
-        output.display(),
-        fs.as_str(),
-        size / size::MIB,
-        backend.name(),
-        manifest_path.display(),
-        sw.elapsed().as_secs_f64()
-    ));
-    Ok(ExitCode::SUCCESS)
+    let image_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
+    Ok(BuildOutcome {
+        schema: "fledge-build/1",
+        fledge_version: env!("CARGO_PKG_VERSION"),
+        image: output,
+        manifest: manifest_path,
+        image_bytes,
+        sha256: checksum,
+        filesystem: fs,
+        backend: backend.kind,
+        backend_reason: backend.reason,
+        report,
+        timings: sw.phases().to_vec(),
+        elapsed_seconds: sw.elapsed().as_secs_f64(),
+    })
 }
 
 /// Timestamp for injected files: `SOURCE_DATE_EPOCH` when set, else the image's creation
@@ -846,6 +957,20 @@ fn progress_for(ui: &Ui, total: u64) -> indicatif::ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_choice_names_round_trip() {
+        for c in BackendChoice::ALL {
+            assert_eq!(c.to_string().parse::<BackendChoice>(), Ok(c));
+            assert!(!c.description().is_empty());
+        }
+        assert_eq!(BackendChoice::default(), BackendChoice::Auto);
+        let err = "Native".parse::<BackendChoice>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown backend 'Native' (expected auto, kernel, userspace or native)"
+        );
+    }
 
     #[test]
     fn rfc3339() {
