@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use loopdev::{LoopControl, LoopDevice};
 use sys_mount::{FilesystemType, Mount, Unmount, UnmountFlags};
 
+use super::kmsg::KernelLog;
 use super::size::{SizePlan, MIB};
 use super::{ext4, tool, BuildError, BuildReport};
 use crate::config::FsType;
@@ -155,6 +156,8 @@ pub struct MountGuard {
 }
 
 impl MountGuard {
+    /// Mount `dev` on `target`. A refusal carries what the kernel logged about `dev` while
+    /// it refused.
     pub fn mount(dev: &Path, target: &Path, fs: FsType) -> Result<MountGuard, BuildError> {
         let data = match fs {
             // The image is sparse and fresh: nothing to zero, nothing to discard.
@@ -165,9 +168,19 @@ impl MountGuard {
         if !data.is_empty() {
             builder = builder.data(data);
         }
-        let mount = builder.mount(dev, target).map_err(|e| BuildError::Mount {
-            what: format!("mount {} on {}", dev.display(), target.display()),
-            source: e,
+        let mut log = KernelLog::watch();
+        let mount = builder.mount(dev, target).map_err(|e| {
+            let device = dev.file_name().map(|n| n.to_string_lossy().into_owned());
+            BuildError::Mount {
+                what: format!(
+                    "mount {} ({}) on {}",
+                    dev.display(),
+                    fs.as_str(),
+                    target.display()
+                ),
+                source: e,
+                kernel: log.about(device.as_deref().unwrap_or_default()),
+            }
         })?;
         Ok(MountGuard {
             mount: Some(mount),
@@ -188,6 +201,7 @@ impl MountGuard {
                 return Err(BuildError::Mount {
                     what: format!("unmount {}", self.target.display()),
                     source: e,
+                    kernel: Vec::new(),
                 });
             }
         }
@@ -442,4 +456,52 @@ fn sync_fs(target: &Path, fs: FsType) -> Result<(), BuildError> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root only: a mount the kernel refuses says what the kernel logged about the device,
+    /// and the hint does not blame privileges the process has.
+    #[test]
+    fn a_refused_mount_quotes_the_kernel() {
+        let test = "a_refused_mount_quotes_the_kernel";
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: {test}: needs root (loop device and mount)");
+            return;
+        }
+        let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !filesystems.lines().any(|l| l.trim_end().ends_with("\txfs")) {
+            eprintln!("SKIP: {test}: the kernel has no xfs (modprobe xfs)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("blank.img");
+        File::create(&image).unwrap().set_len(64 * MIB).unwrap();
+        let target = dir.path().join("mnt");
+        std::fs::create_dir(&target).unwrap();
+        let lo = LoopGuard::attach(&image).unwrap();
+        let err = MountGuard::mount(lo.path(), &target, FsType::Xfs)
+            .err()
+            .expect("a blank image mounted as xfs");
+        let device = lo.path().file_name().unwrap().to_string_lossy().to_string();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "cannot mount {} (xfs) on {}: ",
+                lo.path().display(),
+                target.display()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("; kernel log: XFS ({device}): ")),
+            "{text}"
+        );
+        let hint = err.hint().unwrap();
+        eprintln!("{text}\nhint: {hint}");
+        assert!(!hint.contains("root"), "{hint}");
+        assert!(hint.contains("quoted above"), "{hint}");
+    }
 }
