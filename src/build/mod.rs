@@ -231,6 +231,16 @@ fn list_paths(paths: &[String]) -> String {
 impl BuildError {
     pub fn hint(&self) -> Option<String> {
         match self {
+            BuildError::Tool(RunError::Failed { stderr, .. })
+                if stderr.contains("non-unique UUID") || stderr.contains("is not unique") =>
+            {
+                Some(
+                    "a block device here carries this reproducible build's UUID (an image of \
+                     the same config is loop-mounted?); unmount it, or build as root, which \
+                     hides the host's block devices from btrfs-progs"
+                        .into(),
+                )
+            }
             BuildError::Tool(e) => e.hint(),
             BuildError::Loop { source, .. } => Some(loop_hint(source, privileged())),
             BuildError::Mount { source, kernel, .. } => {
@@ -346,8 +356,18 @@ fn derived_uuid(parts: &[&[u8]]) -> [u8; 16] {
 
 /// Run an external tool through the runner; returns its stdout and stderr, joined.
 fn tool(program: &str, args: &[String]) -> Result<String, BuildError> {
+    run_tool(Tool::new(program).args(args))
+}
+
+/// [`tool`] where the tool sees no block device ([`Tool::hide_block_devices`]): for the
+/// btrfs-progs that set a derived UUID, which other images on the host may carry too.
+fn tool_hiding_block_devices(program: &str, args: &[String]) -> Result<String, BuildError> {
+    run_tool(Tool::new(program).args(args).hide_block_devices())
+}
+
+fn run_tool(t: Tool) -> Result<String, BuildError> {
     check_interrupt()?;
-    let mut t = Tool::new(program).args(args);
+    let mut t = t;
     if let Some(r) = repro() {
         // e2fsprogs reads its clock from here (superblock and inode times it sets itself).
         t = t.env("E2FSPROGS_FAKE_TIME", r.epoch.to_string());
@@ -935,6 +955,14 @@ mod tests {
         assert!(mount_hint(&err(libc::EINVAL), &[], true).contains("dmesg"));
         assert!(mount_hint(&err(libc::ENODEV), &[], true).contains("modprobe"));
         assert!(loop_hint(&err(libc::ENOENT), true).contains("modprobe loop"));
+        // btrfs-progs' own uniqueness check (a non-root userspace build cannot hide devices).
+        let e = BuildError::Tool(RunError::Failed {
+            program: "mkfs.btrfs".into(),
+            args: "-U 95998f4d-86e2-44d7-9e6f-82a3be08649f x.img".into(),
+            status: "exit status 1".into(),
+            stderr: "ERROR: non-unique UUID: 95998f4d-86e2-44d7-9e6f-82a3be08649f".into(),
+        });
+        assert!(e.hint().unwrap().contains("loop-mounted"));
         // An unprivileged process gets the root hint whatever the errno.
         assert_eq!(mount_hint(&err(libc::EINVAL), &dup, false), ROOT_HINT);
         assert_eq!(loop_hint(&err(libc::ENOENT), false), ROOT_HINT);
