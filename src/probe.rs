@@ -140,6 +140,13 @@ pub fn probe_euid() -> Probe {
     }
 }
 
+/// Whether this process has CAP_SYS_ADMIN effective (None when `/proc/self/status` cannot
+/// be read or has no `CapEff` line).
+pub fn cap_sys_admin_effective() -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_cap_eff(&status).map(|mask| mask & (1u64 << CAP_SYS_ADMIN) != 0)
+}
+
 /// `privileges.cap_sys_admin`, from `CapEff` in `/proc/self/status`.
 pub fn probe_cap_sys_admin() -> Probe {
     const ID: &str = "privileges.cap_sys_admin";

@@ -5,6 +5,11 @@
 //! error are captured. A program that is missing yields [`RunError::NotFound`] with the Debian
 //! package that provides it; a non-zero exit yields [`RunError::Failed`] with the tail of its
 //! standard error.
+//!
+//! [`Tool::hide_block_devices`] runs a tool where it sees no block device (a private mount
+//! namespace with an empty `/dev`): btrfs-progs refuse a UUID that any block device on the
+//! host carries, and a reproducible image shares its UUID with every other build of its
+//! config by design.
 
 use std::ffi::{OsStr, OsString};
 use std::io::Read as _;
@@ -20,6 +25,20 @@ const EXTRA_DIRS: &[&str] = &["/sbin", "/usr/sbin"];
 
 /// Lines of standard error kept in [`RunError::Failed`].
 const STDERR_TAIL_LINES: usize = 20;
+
+/// The character devices a tool run by [`Tool::hide_block_devices`] finds in its `/dev`
+/// (name, major, minor): the harmless ones programs expect, and no block device.
+const PRIVATE_DEV_NODES: &[(&str, u64, u64)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+];
+
+/// libblkid's cache file for a tool run by [`Tool::hide_block_devices`]: in the private
+/// `/dev`, so it starts empty and the host's cache is neither read nor rewritten.
+const PRIVATE_BLKID_CACHE: &str = "/dev/.blkid.tab";
 
 /// An error running an external tool.
 #[derive(Debug, Error)]
@@ -112,6 +131,7 @@ pub struct Tool {
     args: Vec<OsString>,
     ok_codes: Vec<i32>,
     envs: Vec<(OsString, OsString)>,
+    hide_block_devices: bool,
 }
 
 impl Tool {
@@ -121,7 +141,21 @@ impl Tool {
             args: Vec::new(),
             ok_codes: vec![0],
             envs: Vec::new(),
+            hide_block_devices: false,
         }
+    }
+
+    /// Run the tool in a private mount namespace whose `/dev` is an empty tmpfs (with only
+    /// [`PRIVATE_DEV_NODES`]) and with an empty libblkid cache of its own, so that it finds no
+    /// block device on the host. For btrfs-progs working on an image file: `mkfs.btrfs -U`
+    /// and `btrfstune -U` refuse a UUID that any block device carries (libblkid probes every
+    /// device node under /dev), and the UUID of a reproducible image is shared with every
+    /// other build of its config, some of which may be loop-mounted right now. Needs
+    /// CAP_SYS_ADMIN: without it, or where the namespace cannot be set up, the tool runs as
+    /// usual (and its own check applies).
+    pub fn hide_block_devices(mut self) -> Tool {
+        self.hide_block_devices = true;
+        self
     }
 
     /// Set an environment variable for the tool only.
@@ -203,6 +237,32 @@ impl Tool {
     /// Run it and return its output whatever the exit status (probes read usage texts that
     /// some tools print with a non-zero status).
     pub fn output(&self) -> Result<Output, RunError> {
+        if !self.hide_block_devices {
+            return self.output_here();
+        }
+        // The namespace is entered by a thread of its own, which then only runs the tool: a
+        // child inherits the mount namespace of the thread that spawns it, and the rest of
+        // the process stays where it was.
+        let joined = std::thread::scope(|s| {
+            s.spawn(|| match enter_namespace_without_block_devices() {
+                Ok(()) => self
+                    .clone()
+                    .env("BLKID_FILE", PRIVATE_BLKID_CACHE)
+                    .output_here(),
+                Err(e) => {
+                    tracing::debug!(
+                        "cannot hide the block devices from {} ({e}); running it as usual",
+                        self.program
+                    );
+                    self.output_here()
+                }
+            })
+            .join()
+        });
+        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+
+    fn output_here(&self) -> Result<Output, RunError> {
         let path = which(&self.program).ok_or_else(|| RunError::NotFound {
             program: self.program.clone(),
             package: package_for(&self.program),
@@ -269,6 +329,39 @@ impl Tool {
             stderr: err.join().unwrap_or_default(),
         })
     }
+}
+
+/// Move the calling thread into a new mount namespace (its own copy of the mounts, private,
+/// so nothing done in it reaches the host's) and mount an empty tmpfs on `/dev` there, with
+/// only [`PRIVATE_DEV_NODES`] in it. The rest of the process is not affected: unsharing the
+/// mount namespace unshares the thread's filesystem context too.
+fn enter_namespace_without_block_devices() -> nix::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    mount(
+        Some("tmpfs"),
+        "/dev",
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=0755,size=1m"),
+    )?;
+    for (name, major, minor) in PRIVATE_DEV_NODES {
+        mknod(
+            Path::new("/dev").join(name).as_path(),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        )?;
+    }
+    Ok(())
 }
 
 /// How often a running tool is checked for an interrupt request.
@@ -442,6 +535,49 @@ mod tests {
             .arg("");
         assert_eq!(t.command_line(), "mkfs.ext4 -d '/tmp/a b' 'it'\\''s' ''");
         assert_eq!(t.program(), "mkfs.ext4");
+    }
+
+    #[test]
+    fn hidden_block_devices() {
+        let host_has_loop_control = Path::new("/dev/loop-control").exists();
+        let ls = Tool::new("sh")
+            .args(["-c", "ls -A /dev; echo \"blkid cache: $BLKID_FILE\""])
+            .hide_block_devices();
+        let out = String::from_utf8(ls.run().unwrap().stdout).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert_eq!(
+                out,
+                "full\nnull\nrandom\nurandom\nzero\nblkid cache: /dev/.blkid.tab\n"
+            );
+        } else {
+            // Without CAP_SYS_ADMIN the tool runs as usual, seeing the host's /dev.
+            eprintln!("SKIP (part): hidden_block_devices: not root, checking the fallback only");
+            assert!(out.lines().any(|l| l == "null"), "{out}");
+            assert!(out.ends_with("blkid cache: \n"), "{out}");
+        }
+        // Nothing leaked into this thread's namespace, nor into the tools it runs.
+        assert_eq!(
+            Path::new("/dev/loop-control").exists(),
+            host_has_loop_control
+        );
+        let out = Tool::new("sh").args(["-c", "ls -A /dev"]).run().unwrap();
+        let here = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            here.lines().any(|l| l == "loop-control"),
+            host_has_loop_control,
+            "{here}"
+        );
+        // Failures still come back as failures.
+        let err = Tool::new("sh")
+            .args(["-c", "echo no >&2; exit 5"])
+            .hide_block_devices()
+            .run()
+            .unwrap_err();
+        assert!(
+            matches!(&err, RunError::Failed { status, stderr, .. }
+            if status == "exit status 5" && stderr == "no"),
+            "{err:?}"
+        );
     }
 
     #[test]

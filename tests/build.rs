@@ -14,7 +14,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sha2::{Digest, Sha256};
 use support::treecmp::{self, snapshot, Snapshot};
 
 const MIB: u64 = 1 << 20;
@@ -77,13 +76,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn sha256_file(path: &Path) -> String {
-    let mut h = Sha256::new();
-    let mut f = fs::File::open(path).unwrap();
-    std::io::copy(&mut f, &mut h).unwrap();
-    hex::encode(h.finalize())
 }
 
 fn oracle(img: &support::DebianImage) -> Snapshot {
@@ -172,7 +164,7 @@ fn check_case(fs_type: &str, backend: &str) {
         serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
     assert_eq!(
         manifest["rootfs"]["checksum"],
-        format!("sha256:{}", sha256_file(&image))
+        format!("sha256:{}", support::sha256_file(&image))
     );
     assert_eq!(manifest["rootfs"]["format"], fs_type);
     assert_eq!(
@@ -270,7 +262,7 @@ fn build_btrfs_userspace_equals_kernel() {
         return;
     };
     let derived = tempfile::tempdir().unwrap();
-    let reference = derive_registry_like(&img, derived.path());
+    let reference = support::registry_like_image(&img, derived.path());
     let project = Project::new(&reference, "btrfs", "");
     for (out, backend) in [("k.img", "kernel"), ("u.img", "userspace")] {
         let o = project.build(out, &["--backend", backend]);
@@ -293,51 +285,6 @@ fn build_btrfs_userspace_equals_kernel() {
     );
     let free = m.free_bytes();
     assert!(free >= BUFFER_MB * MIB, "only {} MiB free", free / MIB);
-}
-
-/// A copy of the Debian test image (blobs hard-linked) with one more layer that deletes every
-/// device node and gives the one file with a sub-second mtime a whole-second one: what images
-/// from a registry usually look like (Docker keeps /dev empty).
-fn derive_registry_like(img: &support::DebianImage, dir: &Path) -> String {
-    // The extra layer: whiteouts for device nodes, index.html again at a whole second.
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut stack = vec![img.oracle_rootfs.clone()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            let ft = e.file_type().unwrap();
-            use std::os::unix::fs::FileTypeExt;
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_char_device() || ft.is_block_device() {
-                let rel = e
-                    .path()
-                    .strip_prefix(&img.oracle_rootfs)
-                    .unwrap()
-                    .to_path_buf();
-                let wh = rel.with_file_name(format!(
-                    ".wh.{}",
-                    rel.file_name().unwrap().to_string_lossy()
-                ));
-                let mut h = tar::Header::new_gnu();
-                h.set_size(0);
-                h.set_mode(0o644);
-                h.set_entry_type(tar::EntryType::Regular);
-                builder.append_data(&mut h, wh, std::io::empty()).unwrap();
-            }
-        }
-    }
-    let html = fs::read(img.oracle_rootfs.join("var/www/html/index.html")).unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.set_size(html.len() as u64);
-    h.set_mode(0o644);
-    h.set_mtime(1_700_000_000);
-    h.set_entry_type(tar::EntryType::Regular);
-    builder
-        .append_data(&mut h, "var/www/html/index.html", &html[..])
-        .unwrap();
-    let layer = builder.into_inner().unwrap();
-    support::layout::derive_with_layer(&img.layout, &dir.join("layout"), &layer, "nodev")
 }
 
 /// The xfs protofile cannot carry this image's xattrs and hard links: fledge says so, listing
@@ -400,7 +347,7 @@ fn build_preallocated() {
         .unwrap();
         assert_eq!(
             manifest["rootfs"]["checksum"],
-            format!("sha256:{}", sha256_file(&image)),
+            format!("sha256:{}", support::sha256_file(&image)),
             "{test} {backend}: manifest checksum"
         );
         support::assert_fsck_clean(&image, "ext4", &format!("{test} {backend}"));
@@ -422,7 +369,7 @@ fn rootless_case(fs_type: &str, backend: &str, expect: &str) {
     // build_btrfs_userspace_refuses_devices).
     let derived = tempfile::tempdir().unwrap();
     let reference = if fs_type == "btrfs" {
-        let r = derive_registry_like(&img, derived.path());
+        let r = support::registry_like_image(&img, derived.path());
         make_world_readable(derived.path());
         r
     } else {

@@ -9,8 +9,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
-
 fn fledge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
 }
@@ -38,18 +36,12 @@ fn build(reference: &str, epoch: &str, backend: &str) -> (String, String, String
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{backend} build failed:\n{stderr}");
-    let sha = sha256_file(&dir.path().join("r.img"));
+    let sha = support::sha256_file(&dir.path().join("r.img"));
     let manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.path().join("r.manifest.json")).unwrap()).unwrap();
     let checksum = manifest["rootfs"]["checksum"].as_str().unwrap().to_string();
     assert_eq!(checksum, format!("sha256:{sha}"));
     (sha, checksum, stderr)
-}
-
-fn sha256_file(p: &Path) -> String {
-    let mut h = Sha256::new();
-    std::io::copy(&mut fs::File::open(p).unwrap(), &mut h).unwrap();
-    hex::encode(h.finalize())
 }
 
 /// The native writer needs neither root nor FUSE, so this runs everywhere.

@@ -5,6 +5,17 @@
 //! The loop device and the mount are RAII guards: they are released on success, on every
 //! error, and on Ctrl-C/SIGTERM (the interrupt flag turns into an error that unwinds through
 //! them).
+//!
+//! A reproducible build gives its filesystem a UUID derived from the inputs, so every build of
+//! one config has the same one, and the kernel refuses a second xfs or btrfs filesystem with a
+//! UUID it knows: builds of one config at once, or while a user has such an image mounted,
+//! would collide. So xfs is mounted with `nouuid` (its on-disk format is not touched by that),
+//! and btrfs is formatted under a random fsid of its own, which the kernel never confuses
+//! with another, and given the derived one with `btrfstune -U` once it is unmounted and
+//! detached (every live tree block, the device item and the superblocks; no `metadata_uuid`
+//! indirection). Tree blocks btrfs freed by copy-on-write during the build are not live and
+//! keep the fsid they were written with: unreferenced bytes in free space, as in any btrfs
+//! image (discarding them costs a FITRIM pass of seconds through the loop device).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,8 +23,9 @@ use std::path::{Path, PathBuf};
 use loopdev::{LoopControl, LoopDevice};
 use sys_mount::{FilesystemType, Mount, Unmount, UnmountFlags};
 
+use super::kmsg::KernelLog;
 use super::size::{SizePlan, MIB};
-use super::{ext4, tool, BuildError, BuildReport};
+use super::{ext4, tool, tool_hiding_block_devices, BuildError, BuildReport};
 use crate::config::FsType;
 use crate::tree::Tree;
 
@@ -154,20 +166,41 @@ pub struct MountGuard {
     target: PathBuf,
 }
 
+/// Mount options for the build's own mount of `fs`.
+fn mount_data(fs: FsType) -> &'static str {
+    match fs {
+        // The image is sparse and fresh: nothing to zero, nothing to discard.
+        FsType::Ext4 => "noinit_itable",
+        // Without it the kernel refuses a filesystem whose UUID a mounted one has ("Filesystem
+        // has duplicate UUID - can't mount"), which is every other reproducible build of this
+        // config and any image of it mounted elsewhere. It changes nothing on disk.
+        FsType::Xfs => "nouuid",
+        FsType::Btrfs => "",
+    }
+}
+
 impl MountGuard {
+    /// Mount `dev` on `target`. A refusal carries what the kernel logged about `dev` while
+    /// it refused.
     pub fn mount(dev: &Path, target: &Path, fs: FsType) -> Result<MountGuard, BuildError> {
-        let data = match fs {
-            // The image is sparse and fresh: nothing to zero, nothing to discard.
-            FsType::Ext4 => "noinit_itable",
-            FsType::Xfs | FsType::Btrfs => "",
-        };
+        let data = mount_data(fs);
         let mut builder = Mount::builder().fstype(FilesystemType::Manual(fs.as_str()));
         if !data.is_empty() {
             builder = builder.data(data);
         }
-        let mount = builder.mount(dev, target).map_err(|e| BuildError::Mount {
-            what: format!("mount {} on {}", dev.display(), target.display()),
-            source: e,
+        let mut log = KernelLog::watch();
+        let mount = builder.mount(dev, target).map_err(|e| {
+            let device = dev.file_name().map(|n| n.to_string_lossy().into_owned());
+            BuildError::Mount {
+                what: format!(
+                    "mount {} ({}) on {}",
+                    dev.display(),
+                    fs.as_str(),
+                    target.display()
+                ),
+                source: e,
+                kernel: log.about(device.as_deref().unwrap_or_default()),
+            }
         })?;
         Ok(MountGuard {
             mount: Some(mount),
@@ -188,6 +221,7 @@ impl MountGuard {
                 return Err(BuildError::Mount {
                     what: format!("unmount {}", self.target.display()),
                     source: e,
+                    kernel: Vec::new(),
                 });
             }
         }
@@ -213,8 +247,9 @@ fn free_bytes(mountpoint: &Path) -> Result<u64, BuildError> {
 }
 
 /// mkfs arguments shared by both backends (without the device or the -d/--rootdir source).
-pub fn mkfs_args(fs: FsType, plan: &SizePlan) -> (&'static str, Vec<String>) {
-    let repro = super::repro();
+/// `derived_uuid`: whether mkfs gets the UUID of a reproducible build (else it draws one).
+pub fn mkfs_args(fs: FsType, plan: &SizePlan, derived_uuid: bool) -> (&'static str, Vec<String>) {
+    let repro = super::repro().filter(|_| derived_uuid);
     let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<String>>();
     match fs {
         FsType::Ext4 => {
@@ -260,7 +295,11 @@ pub fn build(
 ) -> Result<BuildReport, BuildError> {
     let lo = LoopGuard::attach(image)?;
     sw.mark("loop attached");
-    let (mkfs, mut args) = mkfs_args(fs, plan);
+    // btrfs gets a derived UUID only once it is unmounted (see the module documentation).
+    let later_fsid = super::repro()
+        .filter(|_| fs == FsType::Btrfs)
+        .map(|r| r.uuid);
+    let (mkfs, mut args) = mkfs_args(fs, plan, later_fsid.is_none());
     // ext4 is made without its journal and gets it after the copy (ext4::add_journal): the
     // copy then skips journaling every metadata change, and the result is the same normal,
     // journaled, fsck-clean filesystem.
@@ -271,6 +310,14 @@ pub fn build(
     args.push(lo.path().display().to_string());
     tool(mkfs, &args)?;
     sw.mark(mkfs);
+    if let Some(uuid) = later_fsid {
+        let temporary = btrfs_fsid(image)?;
+        tracing::debug!(
+            "formatted with the temporary fsid {}; the derived {} is set once unmounted",
+            super::uuid_text(&temporary),
+            super::uuid_text(&uuid)
+        );
+    }
 
     let target = work.join("mnt");
     std::fs::create_dir_all(&target).map_err(|e| BuildError::Io {
@@ -368,6 +415,10 @@ pub fn build(
     sw.mark("unmounted");
     lo.detach()?;
     sw.mark("loop detached");
+    if let Some(uuid) = later_fsid {
+        set_btrfs_fsid(image, &uuid)?;
+        sw.mark("derived fsid set");
+    }
     if late_journal {
         ext4::add_journal(image)?;
         sw.mark("journal added");
@@ -386,6 +437,58 @@ pub fn build(
         free_bytes: Some(free),
         resizes,
     })
+}
+
+/// Where a btrfs superblock starts, and where its magic and fsid are in it.
+const BTRFS_SUPER_OFFSET: u64 = 64 << 10;
+const BTRFS_SUPER_FSID: usize = 0x20;
+const BTRFS_SUPER_MAGIC: usize = 0x40;
+
+/// The fsid in the (primary) btrfs superblock of `image`.
+fn btrfs_fsid(image: &Path) -> Result<[u8; 16], BuildError> {
+    use std::os::unix::fs::FileExt;
+    let err = |e| BuildError::Io {
+        path: image.to_path_buf(),
+        source: e,
+    };
+    let mut sb = [0u8; BTRFS_SUPER_MAGIC + 8];
+    File::open(image)
+        .and_then(|f| f.read_exact_at(&mut sb, BTRFS_SUPER_OFFSET))
+        .map_err(err)?;
+    if &sb[BTRFS_SUPER_MAGIC..] != b"_BHRfS_M" {
+        return Err(BuildError::Unexpected {
+            what: format!("reading the btrfs superblock of {}", image.display()),
+            detail: "no btrfs magic at 64 KiB".into(),
+        });
+    }
+    let mut fsid = [0u8; 16];
+    fsid.copy_from_slice(&sb[BTRFS_SUPER_FSID..BTRFS_SUPER_FSID + 16]);
+    Ok(fsid)
+}
+
+/// Give the unmounted btrfs `image` the fsid `uuid` (every tree block header, the device
+/// items and the superblocks). btrfstune refuses a UUID that any block device on the host
+/// carries, as an image of this config mounted elsewhere does; it works on the image file
+/// here, so it runs where it sees no block device.
+fn set_btrfs_fsid(image: &Path, uuid: &[u8; 16]) -> Result<(), BuildError> {
+    let text = super::uuid_text(uuid);
+    tool_hiding_block_devices(
+        "btrfstune",
+        &[
+            "-f".to_string(),
+            "-U".into(),
+            text.clone(),
+            image.display().to_string(),
+        ],
+    )?;
+    let now = btrfs_fsid(image)?;
+    if &now != uuid {
+        return Err(BuildError::Unexpected {
+            what: format!("btrfstune -U {text} {}", image.display()),
+            detail: format!("the fsid is still {}", super::uuid_text(&now)),
+        });
+    }
+    Ok(())
 }
 
 /// Copy the tree while a second thread keeps writing the dirty data back (`syncfs` in a
@@ -442,4 +545,52 @@ fn sync_fs(target: &Path, fs: FsType) -> Result<(), BuildError> {
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Root only: a mount the kernel refuses says what the kernel logged about the device,
+    /// and the hint does not blame privileges the process has.
+    #[test]
+    fn a_refused_mount_quotes_the_kernel() {
+        let test = "a_refused_mount_quotes_the_kernel";
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: {test}: needs root (loop device and mount)");
+            return;
+        }
+        let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !filesystems.lines().any(|l| l.trim_end().ends_with("\txfs")) {
+            eprintln!("SKIP: {test}: the kernel has no xfs (modprobe xfs)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("blank.img");
+        File::create(&image).unwrap().set_len(64 * MIB).unwrap();
+        let target = dir.path().join("mnt");
+        std::fs::create_dir(&target).unwrap();
+        let lo = LoopGuard::attach(&image).unwrap();
+        let err = MountGuard::mount(lo.path(), &target, FsType::Xfs)
+            .err()
+            .expect("a blank image mounted as xfs");
+        let device = lo.path().file_name().unwrap().to_string_lossy().to_string();
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "cannot mount {} (xfs) on {}: ",
+                lo.path().display(),
+                target.display()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("; kernel log: XFS ({device}): ")),
+            "{text}"
+        );
+        let hint = err.hint().unwrap();
+        eprintln!("{text}\nhint: {hint}");
+        assert!(!hint.contains("root"), "{hint}");
+        assert!(hint.contains("quoted above"), "{hint}");
+    }
 }

@@ -15,6 +15,7 @@
 mod copy;
 mod ext4;
 pub(crate) mod kernel;
+mod kmsg;
 mod native;
 pub mod recover;
 pub mod select;
@@ -193,10 +194,12 @@ pub enum BuildError {
         what: String,
         source: std::io::Error,
     },
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}: {source}{}", kernel_says(kernel))]
     Mount {
         what: String,
         source: std::io::Error,
+        /// What the kernel logged about the device during the attempt ([`kmsg`]).
+        kernel: Vec<String>,
     },
     #[error("cannot write {}: {source}", path.display())]
     Copy {
@@ -255,6 +258,73 @@ pub enum BuildError {
     Interrupted,
 }
 
+fn kernel_says(lines: &[String]) -> String {
+    if lines.is_empty() {
+        String::new()
+    } else {
+        format!("; kernel log: {}", lines.join(" | "))
+    }
+}
+
+/// The hint for a loop device or mount failure of a process without the privilege.
+const ROOT_HINT: &str = "the kernel backend needs root; run as root or use --backend userspace";
+
+/// Whether this process may attach loop devices and mount: euid 0 or CAP_SYS_ADMIN.
+fn privileged() -> bool {
+    nix::unistd::geteuid().is_root() || crate::probe::cap_sys_admin_effective() == Some(true)
+}
+
+/// Whether `e` says the process lacks a privilege (or it has none to begin with).
+fn lacks_privilege(e: &std::io::Error, privileged: bool) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) || !privileged
+}
+
+/// The hint for a failed loop device operation, fitting its cause.
+fn loop_hint(e: &std::io::Error, privileged: bool) -> String {
+    if lacks_privilege(e, privileged) {
+        return ROOT_HINT.into();
+    }
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENODEV) => {
+            "no usable loop devices here: load the loop module (modprobe loop), or in a \
+             container pass /dev/loop-control and /dev/loop*; or use --backend userspace"
+                .into()
+        }
+        Some(libc::EBUSY) | Some(libc::ENXIO) => {
+            "every loop device was busy; `losetup -a` lists what holds them: detach unused \
+             ones or build again"
+                .into()
+        }
+        _ => "run `fledge doctor` to check the loop devices (kernel.loop_attach)".into(),
+    }
+}
+
+/// The hint for a failed mount or unmount, fitting its cause.
+fn mount_hint(e: &std::io::Error, kernel: &[String], privileged: bool) -> String {
+    if lacks_privilege(e, privileged) {
+        return ROOT_HINT.into();
+    }
+    match e.raw_os_error() {
+        Some(libc::ENODEV) => {
+            "the kernel lacks this filesystem type: load its module (modprobe xfs, modprobe \
+             btrfs), or build ext4"
+                .into()
+        }
+        Some(libc::EBUSY) => {
+            "the device or the mount point is in use; `findmnt` and `losetup -a` show by what"
+                .into()
+        }
+        _ if kernel.is_empty() => {
+            "the kernel's reason is in its log (`dmesg`; fledge could not read /dev/kmsg); \
+             run again with -vv and report it if it persists"
+                .into()
+        }
+        _ => "the kernel's reason is quoted above; run again with -vv and report it if it \
+              persists"
+            .into(),
+    }
+}
+
 fn list_paths(paths: &[String]) -> String {
     const SHOWN: usize = 10;
     let mut s = paths
@@ -272,9 +342,20 @@ fn list_paths(paths: &[String]) -> String {
 impl BuildError {
     pub fn hint(&self) -> Option<String> {
         match self {
+            BuildError::Tool(RunError::Failed { stderr, .. })
+                if stderr.contains("non-unique UUID") || stderr.contains("is not unique") =>
+            {
+                Some(
+                    "a block device here carries this reproducible build's UUID (an image of \
+                     the same config is loop-mounted?); unmount it, or build as root, which \
+                     hides the host's block devices from btrfs-progs"
+                        .into(),
+                )
+            }
             BuildError::Tool(e) => e.hint(),
-            BuildError::Loop { .. } | BuildError::Mount { .. } => {
-                Some("the kernel backend needs root; run as root or use --backend userspace".into())
+            BuildError::Loop { source, .. } => Some(loop_hint(source, privileged())),
+            BuildError::Mount { source, kernel, .. } => {
+                Some(mount_hint(source, kernel, privileged()))
             }
             BuildError::OutputDir { .. } => {
                 Some("choose a writable output directory with -o DIR/NAME.img".into())
@@ -386,8 +467,18 @@ fn derived_uuid(parts: &[&[u8]]) -> [u8; 16] {
 
 /// Run an external tool through the runner; returns its stdout and stderr, joined.
 fn tool(program: &str, args: &[String]) -> Result<String, BuildError> {
+    run_tool(Tool::new(program).args(args))
+}
+
+/// [`tool`] where the tool sees no block device ([`Tool::hide_block_devices`]): for the
+/// btrfs-progs that set a derived UUID, which other images on the host may carry too.
+fn tool_hiding_block_devices(program: &str, args: &[String]) -> Result<String, BuildError> {
+    run_tool(Tool::new(program).args(args).hide_block_devices())
+}
+
+fn run_tool(t: Tool) -> Result<String, BuildError> {
     check_interrupt()?;
-    let mut t = Tool::new(program).args(args);
+    let mut t = t;
     if let Some(r) = repro() {
         // e2fsprogs reads its clock from here (superblock and inode times it sets itself).
         t = t.env("E2FSPROGS_FAKE_TIME", r.epoch.to_string());
@@ -969,6 +1060,60 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "unknown backend 'Native' (expected auto, kernel, userspace or native)"
+        );
+    }
+
+    #[test]
+    fn hints_fit_the_cause() {
+        let err = |n| std::io::Error::from_raw_os_error(n);
+        let dup = vec!["XFS (loop1): Filesystem has duplicate UUID 0c14 - can't mount".to_string()];
+        // A privileged process is told it needs root only when the kernel says EPERM/EACCES.
+        for n in [libc::EPERM, libc::EACCES] {
+            assert_eq!(mount_hint(&err(n), &[], true), ROOT_HINT);
+            assert_eq!(loop_hint(&err(n), true), ROOT_HINT);
+        }
+        for n in [libc::EINVAL, libc::EBUSY, libc::ENODEV, libc::EIO] {
+            assert!(!mount_hint(&err(n), &dup, true).contains("root"), "{n}");
+            assert!(!mount_hint(&err(n), &[], true).contains("root"), "{n}");
+        }
+        for n in [libc::EBUSY, libc::ENOENT, libc::EINVAL] {
+            assert!(!loop_hint(&err(n), true).contains("root"), "{n}");
+        }
+        assert!(mount_hint(&err(libc::EINVAL), &dup, true).contains("quoted above"));
+        assert!(mount_hint(&err(libc::EINVAL), &[], true).contains("dmesg"));
+        assert!(mount_hint(&err(libc::ENODEV), &[], true).contains("modprobe"));
+        assert!(loop_hint(&err(libc::ENOENT), true).contains("modprobe loop"));
+        // btrfs-progs' own uniqueness check (a non-root userspace build cannot hide devices).
+        let e = BuildError::Tool(RunError::Failed {
+            program: "mkfs.btrfs".into(),
+            args: "-U 95998f4d-86e2-44d7-9e6f-82a3be08649f x.img".into(),
+            status: "exit status 1".into(),
+            stderr: "ERROR: non-unique UUID: 95998f4d-86e2-44d7-9e6f-82a3be08649f".into(),
+        });
+        assert!(e.hint().unwrap().contains("loop-mounted"));
+        // An unprivileged process gets the root hint whatever the errno.
+        assert_eq!(mount_hint(&err(libc::EINVAL), &dup, false), ROOT_HINT);
+        assert_eq!(loop_hint(&err(libc::ENOENT), false), ROOT_HINT);
+        // The message quotes the kernel.
+        let e = BuildError::Mount {
+            what: "mount /dev/loop1 (xfs) on /o/.fledge-build-x/mnt".into(),
+            source: err(libc::EINVAL),
+            kernel: dup.clone(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot mount /dev/loop1 (xfs) on /o/.fledge-build-x/mnt: Invalid argument \
+             (os error 22); kernel log: XFS (loop1): Filesystem has duplicate UUID 0c14 - \
+             can't mount"
+        );
+        let e = BuildError::Mount {
+            what: "unmount /o/mnt".into(),
+            source: err(libc::EBUSY),
+            kernel: Vec::new(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot unmount /o/mnt: Device or resource busy (os error 16)"
         );
     }
 

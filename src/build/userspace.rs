@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::size::{SizePlan, MIB};
-use super::{ext4, kernel, tool, xfsproto, BuildError, BuildReport};
+use super::{ext4, kernel, tool, tool_hiding_block_devices, xfsproto, BuildError, BuildReport};
 use crate::config::FsType;
 use crate::fusefs::{MountOptions, MountedView};
 use crate::tree::Tree;
@@ -70,21 +70,28 @@ pub fn build(
         set_len(image, size)?;
         let result = match fs {
             FsType::Ext4 => {
-                let (mkfs, mut args) = kernel::mkfs_args(fs, plan);
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, true);
                 args.extend(["-d".to_string(), mnt.display().to_string()]);
                 args.push(image.display().to_string());
                 tool(mkfs, &args).map(|_| ())
             }
             FsType::Btrfs => {
-                let (mkfs, mut args) = kernel::mkfs_args(fs, plan);
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, true);
                 args.extend(["--rootdir".to_string(), mnt.display().to_string()]);
                 args.push(image.display().to_string());
-                tool(mkfs, &args).map(|_| ())
+                if super::repro().is_some() {
+                    // `-U` with the derived UUID, which any image of this config has: an
+                    // image of it mounted elsewhere, or a kernel build's loop device, must
+                    // not make mkfs.btrfs refuse it.
+                    tool_hiding_block_devices(mkfs, &args).map(|_| ())
+                } else {
+                    tool(mkfs, &args).map(|_| ())
+                }
             }
             FsType::Xfs => {
                 let proto = work.join("xfs.proto");
                 xfsproto::write(&tree, &mnt, &proto)?;
-                let (mkfs, mut args) = kernel::mkfs_args(fs, plan);
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, true);
                 args.extend(["-p".to_string(), proto.display().to_string()]);
                 args.push(image.display().to_string());
                 tool(mkfs, &args).map(|_| ())

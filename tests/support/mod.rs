@@ -90,6 +90,51 @@ pub fn debian_image(test: &str) -> Option<DebianImage> {
     })
 }
 
+/// A copy of the Debian test image (blobs hard-linked) with one more layer that deletes every
+/// device node and gives the one file with a sub-second mtime a whole-second one: what images
+/// from a registry usually look like (Docker keeps /dev empty).
+pub fn registry_like_image(img: &DebianImage, dir: &Path) -> String {
+    // The extra layer: whiteouts for device nodes, index.html again at a whole second.
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut stack = vec![img.oracle_rootfs.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let ft = e.file_type().unwrap();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_char_device() || ft.is_block_device() {
+                let rel = e
+                    .path()
+                    .strip_prefix(&img.oracle_rootfs)
+                    .unwrap()
+                    .to_path_buf();
+                let wh = rel.with_file_name(format!(
+                    ".wh.{}",
+                    rel.file_name().unwrap().to_string_lossy()
+                ));
+                let mut h = tar::Header::new_gnu();
+                h.set_size(0);
+                h.set_mode(0o644);
+                h.set_entry_type(tar::EntryType::Regular);
+                builder.append_data(&mut h, wh, std::io::empty()).unwrap();
+            }
+        }
+    }
+    let html = fs::read(img.oracle_rootfs.join("var/www/html/index.html")).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(html.len() as u64);
+    h.set_mode(0o644);
+    h.set_mtime(1_700_000_000);
+    h.set_entry_type(tar::EntryType::Regular);
+    builder
+        .append_data(&mut h, "var/www/html/index.html", &html[..])
+        .unwrap();
+    let layer = builder.into_inner().unwrap();
+    layout::derive_with_layer(&img.layout, &dir.join("layout"), &layer, "nodev")
+}
+
 /// Decode the octal escapes (`\040` etc.) /proc/self/mountinfo uses in paths.
 fn unescape_mountinfo(field: &str) -> Vec<u8> {
     let b = field.as_bytes();
@@ -338,8 +383,13 @@ pub struct LoopMount {
 
 impl LoopMount {
     pub fn new(image: &Path, fs: &str, read_only: bool) -> LoopMount {
+        LoopMount::with_options(image, fs, if read_only { "loop,ro" } else { "loop" })
+    }
+
+    /// Mounted with `opts`, which must include `loop` (e.g. `loop,ro,nouuid` for an xfs
+    /// image whose UUID another mounted image has too).
+    pub fn with_options(image: &Path, fs: &str, opts: &str) -> LoopMount {
         let dir = tempfile::tempdir().unwrap();
-        let opts = if read_only { "loop,ro" } else { "loop" };
         mount_loop(image, fs, opts, dir.path());
         LoopMount { dir }
     }
@@ -377,6 +427,25 @@ pub fn assert_fsck_clean(image: &Path, fs: &str, what: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The sha256 of a file, as lower-case hex.
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut f = fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    io::copy(&mut f, &mut h).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    hex::encode(h.finalize())
+}
+
+/// The filesystem UUID of an image file, as `blkid -p` (low-level probe) reads it.
+pub fn fs_uuid(image: &Path) -> String {
+    let out = run_ok(
+        Command::new("blkid")
+            .args(["-p", "-s", "UUID", "-o", "value"])
+            .arg(image),
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 pub fn have_program(prog: &str) -> bool {
