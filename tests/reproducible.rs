@@ -91,3 +91,55 @@ fn source_date_epoch_gives_identical_userspace_ext4_images() {
     let (c, _, _) = build(&img.reference, "1700000001", "userspace");
     assert_ne!(a, c, "the epoch does not reach the userspace image");
 }
+
+/// The ext4 superblock's UUID (`s_uuid`, 16 bytes at 1024 + 0x68).
+fn ext4_uuid(image: &Path) -> [u8; 16] {
+    use std::os::unix::fs::FileExt;
+    let mut uuid = [0u8; 16];
+    fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut uuid, 1024 + 0x68)
+        .unwrap();
+    uuid
+}
+
+/// The build identity (UUID, hash seed, clock) is computed per build and passed down, not
+/// kept in the process: builds in one process, through the library, each get their own.
+/// Two epochs give two UUIDs; the same epoch again gives the first one back; a build
+/// without an epoch gets a random one.
+#[test]
+fn builds_in_one_process_each_get_their_own_identity() {
+    let test = "builds_in_one_process_each_get_their_own_identity";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fledge.toml");
+    fs::write(
+        &config,
+        format!(
+            "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{}\"\n\
+             [filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 32\n",
+            img.reference
+        ),
+    )
+    .unwrap();
+    let ui = fledge::ui::Ui::silent();
+    let build = |name: &str, epoch: Option<i64>| {
+        let mut req = fledge::build::BuildRequest::new(&config);
+        req.output = Some(dir.path().join(format!("{name}.img")));
+        req.backend = fledge::build::BackendChoice::Native;
+        req.image.cache_dir = Some(dir.path().join("cache"));
+        req.source_date_epoch = epoch;
+        let outcome = fledge::build::run(&req, &ui).unwrap_or_else(|e| panic!("{name}: {e}"));
+        (ext4_uuid(&outcome.image), outcome.sha256)
+    };
+    let (a, sum_a) = build("a", Some(1_700_000_000));
+    let (b, sum_b) = build("b", Some(1_800_000_000));
+    let (a2, sum_a2) = build("a2", Some(1_700_000_000));
+    let (r, _) = build("r", None);
+    assert_ne!(a, b, "two epochs in one process gave one UUID");
+    assert_ne!(sum_a, sum_b);
+    assert_eq!((a, &sum_a), (a2, &sum_a2), "the same epoch again differs");
+    assert!(r != a && r != b, "a build without an epoch reused a derived UUID");
+}

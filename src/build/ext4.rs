@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::size::{SizePlan, MIB};
-use super::{tool, BuildError};
+use super::{BuildError, Tools};
 use crate::tree::{NodeId, Tree};
 
 /// Values from `dumpe2fs -h`.
@@ -62,8 +62,8 @@ pub fn parse_dumpe2fs(text: &str) -> Option<SuperInfo> {
     (seen == 4 && info.block_size > 0).then_some(info)
 }
 
-pub fn super_info(image: &Path) -> Result<SuperInfo, BuildError> {
-    let out = tool("dumpe2fs", &["-h".to_string(), image.display().to_string()])?;
+pub fn super_info(tools: Tools, image: &Path) -> Result<SuperInfo, BuildError> {
+    let out = tools.run("dumpe2fs", &["-h".to_string(), image.display().to_string()])?;
     parse_dumpe2fs(&out).ok_or_else(|| BuildError::Unexpected {
         what: format!("dumpe2fs -h {}", image.display()),
         detail: "no block counts in its output".into(),
@@ -72,10 +72,10 @@ pub fn super_info(image: &Path) -> Result<SuperInfo, BuildError> {
 
 /// Resize the (unmounted) ext4 image until its free space is inside the accepted window.
 /// Returns the final free bytes and the number of resizes.
-pub fn calibrate(image: &Path, plan: &SizePlan) -> Result<(u64, u32), BuildError> {
+pub fn calibrate(tools: Tools, image: &Path, plan: &SizePlan) -> Result<(u64, u32), BuildError> {
     let mut resizes = 0;
     for _ in 0..5 {
-        let info = super_info(image)?;
+        let info = super_info(tools, image)?;
         let free = info.user_free_bytes();
         if free >= plan.buffer_bytes && free <= plan.max_free() {
             truncate_to(image, info.block_count * info.block_size)?;
@@ -89,7 +89,7 @@ pub fn calibrate(image: &Path, plan: &SizePlan) -> Result<(u64, u32), BuildError
             truncate_to(image, new_bytes)?;
         }
         // -f: the filesystem was made moments ago by us; skip resize2fs's "fsck first" rule.
-        tool(
+        tools.run(
             "resize2fs",
             &[
                 "-f".to_string(),
@@ -99,7 +99,7 @@ pub fn calibrate(image: &Path, plan: &SizePlan) -> Result<(u64, u32), BuildError
         )?;
         resizes += 1;
     }
-    let info = super_info(image)?;
+    let info = super_info(tools, image)?;
     let free = info.user_free_bytes();
     truncate_to(image, info.block_count * info.block_size)?;
     if free < plan.buffer_bytes {
@@ -118,15 +118,15 @@ pub fn calibrate(image: &Path, plan: &SizePlan) -> Result<(u64, u32), BuildError
 /// Give the (unmounted) ext4 image made with `-O ^has_journal` its default journal with
 /// `tune2fs -O has_journal`, growing the image first if the copy left too little room for it
 /// (the size plan counts the journal, so this is the exception).
-pub fn add_journal(image: &Path) -> Result<(), BuildError> {
-    let info = super_info(image)?;
+pub fn add_journal(tools: Tools, image: &Path) -> Result<(), BuildError> {
+    let info = super_info(tools, image)?;
     let size = info.block_count * info.block_size;
     let need = super::size::ext4_journal_bytes(size) + 4 * MIB;
     let free = info.free_blocks * info.block_size;
     if free < need {
         let new_bytes = (size + need - free).div_ceil(MIB) * MIB;
         truncate_to(image, new_bytes)?;
-        tool(
+        tools.run(
             "resize2fs",
             &[
                 "-f".to_string(),
@@ -135,7 +135,7 @@ pub fn add_journal(image: &Path) -> Result<(), BuildError> {
             ],
         )?;
     }
-    tool(
+    tools.run(
         "tune2fs",
         &[
             "-O".to_string(),
@@ -217,7 +217,12 @@ pub fn fixup_script(tree: &Tree) -> Result<String, BuildError> {
 }
 
 /// Apply a fix-up script with `debugfs -w -f`.
-pub fn apply_fixups(image: &Path, script: &str, work: &Path) -> Result<usize, BuildError> {
+pub fn apply_fixups(
+    tools: Tools,
+    image: &Path,
+    script: &str,
+    work: &Path,
+) -> Result<usize, BuildError> {
     let lines = script.lines().count();
     if lines == 0 {
         return Ok(0);
@@ -227,7 +232,7 @@ pub fn apply_fixups(image: &Path, script: &str, work: &Path) -> Result<usize, Bu
         path: file.clone(),
         source: e,
     })?;
-    let out = tool(
+    let out = tools.run(
         "debugfs",
         &[
             "-w".to_string(),

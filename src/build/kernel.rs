@@ -23,9 +23,10 @@ use std::path::{Path, PathBuf};
 use loopdev::{LoopControl, LoopDevice};
 use sys_mount::{FilesystemType, Mount, Unmount, UnmountFlags};
 
+use super::job::{uuid_text, Identity, Job, Tools, Writer, Written};
 use super::kmsg::KernelLog;
 use super::size::{SizePlan, MIB};
-use super::{ext4, tool, tool_hiding_block_devices, BuildError, BuildReport};
+use super::{ext4, BuildError, BuildReport};
 use crate::config::FsType;
 use crate::tree::Tree;
 
@@ -247,9 +248,13 @@ fn free_bytes(mountpoint: &Path) -> Result<u64, BuildError> {
 }
 
 /// mkfs arguments shared by both backends (without the device or the -d/--rootdir source).
-/// `derived_uuid`: whether mkfs gets the UUID of a reproducible build (else it draws one).
-pub fn mkfs_args(fs: FsType, plan: &SizePlan, derived_uuid: bool) -> (&'static str, Vec<String>) {
-    let repro = super::repro().filter(|_| derived_uuid);
+/// `identity`: the reproducible identity mkfs is given (`None`: mkfs draws its own).
+pub fn mkfs_args(
+    fs: FsType,
+    plan: &SizePlan,
+    identity: Option<&Identity>,
+) -> (&'static str, Vec<String>) {
+    let repro = identity.filter(|i| i.reproducible);
     let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<String>>();
     match fs {
         FsType::Ext4 => {
@@ -257,8 +262,8 @@ pub fn mkfs_args(fs: FsType, plan: &SizePlan, derived_uuid: bool) -> (&'static s
             let mut args = s(&["-F", "-q", "-b", "4096", "-m", "0", "-I", "256"]);
             args.extend(["-N".to_string(), plan.inodes.to_string()]);
             if let Some(r) = repro {
-                ext.push_str(&format!(",hash_seed={}", super::uuid_text(&r.hash_seed)));
-                args.extend(["-U".to_string(), super::uuid_text(&r.uuid)]);
+                ext.push_str(&format!(",hash_seed={}", uuid_text(&r.hash_seed)));
+                args.extend(["-U".to_string(), uuid_text(&r.uuid)]);
             }
             args.extend(["-E".to_string(), ext]);
             ("mkfs.ext4", args)
@@ -266,40 +271,47 @@ pub fn mkfs_args(fs: FsType, plan: &SizePlan, derived_uuid: bool) -> (&'static s
         FsType::Xfs => {
             let mut args = s(&["-f", "-q", "-K"]);
             if let Some(r) = repro {
-                args.extend([
-                    "-m".to_string(),
-                    format!("uuid={}", super::uuid_text(&r.uuid)),
-                ]);
+                args.extend(["-m".to_string(), format!("uuid={}", uuid_text(&r.uuid))]);
             }
             ("mkfs.xfs", args)
         }
         FsType::Btrfs => {
             let mut args = s(&["-f", "-q", "-K"]);
             if let Some(r) = repro {
-                args.extend(["-U".to_string(), super::uuid_text(&r.uuid)]);
+                args.extend(["-U".to_string(), uuid_text(&r.uuid)]);
             }
             ("mkfs.btrfs", args)
         }
     }
 }
 
-/// Build `image` (already created at `plan.image_bytes`) with the kernel backend.
-pub fn build(
-    tree: &Tree,
-    fs: FsType,
-    plan: &SizePlan,
-    image: &Path,
-    work: &Path,
-    sw: &mut crate::timing::Stopwatch,
-    progress: &dyn Fn(u64),
-) -> Result<BuildReport, BuildError> {
+/// The kernel backend: loop device, mkfs, mount, copy, size correction, unmount.
+pub struct KernelWriter;
+
+impl Writer for KernelWriter {
+    fn write(
+        &self,
+        job: &Job<'_>,
+        sw: &mut crate::timing::Stopwatch,
+    ) -> Result<Written, BuildError> {
+        let report = build(job, sw)?;
+        Ok(Written {
+            report,
+            sha256: None,
+        })
+    }
+}
+
+/// Build `job.image` (already created at `plan.image_bytes`) with the kernel backend.
+fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport, BuildError> {
+    let (tree, fs, plan, image, work) = (job.tree.as_ref(), job.fs, job.plan, job.image, job.work);
+    let tools = job.tools();
     let lo = LoopGuard::attach(image)?;
     sw.mark("loop attached");
     // btrfs gets a derived UUID only once it is unmounted (see the module documentation).
-    let later_fsid = super::repro()
-        .filter(|_| fs == FsType::Btrfs)
-        .map(|r| r.uuid);
-    let (mkfs, mut args) = mkfs_args(fs, plan, later_fsid.is_none());
+    let later_fsid =
+        (job.identity.reproducible && fs == FsType::Btrfs).then_some(job.identity.uuid);
+    let (mkfs, mut args) = mkfs_args(fs, plan, later_fsid.is_none().then_some(job.identity));
     // ext4 is made without its journal and gets it after the copy (ext4::add_journal): the
     // copy then skips journaling every metadata change, and the result is the same normal,
     // journaled, fsck-clean filesystem.
@@ -308,14 +320,14 @@ pub fn build(
         args.extend(["-O".to_string(), "^has_journal".to_string()]);
     }
     args.push(lo.path().display().to_string());
-    tool(mkfs, &args)?;
+    tools.run(mkfs, &args)?;
     sw.mark(mkfs);
     if let Some(uuid) = later_fsid {
         let temporary = btrfs_fsid(image)?;
         tracing::debug!(
             "formatted with the temporary fsid {}; the derived {} is set once unmounted",
-            super::uuid_text(&temporary),
-            super::uuid_text(&uuid)
+            uuid_text(&temporary),
+            uuid_text(&uuid)
         );
     }
 
@@ -336,7 +348,7 @@ pub fn build(
         })?;
     }
     sw.mark("mounted");
-    let stats = copy_with_background_writeback(tree, &target, progress)?;
+    let stats = copy_with_background_writeback(tree, &target, job.progress)?;
     sw.mark("copied");
 
     // Correct the size while mounted where the filesystem can be resized online.
@@ -350,7 +362,7 @@ pub fn build(
         })?;
     if fs != FsType::Ext4 {
         for _ in 0..4 {
-            sync_fs(&target, fs)?;
+            sync_fs(tools, &target, fs)?;
             let free = free_bytes(&target)?;
             if free >= plan.buffer_bytes && free <= plan.max_free() {
                 break;
@@ -371,8 +383,8 @@ pub fn build(
                 })?;
                 lo.refresh_capacity()?;
                 match fs {
-                    FsType::Xfs => tool("xfs_growfs", &[target.display().to_string()])?,
-                    FsType::Btrfs => tool(
+                    FsType::Xfs => tools.run("xfs_growfs", &[target.display().to_string()])?,
+                    FsType::Btrfs => tools.run(
                         "btrfs",
                         &[
                             "filesystem".to_string(),
@@ -384,7 +396,7 @@ pub fn build(
                     FsType::Ext4 => unreachable!("ext4 is resized offline"),
                 };
             } else if fs == FsType::Btrfs {
-                tool(
+                tools.run(
                     "btrfs",
                     &[
                         "filesystem".to_string(),
@@ -393,7 +405,7 @@ pub fn build(
                         target.display().to_string(),
                     ],
                 )?;
-                sync_fs(&target, fs)?;
+                sync_fs(tools, &target, fs)?;
                 file.set_len(wanted).map_err(|e| BuildError::Io {
                     path: image.to_path_buf(),
                     source: e,
@@ -407,7 +419,7 @@ pub fn build(
         }
     }
     let free = {
-        sync_fs(&target, fs)?;
+        sync_fs(tools, &target, fs)?;
         free_bytes(&target)?
     };
     sw.mark("synced");
@@ -416,15 +428,15 @@ pub fn build(
     lo.detach()?;
     sw.mark("loop detached");
     if let Some(uuid) = later_fsid {
-        set_btrfs_fsid(image, &uuid)?;
+        set_btrfs_fsid(tools, image, &uuid)?;
         sw.mark("derived fsid set");
     }
     if late_journal {
-        ext4::add_journal(image)?;
+        ext4::add_journal(tools, image)?;
         sw.mark("journal added");
     }
     let free = if fs == FsType::Ext4 {
-        let (free, n) = ext4::calibrate(image, plan)?;
+        let (free, n) = ext4::calibrate(tools, image, plan)?;
         sw.mark("size calibrated");
         resizes += n;
         free
@@ -470,9 +482,9 @@ fn btrfs_fsid(image: &Path) -> Result<[u8; 16], BuildError> {
 /// items and the superblocks). btrfstune refuses a UUID that any block device on the host
 /// carries, as an image of this config mounted elsewhere does; it works on the image file
 /// here, so it runs where it sees no block device.
-fn set_btrfs_fsid(image: &Path, uuid: &[u8; 16]) -> Result<(), BuildError> {
-    let text = super::uuid_text(uuid);
-    tool_hiding_block_devices(
+fn set_btrfs_fsid(tools: Tools, image: &Path, uuid: &[u8; 16]) -> Result<(), BuildError> {
+    let text = uuid_text(uuid);
+    tools.run_hiding_block_devices(
         "btrfstune",
         &[
             "-f".to_string(),
@@ -485,7 +497,7 @@ fn set_btrfs_fsid(image: &Path, uuid: &[u8; 16]) -> Result<(), BuildError> {
     if &now != uuid {
         return Err(BuildError::Unexpected {
             what: format!("btrfstune -U {text} {}", image.display()),
-            detail: format!("the fsid is still {}", super::uuid_text(&now)),
+            detail: format!("the fsid is still {}", uuid_text(&now)),
         });
     }
     Ok(())
@@ -523,10 +535,10 @@ fn copy_with_background_writeback(
 /// 2 ms finishes copy + unmount ~20 ms sooner than 5 ms, 20 ms ~45 ms later, none ~110 ms).
 const WRITEBACK_PERIOD_MS: u64 = 2;
 
-fn sync_fs(target: &Path, fs: FsType) -> Result<(), BuildError> {
+fn sync_fs(tools: Tools, target: &Path, fs: FsType) -> Result<(), BuildError> {
     if fs == FsType::Btrfs {
         // btrfs accounts space lazily; a sync makes statfs honest.
-        tool(
+        tools.run(
             "btrfs",
             &[
                 "filesystem".to_string(),

@@ -14,6 +14,7 @@
 
 mod copy;
 mod ext4;
+pub mod job;
 pub(crate) mod kernel;
 mod kmsg;
 mod native;
@@ -36,11 +37,12 @@ use crate::error::Error;
 use crate::image::ImageRequest;
 use crate::manifest::{self, ImageRuntimeConfig, ManifestInputs, ManifestOverrides};
 use crate::mapping::{self, PlannedKind};
-use crate::runner::{RunError, Tool};
+use crate::runner::RunError;
 use crate::timing::Phase;
 use crate::tree::{Content, Meta, NodeKind, Timestamp};
 use crate::ui::Ui;
 
+pub use job::{uuid_text, Identity, Job, Tools, Writer, Written};
 pub use select::{Backend, BackendKind};
 
 /// Which formatter backend to use.
@@ -125,6 +127,9 @@ pub struct BuildRequest {
     pub backend: BackendChoice,
     /// How to read the image.
     pub image: ImageRequest,
+    /// `SOURCE_DATE_EPOCH`: a reproducible build at this time (injected files' mtimes, the
+    /// filesystem's clock, and a UUID and hash seed derived from the inputs).
+    pub source_date_epoch: Option<i64>,
 }
 
 impl BuildRequest {
@@ -136,6 +141,7 @@ impl BuildRequest {
             manifest: None,
             backend: BackendChoice::Auto,
             image: ImageRequest::default(),
+            source_date_epoch: None,
         }
     }
 }
@@ -419,83 +425,6 @@ impl BuildError {
     }
 }
 
-/// Settings that make a build reproducible (`SOURCE_DATE_EPOCH`): a fixed clock for the
-/// e2fsprogs tools and a filesystem UUID and directory hash seed derived from the inputs.
-#[derive(Clone, Debug)]
-pub struct Repro {
-    pub epoch: i64,
-    pub uuid: [u8; 16],
-    pub hash_seed: [u8; 16],
-}
-
-static REPRO: std::sync::OnceLock<Repro> = std::sync::OnceLock::new();
-
-/// The reproducibility settings of this build, if `SOURCE_DATE_EPOCH` is set.
-pub fn repro() -> Option<&'static Repro> {
-    REPRO.get()
-}
-
-/// 16 bytes shaped as a version-4 UUID (version and variant bits set).
-fn uuid_v4(mut b: [u8; 16]) -> [u8; 16] {
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    b
-}
-
-/// A UUID's text form, as mkfs tools take it (`xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`).
-pub fn uuid_text(b: &[u8; 16]) -> String {
-    let x = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &x[..8],
-        &x[8..12],
-        &x[12..16],
-        &x[16..20],
-        &x[20..]
-    )
-}
-
-/// A UUID (version 4 layout) from a hash of `parts`.
-fn derived_uuid(parts: &[&[u8]]) -> [u8; 16] {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    uuid_v4(h.finalize()[..16].try_into().unwrap_or([0; 16]))
-}
-
-/// Run an external tool through the runner; returns its stdout and stderr, joined.
-fn tool(program: &str, args: &[String]) -> Result<String, BuildError> {
-    run_tool(Tool::new(program).args(args))
-}
-
-/// [`tool`] where the tool sees no block device ([`Tool::hide_block_devices`]): for the
-/// btrfs-progs that set a derived UUID, which other images on the host may carry too.
-fn tool_hiding_block_devices(program: &str, args: &[String]) -> Result<String, BuildError> {
-    run_tool(Tool::new(program).args(args).hide_block_devices())
-}
-
-fn run_tool(t: Tool) -> Result<String, BuildError> {
-    check_interrupt()?;
-    let mut t = t;
-    if let Some(r) = repro() {
-        // e2fsprogs reads its clock from here (superblock and inode times it sets itself).
-        t = t.env("E2FSPROGS_FAKE_TIME", r.epoch.to_string());
-    }
-    let out = t.run().map_err(|e| {
-        if crate::interrupt::requested() {
-            BuildError::Interrupted
-        } else {
-            BuildError::Tool(e)
-        }
-    })?;
-    check_interrupt()?;
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    Ok(text)
-}
-
 fn check_interrupt() -> Result<(), BuildError> {
     if crate::interrupt::requested() {
         Err(BuildError::Interrupted)
@@ -581,7 +510,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
 
     // 3. Injection through the merged view.
     let mut merged = merged;
-    let stamp = source_date(&merged.resolved);
+    let stamp = source_date(&merged.resolved, args.source_date_epoch);
     let meta = |mode: u32| Meta {
         mode,
         uid: 0,
@@ -647,20 +576,22 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     }
     let (resolved, tree) = merged.freeze();
     let tree = Arc::new(tree);
-    if let Some(epoch) = source_date_epoch() {
-        let config_text = std::fs::read(&cfg.path).unwrap_or_default();
-        let inputs: [&[u8]; 4] = [
-            resolved.manifest_digest.as_bytes(),
-            &config_text,
-            env!("CARGO_PKG_VERSION").as_bytes(),
-            &epoch.to_le_bytes(),
-        ];
-        let _ = REPRO.set(Repro {
-            epoch,
-            uuid: derived_uuid(&[b"uuid", &inputs.concat()]),
-            hash_seed: derived_uuid(&[b"hash_seed", &inputs.concat()]),
-        });
-    }
+    // The build's identity, once: derived from the inputs when reproducible.
+    let identity = match args.source_date_epoch {
+        Some(epoch) => {
+            let config_text = std::fs::read(&cfg.path).unwrap_or_default();
+            Identity::derived(
+                epoch,
+                &[
+                    resolved.manifest_digest.as_bytes(),
+                    &config_text,
+                    env!("CARGO_PKG_VERSION").as_bytes(),
+                    &epoch.to_le_bytes(),
+                ],
+            )
+        }
+        None => Identity::random(),
+    };
 
     // 4. Backend.
     let backend = select::choose(args.backend, fs, &tree, &probes)?;
@@ -682,32 +613,24 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     create_image(&image_tmp, plan.image_bytes, cfg.filesystem.preallocate)?;
     sw.mark("injection, backend choice, sizing");
     let progress = progress_for(ui, tree.stats().file_bytes);
-    let mut native_sha256 = None;
-    let report = match backend.kind {
-        select::BackendKind::Kernel => {
-            kernel::build(&tree, fs, &plan, &image_tmp, work.path(), &mut sw, &|n| {
-                progress.set_position(n)
-            })?
-        }
-        select::BackendKind::Userspace => {
-            userspace::build(Arc::clone(&tree), fs, &plan, &image_tmp, work.path())?
-        }
-        select::BackendKind::Native => {
-            let w = native::build(&tree, &plan, &image_tmp, &mut sw, &|n| {
-                progress.set_position(n)
-            })?;
-            native_sha256 = Some(w.sha256);
-            w.report
-        }
+    let job = Job {
+        tree: &tree,
+        fs,
+        plan: &plan,
+        identity: &identity,
+        image: &image_tmp,
+        work: work.path(),
+        progress: &|n| progress.set_position(n),
     };
+    let Written { report, sha256 } = backend.kind.writer().write(&job, &mut sw)?;
     progress.finish_and_clear();
     if cfg.filesystem.preallocate {
         preallocate(&image_tmp)?;
     }
     check_interrupt()?;
     sw.mark("formatted");
-    let checksum = match native_sha256 {
-        // The native writer hashed the image as it wrote it.
+    let checksum = match sha256 {
+        // The writer hashed the image as it wrote it.
         Some(sum) => sum,
         None => {
             let sum = sha256_file(&image_tmp)?;
@@ -755,8 +678,8 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
 
 /// Timestamp for injected files: `SOURCE_DATE_EPOCH` when set, else the image's creation
 /// time, else the epoch, so the same inputs give the same tree.
-fn source_date(resolved: &crate::source::ResolvedImage) -> Timestamp {
-    if let Some(sec) = source_date_epoch() {
+fn source_date(resolved: &crate::source::ResolvedImage, epoch: Option<i64>) -> Timestamp {
+    if let Some(sec) = epoch {
         return Timestamp::new(sec, 0);
     }
     resolved
@@ -768,8 +691,9 @@ fn source_date(resolved: &crate::source::ResolvedImage) -> Timestamp {
         .unwrap_or_default()
 }
 
-/// `SOURCE_DATE_EPOCH`, when set to an integer.
-fn source_date_epoch() -> Option<i64> {
+/// `SOURCE_DATE_EPOCH` from the environment, when set to an integer (the command line
+/// passes it in [`BuildRequest::source_date_epoch`]).
+pub fn source_date_epoch_from_env() -> Option<i64> {
     std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.trim().parse::<i64>().ok())

@@ -9,6 +9,7 @@
 
 use serde::Serialize;
 
+use super::job::Writer;
 use super::BuildError;
 use super::{userspace, BackendChoice};
 use crate::config::FsType;
@@ -24,6 +25,15 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// The writer that implements this backend (the output contract, [`super::job`]).
+    pub fn writer(self) -> &'static dyn Writer {
+        match self {
+            BackendKind::Kernel => &super::kernel::KernelWriter,
+            BackendKind::Userspace => &super::userspace::UserspaceWriter,
+            BackendKind::Native => &super::native::NativeExt4Writer,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Kernel => "kernel",

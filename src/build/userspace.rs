@@ -9,8 +9,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::size::{SizePlan, MIB};
-use super::{ext4, kernel, tool, tool_hiding_block_devices, xfsproto, BuildError, BuildReport};
+use super::job::{Job, Writer, Written};
+use super::size::MIB;
+use super::{ext4, kernel, xfsproto, BuildError, BuildReport};
 use crate::config::FsType;
 use crate::fusefs::{MountOptions, MountedView};
 use crate::tree::Tree;
@@ -48,20 +49,34 @@ pub fn unrepresentable(tree: &Tree, fs: FsType) -> Option<(String, Vec<String>)>
     }
 }
 
-/// Build `image` (created at `plan.image_bytes`) from the FUSE view of `tree`.
-pub fn build(
-    tree: Arc<Tree>,
-    fs: FsType,
-    plan: &SizePlan,
-    image: &Path,
-    work: &Path,
-) -> Result<BuildReport, BuildError> {
+/// The userspace backend: mkfs reading the tree through a read-only FUSE view.
+pub struct UserspaceWriter;
+
+impl Writer for UserspaceWriter {
+    fn write(
+        &self,
+        job: &Job<'_>,
+        _sw: &mut crate::timing::Stopwatch,
+    ) -> Result<Written, BuildError> {
+        let report = build(job)?;
+        Ok(Written {
+            report,
+            sha256: None,
+        })
+    }
+}
+
+/// Build `job.image` (created at `plan.image_bytes`) from the FUSE view of the tree.
+fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
+    let (tree, fs, plan, image, work) = (job.tree, job.fs, job.plan, job.image, job.work);
+    let tools = job.tools();
+    let uuid_from = Some(job.identity);
     let mnt = work.join("view");
     std::fs::create_dir_all(&mnt).map_err(|e| BuildError::Io {
         path: mnt.clone(),
         source: e,
     })?;
-    let view = MountedView::mount(Arc::clone(&tree), &mnt, &MountOptions::default())?;
+    let view = MountedView::mount(Arc::clone(tree), &mnt, &MountOptions::default())?;
     let stats = tree.stats();
     let mut size = plan.image_bytes;
     let mut attempts = 0;
@@ -70,31 +85,31 @@ pub fn build(
         set_len(image, size)?;
         let result = match fs {
             FsType::Ext4 => {
-                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, true);
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, uuid_from);
                 args.extend(["-d".to_string(), mnt.display().to_string()]);
                 args.push(image.display().to_string());
-                tool(mkfs, &args).map(|_| ())
+                tools.run(mkfs, &args).map(|_| ())
             }
             FsType::Btrfs => {
-                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, true);
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, uuid_from);
                 args.extend(["--rootdir".to_string(), mnt.display().to_string()]);
                 args.push(image.display().to_string());
-                if super::repro().is_some() {
+                if job.identity.reproducible {
                     // `-U` with the derived UUID, which any image of this config has: an
                     // image of it mounted elsewhere, or a kernel build's loop device, must
                     // not make mkfs.btrfs refuse it.
-                    tool_hiding_block_devices(mkfs, &args).map(|_| ())
+                    tools.run_hiding_block_devices(mkfs, &args).map(|_| ())
                 } else {
-                    tool(mkfs, &args).map(|_| ())
+                    tools.run(mkfs, &args).map(|_| ())
                 }
             }
             FsType::Xfs => {
                 let proto = work.join("xfs.proto");
-                xfsproto::write(&tree, &mnt, &proto)?;
-                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, true);
+                xfsproto::write(tree, &mnt, &proto)?;
+                let (mkfs, mut args) = kernel::mkfs_args(fs, plan, uuid_from);
                 args.extend(["-p".to_string(), proto.display().to_string()]);
                 args.push(image.display().to_string());
-                tool(mkfs, &args).map(|_| ())
+                tools.run(mkfs, &args).map(|_| ())
             }
         };
         match result {
@@ -121,18 +136,18 @@ pub fn build(
         }
     }
     if fs == FsType::Xfs {
-        let fixed = xfsproto::fix_sticky(&tree, image)?;
+        let fixed = xfsproto::fix_sticky(tools, tree, image)?;
         tracing::debug!("restored {fixed} sticky bits with xfs_db");
     }
 
     let (free, resizes) = match fs {
         FsType::Ext4 => {
-            let script = ext4::fixup_script(&tree)?;
-            let fixed = ext4::apply_fixups(image, &script, work)?;
+            let script = ext4::fixup_script(tree)?;
+            let fixed = ext4::apply_fixups(tools, image, &script, work)?;
             if fixed > 0 {
                 tracing::info!("repaired {fixed} mtimes that mkfs.ext4 -d truncated");
             }
-            let (free, n) = ext4::calibrate(image, plan)?;
+            let (free, n) = ext4::calibrate(tools, image, plan)?;
             (Some(free), n)
         }
         // No offline resize for these; the estimate stands (tests check the window).

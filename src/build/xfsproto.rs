@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 
-use super::{tool, BuildError};
+use super::{BuildError, Tools};
 use crate::tree::{Meta, NodeKind, Tree, ROOT};
 
 fn token_ok(bytes: &[u8]) -> bool {
@@ -180,7 +180,7 @@ fn write_dir(tree: &Tree, dir: u32, view: &str, prefix: &str, text: &mut String,
 }
 
 /// Restore sticky bits, which the protofile mode token cannot carry, with `xfs_db -x`.
-pub fn fix_sticky(tree: &Tree, image: &Path) -> Result<usize, BuildError> {
+pub fn fix_sticky(tools: Tools, tree: &Tree, image: &Path) -> Result<usize, BuildError> {
     let mut args = vec!["-x".to_string()];
     let mut n = 0;
     tree.walk(|path, id| {
@@ -197,7 +197,7 @@ pub fn fix_sticky(tree: &Tree, image: &Path) -> Result<usize, BuildError> {
     });
     if n > 0 {
         args.push(image.display().to_string());
-        tool("xfs_db", &args)?;
+        tools.run("xfs_db", &args)?;
     }
     Ok(n)
 }

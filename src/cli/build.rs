@@ -51,6 +51,7 @@ impl BuildArgs {
             manifest: self.manifest.clone(),
             backend: self.backend,
             image: self.image.request(),
+            source_date_epoch: build::source_date_epoch_from_env(),
         }
     }
 }

@@ -24,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
+use super::job::{Identity, Job, Writer, Written};
 use super::size::SizePlan;
 use super::{BuildError, BuildReport, Piece, PieceHasher};
 use crate::tree::Tree;
@@ -71,28 +72,25 @@ pub enum NativeError {
     },
 }
 
-/// What the build measured, plus the image's sha256.
-pub struct Written {
-    pub report: BuildReport,
-    pub sha256: String,
-}
+/// fledge's own ext4 writer: the image laid out from the tree, written once in block order
+/// and hashed as it is written.
+pub struct NativeExt4Writer;
 
-/// The UUID, directory hash seed and clock: derived ones for reproducible builds, else
-/// random and now.
-fn identity() -> ([u8; 16], [u8; 16], i64) {
-    if let Some(r) = super::repro() {
-        return (r.uuid, r.hash_seed, r.epoch);
+impl Writer for NativeExt4Writer {
+    fn write(
+        &self,
+        job: &Job<'_>,
+        sw: &mut crate::timing::Stopwatch,
+    ) -> Result<Written, BuildError> {
+        build(
+            job.tree,
+            job.plan,
+            job.image,
+            job.identity,
+            sw,
+            job.progress,
+        )
     }
-    let mut rnd = [0u8; 32];
-    if let Ok(f) = File::open("/dev/urandom") {
-        let _ = f.read_exact_at(&mut rnd, 0);
-    }
-    let u: [u8; 16] = rnd[..16].try_into().unwrap_or([1; 16]);
-    let h: [u8; 16] = rnd[16..].try_into().unwrap_or([2; 16]);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    (super::uuid_v4(u), h, now)
 }
 
 /// Write `tree` as an ext4 image to `image` (replacing its contents) and hash it.
@@ -100,11 +98,18 @@ pub fn build(
     tree: &Tree,
     plan: &SizePlan,
     image: &Path,
+    identity: &Identity,
     sw: &mut crate::timing::Stopwatch,
     progress: &dyn Fn(u64),
 ) -> Result<Written, BuildError> {
-    let (uuid, seed, time) = identity();
-    let layout = layout::plan(tree, plan.inodes, plan.buffer_bytes, uuid, seed, time)?;
+    let layout = layout::plan(
+        tree,
+        plan.inodes,
+        plan.buffer_bytes,
+        identity.uuid,
+        identity.hash_seed,
+        identity.epoch,
+    )?;
     sw.mark("ext4 layout planned");
     let werr = |e| {
         BuildError::Native(NativeError::Write {
@@ -134,7 +139,7 @@ pub fn build(
             free_bytes: Some(info.user_free_bytes()),
             resizes: 0,
         },
-        sha256,
+        sha256: Some(sha256),
     })
 }
 

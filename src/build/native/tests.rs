@@ -12,7 +12,7 @@ use std::process::Command;
 
 use super::build;
 use crate::build::size::{SizePlan, MIB};
-use crate::build::BuildError;
+use crate::build::{BuildError, Identity};
 use crate::tree::{Content, Meta, Node, NodeId, NodeKind, Timestamp, Tree, Xattr};
 
 fn have(tool: &str) -> bool {
@@ -106,13 +106,16 @@ fn try_build(tree: &Tree, image: &Path, buffer: u64) -> Result<super::Written, B
         inodes: tree.nodes.len() as u64 + 1024,
     };
     let mut sw = crate::timing::Stopwatch::start();
-    build(tree, &plan, image, &mut sw, &|_| {})
+    build(tree, &plan, image, &Identity::random(), &mut sw, &|_| {})
 }
 
 fn write_image(tree: &Tree, dir: &Path, buffer: u64) -> (std::path::PathBuf, String) {
     let image = dir.join("native.img");
     let w = try_build(tree, &image, buffer).unwrap();
-    (image, w.sha256)
+    (
+        image,
+        w.sha256.expect("the native writer hashes as it writes"),
+    )
 }
 
 fn fsck(image: &Path) {
