@@ -43,5 +43,7 @@ pub mod sys;
 pub mod timing;
 pub mod tomlfile;
 pub mod tree;
+#[cfg(test)]
+pub(crate) mod treetest;
 
 pub use error::Error;
