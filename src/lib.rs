@@ -14,6 +14,7 @@
 //!   userspace), chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
 //!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
 //! - [`squashfs`]: fledge's own squashfs writer (compressed read-only roots), from a tree.
+//! - [`erofs`]: fledge's own EROFS writer (uncompressed read-only roots), from a tree.
 //! - [`doctor`], [`inspect`], [`cli`]: the commands; `main.rs` only calls [`cli::main`].
 //! - [`sys`]: the only place for `unsafe` code and raw syscalls (`LOOP_CONFIGURE` and
 //!   `sync_file_range`; every other syscall goes through nix, loopdev, sys-mount or fuser).
@@ -25,6 +26,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod erofs;
 pub mod error;
 pub mod fusefs;
 pub mod image;
