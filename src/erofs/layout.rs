@@ -33,11 +33,23 @@ impl Planned {
     pub fn nid(&self) -> u64 {
         self.pos / SLOT
     }
+
+    /// Bytes of the inode itself (compact or extended).
+    #[cfg(test)]
+    pub fn inode_len(&self) -> u64 {
+        if self.extended {
+            EXTENDED_SIZE as u64
+        } else {
+            COMPACT_SIZE as u64
+        }
+    }
 }
 
 pub struct Plan {
     /// Inodes in metadata order: depth first, by name; the root first.
     pub inodes: Vec<Planned>,
+    /// Indexes in `inodes` in the order of their places in the metadata area.
+    pub by_pos: Vec<u32>,
     /// Index in `inodes` of each node (`u32::MAX`: unreachable).
     pub index: Vec<u32>,
     /// The shared xattr area: its first block and its bytes (0 blocks: none).
@@ -47,6 +59,50 @@ pub struct Plan {
     pub data_start: u64,
     pub blocks: u64,
     pub shared_xattrs: u32,
+}
+
+/// The metadata area being filled: each inode's record (inode, xattrs, inline tail) goes
+/// whole into the block with the least room that holds it (so later small records fill the
+/// gaps that a tail too large for the rest of a block leaves), or into a new block.
+struct MetaSpace {
+    /// (free bytes, block) of every block with room for a record left.
+    open: std::collections::BTreeSet<(u64, u64)>,
+    /// Blocks used so far (from block 0).
+    blocks: u64,
+}
+
+impl MetaSpace {
+    fn new() -> MetaSpace {
+        let first = (BLOCK - SUPER_OFFSET - SUPER_SIZE) as u64;
+        MetaSpace {
+            open: [(first, 0)].into(),
+            blocks: 1,
+        }
+    }
+
+    /// The byte offset for a record of `len` bytes (32-byte aligned, like every inode).
+    fn place(&mut self, len: u64) -> u64 {
+        let bs = BLOCK as u64;
+        let need = len.next_multiple_of(SLOT);
+        if need <= bs {
+            if let Some(&(free, block)) = self.open.range((need, 0)..).next() {
+                self.open.remove(&(free, block));
+                if free - need >= SLOT {
+                    self.open.insert((free - need, block));
+                }
+                return block * bs + bs - free;
+            }
+        }
+        // A new block, or several for a record larger than one (huge xattrs, no tail).
+        let block = self.blocks;
+        let span = need.div_ceil(bs);
+        self.blocks += span;
+        let free = span * bs - need;
+        if free >= SLOT {
+            self.open.insert((free, block + span - 1));
+        }
+        block * bs
+    }
 }
 
 /// A directory's listing as stored: sorted by name with `.` and `..` in their places.
@@ -235,7 +291,7 @@ pub fn plan(tree: &Tree, epoch: u64, share: bool) -> Result<Plan, ErofsError> {
     let mut inodes = Vec::with_capacity(order.len());
     // The metadata area starts at block 0: the first inode (the root) right after the
     // superblock, so its nid is small (the superblock holds it in 16 bits).
-    let mut pos = (SUPER_OFFSET + SUPER_SIZE) as u64;
+    let mut meta = MetaSpace::new();
     for (i, &id) in order.iter().enumerate() {
         super::check_interrupt()?;
         index[id as usize] = i as u32;
@@ -266,20 +322,9 @@ pub fn plan(tree: &Tree, epoch: u64, share: bool) -> Result<Plan, ErofsError> {
             NodeKind::Dir { .. } | NodeKind::File { .. } | NodeKind::Symlink { .. }
         );
         let t = if has_data { size % bs } else { 0 };
-        pos = pos.next_multiple_of(SLOT);
-        // Inline the tail when inode, xattrs and tail fit in what is left of this block;
-        // else either start a new block (losing the rest of this one) or put the tail in a
-        // block of its own (losing the rest of that one), whichever loses less.
-        let mut inline = false;
-        if t > 0 && base + t <= bs {
-            let off = pos % bs;
-            if off + base + t <= bs {
-                inline = true;
-            } else if bs - off <= bs - t {
-                pos += bs - off;
-                inline = true;
-            }
-        }
+        // The tail is inline whenever inode, xattrs and tail fit in one block.
+        let inline = t > 0 && base + t <= bs;
+        let pos = meta.place(base + if inline { t } else { 0 });
         let blocks = if inline { size / bs } else { size.div_ceil(bs) };
         inodes.push(Planned {
             node: id,
@@ -297,10 +342,10 @@ pub fn plan(tree: &Tree, epoch: u64, share: bool) -> Result<Plan, ErofsError> {
             start: format::NULL_BLOCK,
             pos,
         });
-        pos += base + if inline { t } else { 0 };
     }
-    let meta_end = pos;
-    let mut next = meta_end.div_ceil(bs);
+    let mut by_pos: Vec<u32> = (0..inodes.len() as u32).collect();
+    by_pos.sort_by_key(|&i| inodes[i as usize].pos);
+    let mut next = meta.blocks;
     let xattr_blkaddr = if shared.is_empty() { 0 } else { next };
     next += (shared.len() as u64).div_ceil(bs);
     let data_start = next;
@@ -316,6 +361,7 @@ pub fn plan(tree: &Tree, epoch: u64, share: bool) -> Result<Plan, ErofsError> {
     let shared_xattrs = shared_ids.len() as u32;
     Ok(Plan {
         inodes,
+        by_pos,
         index,
         xattr_blkaddr: xattr_blkaddr as u32,
         shared,

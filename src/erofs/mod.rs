@@ -19,11 +19,13 @@
 //! - Block 0: the superblock at 1024 (128 bytes, crc32c checksum over the block from 1024,
 //!   `EROFS_FEATURE_COMPAT_SB_CHKSUM`), then the metadata area begins (`meta_blkaddr` 0):
 //!   the root inode is at byte 1152, nid 36.
-//! - Metadata area: every inode in depth-first name order, 32-byte aligned; each followed
-//!   by its inline xattr body and, for `FLAT_INLINE` inodes, its tail (the last partial
-//!   block of a file, a directory, or a whole symlink target) in the same block. A tail is
-//!   inlined when it fits in what is left of the current block; otherwise the inode starts
-//!   the next block, or its tail goes to a block of its own, whichever wastes less.
+//! - Metadata area: every inode, 32-byte aligned, followed by its inline xattr body and,
+//!   for `FLAT_INLINE` inodes, its tail (the last partial block of a file, a directory, or
+//!   a whole symlink target). The tail is inline whenever inode, xattrs and tail fit in one
+//!   block, and that record never crosses a block boundary (the kernel requires it of the
+//!   tail). Records are placed in depth-first name order, each into the block with the
+//!   least room that still holds it, else a new one, so later small records fill the gaps
+//!   that large tails leave (the image is then as small as mkfs.erofs' own).
 //! - The shared xattr area (`xattr_blkaddr`), when some attribute is shared: each
 //!   (name, value) pair carried by two or more inodes (identical `security.capability` or
 //!   SELinux labels) once, referred to by a 4-byte id; an inode holds up to 255 such ids.
@@ -411,7 +413,11 @@ fn emit(tree: &Tree, opts: &ErofsOptions, plan: &Plan, w: &mut Out) -> Result<()
     let head = (format::SUPER_OFFSET + format::SUPER_SIZE) as u64;
     let mut first = Vec::new();
     let mut rec = Vec::with_capacity(BLOCK);
-    let mut rest = plan.inodes.iter().peekable();
+    let mut rest = plan
+        .by_pos
+        .iter()
+        .map(|&i| &plan.inodes[i as usize])
+        .peekable();
     while let Some(p) = rest.next_if(|p| p.pos < BLOCK as u64) {
         record(tree, plan, p, &mut rec)?;
         first.resize((p.pos - head) as usize, 0);

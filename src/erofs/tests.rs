@@ -713,3 +713,129 @@ fn size_and_time_against_mkfs_erofs() {
     );
     assert!(ratio <= 1.02, "{ratio:.4} times mkfs.erofs' size");
 }
+
+/// Names `f{i:05}` in the root for node `id`, sorted once (`T::link` sorts at each one).
+fn link_many(t: &mut T, id: u32, range: std::ops::Range<u32>) {
+    let NodeKind::Dir { entries } = &mut t.nodes[0].kind else {
+        unreachable!()
+    };
+    entries.extend(range.map(|i| (format!("f{i:05}").into_bytes().into(), id)));
+    entries.sort();
+}
+
+/// Which inodes need the extended form, at each limit of the compact one.
+#[test]
+fn compact_or_extended_at_each_limit() {
+    let file = |size: u64| NodeKind::File {
+        size,
+        content: Content::Bytes(Vec::new().into()),
+    };
+    let ns = |nsec: u32| {
+        let mut m = at_build(0o644, 0, 0);
+        m.mtime.nsec = nsec;
+        m
+    };
+    let secs = |sec: i64| {
+        let mut m = at_build(0o644, 0, 0);
+        m.mtime.sec = sec;
+        m
+    };
+    let cases: Vec<(&str, NodeKind, Meta, u32, bool)> = vec![
+        ("plain", file(0), at_build(0o644, 0, 0), 1, false),
+        ("uid 65535", file(0), at_build(0o644, 65_535, 0), 1, false),
+        ("uid 65536", file(0), at_build(0o644, 65_536, 0), 1, true),
+        ("gid 65535", file(0), at_build(0o644, 0, 65_535), 1, false),
+        ("gid 65536", file(0), at_build(0o644, 0, 65_536), 1, true),
+        ("nlink 65535", file(0), at_build(0o644, 0, 0), 65_535, false),
+        ("nlink 65536", file(0), at_build(0o644, 0, 0), 65_536, true),
+        (
+            "4 GiB - 1",
+            file(u32::MAX.into()),
+            at_build(0o644, 0, 0),
+            1,
+            false,
+        ),
+        ("4 GiB", file(1 << 32), at_build(0o644, 0, 0), 1, true),
+        ("1 ns", file(0), ns(1), 1, true),
+        ("1 s later", file(0), secs(BUILD_TIME as i64 + 1), 1, true),
+        ("before 1970", file(0), secs(-1), 1, true),
+    ];
+    for (what, kind, m, links, extended) in cases {
+        let mut t = T::new();
+        t.nodes[0].meta = at_build(0o755, 0, 0);
+        let id = t.add(0, b"f00000", kind, m);
+        link_many(&mut t, id, 1..links);
+        let tree = t.tree();
+        let plan = super::layout::plan(&tree, BUILD_TIME, true).unwrap();
+        let p = &plan.inodes[plan.index[id as usize] as usize];
+        assert_eq!((p.extended, p.nlink), (extended, links), "{what}");
+        assert!(
+            !plan.inodes[0].extended,
+            "{what}: the root is at the build time"
+        );
+    }
+}
+
+/// The plan's invariants on the tree with everything: the root at nid 36, no two records
+/// overlapping, every inline record (inode, xattrs, tail) inside one block, data blocks
+/// contiguous after the metadata and shared xattr areas, in inode order.
+#[test]
+fn the_plan_keeps_records_apart_and_inline_tails_in_one_block() {
+    let tree = everything();
+    let plan = super::layout::plan(&tree, BUILD_TIME, true).unwrap();
+    let bs = 4096u64;
+    assert_eq!(plan.inodes[0].nid(), 36);
+    let mut end = 1152u64;
+    for &i in &plan.by_pos {
+        let p = &plan.inodes[i as usize];
+        let len = p.inode_len() + p.xattrs.len() as u64 + u64::from(p.tail);
+        assert!(
+            p.pos >= end,
+            "record of node {} overlaps the one before",
+            p.node
+        );
+        assert_eq!(p.pos % 32, 0);
+        if p.tail > 0 {
+            assert!(
+                p.pos % bs + len <= bs,
+                "node {}: the inline record crosses a block",
+                p.node
+            );
+            assert_eq!(u64::from(p.tail), p.size % bs);
+        }
+        end = p.pos + len;
+    }
+    assert!(end <= plan.data_start * bs);
+    let mut next = plan.data_start;
+    for p in plan.inodes.iter().filter(|p| p.blocks > 0) {
+        assert_eq!(u64::from(p.start), next, "node {}", p.node);
+        next += p.blocks;
+    }
+    assert_eq!(next, plan.blocks);
+}
+
+/// 70,000 names of one file: an extended inode whose link count the kernel reports.
+#[test]
+fn more_than_65535_hard_links() {
+    let mut t = T::new();
+    let id = t.file(0, "f00000", b"linked", at_build(0o644, 0, 0));
+    link_many(&mut t, id, 1..70_000);
+    let tree = t.tree();
+    let tmp = tempfile::tempdir().unwrap();
+    let (image, r) = build(&tree, &opts(), tmp.path(), "links.erofs");
+    assert_eq!(r.inodes, 2);
+    if have_erofs_utils() {
+        fsck(&[], &image).unwrap();
+    }
+    if !is_root() {
+        eprintln!("SKIP the kernel's link count: not root");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let m = Mounted::new(&image, "erofs");
+    for name in ["f00000", "f45678", "f69999"] {
+        let md = std::fs::metadata(m.0.path().join(name)).unwrap();
+        assert_eq!(md.nlink(), 70_000, "{name}");
+    }
+    assert!(!m.0.path().join("f70000").exists());
+}
