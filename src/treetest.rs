@@ -148,7 +148,6 @@ pub(crate) fn capability() -> Vec<u8> {
     v
 }
 
-
 /// One entry of an image as an oracle sees it (or as the tree says it should be).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Rec {
@@ -164,7 +163,6 @@ pub(crate) struct Rec {
     pub(crate) xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     pub(crate) nlink: u64,
 }
-
 
 /// Expected entries, by path relative to the root ("" is the root), and the node of each.
 pub(crate) fn expected(
@@ -370,7 +368,6 @@ pub(crate) fn compare(tree: &Tree, root: &Path, what: &str, time: fn(Timestamp) 
     }
 }
 
-
 pub(crate) fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
@@ -401,7 +398,6 @@ impl Drop for Mounted {
         let _ = Command::new("umount").arg(self.0.path()).status();
     }
 }
-
 
 /// A tree of the files under a host directory (regular files read from the host).
 pub(crate) fn host_tree(root: &Path) -> Tree {
@@ -455,4 +451,3 @@ pub(crate) fn host_tree(root: &Path) -> Tree {
     }
     t.tree()
 }
-

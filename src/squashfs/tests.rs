@@ -242,7 +242,6 @@ fn squash_time(t: Timestamp) -> (i64, u32) {
     (t.sec.clamp(0, u32::MAX as i64), 0)
 }
 
-
 /// `ls -l` style permissions, as `unsquashfs -lln` prints them.
 fn perm_string(kind: char, perm: u32) -> String {
     let mut s = String::new();
