@@ -14,6 +14,7 @@
 //!   userspace), chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
 //!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
 //! - [`squashfs`]: fledge's own squashfs writer (compressed read-only roots), from a tree.
+//! - [`erofs`]: fledge's own EROFS writer (uncompressed read-only roots), from a tree.
 //! - [`doctor`], [`inspect`]: the reports of those commands; [`ui`]: the output sink (verbosity,
 //!   progress bars) every command reports through.
 //! - [`cli`]: the command line on top (argument parsing, completions, man pages, printing
@@ -28,6 +29,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod erofs;
 pub mod error;
 pub mod fusefs;
 pub mod image;
@@ -47,5 +49,7 @@ pub mod timing;
 pub mod tomlfile;
 pub mod tree;
 pub mod ui;
+#[cfg(test)]
+pub(crate) mod treetest;
 
 pub use error::Error;

@@ -806,20 +806,20 @@ fn preallocate(path: &Path) -> Result<(), BuildError> {
 }
 
 /// One piece of an image for a hashing thread: bytes, or the length of a hole (zeros that
-/// need not be read or written).
-enum Piece {
+/// need not be read or written). Also used by the EROFS writer, which hashes as it writes.
+pub(crate) enum Piece {
     Data(Vec<u8>),
     Zeros(u64),
 }
 
 /// sha256 over an image's pieces, in order; holes are hashed from a small zero buffer.
-struct PieceHasher {
+pub(crate) struct PieceHasher {
     h: Sha256,
     zeros: Vec<u8>,
 }
 
 impl PieceHasher {
-    fn new() -> PieceHasher {
+    pub(crate) fn new() -> PieceHasher {
         PieceHasher {
             h: Sha256::new(),
             zeros: vec![0u8; 1 << 16],
@@ -827,7 +827,7 @@ impl PieceHasher {
     }
 
     /// Hash `piece`; gives its buffer back for reuse.
-    fn update(&mut self, piece: Piece) -> Option<Vec<u8>> {
+    pub(crate) fn update(&mut self, piece: Piece) -> Option<Vec<u8>> {
         match piece {
             Piece::Data(buf) => {
                 self.h.update(&buf);
@@ -845,7 +845,7 @@ impl PieceHasher {
     }
 
     /// The digest, as lower-case hex.
-    fn finish(self) -> String {
+    pub(crate) fn finish(self) -> String {
         hex::encode(self.h.finalize())
     }
 }

@@ -9,152 +9,17 @@
 //! Without squashfs-tools (or without root, for the mounts and extraction) the checks that
 //! need them are skipped with a message.
 
-use std::collections::{BTreeMap, HashMap};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use sha2::Digest;
-
 use super::{write, Compression, SquashError, SquashOptions, SquashReport};
-use crate::tree::{Content, Meta, Node, NodeId, NodeKind, Timestamp, Tree, Xattr, ROOT};
-
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("-help").output().is_ok()
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(sha2::Sha256::digest(data))
-}
-
-/// A tree under construction: directory entries kept sorted.
-struct T {
-    nodes: Vec<Node>,
-}
-
-fn meta(mode: u32, uid: u32, gid: u32, sec: i64) -> Meta {
-    Meta {
-        mode,
-        uid,
-        gid,
-        mtime: Timestamp::new(sec, 123_456_789),
-        xattrs: Vec::new(),
-    }
-}
-
-fn x(name: &str, value: &[u8]) -> Xattr {
-    (name.as_bytes().into(), value.into())
-}
-
-fn with_x(mut m: Meta, mut xs: Vec<Xattr>) -> Meta {
-    xs.sort();
-    m.xattrs = xs;
-    m
-}
-
-impl T {
-    fn new() -> T {
-        T {
-            nodes: vec![Node {
-                kind: NodeKind::Dir {
-                    entries: Vec::new(),
-                },
-                meta: meta(0o755, 0, 0, 1_600_000_000),
-                nlink: 2,
-                parent: ROOT,
-            }],
-        }
-    }
-
-    fn add(&mut self, dir: NodeId, name: &[u8], kind: NodeKind, m: Meta) -> NodeId {
-        let id = self.nodes.len() as NodeId;
-        self.nodes.push(Node {
-            kind,
-            meta: m,
-            nlink: 1,
-            parent: dir,
-        });
-        self.link(dir, name, id);
-        id
-    }
-
-    fn link(&mut self, dir: NodeId, name: &[u8], id: NodeId) {
-        let NodeKind::Dir { entries } = &mut self.nodes[dir as usize].kind else {
-            panic!("not a directory");
-        };
-        entries.push((name.into(), id));
-        entries.sort();
-    }
-
-    fn dir(&mut self, parent: NodeId, name: &str, m: Meta) -> NodeId {
-        self.add(
-            parent,
-            name.as_bytes(),
-            NodeKind::Dir {
-                entries: Vec::new(),
-            },
-            m,
-        )
-    }
-
-    fn file(&mut self, dir: NodeId, name: &str, data: &[u8], m: Meta) -> NodeId {
-        self.add(
-            dir,
-            name.as_bytes(),
-            NodeKind::File {
-                size: data.len() as u64,
-                content: Content::Bytes(data.into()),
-            },
-            m,
-        )
-    }
-
-    fn tree(self) -> Tree {
-        Tree {
-            nodes: self.nodes,
-            layer_files: Vec::new(),
-        }
-    }
-}
-
-/// Bytes that compress somewhat, like real files: words from a small vocabulary, seeded.
-fn text(len: usize, seed: u32) -> Vec<u8> {
-    const WORDS: [&str; 12] = [
-        "root", "squash", "fledge", "inode", "block", "tail", "kernel", "layer", "xz", "zstd",
-        "/usr/lib", "\n",
-    ];
-    let mut s = seed.wrapping_mul(2_654_435_761) | 1;
-    let mut out = Vec::with_capacity(len + 16);
-    while out.len() < len {
-        s ^= s << 13;
-        s ^= s >> 17;
-        s ^= s << 5;
-        out.extend_from_slice(WORDS[(s % 12) as usize].as_bytes());
-        out.push(b' ');
-        if s % 7 == 0 {
-            out.push((s >> 8) as u8);
-        }
-    }
-    out.truncate(len);
-    out
-}
-
-/// A version 2 `security.capability` value granting `cap_net_bind_service` (bit 10).
-fn capability() -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend_from_slice(&0x0200_0001u32.to_le_bytes()); // revision 2, effective
-    v.extend_from_slice(&(1u32 << 10).to_le_bytes()); // permitted, low word
-    v.extend_from_slice(&0u32.to_le_bytes()); // inheritable, low word
-    v.extend_from_slice(&0u32.to_le_bytes());
-    v.extend_from_slice(&0u32.to_le_bytes());
-    v
-}
+use crate::tree::{Content, NodeId, NodeKind, Timestamp, Tree};
+use crate::treetest::{
+    capability, compare, expected, have, host_tree, is_root, meta, run, sha, text, with_x, x,
+    Mounted, T,
+};
 
 /// The tree with everything: every kind of node and the awkward cases, for block size `bs`.
 fn everything(bs: usize) -> Tree {
@@ -372,226 +237,9 @@ fn everything(bs: usize) -> Tree {
     t.tree()
 }
 
-/// One entry of an image as an oracle sees it (or as the tree says it should be).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Rec {
-    kind: char,
-    perm: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    size: u64,
-    sha: Option<String>,
-    target: Option<Vec<u8>>,
-    rdev: Option<(u32, u32)>,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    nlink: u64,
-}
-
-/// What squashfs should give back for a tree time.
-fn squash_time(t: Timestamp) -> i64 {
-    t.sec.clamp(0, u32::MAX as i64)
-}
-
-/// Expected entries, by path relative to the root ("" is the root), and the node of each.
-fn expected(tree: &Tree) -> (BTreeMap<Vec<u8>, Rec>, HashMap<Vec<u8>, NodeId>) {
-    let mut names: HashMap<NodeId, u64> = HashMap::new();
-    tree.walk(|_, id| *names.entry(id).or_default() += 1);
-    let mut out = BTreeMap::new();
-    let mut nodes = HashMap::new();
-    tree.walk(|path, id| {
-        let node = tree.node(id);
-        let rel = path[1..].to_vec();
-        let (kind, size, sha_, target, rdev) = match &node.kind {
-            NodeKind::Dir { entries } => {
-                let _ = entries;
-                ('d', 0, None, None, None)
-            }
-            NodeKind::File { size, .. } => {
-                let mut data = vec![0u8; *size as usize];
-                tree.read_at(id, 0, &mut data).unwrap();
-                ('-', *size, Some(sha(&data)), None, None)
-            }
-            NodeKind::Symlink { target } => {
-                ('l', target.len() as u64, None, Some(target.to_vec()), None)
-            }
-            NodeKind::CharDevice { major, minor } => ('c', 0, None, None, Some((*major, *minor))),
-            NodeKind::BlockDevice { major, minor } => ('b', 0, None, None, Some((*major, *minor))),
-            NodeKind::Fifo => ('p', 0, None, None, None),
-        };
-        let nlink = match &node.kind {
-            NodeKind::Dir { entries } => {
-                2 + entries
-                    .iter()
-                    .filter(|(_, c)| matches!(tree.node(*c).kind, NodeKind::Dir { .. }))
-                    .count() as u64
-            }
-            _ => names[&id],
-        };
-        let mut xattrs: Vec<_> = node
-            .meta
-            .xattrs
-            .iter()
-            .map(|(n, v)| (n.to_vec(), v.to_vec()))
-            .collect();
-        xattrs.sort();
-        out.insert(
-            rel.clone(),
-            Rec {
-                kind,
-                perm: node.meta.mode & 0o7777,
-                uid: node.meta.uid,
-                gid: node.meta.gid,
-                mtime: squash_time(node.meta.mtime),
-                size,
-                sha: sha_,
-                target,
-                rdev,
-                xattrs,
-                nlink,
-            },
-        );
-        nodes.insert(rel, id);
-    });
-    (out, nodes)
-}
-
-/// Entries of a directory tree on the host (an extraction or a mount), read back with
-/// `lstat`, `readlink`, `llistxattr`; and each path's inode number.
-fn actual(root: &Path) -> (BTreeMap<Vec<u8>, Rec>, HashMap<Vec<u8>, u64>) {
-    let mut out = BTreeMap::new();
-    let mut inos = HashMap::new();
-    let mut stack = vec![(root.to_path_buf(), Vec::new())];
-    while let Some((p, rel)) = stack.pop() {
-        let md = std::fs::symlink_metadata(&p).unwrap();
-        let ft = md.file_type();
-        let (kind, size, sha_, target, rdev) = if ft.is_dir() {
-            let mut kids: Vec<_> = std::fs::read_dir(&p)
-                .unwrap()
-                .map(|e| e.unwrap().file_name())
-                .collect();
-            kids.sort();
-            for k in kids {
-                let mut r = rel.clone();
-                if !r.is_empty() {
-                    r.push(b'/');
-                }
-                r.extend_from_slice(k.as_bytes());
-                stack.push((p.join(&k), r));
-            }
-            ('d', 0, None, None, None)
-        } else if ft.is_file() {
-            let data = std::fs::read(&p).unwrap();
-            ('-', md.len(), Some(sha(&data)), None, None)
-        } else if ft.is_symlink() {
-            let t = std::fs::read_link(&p).unwrap();
-            (
-                'l',
-                md.len(),
-                None,
-                Some(t.as_os_str().as_bytes().to_vec()),
-                None,
-            )
-        } else {
-            let dev = (libc::major(md.rdev()), libc::minor(md.rdev()));
-            if ft.is_char_device() {
-                ('c', 0, None, None, Some(dev))
-            } else if ft.is_block_device() {
-                ('b', 0, None, None, Some(dev))
-            } else if ft.is_fifo() {
-                ('p', 0, None, None, None)
-            } else {
-                panic!("unexpected file type at {}", p.display())
-            }
-        };
-        let mut xattrs = Vec::new();
-        // A squashfs without an xattr table answers "not supported": no attributes.
-        let names = match xattr::list(&p) {
-            Ok(n) => n.collect(),
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Vec::new(),
-            Err(e) => panic!("listxattr {}: {e}", p.display()),
-        };
-        for name in names {
-            let v = xattr::get(&p, &name).unwrap().unwrap_or_default();
-            xattrs.push((name.as_bytes().to_vec(), v));
-        }
-        xattrs.sort();
-        inos.insert(rel.clone(), md.ino());
-        out.insert(
-            rel,
-            Rec {
-                kind,
-                perm: md.mode() & 0o7777,
-                uid: md.uid(),
-                gid: md.gid(),
-                mtime: md.mtime(),
-                size,
-                sha: sha_,
-                target,
-                rdev,
-                xattrs,
-                nlink: md.nlink(),
-            },
-        );
-    }
-    (out, inos)
-}
-
-/// Compare an image read back at `root` with the tree: every entry and field, then
-/// hard-link inode sharing. `what` names the oracle in failures.
-fn compare(tree: &Tree, root: &Path, what: &str) {
-    let (want, nodes) = expected(tree);
-    let (got, inos) = actual(root);
-    let missing: Vec<_> = want
-        .keys()
-        .filter(|k| !got.contains_key(*k))
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .take(10)
-        .collect();
-    let extra: Vec<_> = got
-        .keys()
-        .filter(|k| !want.contains_key(*k))
-        .map(|k| String::from_utf8_lossy(k).into_owned())
-        .take(10)
-        .collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "{what}: missing {missing:?}, unexpected {extra:?}"
-    );
-    let mut bad = Vec::new();
-    for (path, w) in &want {
-        let g = &got[path];
-        if w != g {
-            bad.push(format!(
-                "{}:\n  want {w:?}\n  got  {g:?}",
-                String::from_utf8_lossy(path)
-            ));
-        }
-    }
-    assert!(
-        bad.is_empty(),
-        "{what}: {} entries differ, first ones:\n{}",
-        bad.len(),
-        bad.iter().take(8).cloned().collect::<Vec<_>>().join("\n")
-    );
-    // One inode per node: names of the same node share it, different nodes do not.
-    let mut ino_of: HashMap<NodeId, u64> = HashMap::new();
-    let mut node_of: HashMap<u64, NodeId> = HashMap::new();
-    for (path, id) in &nodes {
-        let ino = inos[path];
-        assert_eq!(
-            *ino_of.entry(*id).or_insert(ino),
-            ino,
-            "{what}: {} does not share its inode with its other names",
-            String::from_utf8_lossy(path)
-        );
-        assert_eq!(
-            *node_of.entry(ino).or_insert(*id),
-            *id,
-            "{what}: {} shares inode {ino} with another file",
-            String::from_utf8_lossy(path)
-        );
-    }
+/// What squashfs should give back for a tree time: whole seconds, 32-bit unsigned.
+fn squash_time(t: Timestamp) -> (i64, u32) {
+    (t.sec.clamp(0, u32::MAX as i64), 0)
 }
 
 /// `ls -l` style permissions, as `unsquashfs -lln` prints them.
@@ -685,7 +333,7 @@ fn listing_lines(text: &str) -> Vec<Vec<String>> {
 }
 
 fn expected_listing(tree: &Tree) -> Vec<Vec<String>> {
-    let (want, _) = expected(tree);
+    let (want, _) = expected(tree, squash_time);
     let mut rows: Vec<(Vec<u8>, Vec<String>)> = want
         .iter()
         .map(|(path, r)| {
@@ -705,7 +353,7 @@ fn expected_listing(tree: &Tree) -> Vec<Vec<String>> {
                 perm_string(r.kind, r.perm),
                 format!("{}/{}", r.uid, r.gid),
                 size,
-                utc_minutes(r.mtime),
+                utc_minutes(r.mtime.0),
                 String::from_utf8_lossy(&p).into_owned(),
             ];
             if let Some(t) = &r.target {
@@ -723,37 +371,6 @@ fn expected_listing(tree: &Tree) -> Vec<Vec<String>> {
     rows.into_iter().map(|(_, f)| f).collect()
 }
 
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Mounts an image read-only on a temporary directory; unmounts on drop.
-struct Mounted(tempfile::TempDir);
-
-impl Mounted {
-    fn new(image: &Path) -> Mounted {
-        let mp = tempfile::tempdir().unwrap();
-        run(Command::new("mount")
-            .args(["-t", "squashfs", "-o", "loop,ro"])
-            .arg(image)
-            .arg(mp.path()));
-        Mounted(mp)
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 /// Every oracle on one image: the superblock summary, the full listing, an extraction
 /// and a kernel mount (as root).
 fn check_image(tree: &Tree, image: &Path, opts: &SquashOptions, report: &SquashReport) {
@@ -768,7 +385,7 @@ fn check_image(tree: &Tree, image: &Path, opts: &SquashOptions, report: &SquashR
         return;
     }
     let s = run(Command::new("unsquashfs").arg("-s").arg(image));
-    let (want, _) = expected(tree);
+    let (want, _) = expected(tree, squash_time);
     let inodes: std::collections::HashSet<NodeId> = {
         let mut set = std::collections::HashSet::new();
         tree.walk(|_, id| {
@@ -831,9 +448,9 @@ fn check_image(tree: &Tree, image: &Path, opts: &SquashOptions, report: &SquashR
         .args(["-no-progress", "-quiet", "-d"])
         .arg(&dest)
         .arg(image));
-    compare(tree, &dest, "unsquashfs -d");
-    let m = Mounted::new(image);
-    compare(tree, m.0.path(), "kernel mount");
+    compare(tree, &dest, "unsquashfs -d", squash_time);
+    let m = Mounted::new(image, "squashfs");
+    compare(tree, m.0.path(), "kernel mount", squash_time);
     // Lookups of names that are not there, in the indexed directory, around its entries.
     for name in ["00000", "0000", "05999x", "06000-sua", "11999~", "zzz", "!"] {
         let p = m.0.path().join("big").join(name);
@@ -859,7 +476,7 @@ fn build(tree: &Tree, o: &SquashOptions, dir: &Path, name: &str) -> (PathBuf, Sq
 
 /// Files whose contents another earlier file already has.
 fn duplicate_count(tree: &Tree) -> u64 {
-    let (want, nodes) = expected(tree);
+    let (want, nodes) = expected(tree, squash_time);
     let mut seen_nodes = std::collections::HashSet::new();
     let mut contents = std::collections::HashSet::new();
     let mut dups = 0;
@@ -1013,7 +630,7 @@ fn a_file_over_4_gib_gets_an_extended_inode() {
     assert_eq!(r.sparse_blocks, r.data_blocks - 3);
     let list = run(Command::new("unsquashfs").arg("-lln").arg(&image));
     assert!(list.contains(&format!(" {size} ")), "{list}");
-    let m = Mounted::new(&image);
+    let m = Mounted::new(&image, "squashfs");
     let f = std::fs::File::open(m.0.path().join("huge")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), size);
     use std::os::unix::fs::FileExt;
@@ -1169,59 +786,6 @@ fn unrepresentable_trees_and_bad_settings_are_errors_naming_the_path() {
             "{err}"
         );
     }
-}
-
-/// A tree of the files under a host directory (regular files read from the host).
-fn host_tree(root: &Path) -> Tree {
-    let mut t = T::new();
-    let md = std::fs::symlink_metadata(root).unwrap();
-    t.nodes[0].meta = meta(md.mode() & 0o7777, md.uid(), md.gid(), md.mtime());
-    let mut stack = vec![(root.to_path_buf(), ROOT)];
-    while let Some((dir, id)) = stack.pop() {
-        let mut kids: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        kids.sort();
-        for p in kids {
-            let md = std::fs::symlink_metadata(&p).unwrap();
-            let name = p.file_name().unwrap().as_bytes();
-            let m = meta(md.mode() & 0o7777, md.uid(), md.gid(), md.mtime());
-            let ft = md.file_type();
-            if ft.is_dir() {
-                let d = t.add(
-                    id,
-                    name,
-                    NodeKind::Dir {
-                        entries: Vec::new(),
-                    },
-                    m,
-                );
-                stack.push((p, d));
-            } else if ft.is_file() {
-                t.add(
-                    id,
-                    name,
-                    NodeKind::File {
-                        size: md.len(),
-                        content: Content::HostFile(p.clone()),
-                    },
-                    m,
-                );
-            } else if ft.is_symlink() {
-                let target = std::fs::read_link(&p).unwrap();
-                t.add(
-                    id,
-                    name,
-                    NodeKind::Symlink {
-                        target: target.as_os_str().as_bytes().into(),
-                    },
-                    m,
-                );
-            }
-        }
-    }
-    t.tree()
 }
 
 /// Size and time against mksquashfs on the same files (our image extracted), with the same
