@@ -1,7 +1,7 @@
 //! `fledge doctor`: what this host can do, which backend `fledge build` will choose for each
 //! filesystem type, and how to fix what is missing.
 //!
-//! It runs exactly the probes the backend selection runs ([`crate::build::select::Probed`]),
+//! It runs exactly the probes the backend selection runs ([`crate::output::select::Probed`]),
 //! so its verdict and `build`'s choice cannot disagree.
 //!
 //! Exit status: 0 when every filesystem type has a usable backend, 2 when only some do, 1
@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::build::select::{self, BackendKind, Probed};
 use crate::config::FsType;
+use crate::output::select::{self, BackendKind, Probed};
 use crate::probe::{Probe, Status};
 
 /// What to check.

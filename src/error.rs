@@ -24,7 +24,7 @@ pub enum Error {
     #[error(transparent)]
     Run(#[from] crate::runner::RunError),
     #[error(transparent)]
-    Build(#[from] crate::build::BuildError),
+    Build(#[from] crate::output::BuildError),
     #[error("{0}")]
     Usage(String),
 }

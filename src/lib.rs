@@ -10,9 +10,11 @@
 //! - [`tree`]: the frozen, read-only index of the merged image; contents stay in the layer data.
 //! - [`image`]: reference -> cached layers -> merged tree.
 //! - [`fusefs`]: serve a [`tree::Tree`] read-only through FUSE.
-//! - [`probe`]: capability probes; [`build`]: backends (native ext4 writer, kernel,
-//!   userspace), chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin manifest; [`runner`]: the one
-//!   runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
+//! - [`probe`]: capability probes; [`output`]: the build pipeline and the output contract
+//!   (`output::job`: a `Writer` gets a `Job` and returns `Written`), its writers (native ext4,
+//!   kernel, userspace) chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin
+//!   manifest; [`runner`]: the one runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM
+//!   turned into errors.
 //! - [`squashfs`]: fledge's own squashfs writer (compressed read-only roots), from a tree.
 //! - [`erofs`]: fledge's own EROFS writer (uncompressed read-only roots), from a tree.
 //! - [`doctor`], [`inspect`]: the reports of those commands; [`ui`]: the output sink (verbosity,
@@ -25,7 +27,6 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
-pub mod build;
 pub mod cli;
 pub mod config;
 pub mod doctor;
@@ -39,6 +40,7 @@ pub mod layer;
 pub mod manifest;
 pub mod mapping;
 pub mod merge;
+pub mod output;
 pub mod probe;
 pub mod runner;
 pub mod source;
@@ -48,8 +50,8 @@ pub mod sys;
 pub mod timing;
 pub mod tomlfile;
 pub mod tree;
-pub mod ui;
 #[cfg(test)]
 pub(crate) mod treetest;
+pub mod ui;
 
 pub use error::Error;

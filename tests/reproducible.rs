@@ -126,12 +126,12 @@ fn builds_in_one_process_each_get_their_own_identity() {
     .unwrap();
     let ui = fledge::ui::Ui::silent();
     let build = |name: &str, epoch: Option<i64>| {
-        let mut req = fledge::build::BuildRequest::new(&config);
+        let mut req = fledge::output::BuildRequest::new(&config);
         req.output = Some(dir.path().join(format!("{name}.img")));
-        req.backend = fledge::build::BackendChoice::Native;
+        req.backend = fledge::output::BackendChoice::Native;
         req.image.cache_dir = Some(dir.path().join("cache"));
         req.source_date_epoch = epoch;
-        let outcome = fledge::build::run(&req, &ui).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let outcome = fledge::output::run(&req, &ui).unwrap_or_else(|e| panic!("{name}: {e}"));
         (ext4_uuid(&outcome.image), outcome.sha256)
     };
     let (a, sum_a) = build("a", Some(1_700_000_000));
@@ -141,5 +141,8 @@ fn builds_in_one_process_each_get_their_own_identity() {
     assert_ne!(a, b, "two epochs in one process gave one UUID");
     assert_ne!(sum_a, sum_b);
     assert_eq!((a, &sum_a), (a2, &sum_a2), "the same epoch again differs");
-    assert!(r != a && r != b, "a build without an epoch reused a derived UUID");
+    assert!(
+        r != a && r != b,
+        "a build without an epoch reused a derived UUID"
+    );
 }

@@ -7,7 +7,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
 use super::{print_json, CliError, ImageArgs};
-use crate::build::{self, BackendChoice, BuildRequest};
+use crate::output::{self, BackendChoice, BuildRequest};
 use crate::ui::Ui;
 
 #[derive(Debug, Args)]
@@ -51,13 +51,13 @@ impl BuildArgs {
             manifest: self.manifest.clone(),
             backend: self.backend,
             image: self.image.request(),
-            source_date_epoch: build::source_date_epoch_from_env(),
+            source_date_epoch: output::source_date_epoch_from_env(),
         }
     }
 }
 
 pub fn run(args: &BuildArgs, ui: &Ui) -> Result<ExitCode, CliError> {
-    let outcome = build::run(&args.request(), ui)?;
+    let outcome = output::run(&args.request(), ui)?;
     if args.json {
         print_json(&outcome, "build report")?;
     } else {

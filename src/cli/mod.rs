@@ -1,6 +1,6 @@
 //! The command line: argument parsing (clap), logging set-up, dispatch, and error reporting.
 //! Nothing outside this module knows about clap: each command's arguments turn into the
-//! library's plain request types ([`crate::build::BuildRequest`],
+//! library's plain request types ([`crate::output::BuildRequest`],
 //! [`crate::doctor::DoctorRequest`], [`crate::image::ImageRequest`]), and the library reports
 //! through [`crate::ui::Ui`] and returns its results for this module to print.
 //!

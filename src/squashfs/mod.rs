@@ -220,7 +220,7 @@ pub enum SquashError {
     Hash {
         path: PathBuf,
         #[source]
-        source: Box<crate::build::BuildError>,
+        source: Box<crate::output::BuildError>,
     },
     #[error("the squashfs image's {what} exceeds the format's limits")]
     TooLarge { what: &'static str },
@@ -708,7 +708,7 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
     drop(file);
     sw.mark("squashfs: tables written");
     check_interrupt()?;
-    let sha256 = crate::build::sha256_file(out).map_err(|e| SquashError::Hash {
+    let sha256 = crate::output::sha256_file(out).map_err(|e| SquashError::Hash {
         path: out.to_path_buf(),
         source: Box::new(e),
     })?;

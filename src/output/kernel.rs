@@ -26,7 +26,7 @@ use sys_mount::{FilesystemType, Mount, Unmount, UnmountFlags};
 use super::job::{uuid_text, Identity, Job, Tools, Writer, Written};
 use super::kmsg::KernelLog;
 use super::size::{SizePlan, MIB};
-use super::{ext4, BuildError, BuildReport};
+use super::{e2fsprogs, BuildError, BuildReport};
 use crate::config::FsType;
 use crate::tree::Tree;
 
@@ -312,7 +312,7 @@ fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport
     let later_fsid =
         (job.identity.reproducible && fs == FsType::Btrfs).then_some(job.identity.uuid);
     let (mkfs, mut args) = mkfs_args(fs, plan, later_fsid.is_none().then_some(job.identity));
-    // ext4 is made without its journal and gets it after the copy (ext4::add_journal): the
+    // ext4 is made without its journal and gets it after the copy (e2fsprogs::add_journal): the
     // copy then skips journaling every metadata change, and the result is the same normal,
     // journaled, fsck-clean filesystem.
     let late_journal = fs == FsType::Ext4;
@@ -432,11 +432,11 @@ fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport
         sw.mark("derived fsid set");
     }
     if late_journal {
-        ext4::add_journal(tools, image)?;
+        e2fsprogs::add_journal(tools, image)?;
         sw.mark("journal added");
     }
     let free = if fs == FsType::Ext4 {
-        let (free, n) = ext4::calibrate(tools, image, plan)?;
+        let (free, n) = e2fsprogs::calibrate(tools, image, plan)?;
         sw.mark("size calibrated");
         resizes += n;
         free

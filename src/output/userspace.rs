@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::job::{Job, Writer, Written};
 use super::size::MIB;
-use super::{ext4, kernel, xfsproto, BuildError, BuildReport};
+use super::{e2fsprogs, kernel, xfsproto, BuildError, BuildReport};
 use crate::config::FsType;
 use crate::fusefs::{MountOptions, MountedView};
 use crate::tree::Tree;
@@ -20,7 +20,7 @@ use crate::tree::Tree;
 pub fn unrepresentable(tree: &Tree, fs: FsType) -> Option<(String, Vec<String>)> {
     match fs {
         // debugfs repairs mtimes; everything else mkfs.ext4 -d copies.
-        FsType::Ext4 => ext4::fixup_script(tree).err().map(|e| match e {
+        FsType::Ext4 => e2fsprogs::fixup_script(tree).err().map(|e| match e {
             BuildError::Unrepresentable { what, paths, .. } => (what, paths),
             other => (other.to_string(), Vec::new()),
         }),
@@ -142,12 +142,12 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
 
     let (free, resizes) = match fs {
         FsType::Ext4 => {
-            let script = ext4::fixup_script(tree)?;
-            let fixed = ext4::apply_fixups(tools, image, &script, work)?;
+            let script = e2fsprogs::fixup_script(tree)?;
+            let fixed = e2fsprogs::apply_fixups(tools, image, &script, work)?;
             if fixed > 0 {
                 tracing::info!("repaired {fixed} mtimes that mkfs.ext4 -d truncated");
             }
-            let (free, n) = ext4::calibrate(tools, image, plan)?;
+            let (free, n) = e2fsprogs::calibrate(tools, image, plan)?;
             (Some(free), n)
         }
         // No offline resize for these; the estimate stands (tests check the window).
@@ -163,6 +163,6 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
 
 /// Start an attempt from an empty file of `size` bytes (all holes).
 fn set_len(image: &Path, size: u64) -> Result<(), BuildError> {
-    ext4::truncate_to(image, 0)?;
-    ext4::truncate_to(image, size)
+    e2fsprogs::truncate_to(image, 0)?;
+    e2fsprogs::truncate_to(image, size)
 }

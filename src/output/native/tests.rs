@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::Command;
 
 use super::build;
-use crate::build::size::{SizePlan, MIB};
-use crate::build::{BuildError, Identity};
+use crate::output::size::{SizePlan, MIB};
+use crate::output::{BuildError, Identity};
 use crate::tree::{Content, Meta, Node, NodeId, NodeKind, Timestamp, Tree, Xattr};
 
 fn have(tool: &str) -> bool {
@@ -460,7 +460,7 @@ fn what_ext4_cannot_hold_is_refused_naming_the_path() {
 
 #[test]
 fn free_space_lands_in_the_accepted_window() {
-    use crate::build::size::slack;
+    use crate::output::size::slack;
     let mut t = T::new();
     for i in 0..500 {
         t.file(0, &format!("f{i}"), &vec![1u8; i * 97], meta(0o644, 0, 0));
@@ -469,7 +469,7 @@ fn free_space_lands_in_the_accepted_window() {
     for buffer_mib in [0u64, 1, 7, 100, 1000, 5000] {
         let buffer = buffer_mib * MIB;
         let l = super::layout::plan(&tree, 2000, buffer, [3; 16], [4; 16], 0).unwrap();
-        let info = crate::build::ext4::SuperInfo {
+        let info = crate::output::e2fsprogs::SuperInfo {
             block_count: l.geo.blocks,
             free_blocks: l.counts.free_blocks,
             reserved_blocks: 0,

@@ -444,7 +444,7 @@ pub fn plan(
             .div_ceil(BLOCKS_PER_GROUP)
             .max(want_inodes.div_ceil(BLOCKS_PER_GROUP));
         let ipg = inodes_per_group(want_inodes, groups);
-        let resv = super::super::ext4::kernel_reserve_blocks(total);
+        let resv = super::super::e2fsprogs::kernel_reserve_blocks(total);
         // + 64: extent tree leaves, and rounding to whole MiB.
         (content + fixed_overhead(total, ipg) + journal_blocks(total) + free_blocks + resv + 64)
             .div_ceil(256)
@@ -705,7 +705,7 @@ fn place(
         block_bitmaps.push(bm);
     }
     // Free space as statfs will show it.
-    let visible = free_total.saturating_sub(super::super::ext4::kernel_reserve_blocks(total));
+    let visible = free_total.saturating_sub(super::super::e2fsprogs::kernel_reserve_blocks(total));
     if visible < need_free {
         return Err(NativeError::Short {
             blocks: need_free - visible,

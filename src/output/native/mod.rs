@@ -125,7 +125,7 @@ pub fn build(
     let sha256 = emit(tree, &layout, &file, image, progress)?;
     sw.mark("image written and hashed");
     let free = layout.counts.free_blocks;
-    let info = super::ext4::SuperInfo {
+    let info = super::e2fsprogs::SuperInfo {
         block_count: layout.geo.blocks,
         free_blocks: free,
         reserved_blocks: 0,

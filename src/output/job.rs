@@ -1,5 +1,5 @@
 //! The output contract: what every image writer is given ([`Job`]) and what it gives back
-//! ([`Written`]). `build::run` prepares the tree, the size plan and the build's [`Identity`]
+//! ([`Written`]). `output::run` prepares the tree, the size plan and the build's [`Identity`]
 //! once, picks a [`Writer`] ([`super::select`]), and has no per-format branch beyond that.
 //!
 //! A new output format is one module implementing [`Writer`], plus its entry in

@@ -13,7 +13,7 @@
 //!    build leaves nothing at the output paths, and an existing output untouched.
 
 mod copy;
-mod ext4;
+mod e2fsprogs;
 pub mod job;
 pub(crate) mod kernel;
 mod kmsg;
