@@ -113,7 +113,7 @@ pub fn report(req: &DoctorRequest) -> Report {
 /// socket, registry auth files.
 fn env_probes(cache_dir: Option<PathBuf>) -> Vec<Probe> {
     let cache = cache_dir
-        .or_else(|| crate::layer::LayerStore::default_dir().ok())
+        .or_else(|| crate::cache::default_dir().ok())
         .unwrap_or_else(std::env::temp_dir);
     vec![
         dir_probe("dirs.cache", &cache),

@@ -19,7 +19,7 @@ pub struct ImageRequest {
     /// Platform to select from a multi-platform index, as `os/arch[/variant]`; `None`: this
     /// host's.
     pub platform: Option<String>,
-    /// Layer cache directory; `None`: [`LayerStore::default_dir`].
+    /// Layer cache directory; `None`: [`crate::cache::default_dir`].
     pub cache_dir: Option<PathBuf>,
     /// Use a temporary cache, deleted when the last copy of the options is dropped.
     pub no_cache: bool,
@@ -69,7 +69,7 @@ pub struct OpenOptions {
     /// The platform was asked for (`--platform`): an image for another platform is an error
     /// rather than a warning.
     pub platform_explicit: bool,
-    /// Layer cache directory; `None` means [`LayerStore::default_dir`].
+    /// Layer cache directory; `None` means [`crate::cache::default_dir`].
     pub cache_dir: Option<PathBuf>,
     /// Registries reached over plain HTTP (besides loopback ones).
     pub insecure_registries: Vec<String>,
@@ -114,12 +114,9 @@ pub struct OpenedImage {
     pub tree: Tree,
 }
 
-/// The cache directory to use: the option, else the layer store's default.
+/// The cache directory to use: the option, else [`crate::cache::default_dir`].
 pub fn cache_dir(opts: &OpenOptions) -> Result<PathBuf, Error> {
-    match &opts.cache_dir {
-        Some(d) => Ok(d.clone()),
-        None => Ok(LayerStore::default_dir()?),
-    }
+    crate::cache::dir(opts.cache_dir.as_deref()).map_err(|_| LayerError::NoCacheDir.into())
 }
 
 /// Open the source and resolve the reference for the platform.

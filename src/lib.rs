@@ -5,7 +5,8 @@
 //!   [`agent`]: the kestrel agent (local, http, release).
 //! - [`source`]: find an image (OCI layout and archive, docker-archive, registry, Docker
 //!   daemon) and read its verified blobs.
-//! - [`layer`]: decode layer blobs (tar, gzip, zstd) into an uncompressed, digest-keyed cache.
+//! - [`layer`]: decode layer blobs (tar, gzip, zstd) into an uncompressed, digest-keyed cache,
+//!   kept where [`cache`] says.
 //! - [`merge`]: apply the layers in order with full OCI semantics into one [`tree::Tree`].
 //! - [`tree`]: the frozen, read-only index of the merged image; contents stay in the layer data.
 //! - [`image`]: reference -> cached layers -> merged tree.
@@ -27,6 +28,7 @@
 #![deny(unsafe_code)]
 
 pub mod agent;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod doctor;

@@ -30,10 +30,8 @@ pub enum CacheCommand {
 pub fn run(args: &CacheArgs, ui: &Ui) -> Result<ExitCode, CliError> {
     match &args.command {
         CacheCommand::Prune { cache_dir } => {
-            let dir = match cache_dir {
-                Some(d) => d.clone(),
-                None => LayerStore::default_dir().map_err(Error::from)?,
-            };
+            let dir = crate::cache::dir(cache_dir.as_deref())
+                .map_err(|_| Error::from(crate::layer::LayerError::NoCacheDir))?;
             let report = LayerStore::new(&dir).prune().map_err(Error::from)?;
             ui.info(format!(
                 "pruned {}: {} files, {:.1} MiB freed",

@@ -107,12 +107,6 @@ impl LayerStore {
         LayerStore { dir: dir.into() }
     }
 
-    /// `$FLEDGE_CACHE_DIR`, else `$XDG_CACHE_HOME/fledge`, else `$HOME/.cache/fledge`
-    /// (empty values count as unset; a relative `XDG_CACHE_HOME` is ignored, as the XDG spec
-    /// says).
-    pub fn default_dir() -> Result<PathBuf, LayerError> {
-        default_dir_from(|name| std::env::var_os(name))
-    }
 
     /// The store's root directory.
     pub fn dir(&self) -> &Path {
@@ -380,22 +374,6 @@ fn prune_tree(dir: &Path, report: &mut PruneReport) -> Result<(), LayerError> {
         }
     }
     Ok(())
-}
-
-fn default_dir_from(
-    env: impl Fn(&str) -> Option<std::ffi::OsString>,
-) -> Result<PathBuf, LayerError> {
-    let var = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(d) = var("FLEDGE_CACHE_DIR") {
-        return Ok(d);
-    }
-    if let Some(d) = var("XDG_CACHE_HOME").filter(|d| d.is_absolute()) {
-        return Ok(d.join("fledge"));
-    }
-    if let Some(h) = var("HOME") {
-        return Ok(h.join(".cache").join("fledge"));
-    }
-    Err(LayerError::NoCacheDir)
 }
 
 /// Map a read error during decoding: blob verification failures stay source errors, the rest
@@ -1089,46 +1067,5 @@ mod tests {
         // A missing cache directory is an empty one.
         let gone = LayerStore::new(cache.path().join("nope"));
         assert_eq!(gone.prune().unwrap(), PruneReport::default());
-    }
-
-    #[test]
-    fn default_dir_order() {
-        type Vars<'a> = &'a [(&'a str, &'a str)];
-        let cases: [(Vars, Option<&str>); 6] = [
-            (
-                &[
-                    ("FLEDGE_CACHE_DIR", "/c/fledge"),
-                    ("XDG_CACHE_HOME", "/x"),
-                    ("HOME", "/h"),
-                ],
-                Some("/c/fledge"),
-            ),
-            (
-                &[
-                    ("FLEDGE_CACHE_DIR", ""),
-                    ("XDG_CACHE_HOME", "/x"),
-                    ("HOME", "/h"),
-                ],
-                Some("/x/fledge"),
-            ),
-            (
-                &[("XDG_CACHE_HOME", "relative"), ("HOME", "/h")],
-                Some("/h/.cache/fledge"),
-            ),
-            (&[("HOME", "/h")], Some("/h/.cache/fledge")),
-            (&[("HOME", "")], None),
-            (&[], None),
-        ];
-        for (vars, want) in cases {
-            let got = default_dir_from(|k| {
-                vars.iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| std::ffi::OsString::from(v))
-            });
-            match want {
-                Some(w) => assert_eq!(got.unwrap(), PathBuf::from(w), "{vars:?}"),
-                None => assert!(matches!(got, Err(LayerError::NoCacheDir)), "{vars:?}"),
-            }
-        }
     }
 }

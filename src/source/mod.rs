@@ -462,7 +462,7 @@ impl SourceOptions {
     pub fn cache_dir(&self) -> Result<PathBuf, SourceError> {
         match &self.cache_dir {
             Some(d) => Ok(d.clone()),
-            None => crate::layer::LayerStore::default_dir().map_err(|e| SourceError::Io {
+            None => crate::cache::default_dir().map_err(|e| SourceError::Io {
                 path: PathBuf::from("(cache directory)"),
                 source: io::Error::new(io::ErrorKind::NotFound, e.to_string()),
             }),
