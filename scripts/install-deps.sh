@@ -14,6 +14,8 @@ packages=(
     e2fsprogs xfsprogs btrfs-progs
     # test images and oracles
     debootstrap umoci skopeo attr libcap2-bin python3
+    # oracles of fledge's own squashfs and EROFS writers (never needed at run time)
+    squashfs-tools erofs-utils
     # image sources tests: a local registry (with htpasswd auth and TLS) and a Docker-API daemon
     docker-registry apache2-utils podman openssl
     # VM tests (vm-tests/run)
