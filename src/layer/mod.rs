@@ -107,7 +107,6 @@ impl LayerStore {
         LayerStore { dir: dir.into() }
     }
 
-
     /// The store's root directory.
     pub fn dir(&self) -> &Path {
         &self.dir
