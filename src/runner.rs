@@ -77,6 +77,20 @@ impl RunError {
             _ => None,
         }
     }
+
+    /// For callers that word a tool that could not be started as `cannot run PROGRAM: REASON`
+    /// (what a failed spawn says; a missing program is `ENOENT`): that text, or `None` when
+    /// the tool ran.
+    pub fn cannot_run(&self) -> Option<String> {
+        match self {
+            RunError::NotFound { program, .. } => Some(format!(
+                "cannot run {program}: {}",
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )),
+            RunError::Spawn { program, source } => Some(format!("cannot run {program}: {source}")),
+            RunError::Failed { .. } => None,
+        }
+    }
 }
 
 /// The Debian package providing `program`, for the tools fledge uses.
@@ -549,6 +563,10 @@ mod tests {
         assert_eq!(
             err.hint().as_deref(),
             Some("install it: apt-get install btrfs-progs")
+        );
+        assert_eq!(
+            err.cannot_run().as_deref(),
+            Some("cannot run mkfs.btrfs: No such file or directory (os error 2)")
         );
     }
 

@@ -31,7 +31,6 @@ mod tests;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,6 +38,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, Session, SessionACL};
 use thiserror::Error;
 
+use crate::runner::Tool;
 use crate::tree::Tree;
 use fs::TreeFs;
 
@@ -407,14 +407,9 @@ fn one_line(e: io::Error) -> io::Error {
 }
 
 fn fusermount_available() -> bool {
-    ["fusermount3", "fusermount"].iter().any(|bin| {
-        Command::new(bin)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    })
+    ["fusermount3", "fusermount"]
+        .iter()
+        .any(|bin| Tool::new(bin).arg("-V").output().is_ok())
 }
 
 /// Unmount the view at `mountpoint`: a normal unmount, or when it is busy a lazy one followed
@@ -442,28 +437,18 @@ fn unmount_mountpoint(mountpoint: &Path, conn: Option<u64>) -> Result<(), String
 /// `fusermount3 -u` (then `-u -z` when busy), for unprivileged mounts.
 fn fusermount_unmount(mountpoint: &Path, conn: Option<u64>) -> Result<(), String> {
     let run = |lazy: bool| -> Result<(), String> {
-        let bin = if Command::new("fusermount3")
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-        {
+        let bin = if Tool::new("fusermount3").arg("-V").output().is_ok() {
             "fusermount3"
         } else {
             "fusermount"
         };
-        let mut cmd = Command::new(bin);
-        cmd.arg("-u");
-        if lazy {
-            cmd.arg("-z");
-        }
-        let out = cmd
+        let out = Tool::new(bin)
+            .arg("-u")
+            .args(lazy.then_some("-z"))
             .arg("--")
             .arg(mountpoint)
-            .stdin(Stdio::null())
             .output()
-            .map_err(|e| format!("cannot run {bin}: {e}"))?;
+            .map_err(|e| e.cannot_run().unwrap_or_else(|| e.to_string()))?;
         if out.status.success() {
             Ok(())
         } else {

@@ -114,11 +114,11 @@ fn release_mount(mp: &Path) -> bool {
         return true;
     }
     // An unprivileged user's FUSE mount.
-    std::process::Command::new("fusermount3")
+    crate::runner::Tool::new("fusermount3")
         .args(["-u", "-z"])
         .arg(mp)
-        .status()
-        .is_ok_and(|s| s.success())
+        .run()
+        .is_ok()
 }
 
 /// Release what stale builds left in `out_dir`.
