@@ -25,7 +25,7 @@
 //! session always ends.
 
 mod fs;
-mod mountinfo;
+pub(crate) mod mountinfo;
 #[cfg(test)]
 mod tests;
 
@@ -414,58 +414,22 @@ fn fusermount_available() -> bool {
 
 /// Unmount the view at `mountpoint`: a normal unmount, or when it is busy a lazy one followed
 /// by aborting the fuse connection `conn` (when the fuse control filesystem allows it), so the
-/// session ends. Unprivileged callers go through `fusermount3 -u`. Not being mounted any more
-/// is success.
+/// session ends. Unprivileged callers go through `fusermount3 -u` (`-u -z` when busy). Not
+/// being mounted any more is success.
 fn unmount_mountpoint(mountpoint: &Path, conn: Option<u64>) -> Result<(), String> {
-    use nix::errno::Errno;
-    use nix::mount::{umount2, MntFlags};
-
-    match umount2(mountpoint, MntFlags::empty()) {
-        Ok(()) => Ok(()),
-        Err(Errno::EINVAL | Errno::ENOENT) => Ok(()),
-        Err(Errno::EBUSY) => {
-            umount2(mountpoint, MntFlags::MNT_DETACH)
-                .map_err(|e| format!("lazy unmount failed: {e}"))?;
-            abort_connection(conn);
-            Ok(())
-        }
-        Err(Errno::EPERM) => fusermount_unmount(mountpoint, conn),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// `fusermount3 -u` (then `-u -z` when busy), for unprivileged mounts.
-fn fusermount_unmount(mountpoint: &Path, conn: Option<u64>) -> Result<(), String> {
-    let run = |lazy: bool| -> Result<(), String> {
-        let bin = if Tool::new("fusermount3").arg("-V").output().is_ok() {
-            "fusermount3"
-        } else {
-            "fusermount"
-        };
-        let out = Tool::new(bin)
-            .arg("-u")
-            .args(lazy.then_some("-z"))
-            .arg("--")
-            .arg(mountpoint)
-            .output()
-            .map_err(|e| e.cannot_run().unwrap_or_else(|| e.to_string()))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let lines: Vec<&str> = stderr.trim().lines().map(str::trim).collect();
-            Err(format!("{bin} -u failed: {}", lines.join("; ")))
-        }
+    use crate::hostmount::{unmount, Detach, Fusermount, Policy, Unmounted};
+    let policy = Policy {
+        not_mounted_is_success: true,
+        detach: Detach::WhenBusy,
+        fusermount: Fusermount::WhenNotPermitted,
     };
-    match run(false) {
-        Ok(()) => Ok(()),
-        Err(_) if !mountinfo::is_mounted(mountpoint) => Ok(()),
-        Err(first) if first.contains("busy") => {
-            run(true)?;
+    match unmount(mountpoint, policy) {
+        Ok(Unmounted::Now | Unmounted::NotMounted) => Ok(()),
+        Ok(Unmounted::Detached { .. }) => {
             abort_connection(conn);
             Ok(())
         }
-        Err(first) => Err(first),
+        Err(e) => Err(e.reason()),
     }
 }
 
