@@ -1,4 +1,4 @@
-//! Unmounting, the one way: the build's own mounts ([`crate::output::kernel`]), the FUSE view
+//! Unmounting, the one way: the build's own mounts (`output::kernel`), the FUSE view
 //! ([`crate::fusefs`]) and what recovery finds left by a killed build
 //! ([`crate::output::recover`]) are all released by [`unmount`].
 //!

@@ -1,4 +1,7 @@
-//! The one way fledge runs external tools (mkfs.*, e2fsck, resize2fs, fusermount3, ...).
+//! The one way fledge runs external tools (mkfs.*, e2fsck, resize2fs, fusermount3, the
+//! `docker-credential-*` helpers, ...): outside this module only test code spawns a process
+//! (`grep -rn 'Command::new' src/` finds it only in test files and test modules). Unmounting,
+//! `fusermount3` included, is [`crate::hostmount`]'s.
 //!
 //! Programs are looked up in `PATH` and then in `/sbin` and `/usr/sbin` (formatters live there
 //! and a non-root `PATH` often lacks them). Standard input is `/dev/null`, or the bytes given

@@ -20,9 +20,10 @@
 //! Requests are served by [`MountOptions::threads`] threads, each with its own cloned
 //! `/dev/fuse` descriptor (`FUSE_DEV_IOC_CLONE`, Linux 4.5+).
 //!
-//! Unmounting first tries a normal unmount; if the view is still in use it is detached lazily
-//! and, when the fuse control filesystem is available, its connection is aborted so that the
-//! session always ends.
+//! Unmounting ([`crate::hostmount`]) first tries a normal unmount; if the view is still in use
+//! it is detached lazily and, when the fuse control filesystem is available, its connection is
+//! aborted so that the session always ends. An unprivileged user's view is unmounted with
+//! `fusermount3 -u` (`-u -z` when busy).
 
 mod fs;
 pub(crate) mod mountinfo;

@@ -4,7 +4,8 @@
 //! `~/.docker/config.json`). In each: `credHelpers[registry]` names a helper, else an `auths`
 //! entry with a base64 `user:password` `auth` field, else `credsStore` names a helper for all
 //! registries. A helper is the program `docker-credential-NAME`, run as `get` with the server
-//! URL on stdin and answering `{"Username": ..., "Secret": ...}`.
+//! URL on stdin (through [`crate::runner`]) and answering `{"Username": ..., "Secret": ...}`;
+//! what it answers never goes into an error.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
