@@ -35,6 +35,7 @@ pub mod doctor;
 pub mod erofs;
 pub mod error;
 pub mod fusefs;
+pub mod hostmount;
 pub mod image;
 pub mod inspect;
 pub mod interrupt;

@@ -1,8 +1,12 @@
-//! The one way fledge runs external tools (mkfs.*, e2fsck, resize2fs, fusermount3, ...).
+//! The one way fledge runs external tools (mkfs.*, e2fsck, resize2fs, fusermount3, the
+//! `docker-credential-*` helpers, ...): outside this module only test code spawns a process
+//! (`grep -rn 'Command::new' src/` finds it only in test files and test modules). Unmounting,
+//! `fusermount3` included, is [`crate::hostmount`]'s.
 //!
 //! Programs are looked up in `PATH` and then in `/sbin` and `/usr/sbin` (formatters live there
-//! and a non-root `PATH` often lacks them). Standard input is `/dev/null`; standard output and
-//! error are captured. A program that is missing yields [`RunError::NotFound`] with the Debian
+//! and a non-root `PATH` often lacks them). Standard input is `/dev/null`, or the bytes given
+//! to [`Tool::stdin`] (written on a thread of their own, then closed, so a tool that never reads
+//! them cannot block fledge); standard output and error are captured. A program that is missing yields [`RunError::NotFound`] with the Debian
 //! package that provides it; a non-zero exit yields [`RunError::Failed`] with the tail of its
 //! standard error.
 //!
@@ -12,7 +16,7 @@
 //! config by design.
 
 use std::ffi::{OsStr, OsString};
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -76,6 +80,20 @@ impl RunError {
             _ => None,
         }
     }
+
+    /// For callers that word a tool that could not be started as `cannot run PROGRAM: REASON`
+    /// (what a failed spawn says; a missing program is `ENOENT`): that text, or `None` when
+    /// the tool ran.
+    pub fn cannot_run(&self) -> Option<String> {
+        match self {
+            RunError::NotFound { program, .. } => Some(format!(
+                "cannot run {program}: {}",
+                std::io::Error::from_raw_os_error(libc::ENOENT)
+            )),
+            RunError::Spawn { program, source } => Some(format!("cannot run {program}: {source}")),
+            RunError::Failed { .. } => None,
+        }
+    }
 }
 
 /// The Debian package providing `program`, for the tools fledge uses.
@@ -132,6 +150,19 @@ pub struct Tool {
     ok_codes: Vec<i32>,
     envs: Vec<(OsString, OsString)>,
     hide_block_devices: bool,
+    /// What the tool reads on standard input (`None`: `/dev/null`).
+    stdin: Option<Input>,
+}
+
+/// Bytes for a tool's standard input. Its `Debug` shows only the length: the input may be
+/// something no log should hold.
+#[derive(Clone)]
+struct Input(std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
 }
 
 impl Tool {
@@ -142,7 +173,16 @@ impl Tool {
             ok_codes: vec![0],
             envs: Vec::new(),
             hide_block_devices: false,
+            stdin: None,
         }
+    }
+
+    /// Give the tool `bytes` on its standard input, which is closed after them. They are
+    /// written by a thread of their own: a tool that exits (or runs on) without reading them
+    /// all does not block the run.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Tool {
+        self.stdin = Some(Input(bytes.into().into()));
+        self
     }
 
     /// Run the tool in a private mount namespace whose `/dev` is an empty tmpfs (with only
@@ -275,11 +315,25 @@ impl Tool {
         let mut child = Command::new(&path)
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(spawn_err)?;
+        if let (Some(Input(bytes)), Some(mut pipe)) = (self.stdin.clone(), child.stdin.take()) {
+            // Not joined: a tool that leaves its standard input unread to a process of its own
+            // would hold the writer up. A tool that exits unread makes the write fail (EPIPE;
+            // SIGPIPE is ignored in Rust programs), and dropping the pipe closes the input.
+            std::thread::spawn(move || {
+                if let Err(e) = pipe.write_all(&bytes) {
+                    tracing::debug!("standard input not read to the end: {e}");
+                }
+            });
+        }
         // Drain both pipes on threads so a chatty tool never blocks. The child's exit closes
         // both pipes, which wakes the wait below at once; it still polls every 20 ms so a
         // Ctrl-C/SIGTERM delivered to fledge alone stops the child promptly.
@@ -513,6 +567,10 @@ mod tests {
             err.hint().as_deref(),
             Some("install it: apt-get install btrfs-progs")
         );
+        assert_eq!(
+            err.cannot_run().as_deref(),
+            Some("cannot run mkfs.btrfs: No such file or directory (os error 2)")
+        );
     }
 
     #[test]
@@ -578,6 +636,70 @@ mod tests {
             if status == "exit status 5" && stderr == "no"),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn feeds_standard_input() {
+        let out = Tool::new("cat").stdin("hello\nworld").run().unwrap();
+        assert_eq!(out.stdout, b"hello\nworld");
+        // Closed after the bytes: a tool reading to the end finishes.
+        let out = Tool::new("wc").arg("-c").stdin(Vec::new()).run().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+        // Without input, standard input is /dev/null.
+        let out = Tool::new("cat").run().unwrap();
+        assert!(out.stdout.is_empty());
+        // The input is not in the tool's Debug.
+        let t = Tool::new("cat").stdin("s3cret");
+        assert!(!format!("{t:?}").contains("s3cret"), "{t:?}");
+    }
+
+    #[test]
+    fn large_standard_input_and_tools_that_ignore_it() {
+        // Far more than a pipe holds (64 KiB), read while the tool writes as much back.
+        let big: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let out = Tool::new("cat").stdin(big.clone()).run().unwrap();
+        assert_eq!(out.stdout.len(), big.len());
+        assert!(out.stdout == big);
+        // A tool that exits without reading: the run ends with its status, nothing blocks.
+        let out = Tool::new("sh")
+            .args(["-c", "echo ignored; exit 7"])
+            .stdin(big.clone())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(7));
+        assert_eq!(out.stdout, b"ignored\n");
+        // Nor does one that runs on without ever reading it (its child keeps the pipe).
+        let started = std::time::Instant::now();
+        let out = Tool::new("sh")
+            .args(["-c", "sleep 0.3 >/dev/null 2>&1 & exit 0"])
+            .stdin(big.clone())
+            .run()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Errors keep their stderr with input given, and a missing program is still NotFound.
+        let err = Tool::new("sh")
+            .args(["-c", "cat >/dev/null; echo bad >&2; exit 2"])
+            .stdin(big)
+            .run()
+            .unwrap_err();
+        assert!(
+            matches!(&err, RunError::Failed { status, stderr, .. }
+            if status == "exit status 2" && stderr == "bad"),
+            "{err:?}"
+        );
+        let err = Tool::new("fusermount3-definitely-missing")
+            .stdin("x")
+            .run()
+            .unwrap_err();
+        assert!(matches!(err, RunError::NotFound { .. }), "{err:?}");
+        // With the block devices hidden too.
+        let out = Tool::new("cat")
+            .stdin("private")
+            .hide_block_devices()
+            .run()
+            .unwrap();
+        assert_eq!(out.stdout, b"private");
     }
 
     #[test]

@@ -20,18 +20,18 @@
 //! Requests are served by [`MountOptions::threads`] threads, each with its own cloned
 //! `/dev/fuse` descriptor (`FUSE_DEV_IOC_CLONE`, Linux 4.5+).
 //!
-//! Unmounting first tries a normal unmount; if the view is still in use it is detached lazily
-//! and, when the fuse control filesystem is available, its connection is aborted so that the
-//! session always ends.
+//! Unmounting ([`crate::hostmount`]) first tries a normal unmount; if the view is still in use
+//! it is detached lazily and, when the fuse control filesystem is available, its connection is
+//! aborted so that the session always ends. An unprivileged user's view is unmounted with
+//! `fusermount3 -u` (`-u -z` when busy).
 
 mod fs;
-mod mountinfo;
+pub(crate) mod mountinfo;
 #[cfg(test)]
 mod tests;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, MountOption, Session, SessionACL};
 use thiserror::Error;
 
+use crate::runner::Tool;
 use crate::tree::Tree;
 use fs::TreeFs;
 
@@ -407,80 +408,29 @@ fn one_line(e: io::Error) -> io::Error {
 }
 
 fn fusermount_available() -> bool {
-    ["fusermount3", "fusermount"].iter().any(|bin| {
-        Command::new(bin)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    })
+    ["fusermount3", "fusermount"]
+        .iter()
+        .any(|bin| Tool::new(bin).arg("-V").output().is_ok())
 }
 
 /// Unmount the view at `mountpoint`: a normal unmount, or when it is busy a lazy one followed
 /// by aborting the fuse connection `conn` (when the fuse control filesystem allows it), so the
-/// session ends. Unprivileged callers go through `fusermount3 -u`. Not being mounted any more
-/// is success.
+/// session ends. Unprivileged callers go through `fusermount3 -u` (`-u -z` when busy). Not
+/// being mounted any more is success.
 fn unmount_mountpoint(mountpoint: &Path, conn: Option<u64>) -> Result<(), String> {
-    use nix::errno::Errno;
-    use nix::mount::{umount2, MntFlags};
-
-    match umount2(mountpoint, MntFlags::empty()) {
-        Ok(()) => Ok(()),
-        Err(Errno::EINVAL | Errno::ENOENT) => Ok(()),
-        Err(Errno::EBUSY) => {
-            umount2(mountpoint, MntFlags::MNT_DETACH)
-                .map_err(|e| format!("lazy unmount failed: {e}"))?;
-            abort_connection(conn);
-            Ok(())
-        }
-        Err(Errno::EPERM) => fusermount_unmount(mountpoint, conn),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// `fusermount3 -u` (then `-u -z` when busy), for unprivileged mounts.
-fn fusermount_unmount(mountpoint: &Path, conn: Option<u64>) -> Result<(), String> {
-    let run = |lazy: bool| -> Result<(), String> {
-        let bin = if Command::new("fusermount3")
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-        {
-            "fusermount3"
-        } else {
-            "fusermount"
-        };
-        let mut cmd = Command::new(bin);
-        cmd.arg("-u");
-        if lazy {
-            cmd.arg("-z");
-        }
-        let out = cmd
-            .arg("--")
-            .arg(mountpoint)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {bin}: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let lines: Vec<&str> = stderr.trim().lines().map(str::trim).collect();
-            Err(format!("{bin} -u failed: {}", lines.join("; ")))
-        }
+    use crate::hostmount::{unmount, Detach, Fusermount, Policy, Unmounted};
+    let policy = Policy {
+        not_mounted_is_success: true,
+        detach: Detach::WhenBusy,
+        fusermount: Fusermount::WhenNotPermitted,
     };
-    match run(false) {
-        Ok(()) => Ok(()),
-        Err(_) if !mountinfo::is_mounted(mountpoint) => Ok(()),
-        Err(first) if first.contains("busy") => {
-            run(true)?;
+    match unmount(mountpoint, policy) {
+        Ok(Unmounted::Now | Unmounted::NotMounted) => Ok(()),
+        Ok(Unmounted::Detached { .. }) => {
             abort_connection(conn);
             Ok(())
         }
-        Err(first) => Err(first),
+        Err(e) => Err(e.reason()),
     }
 }
 

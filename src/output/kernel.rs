@@ -21,7 +21,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use loopdev::{LoopControl, LoopDevice};
-use sys_mount::{FilesystemType, Mount, Unmount, UnmountFlags};
+use sys_mount::{FilesystemType, Mount};
 
 use super::job::{uuid_text, Identity, Job, Tools, Writer, Written};
 use super::kmsg::KernelLog;
@@ -163,7 +163,8 @@ impl Drop for LoopGuard {
 
 /// A mounted filesystem, unmounted on drop (lazily if a normal unmount fails).
 pub struct MountGuard {
-    mount: Option<Mount>,
+    /// Whether it is still ours to unmount.
+    mounted: bool,
     target: PathBuf,
 }
 
@@ -195,7 +196,7 @@ impl MountGuard {
             builder = builder.data(data);
         }
         let mut log = KernelLog::watch();
-        let mount = builder.mount(dev, target).map_err(|e| {
+        builder.mount(dev, target).map_err(|e| {
             let device = dev.file_name().map(|n| n.to_string_lossy().into_owned());
             BuildError::Mount {
                 what: format!(
@@ -208,8 +209,10 @@ impl MountGuard {
                 kernel: log.about(device.as_deref().unwrap_or_default()),
             }
         })?;
+        // The `Mount` handle is not kept: it unmounts nothing when dropped, and unmounting
+        // goes through `hostmount` like every other unmount.
         Ok(MountGuard {
-            mount: Some(mount),
+            mounted: true,
             target: target.to_path_buf(),
         })
     }
@@ -218,20 +221,32 @@ impl MountGuard {
         self.release(false)
     }
 
+    /// A normal unmount; when it fails and `lazy_fallback` is set, the mount is detached
+    /// lazily, and the failure of the normal unmount is still reported.
     fn release(&mut self, lazy_fallback: bool) -> Result<(), BuildError> {
-        if let Some(mount) = self.mount.take() {
-            if let Err(e) = mount.unmount(UnmountFlags::empty()) {
-                if lazy_fallback {
-                    let _ = mount.unmount(UnmountFlags::DETACH);
-                }
-                return Err(BuildError::Mount {
-                    what: format!("unmount {}", self.target.display()),
-                    source: e,
-                    kernel: Vec::new(),
-                });
-            }
+        use crate::hostmount::{unmount, Detach, Fusermount, Policy, Unmounted};
+        if !std::mem::take(&mut self.mounted) {
+            return Ok(());
         }
-        Ok(())
+        let policy = Policy {
+            not_mounted_is_success: false,
+            detach: if lazy_fallback {
+                Detach::Always
+            } else {
+                Detach::Never
+            },
+            fusermount: Fusermount::Never,
+        };
+        let first = match unmount(&self.target, policy) {
+            Ok(Unmounted::Now | Unmounted::NotMounted) => return Ok(()),
+            Ok(Unmounted::Detached { first }) => first,
+            Err(e) => e.first(),
+        };
+        Err(BuildError::Mount {
+            what: format!("unmount {}", self.target.display()),
+            source: first.into(),
+            kernel: Vec::new(),
+        })
     }
 }
 

@@ -108,17 +108,16 @@ fn loops_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// Unmount `mp` at once, else lazily, else (an unprivileged user's FUSE mount) with
+/// `fusermount3 -u -z`.
 fn release_mount(mp: &Path) -> bool {
-    use nix::mount::{umount2, MntFlags};
-    if umount2(mp, MntFlags::empty()).is_ok() || umount2(mp, MntFlags::MNT_DETACH).is_ok() {
-        return true;
-    }
-    // An unprivileged user's FUSE mount.
-    std::process::Command::new("fusermount3")
-        .args(["-u", "-z"])
-        .arg(mp)
-        .status()
-        .is_ok_and(|s| s.success())
+    use crate::hostmount::{unmount, Detach, Fusermount, Policy};
+    let policy = Policy {
+        not_mounted_is_success: false,
+        detach: Detach::Always,
+        fusermount: Fusermount::LastResort,
+    };
+    unmount(mp, policy).is_ok()
 }
 
 /// Release what stale builds left in `out_dir`.

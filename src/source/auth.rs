@@ -4,17 +4,17 @@
 //! `~/.docker/config.json`). In each: `credHelpers[registry]` names a helper, else an `auths`
 //! entry with a base64 `user:password` `auth` field, else `credsStore` names a helper for all
 //! registries. A helper is the program `docker-credential-NAME`, run as `get` with the server
-//! URL on stdin and answering `{"Username": ..., "Secret": ...}`.
+//! URL on stdin (through [`crate::runner`]) and answering `{"Username": ..., "Secret": ...}`;
+//! what it answers never goes into an error.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
 use super::normalize::DOCKER_HUB;
 use super::SourceError;
+use crate::runner::Tool;
 
 /// A user name and password (or token) for a registry.
 #[derive(Clone, PartialEq, Eq)]
@@ -205,20 +205,13 @@ fn run_helper(helper: &str, registry: &str) -> Result<Option<Credentials>, Sourc
         return Err(fail("invalid helper name".to_string()));
     }
     let program = format!("docker-credential-{helper}");
-    let mut child = Command::new(&program)
+    // The exit status is judged here, not by the runner: a failed helper's message is on its
+    // standard output, and the runner's errors would carry its standard error only.
+    let out = Tool::new(&program)
         .arg("get")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // The helper may exit without reading; its answer says what went wrong.
-        let _ = stdin.write_all(helper_server(registry).as_bytes());
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("cannot run {program}: {e}")))?;
+        .stdin(helper_server(registry))
+        .output()
+        .map_err(|e| fail(e.cannot_run().unwrap_or_else(|| e.to_string())))?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stdout).trim().to_string()
             + String::from_utf8_lossy(&out.stderr).trim();
