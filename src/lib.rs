@@ -14,8 +14,8 @@
 //! - [`probe`]: capability probes; [`output`]: the build pipeline and the output contract
 //!   (`output::job`: a `Writer` gets a `Job` and returns `Written`), its writers (native ext4,
 //!   kernel, userspace) chosen by the probes, sizing, atomic outputs; [`manifest`]: the plugin
-//!   manifest; [`runner`]: the one runner for external tools; [`interrupt`]: Ctrl-C/SIGTERM
-//!   turned into errors.
+//!   manifest; [`runner`]: the one runner for external tools; [`hostmount`]: the one unmount;
+//!   [`interrupt`]: Ctrl-C/SIGTERM turned into errors.
 //! - [`squashfs`]: fledge's own squashfs writer (compressed read-only roots), from a tree.
 //! - [`erofs`]: fledge's own EROFS writer (uncompressed read-only roots), from a tree.
 //! - [`doctor`], [`inspect`]: the reports of those commands; [`ui`]: the output sink (verbosity,
