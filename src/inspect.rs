@@ -221,14 +221,14 @@ pub fn human_size(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::testutil::*;
     use crate::source::{open, Platform};
+    use crate::testkit::*;
 
     #[test]
     fn report_from_layout() {
         let b = LayoutBuilder::new();
-        let l1 = TestLayer::gzip(tar_of(&[("a", b"aaaa")]));
-        let l2 = TestLayer::zstd(tar_of(&[("b", b"bbbb")]));
+        let l1 = Layer::gzip(tar_of(&[("a", b"aaaa")]));
+        let l2 = Layer::zstd(tar_of(&[("b", b"bbbb")]));
         let total = (l1.blob.len() + l2.blob.len()) as u64;
         let m = b.image("linux/amd64", &[l1, l2]);
         b.write_index_json(&[(m, Some("v1"))]);

@@ -50,6 +50,9 @@ pub mod source;
 pub mod squashfs;
 #[allow(unsafe_code)]
 pub mod sys;
+#[cfg(test)]
+#[path = "../tests/support/kit.rs"]
+pub(crate) mod testkit;
 pub mod timing;
 pub mod tomlfile;
 pub mod tree;

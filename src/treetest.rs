@@ -379,26 +379,6 @@ pub(crate) fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Mounts an image (of type `fstype`) read-only on a temporary directory; unmounts on drop.
-pub(crate) struct Mounted(pub(crate) tempfile::TempDir);
-
-impl Mounted {
-    pub(crate) fn new(image: &Path, fstype: &str) -> Mounted {
-        let mp = tempfile::tempdir().unwrap();
-        run(Command::new("mount")
-            .args(["-t", fstype, "-o", "loop,ro"])
-            .arg(image)
-            .arg(mp.path()));
-        Mounted(mp)
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
 /// A tree of the files under a host directory (regular files read from the host).
 pub(crate) fn host_tree(root: &Path) -> Tree {
     let mut t = T::new();

@@ -180,12 +180,12 @@ fn check_case(fs_type: &str, backend: &str) {
     // Contents equal the oracle.
     let oracle = oracle(&img);
     {
-        let m = support::LoopMount::new(&image, fs_type, true);
+        let m = support::kit::Mount::image(&image, fs_type, "loop,ro");
         assert_matches_oracle(&oracle, m.path(), &img, &test);
     }
     // Free space: at least the buffer, at most buffer + 10% + 16 MiB (measured read-write:
     // btrfs reports less on read-only mounts).
-    let m = support::LoopMount::new(&image, fs_type, false);
+    let m = support::kit::Mount::image(&image, fs_type, "loop");
     let free = m.free_bytes();
     let (min, max) = (
         BUFFER_MB * MIB,
@@ -270,10 +270,10 @@ fn build_btrfs_userspace_equals_kernel() {
         support::assert_fsck_clean(&project.path().join(out), "btrfs", backend);
     }
     let kernel = {
-        let m = support::LoopMount::new(&project.path().join("k.img"), "btrfs", true);
+        let m = support::kit::Mount::image(&project.path().join("k.img"), "btrfs", "loop,ro");
         snapshot(m.path()).unwrap()
     };
-    let m = support::LoopMount::new(&project.path().join("u.img"), "btrfs", false);
+    let m = support::kit::Mount::image(&project.path().join("u.img"), "btrfs", "loop");
     support::assert_same_tree(
         &kernel,
         m.path(),
@@ -433,10 +433,11 @@ fn rootless_case(fs_type: &str, backend: &str, expect: &str) {
     support::assert_fsck_clean(&user_image, fs_type, &test);
 
     let root_snap = {
-        let m = support::LoopMount::new(&root_project.path().join("root.img"), fs_type, true);
+        let m =
+            support::kit::Mount::image(&root_project.path().join("root.img"), fs_type, "loop,ro");
         snapshot(m.path()).unwrap()
     };
-    let m = support::LoopMount::new(&user_image, fs_type, true);
+    let m = support::kit::Mount::image(&user_image, fs_type, "loop,ro");
     support::assert_same_tree(
         &root_snap,
         m.path(),

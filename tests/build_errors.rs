@@ -5,8 +5,10 @@
 mod support;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
+
+use support::kit::Mount;
 
 fn fledge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fledge"))
@@ -50,31 +52,6 @@ fn case(name: &'static str, toml: &str, expect: &[&str]) -> Case {
 
 fn with_mapping(extra: &str) -> String {
     format!("{GOOD_TOML}\n[mappings]\n{extra}\n")
-}
-
-/// A tmpfs mounted for one test, unmounted on drop (also when the test panics).
-struct Tmpfs(tempfile::TempDir);
-
-impl Tmpfs {
-    fn new(source: &str, opts: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().unwrap();
-        support::run_ok(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", opts, source])
-                .arg(dir.path()),
-        );
-        Tmpfs(dir)
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
 }
 
 fn run_case(c: &Case, image_ref: &str) {
@@ -253,7 +230,7 @@ fn bad_inputs_with_image() {
     });
     if support::is_root() {
         // A read-only output directory (root ignores permission bits, so use a ro mount).
-        let ro = Tmpfs::new("fledge-ro", "ro,size=1m");
+        let ro = Mount::tmpfs("fledge-ro", "ro,size=1m");
         cases.push(Case {
             needs_image: true,
             output: ro.path().join("out.img").display().to_string(),
@@ -264,7 +241,7 @@ fn bad_inputs_with_image() {
             )
         });
         // Disk full: a 64 MiB tmpfs cannot hold a ~200 MiB image.
-        let small = Tmpfs::new("fledge-small", "size=64m");
+        let small = Mount::tmpfs("fledge-small", "size=64m");
         cases.push(Case {
             needs_image: true,
             output: small.path().join("out.img").display().to_string(),

@@ -27,7 +27,7 @@ fn variant(img: &support::DebianImage, dir: &Path, tag: &str) -> String {
     h.set_entry_type(tar::EntryType::Regular);
     b.append_data(&mut h, "variant", tag.as_bytes()).unwrap();
     let layer = b.into_inner().unwrap();
-    support::layout::derive_with_layer(&img.layout, &dir.join(format!("layout-{tag}")), &layer, tag)
+    support::kit::derive_with_layer(&img.layout, &dir.join(format!("layout-{tag}")), &layer, tag)
 }
 
 struct Job {
@@ -108,7 +108,7 @@ fn ro_options(fs: &str) -> &'static str {
 }
 
 fn tree_of_fs(image: &Path, fs: &str) -> Snapshot {
-    let mnt = support::LoopMount::with_options(image, fs, ro_options(fs));
+    let mnt = support::kit::Mount::image(image, fs, ro_options(fs));
     snapshot(mnt.path()).unwrap()
 }
 
@@ -445,7 +445,7 @@ fn reproducible_build_while_mounted(test: &str, s: Settings) {
     };
     let log = {
         // A plain mount, as a user would do it: the kernel now knows this UUID.
-        let mounted = support::LoopMount::new(&first_image, s.fs, true);
+        let mounted = support::kit::Mount::image(&first_image, s.fs, "loop,ro");
         let log = finish(
             start_with(&again, &img.reference, &cache, s),
             "build while the first image is mounted",
@@ -528,7 +528,7 @@ fn reproducible_userspace_btrfs_build_while_an_image_of_it_is_mounted() {
         name: "u".into(),
     };
     let log = {
-        let _mounted = support::LoopMount::new(&first_image, "btrfs", true);
+        let _mounted = support::kit::Mount::image(&first_image, "btrfs", "loop,ro");
         finish(
             start_with(&again, &reference, &cache, userspace),
             "userspace build while the kernel build's image is mounted",

@@ -8,14 +8,13 @@
 mod support;
 
 use std::fs;
-use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use sha2::{Digest, Sha256};
+use support::kit::{self, Layer, LayoutBuilder, RawEntry};
 use support::treecmp::{self, snapshot};
 use support::FledgeMount;
 
@@ -349,92 +348,26 @@ fn mount_unprivileged_with_allow_other_matches_umoci_oracle() {
 // 3. bad input through the CLI
 // ---------------------------------------------------------------------------------
 
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "riscv64" => "riscv64",
-        "s390x" => "s390x",
-        "powerpc64" => "ppc64le",
-        other => other,
-    }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-fn put_blob(layout: &Path, data: &[u8]) -> (String, usize) {
-    let hexd = sha256_hex(data);
-    fs::write(layout.join("blobs/sha256").join(&hexd), data).unwrap();
-    (hexd, data.len())
-}
-
 /// A tiny valid OCI layout (one gzip layer holding /hello.txt), tag `test`, for the
 /// host platform. Returns the layer blob's hex digest.
 fn make_tiny_layout(layout: &Path) -> String {
-    fs::create_dir_all(layout.join("blobs/sha256")).unwrap();
-    fs::write(
-        layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-
-    let mut tar_bytes = Vec::new();
-    {
-        let mut b = tar::Builder::new(&mut tar_bytes);
-        let data = b"hello from a tiny layer\n".repeat(64);
-        let mut h = tar::Header::new_ustar();
-        h.set_path("hello.txt").unwrap();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(1_700_000_000);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
-        b.append(&h, &data[..]).unwrap();
-        b.finish().unwrap();
-    }
-    let diff_id = sha256_hex(&tar_bytes);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&tar_bytes).unwrap();
-    let layer = gz.finish().unwrap();
-    let (layer_hex, layer_size) = put_blob(layout, &layer);
-
+    let data = b"hello from a tiny layer\n".repeat(64);
+    let layer = Layer::gzip(kit::tar(&[RawEntry::file(b"hello.txt", &data)]));
+    let b = LayoutBuilder::at(layout);
     let config = serde_json::json!({
-        "architecture": host_arch(),
+        "architecture": kit::host_arch(),
         "os": "linux",
         "config": {"Cmd": ["/hello.txt"]},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{diff_id}")]},
+        "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
     });
-    let (config_hex, config_size) = put_blob(layout, config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": format!("sha256:{config_hex}"),
-            "size": config_size,
-        },
-        "layers": [{
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": format!("sha256:{layer_hex}"),
-            "size": layer_size,
-        }],
-    });
-    let (manifest_hex, manifest_size) = put_blob(layout, manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_hex}"),
-            "size": manifest_size,
-            "platform": {"architecture": host_arch(), "os": "linux"},
-            "annotations": {"org.opencontainers.image.ref.name": "test"},
-        }],
-    });
-    fs::write(layout.join("index.json"), index.to_string()).unwrap();
+    let layer_hex = kit::sha256_hex(&layer.blob);
+    let m = b.image_with_config(
+        &format!("linux/{}", kit::host_arch()),
+        &[layer],
+        &config,
+        kit::OCI_MANIFEST,
+    );
+    b.write_index_json(&[(m, Some("test"))]);
     layer_hex
 }
 

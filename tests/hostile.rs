@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::Signal;
-use support::layout::{self, Layer, RawEntry as E};
+use support::kit::{self, Layer, Mount, RawEntry as E};
 use support::FledgeMount;
 
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -377,15 +377,6 @@ fn assert_error_names(text: &str, needles: &[String], test: &str) {
     }
 }
 
-/// Unmounts (lazily) on drop.
-struct LoopMount(PathBuf);
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// `fledge build --backend BACKEND` (ext4) and check the image, or check that it fails
 /// naming the entry and leaves nothing at the output path.
 fn check_build(host: &Host, reference: &str, expect: &Expect, case: &str, backend: &str) {
@@ -442,8 +433,7 @@ fn check_build(host: &Host, reference: &str, expect: &Expect, case: &str, backen
             }
             if support::is_root() {
                 let mp = host.w().join("imgmnt");
-                support::mount_loop(&image, "ext4", "loop,ro,nodev,nosuid,noexec", &mp);
-                let guard = LoopMount(mp.clone());
+                let guard = Mount::image_at(&image, "ext4", "loop,ro,nodev,nosuid,noexec", &mp);
                 apply_checks(&mp, checks, &format!("{test}: built image"));
                 drop(guard);
             } else {
@@ -468,7 +458,7 @@ fn check_build(host: &Host, reference: &str, expect: &Expect, case: &str, backen
 
 /// The whole protocol for one class of hostile layer.
 fn run_case(test: &str, host: &Host, layers: Vec<Layer>, expect: Expect) {
-    let reference = layout::write_layout(&host.w().join("layout"), &layers);
+    let reference = kit::write_layout(&host.w().join("layout"), &layers);
     check_mount(host, &reference, &expect, test);
     host.assert_untouched(&format!("{test}: after fledge mount"));
     for backend in BACKENDS {
@@ -478,7 +468,7 @@ fn run_case(test: &str, host: &Host, layers: Vec<Layer>, expect: Expect) {
 }
 
 fn plain(entries: &[E]) -> Layer {
-    Layer::plain(layout::tar(entries))
+    Layer::plain(kit::tar(entries))
 }
 
 fn cat(a: &[u8], b: &[u8]) -> Vec<u8> {
@@ -794,7 +784,7 @@ fn bomb_layer(size: u64) -> Layer {
     header_entry.header_size = Some(size);
     // The header alone (no end blocks: they follow the data).
     let head = {
-        let t = layout::tar(&[header_entry]);
+        let t = kit::tar(&[header_entry]);
         t[..512].to_vec()
     };
     let mut hash = Sha256::new();
@@ -813,11 +803,11 @@ fn bomb_layer(size: u64) -> Layer {
     }
     let tail = (512 - (size % 512) as usize) % 512 + 1024;
     feed(&vec![0u8; tail]);
-    Layer {
-        media_type: layout::TAR_GZIP,
-        diff_id_hex: hex::encode(hash.finalize()),
-        blob: gz.finish().unwrap(),
-    }
+    Layer::streamed(
+        kit::TAR_GZIP,
+        gz.finish().unwrap(),
+        format!("sha256:{}", hex::encode(hash.finalize())),
+    )
 }
 
 fn vm_hwm_kib(pid: u32) -> Option<u64> {
@@ -847,7 +837,7 @@ fn gzip_bomb_is_streamed_with_flat_memory() {
         "bomb blob is {} bytes",
         layer.blob.len()
     );
-    let reference = layout::write_layout(&host.w().join("layout"), &[layer]);
+    let reference = kit::write_layout(&host.w().join("layout"), &[layer]);
     let mp = host.w().join("mnt");
     let mut cmd = Command::new(fledge_bin());
     cmd.arg("mount")
@@ -882,14 +872,9 @@ fn gzip_bomb_filling_the_cache_disk_is_a_clear_error() {
     }
     let host = Host::new();
     let layer = bomb_layer(256 << 20);
-    let reference = layout::write_layout(&host.w().join("layout"), &[layer]);
+    let reference = kit::write_layout(&host.w().join("layout"), &[layer]);
     let cache = host.w().join("cache");
-    support::run_ok(
-        Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=32m,mode=0700", "fledge-hostile"])
-            .arg(&cache),
-    );
-    let guard = LoopMount(cache.clone());
+    let guard = Mount::tmpfs_at("fledge-hostile", "size=32m,mode=0700", &cache);
     let expect = Expect::Refused(vec![
         "No space left on device".into(),
         cache.to_string_lossy().into_owned(),

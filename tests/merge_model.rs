@@ -21,7 +21,7 @@ use std::io::Write;
 
 use fledge::tree::{NodeId, NodeKind, Tree, ROOT};
 use proptest::prelude::*;
-use support::layout::{tar, RawEntry};
+use support::kit::{tar, RawEntry};
 
 /// A generated entry; paths are components from the alphabet.
 #[derive(Clone, Debug)]

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use support::kit::{self, Layer, LayoutBuilder};
 use support::servers::{ClosedPort, PodmanStorage, Registry, RegistryOptions};
 use support::treecmp;
 use support::FledgeMount;
@@ -217,7 +217,7 @@ fn mounted_snapshot(
 }
 
 fn sha_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))[..16].to_string()
+    kit::sha256_hex(data)[..16].to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -986,73 +986,24 @@ fn a_closed_port_refuses_and_cannot_be_taken() {
 // ---------------------------------------------------------------------------------------------
 // A hand-made two-platform OCI layout.
 
-fn put_blob(layout: &Path, data: &[u8]) -> (String, usize) {
-    let hex = hex::encode(Sha256::digest(data));
-    let dir = layout.join("blobs/sha256");
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join(&hex), data).unwrap();
-    (format!("sha256:{hex}"), data.len())
-}
-
-fn tar_with_file(name: &str, content: &[u8]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(content.len() as u64);
-    h.set_mode(0o644);
-    h.set_mtime(1_700_000_000);
-    b.append_data(&mut h, name, content).unwrap();
-    b.into_inner().unwrap()
-}
-
 /// An OCI layout tagged `multi` whose index holds an amd64 and an arm64 image.
 fn make_multi_platform_layout(layout: &Path) {
-    fs::create_dir_all(layout).unwrap();
-    fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
+    let b = LayoutBuilder::at(layout);
     let mut manifests = Vec::new();
     for arch in ["amd64", "arm64"] {
-        let tar = tar_with_file("etc/arch", arch.as_bytes());
-        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        std::io::Write::write_all(&mut gz, &tar).unwrap();
-        let blob = gz.finish().unwrap();
-        let (ld, ls) = put_blob(layout, &blob);
+        let layer = Layer::gzip(kit::tar_of(&[("etc/arch", arch.as_bytes())]));
         let config = serde_json::json!({
             "architecture": arch, "os": "linux",
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
             "config": {"Cmd": ["/bin/sh"]}
         });
-        let (cd, cs) = put_blob(layout, config.to_string().as_bytes());
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cs},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": ld, "size": ls}]
-        });
-        let (md, ms) = put_blob(layout, manifest.to_string().as_bytes());
-        manifests.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": md, "size": ms,
-            "platform": {"os": "linux", "architecture": arch}
-        }));
+        manifests.push(b.image_with_config(
+            &format!("linux/{arch}"),
+            &[layer],
+            &config,
+            kit::OCI_MANIFEST,
+        ));
     }
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": manifests
-    });
-    let (id, is) = put_blob(layout, index.to_string().as_bytes());
-    let top = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.index.v1+json",
-            "digest": id, "size": is,
-            "annotations": {"org.opencontainers.image.ref.name": "multi"}
-        }]
-    });
-    fs::write(layout.join("index.json"), top.to_string()).unwrap();
+    let index = b.index(&manifests, kit::OCI_INDEX);
+    b.write_index_json(&[(index, Some("multi"))]);
 }

@@ -15,9 +15,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use super::{write, ErofsError, ErofsOptions, ErofsReport};
+use crate::testkit::Mount;
 use crate::tree::{Content, Meta, NodeKind, Timestamp, Tree};
 use crate::treetest::{
-    capability, compare, expected, host_tree, is_root, meta, run, sha, text, with_x, x, Mounted, T,
+    capability, compare, expected, host_tree, is_root, meta, run, sha, text, with_x, x, T,
 };
 
 const BUILD_TIME: u64 = 1_700_000_000;
@@ -355,8 +356,8 @@ fn check_image(tree: &Tree, image: &Path, report: &ErofsReport) {
         eprintln!("SKIP kernel mount checks: not root");
         return;
     }
-    let m = Mounted::new(image, "erofs");
-    compare(tree, m.0.path(), "kernel mount", erofs_time);
+    let m = Mount::image(image, "erofs", "loop,ro");
+    compare(tree, m.path(), "kernel mount", erofs_time);
     let (want, _) = expected(tree, erofs_time);
     for name in [
         "00000",
@@ -368,7 +369,7 @@ fn check_image(tree: &Tree, image: &Path, report: &ErofsReport) {
         "!",
         ".b",
     ] {
-        let p = m.0.path().join("big").join(name);
+        let p = m.path().join("big").join(name);
         let exists = want.contains_key(format!("big/{name}").as_bytes());
         assert_eq!(p.symlink_metadata().is_ok(), exists, "lookup of big/{name}");
     }
@@ -483,7 +484,7 @@ fn a_corrupted_superblock_is_caught_by_the_oracles() {
         path
     };
     if is_root() {
-        drop(Mounted::new(&image, "erofs"));
+        drop(Mount::image(&image, "erofs", "loop,ro"));
         // A byte of the volume name: unused, but checksummed.
         let bad = broken(1024 + 64, 0x40);
         let mp = tempfile::tempdir().unwrap();
@@ -550,8 +551,8 @@ fn a_file_over_4_gib_gets_an_extended_inode_and_holes() {
     if have_erofs_utils() {
         fsck(&[], &image).unwrap();
     }
-    let m = Mounted::new(&image, "erofs");
-    let f = std::fs::File::open(m.0.path().join("huge")).unwrap();
+    let m = Mount::image(&image, "erofs", "loop,ro");
+    let f = std::fs::File::open(m.path().join("huge")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), size);
     use std::os::unix::fs::FileExt;
     for (at, want) in [
@@ -838,10 +839,10 @@ fn more_than_65535_hard_links() {
         return;
     }
     use std::os::unix::fs::MetadataExt;
-    let m = Mounted::new(&image, "erofs");
+    let m = Mount::image(&image, "erofs", "loop,ro");
     for name in ["f00000", "f45678", "f69999"] {
-        let md = std::fs::metadata(m.0.path().join(name)).unwrap();
+        let md = std::fs::metadata(m.path().join(name)).unwrap();
         assert_eq!(md.nlink(), 70_000, "{name}");
     }
-    assert!(!m.0.path().join("f70000").exists());
+    assert!(!m.path().join("f70000").exists());
 }

@@ -651,8 +651,8 @@ fn drain<R: BufRead>(mut r: R, layer: &LayerInfo) -> Result<(), LayerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::testutil::*;
     use crate::source::{open, sha256_digest, Platform};
+    use crate::testkit::*;
 
     fn big_tar() -> Vec<u8> {
         // Several MiB of varied content so the buffers go round more than once.
@@ -739,19 +739,19 @@ mod tests {
             tar_of(&[("z", b"zstd")]),
             tar_of(&[("d", b"docker")]),
         ];
-        let mut docker = TestLayer::gzip(tars[3].clone());
+        let mut docker = Layer::gzip(tars[3].clone());
         docker.media_type = "application/vnd.docker.image.rootfs.diff.tar.gzip".to_string();
         // A multi-member gzip stream, as some tools write.
-        let mut multi = TestLayer::gzip(tars[1].clone());
+        let mut multi = Layer::gzip(tars[1].clone());
         let half = tars[1].len() / 2;
         multi.blob = [gzip(&tars[1][..half]), gzip(&tars[1][half..])].concat();
         let b = LayoutBuilder::new();
         let m = b.image(
             "linux/amd64",
             &[
-                TestLayer::plain(tars[0].clone()),
+                Layer::plain(tars[0].clone()),
                 multi,
-                TestLayer::zstd(tars[2].clone()),
+                Layer::zstd(tars[2].clone()),
                 docker,
             ],
         );
@@ -778,8 +778,8 @@ mod tests {
     #[test]
     fn truncated_gzip_and_zstd_are_corrupt() {
         for (name, mut layer) in [
-            ("gzip", TestLayer::gzip(big_tar())),
-            ("zstd", TestLayer::zstd(big_tar())),
+            ("gzip", Layer::gzip(big_tar())),
+            ("zstd", Layer::zstd(big_tar())),
         ] {
             // The blob itself is consistent (digest of the truncated data), the stream is not.
             let cut = layer.blob.len() / 2;
@@ -795,7 +795,7 @@ mod tests {
 
     /// Decode `layer` into an empty cache: it must fail as corrupt and leave nothing behind.
     /// Returns the error and the layer's digest.
-    fn expect_corrupt(layer: TestLayer, name: &str) -> (LayerError, String) {
+    fn expect_corrupt(layer: Layer, name: &str) -> (LayerError, String) {
         let b = simple_layout(layer, "latest");
         let (src, img) = resolve(&b);
         let cache = tempfile::tempdir().unwrap();
@@ -811,11 +811,11 @@ mod tests {
 
     #[test]
     fn gzip_members_concatenated_and_trailing_garbage() {
-        use crate::source::testutil::gzip;
+        use crate::testkit::gzip;
         // A blob of two gzip members (as pigz or appending writers make) is one layer.
         let tar = big_tar();
         let mid = tar.len() / 3;
-        let mut layer = TestLayer::gzip(tar.clone());
+        let mut layer = Layer::gzip(tar.clone());
         layer.blob = [gzip(&tar[..mid]), gzip(&tar[mid..])].concat();
         let b = simple_layout(layer, "latest");
         let (src, img) = resolve(&b);
@@ -828,7 +828,7 @@ mod tests {
             ("garbage", &b"trailing garbage"[..]),
             ("zeros", &[0u8; 64][..]),
         ] {
-            let mut layer = TestLayer::gzip(tar.clone());
+            let mut layer = Layer::gzip(tar.clone());
             layer.blob.extend_from_slice(tail);
             expect_corrupt(layer, name);
         }
@@ -836,7 +836,7 @@ mod tests {
 
     #[test]
     fn compressed_digest_mismatch_is_reported() {
-        let layer = TestLayer::gzip(big_tar());
+        let layer = Layer::gzip(big_tar());
         let b = simple_layout(layer, "latest");
         let (src, img) = resolve(&b);
         let l = &img.layers[0];
@@ -868,7 +868,7 @@ mod tests {
         assert!(temp_files(&store).is_empty());
 
         // A plain layer with a wrong byte always reaches the digest check.
-        let layer = TestLayer::plain(big_tar());
+        let layer = Layer::plain(big_tar());
         let b = simple_layout(layer, "latest");
         let (src, img) = resolve(&b);
         let l = &img.layers[0];
@@ -893,7 +893,7 @@ mod tests {
     #[test]
     fn diff_id_mismatch() {
         let b = LayoutBuilder::new();
-        let l = TestLayer::zstd(tar_of(&[("a", b"a")]));
+        let l = Layer::zstd(tar_of(&[("a", b"a")]));
         let wrong = sha256_digest(b"something else");
         let cfg = b.config("linux/amd64", std::slice::from_ref(&wrong));
         let m = b.image_with_config(
@@ -932,7 +932,7 @@ mod tests {
 
     #[test]
     fn unknown_layer_media_type() {
-        let mut l = TestLayer::gzip(tar_of(&[("a", b"a")]));
+        let mut l = Layer::gzip(tar_of(&[("a", b"a")]));
         l.media_type = "application/vnd.example.layer".to_string();
         let b = simple_layout(l, "latest");
         let (src, img) = resolve(&b);
@@ -950,7 +950,7 @@ mod tests {
     #[test]
     fn concurrent_decoding_of_one_layer() {
         let tar = big_tar();
-        let b = simple_layout(TestLayer::gzip(tar.clone()), "latest");
+        let b = simple_layout(Layer::gzip(tar.clone()), "latest");
         let (src, img) = resolve(&b);
         let cache = tempfile::tempdir().unwrap();
         let store = LayerStore::new(cache.path());

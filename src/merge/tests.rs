@@ -8,6 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 
 use super::tarread::{numeric, parse_pax, parse_pax_time};
 use super::*;
+use crate::testkit::{tar, Layer, LayoutBuilder, RawEntry, OCI_MANIFEST};
 use crate::tree::{NodeId, Timestamp, ROOT};
 
 // ---- layer construction ---------------------------------------------------------------------
@@ -87,77 +88,38 @@ impl E {
     }
 }
 
-/// Largest value a 7-digit octal uid/gid field holds.
-const OCTAL7_MAX: u64 = 0o7777777;
-
+/// The kit's tar writer, given `entries`.
 fn layer_bytes(entries: &[E]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for ent in entries {
-        let mut pax: Vec<(String, Vec<u8>)> = ent.pax.clone();
-        let mut header = tar::Header::new_ustar();
-        if ent.path.len() <= 100 {
-            header.as_old_mut().name[..ent.path.len()].copy_from_slice(&ent.path);
-        } else {
-            header.as_old_mut().name[..9].copy_from_slice(b"long-name");
-            pax.push(("path".into(), ent.path.clone()));
-        }
-        let link = match &ent.kind {
-            K::Sym(t) | K::Hard(t) => Some(t.clone()),
-            _ => None,
-        };
-        if let Some(link) = link {
-            if link.len() <= 100 {
-                header.as_old_mut().linkname[..link.len()].copy_from_slice(&link);
-            } else {
-                pax.push(("linkpath".into(), link));
-            }
-        }
-        for (v, key, set) in [(ent.uid, "uid", 0), (ent.gid, "gid", 1)] {
-            let field = if v > OCTAL7_MAX {
-                pax.push((key.into(), v.to_string().into_bytes()));
-                0
-            } else {
-                v
+    let raw: Vec<RawEntry> = entries
+        .iter()
+        .map(|ent| {
+            let (typeflag, data, link, dev) = match &ent.kind {
+                K::File(data) => (b'0', data.clone(), vec![], (0, 0)),
+                K::Dir => (b'5', vec![], vec![], (0, 0)),
+                K::Sym(t) => (b'2', vec![], t.clone(), (0, 0)),
+                K::Hard(t) => (b'1', vec![], t.clone(), (0, 0)),
+                K::Char(ma, mi) => (b'3', vec![], vec![], (*ma, *mi)),
+                K::Block(ma, mi) => (b'4', vec![], vec![], (*ma, *mi)),
+                K::Fifo => (b'6', vec![], vec![], (0, 0)),
+                K::Raw(t) => (*t, vec![], vec![], (0, 0)),
             };
-            if set == 0 {
-                header.set_uid(field);
-            } else {
-                header.set_gid(field);
+            RawEntry {
+                data,
+                link,
+                uid: ent.uid,
+                gid: ent.gid,
+                mtime: ent.mtime,
+                dev,
+                pax: ent
+                    .pax
+                    .iter()
+                    .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+                    .collect(),
+                ..RawEntry::new(&ent.path, typeflag, ent.mode)
             }
-        }
-        header.set_mode(ent.mode);
-        header.set_mtime(ent.mtime);
-        let (ty, data): (u8, &[u8]) = match &ent.kind {
-            K::File(data) => (b'0', data),
-            K::Dir => (b'5', &[]),
-            K::Sym(_) => (b'2', &[]),
-            K::Hard(_) => (b'1', &[]),
-            K::Char(ma, mi) | K::Block(ma, mi) => {
-                header.set_device_major(*ma).unwrap();
-                header.set_device_minor(*mi).unwrap();
-                (
-                    if matches!(ent.kind, K::Char(..)) {
-                        b'3'
-                    } else {
-                        b'4'
-                    },
-                    &[],
-                )
-            }
-            K::Fifo => (b'6', &[]),
-            K::Raw(t) => (*t, &[]),
-        };
-        // Written directly: `EntryType` would turn a `\0` flag into `0`.
-        header.as_old_mut().linkflag[0] = ty;
-        header.set_size(data.len() as u64);
-        header.set_cksum();
-        if !pax.is_empty() {
-            b.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-                .unwrap();
-        }
-        b.append(&header, data).unwrap();
-    }
-    b.into_inner().unwrap()
+        })
+        .collect();
+    tar(&raw)
 }
 
 fn to_file(bytes: &[u8]) -> File {
@@ -1298,41 +1260,17 @@ fn merge_100k_entries_timing() {
 
 /// Write an OCI image layout holding `layers` (uncompressed) and return its directory.
 fn oci_layout(dir: &std::path::Path, layers: &[Vec<u8>]) {
-    use sha2::{Digest, Sha256};
-    let blobs = dir.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let put = |data: &[u8]| -> (String, usize) {
-        let digest = hex::encode(Sha256::digest(data));
-        std::fs::write(blobs.join(&digest), data).unwrap();
-        (format!("sha256:{digest}"), data.len())
-    };
-    let layer_descs: Vec<(String, usize)> = layers.iter().map(|l| put(l)).collect();
+    let b = LayoutBuilder::at(dir);
+    let layers: Vec<Layer> = layers.iter().map(|l| Layer::plain(l.clone())).collect();
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
     let config = serde_json::json!({
         "architecture": "amd64",
         "os": "linux",
         "config": {},
-        "rootfs": {"type": "layers", "diff_ids": layer_descs.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>()},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
-    let (config_digest, config_size) = put(config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": layer_descs.iter().map(|(d, s)| serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": s
-        })).collect::<Vec<_>>(),
-    });
-    let (m_digest, m_size) = put(manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": m_digest, "size": m_size,
-            "annotations": {"org.opencontainers.image.ref.name": "t"}
-        }],
-    });
-    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let m = b.image_with_config("linux/amd64", &layers, &config, OCI_MANIFEST);
+    b.write_index_json(&[(m, Some("t"))]);
 }
 
 /// Render an unpacked rootfs on disk in the same format as [`render`]. Directories with an

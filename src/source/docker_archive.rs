@@ -297,7 +297,7 @@ impl ImageSource for DockerArchiveSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::testutil::{gzip, tar_of};
+    use crate::testkit::{gzip, tar_of};
 
     struct Built {
         file: tempfile::NamedTempFile,

@@ -19,8 +19,6 @@ pub mod normalize;
 pub mod oci_layout;
 pub mod reference;
 pub mod registry;
-#[cfg(test)]
-pub(crate) mod testutil;
 
 use std::fmt;
 use std::io::{self, Read};

@@ -667,16 +667,16 @@ fn read_small_file(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SourceErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::testutil::*;
     use crate::source::{open, sha256_digest};
+    use crate::testkit::{simple_layout, tar_of, Layer, LayoutBuilder, TAR_GZIP};
     use serde_json::json;
 
     fn amd64() -> Platform {
         Platform::parse("linux/amd64").unwrap()
     }
 
-    fn layer(name: &str) -> TestLayer {
-        TestLayer::gzip(tar_of(&[(name, b"content")]))
+    fn layer(name: &str) -> Layer {
+        Layer::gzip(tar_of(&[(name, b"content")]))
     }
 
     fn resolve(
@@ -690,7 +690,7 @@ mod tests {
     #[test]
     fn resolves_fields_of_a_simple_image() {
         let l = layer("a");
-        let diff_id = sha256_digest(&l.tar);
+        let diff_id = l.diff_id.clone();
         let blob_digest = sha256_digest(&l.blob);
         let blob_size = l.blob.len() as u64;
         let b = simple_layout(l, "v1");
@@ -893,11 +893,11 @@ mod tests {
     #[test]
     fn docker_media_types() {
         let b = LayoutBuilder::new();
-        let l = TestLayer {
+        let l = Layer {
             media_type: "application/vnd.docker.image.rootfs.diff.tar.gzip".to_string(),
             ..layer("d")
         };
-        let diff_ids = vec![sha256_digest(&l.tar)];
+        let diff_ids = vec![l.diff_id.clone()];
         let mut cfg = b.config("linux/amd64", &diff_ids);
         // Real Docker configs carry extra fields and nulls.
         cfg["container_config"] = json!({"Cmd": null});
@@ -1006,7 +1006,7 @@ mod tests {
     fn layer_count_mismatch() {
         let b = LayoutBuilder::new();
         let l = layer("a");
-        let cfg = b.config("linux/amd64", &[sha256_digest(&l.tar), sha256_digest(b"x")]);
+        let cfg = b.config("linux/amd64", &[l.diff_id.clone(), sha256_digest(b"x")]);
         let m = b.image_with_config("linux/amd64", &[l], &cfg, OCI_MANIFEST);
         b.write_index_json(&[(m, Some("t"))]);
         let e = resolve(&b, Some("t"), &amd64()).unwrap_err();

@@ -1556,8 +1556,8 @@ mod tests {
     // Layers decoded while their blob downloads (`open_blob_stream`).
 
     use crate::layer::{LayerError, LayerStore};
-    use crate::source::testutil::{tar_of, TestLayer};
     use crate::source::LayerInfo;
+    use crate::testkit::{tar_of, Layer};
 
     /// A tar of a few MiB that compresses badly, so the blob spans many reads.
     fn noisy_tar() -> Vec<u8> {
@@ -1592,12 +1592,12 @@ mod tests {
         }
     }
 
-    fn layer_info(l: &TestLayer) -> LayerInfo {
+    fn layer_info(l: &Layer) -> LayerInfo {
         LayerInfo {
             media_type: l.media_type.clone(),
             digest: sha256_digest(&l.blob),
             size: l.blob.len() as u64,
-            diff_id: sha256_digest(&l.tar),
+            diff_id: l.diff_id.clone(),
         }
     }
 
@@ -1639,7 +1639,7 @@ mod tests {
 
     #[test]
     fn layer_decodes_while_its_blob_downloads() {
-        for layer in [TestLayer::gzip(noisy_tar()), TestLayer::zstd(noisy_tar())] {
+        for layer in [Layer::gzip(noisy_tar()), Layer::zstd(noisy_tar())] {
             let info = layer_info(&layer);
             assert!(layer.blob.len() > 2 << 20, "{}", layer.blob.len());
             let blob = layer.blob.clone();
@@ -1661,7 +1661,12 @@ mod tests {
             let src = stream_source(&m.addr, dir.path());
             let store = LayerStore::new(dir.path());
             let path = store.uncompressed(&src, &info).unwrap();
-            assert_eq!(fs::read(&path).unwrap(), layer.tar, "{}", layer.media_type);
+            assert_eq!(
+                fs::read(&path).unwrap(),
+                layer.tar(),
+                "{}",
+                layer.media_type
+            );
             assert_eq!(
                 fs::read(src.cache.path(&info.digest).unwrap()).unwrap(),
                 layer.blob
@@ -1691,8 +1696,8 @@ mod tests {
     fn corrupt_blob_or_wrong_diff_id_leaves_nothing_in_the_cache() {
         let tar = noisy_tar();
         // (layer, blob the registry serves, wrong diff_id?)
-        let gz = TestLayer::gzip(tar.clone());
-        let plain = TestLayer::plain(tar.clone());
+        let gz = Layer::gzip(tar.clone());
+        let plain = Layer::plain(tar.clone());
         let mut flipped_gz = gz.blob.clone();
         let n = flipped_gz.len();
         flipped_gz[n / 2] ^= 0xff;
@@ -1746,7 +1751,7 @@ mod tests {
 
     #[test]
     fn interrupted_streaming_download_is_kept_and_resumed() {
-        let layer = TestLayer::gzip(noisy_tar());
+        let layer = Layer::gzip(noisy_tar());
         let info = layer_info(&layer);
         let half = layer.blob.len() / 2;
         let blob = layer.blob.clone();
@@ -1793,7 +1798,7 @@ mod tests {
         let m = mock(serve_blob(layer.blob.clone()));
         let src = stream_source(&m.addr, dir.path());
         let path = store.uncompressed(&src, &info).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), layer.tar);
+        assert_eq!(fs::read(&path).unwrap(), layer.tar());
         let seen = m.seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_eq!(seen[0].range.as_deref(), Some(&*format!("bytes={half}-")));
@@ -1809,7 +1814,7 @@ mod tests {
     fn server_ignoring_the_range_is_handled_while_streaming() {
         // A partial file from an earlier run; the server answers the Range with the whole
         // blob, whose first part is skipped.
-        let layer = TestLayer::zstd(noisy_tar());
+        let layer = Layer::zstd(noisy_tar());
         let info = layer_info(&layer);
         let third = layer.blob.len() / 3;
         let dir = tempfile::tempdir().unwrap();
@@ -1824,7 +1829,7 @@ mod tests {
         let path = LayerStore::new(dir.path())
             .uncompressed(&src, &info)
             .unwrap();
-        assert_eq!(fs::read(&path).unwrap(), layer.tar);
+        assert_eq!(fs::read(&path).unwrap(), layer.tar());
         assert_eq!(
             fs::read(src.cache.path(&info.digest).unwrap()).unwrap(),
             layer.blob

@@ -15,10 +15,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use super::{write, Compression, SquashError, SquashOptions, SquashReport};
+use crate::testkit::Mount;
 use crate::tree::{Content, NodeId, NodeKind, Timestamp, Tree};
 use crate::treetest::{
-    capability, compare, expected, have, host_tree, is_root, meta, run, sha, text, with_x, x,
-    Mounted, T,
+    capability, compare, expected, have, host_tree, is_root, meta, run, sha, text, with_x, x, T,
 };
 
 /// The tree with everything: every kind of node and the awkward cases, for block size `bs`.
@@ -449,11 +449,11 @@ fn check_image(tree: &Tree, image: &Path, opts: &SquashOptions, report: &SquashR
         .arg(&dest)
         .arg(image));
     compare(tree, &dest, "unsquashfs -d", squash_time);
-    let m = Mounted::new(image, "squashfs");
-    compare(tree, m.0.path(), "kernel mount", squash_time);
+    let m = Mount::image(image, "squashfs", "loop,ro");
+    compare(tree, m.path(), "kernel mount", squash_time);
     // Lookups of names that are not there, in the indexed directory, around its entries.
     for name in ["00000", "0000", "05999x", "06000-sua", "11999~", "zzz", "!"] {
-        let p = m.0.path().join("big").join(name);
+        let p = m.path().join("big").join(name);
         let exists = want.contains_key(format!("big/{name}").as_bytes());
         assert_eq!(p.symlink_metadata().is_ok(), exists, "lookup of big/{name}");
     }
@@ -630,8 +630,8 @@ fn a_file_over_4_gib_gets_an_extended_inode() {
     assert_eq!(r.sparse_blocks, r.data_blocks - 3);
     let list = run(Command::new("unsquashfs").arg("-lln").arg(&image));
     assert!(list.contains(&format!(" {size} ")), "{list}");
-    let m = Mounted::new(&image, "squashfs");
-    let f = std::fs::File::open(m.0.path().join("huge")).unwrap();
+    let m = Mount::image(&image, "squashfs", "loop,ro");
+    let f = std::fs::File::open(m.path().join("huge")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), size);
     use std::os::unix::fs::FileExt;
     for (at, want) in [

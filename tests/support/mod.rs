@@ -1,5 +1,6 @@
 //! Shared harness for fledge's integration tests (`mod support;`).
 //!
+//! - [`kit`]: tar and OCI layout writers, hashing, mount guards (shared with the unit tests).
 //! - [`treecmp`]: snapshot a directory tree and diff it against another.
 //! - test images made by `scripts/make-test-images.sh` (location, skip/fail policy).
 //! - running `fledge mount` as a child and waiting for / tearing down the FUSE mount.
@@ -7,7 +8,7 @@
 //!   each provably the test's own.
 #![allow(dead_code)]
 
-pub mod layout;
+pub mod kit;
 pub mod servers;
 pub mod treecmp;
 
@@ -95,7 +96,7 @@ pub fn debian_image(test: &str) -> Option<DebianImage> {
 /// from a registry usually look like (Docker keeps /dev empty).
 pub fn registry_like_image(img: &DebianImage, dir: &Path) -> String {
     // The extra layer: whiteouts for device nodes, index.html again at a whole second.
-    let mut builder = tar::Builder::new(Vec::new());
+    let mut entries = Vec::new();
     let mut stack = vec![img.oracle_rootfs.clone()];
     while let Some(d) = stack.pop() {
         for e in fs::read_dir(&d).unwrap() {
@@ -114,25 +115,18 @@ pub fn registry_like_image(img: &DebianImage, dir: &Path) -> String {
                     ".wh.{}",
                     rel.file_name().unwrap().to_string_lossy()
                 ));
-                let mut h = tar::Header::new_gnu();
-                h.set_size(0);
-                h.set_mode(0o644);
-                h.set_entry_type(tar::EntryType::Regular);
-                builder.append_data(&mut h, wh, std::io::empty()).unwrap();
+                use std::os::unix::ffi::OsStrExt;
+                entries.push(kit::RawEntry {
+                    mtime: 0,
+                    ..kit::RawEntry::file(wh.as_os_str().as_bytes(), b"")
+                });
             }
         }
     }
     let html = fs::read(img.oracle_rootfs.join("var/www/html/index.html")).unwrap();
-    let mut h = tar::Header::new_gnu();
-    h.set_size(html.len() as u64);
-    h.set_mode(0o644);
-    h.set_mtime(1_700_000_000);
-    h.set_entry_type(tar::EntryType::Regular);
-    builder
-        .append_data(&mut h, "var/www/html/index.html", &html[..])
-        .unwrap();
-    let layer = builder.into_inner().unwrap();
-    layout::derive_with_layer(&img.layout, &dir.join("layout"), &layer, "nodev")
+    entries.push(kit::RawEntry::file(b"var/www/html/index.html", &html));
+    let layer = kit::tar(&entries);
+    kit::derive_with_layer(&img.layout, &dir.join("layout"), &layer, "nodev")
 }
 
 /// Decode the octal escapes (`\040` etc.) /proc/self/mountinfo uses in paths.
@@ -375,42 +369,6 @@ pub fn loops_under(dir: &Path) -> Vec<String> {
     found
 }
 
-/// An image loop-mounted on a temporary directory, unmounted on drop (also when a test
-/// panics).
-pub struct LoopMount {
-    dir: tempfile::TempDir,
-}
-
-impl LoopMount {
-    pub fn new(image: &Path, fs: &str, read_only: bool) -> LoopMount {
-        LoopMount::with_options(image, fs, if read_only { "loop,ro" } else { "loop" })
-    }
-
-    /// Mounted with `opts`, which must include `loop` (e.g. `loop,ro,nouuid` for an xfs
-    /// image whose UUID another mounted image has too).
-    pub fn with_options(image: &Path, fs: &str, opts: &str) -> LoopMount {
-        let dir = tempfile::tempdir().unwrap();
-        mount_loop(image, fs, opts, dir.path());
-        LoopMount { dir }
-    }
-
-    pub fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Free bytes as an unprivileged process sees them.
-    pub fn free_bytes(&self) -> u64 {
-        let st = nix::sys::statvfs::statvfs(self.path()).unwrap();
-        st.blocks_available() * st.fragment_size()
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 /// Panic, naming `what` and printing the checker's output, unless the filesystem checker of
 /// `fs` (`e2fsck -fn`, `xfs_repair -n`, `btrfs check`) finds `image` clean.
 pub fn assert_fsck_clean(image: &Path, fs: &str, what: &str) {
@@ -455,33 +413,6 @@ pub fn have_program(prog: &str) -> bool {
 
 /// Run a command to completion, capturing output; panics with the output on failure
 /// to start or non-zero exit.
-/// `mount -t FS -o OPTS IMAGE DIR` where OPTS include `loop`. Retried while util-linux
-/// cannot set up a loop device: tests run builds in parallel, and a device another build
-/// just released can be unusable for a moment (ENXIO while it detaches).
-pub fn mount_loop(image: &Path, fs: &str, opts: &str, dir: &Path) {
-    let mut attempt = 0;
-    loop {
-        let mut cmd = Command::new("mount");
-        cmd.args(["-t", fs, "-o", opts]).arg(image).arg(dir);
-        let out = cmd
-            .output()
-            .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
-        if out.status.success() {
-            return;
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        attempt += 1;
-        if attempt < 20 && stderr.contains("failed to setup loop device") {
-            sleep(Duration::from_millis(50));
-            continue;
-        }
-        panic!(
-            "{cmd:?} failed with {} (attempt {attempt}):\nstderr: {stderr}",
-            out.status
-        );
-    }
-}
-
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
         .output()

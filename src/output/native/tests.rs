@@ -13,6 +13,7 @@ use std::process::Command;
 use super::build;
 use crate::output::size::{SizePlan, MIB};
 use crate::output::{BuildError, Identity};
+use crate::testkit::{sha256_hex, Mount};
 use crate::tree::{Content, Meta, Node, NodeId, NodeKind, Timestamp, Tree, Xattr};
 
 fn have(tool: &str) -> bool {
@@ -130,37 +131,6 @@ fn fsck(image: &Path) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Mounts an image read-only on a temporary directory; unmounts on drop.
-struct Mounted(tempfile::TempDir);
-
-impl Mounted {
-    fn new(image: &Path) -> Mounted {
-        let mp = tempfile::tempdir().unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "ext4", "-o", "loop,ro"])
-            .arg(image)
-            .arg(mp.path())
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount failed");
-        Mounted(mp)
-    }
-    fn p(&self, rel: &str) -> std::path::PathBuf {
-        self.0.path().join(rel)
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.0.path()).status();
-    }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(data))
 }
 
 #[test]
@@ -281,7 +251,7 @@ fn every_kind_of_node_survives_fsck_and_the_kernel() {
         eprintln!("SKIP every_kind_of_node_survives_fsck_and_the_kernel (mount part): needs root");
         return;
     }
-    let m = Mounted::new(&image);
+    let m = Mount::image(&image, "ext4", "loop,ro");
     for s in sizes {
         let data: Vec<u8> = (0..s).map(|i| (i * 7 % 251) as u8).collect();
         assert_eq!(
@@ -400,7 +370,7 @@ fn a_file_longer_than_four_extents_gets_an_extent_tree() {
         );
         return;
     }
-    let m = Mounted::new(&image);
+    let m = Mount::image(&image, "ext4", "loop,ro");
     use std::os::unix::fs::FileExt;
     let f = File::open(m.p("big")).unwrap();
     assert_eq!(f.metadata().unwrap().len(), len);

@@ -728,15 +728,6 @@ mod image {
             .unwrap()
             .to_owned()
     }
-
-    /// Unmounts (and so frees the loop device of) a mount made by the test.
-    pub struct Mounted(pub PathBuf);
-
-    impl Drop for Mounted {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
 }
 
 struct TestDir {
@@ -1040,7 +1031,7 @@ fn check_real_image(
             return;
         }
     }
-    let _guard = Mounted(mnt.clone());
+    let _guard = crate::testkit::Mount::adopt(&mnt);
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::MetadataExt;
     for (dir, (_, file_ino)) in dirs.iter().zip(&layouts) {
