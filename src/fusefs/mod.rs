@@ -25,7 +25,7 @@
 //! session always ends.
 
 mod fs;
-mod mountinfo;
+pub(crate) mod mountinfo;
 #[cfg(test)]
 mod tests;
 
