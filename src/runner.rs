@@ -10,8 +10,8 @@
 //! package that provides it; a non-zero exit yields [`RunError::Failed`] with the tail of its
 //! standard error.
 //!
-//! [`Tool::hide_block_devices`] runs a tool where it sees no block device (a private mount
-//! namespace with an empty `/dev`): btrfs-progs refuse a UUID that any block device on the
+//! [`Tool::hide_block_devices`] runs a tool where it sees no block device (a mount namespace
+//! of its own with an empty `/dev`): btrfs-progs refuse a UUID that any block device on the
 //! host carries, and a reproducible image shares its UUID with every other build of its
 //! config by design.
 
@@ -385,21 +385,48 @@ impl Tool {
     }
 }
 
-/// Move the calling thread into a new mount namespace (its own copy of the mounts, private,
-/// so nothing done in it reaches the host's) and mount an empty tmpfs on `/dev` there, with
-/// only [`PRIVATE_DEV_NODES`] in it. The rest of the process is not affected: unsharing the
-/// mount namespace unshares the thread's filesystem context too.
+/// Move the calling thread into a new mount namespace (its own copy of the mounts, a slave
+/// of the host's, so nothing mounted in it reaches the host while unmounts there still reach
+/// it) and mount an empty tmpfs on `/dev` there, with only [`PRIVATE_DEV_NODES`] in it. The
+/// rest of the process is not affected: unsharing the mount namespace unshares the thread's
+/// filesystem context too.
+///
+/// The copy includes the filesystems other fledge builds have mounted in their work
+/// directories; a copy keeps such a filesystem alive after its build unmounts it, and that
+/// build then waits for it to go (`LoopGuard::wait_released`). They are detached from this
+/// namespace at once, so the wait is short.
 fn enter_namespace_without_block_devices() -> nix::Result<()> {
-    use nix::mount::{mount, MsFlags};
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )?;
+    // This thread's own view: /proc/self is the process's main thread, in the old namespace.
+    let mounts = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
+    for entry in mounts
+        .lines()
+        .filter_map(crate::fusefs::mountinfo::parse_line)
+    {
+        let in_work_dir = entry.mount_point.components().any(|c| {
+            c.as_os_str()
+                .to_string_lossy()
+                .starts_with(crate::build::recover::PREFIX)
+        });
+        // FUSE views are left: unmounting one aborts its connection, copies or not.
+        if in_work_dir && !entry.fstype.starts_with("fuse") {
+            if let Err(e) = umount2(&entry.mount_point, MntFlags::MNT_DETACH) {
+                tracing::debug!(
+                    "cannot detach {} from the private namespace: {e}",
+                    entry.mount_point.display()
+                );
+            }
+        }
+    }
     mount(
         Some("tmpfs"),
         "/dev",
@@ -625,6 +652,24 @@ mod tests {
             host_has_loop_control,
             "{here}"
         );
+        // Filesystems mounted in fledge work directories are detached from the tool's copy
+        // of the mounts (it would keep them alive after their build unmounts them).
+        if nix::unistd::geteuid().is_root() {
+            let dir = tempfile::tempdir().unwrap();
+            let mnt = dir.path().join(".fledge-build-test/mnt");
+            std::fs::create_dir_all(&mnt).unwrap();
+            let ok = Tool::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=1m", "fledge-test"])
+                .arg(&mnt)
+                .run();
+            assert!(ok.is_ok(), "{ok:?}");
+            let probe = format!("grep -c ' {} ' /proc/self/mountinfo || true", mnt.display());
+            let count = |t: Tool| String::from_utf8(t.run().unwrap().stdout).unwrap();
+            let inside = count(Tool::new("sh").args(["-c", &probe]).hide_block_devices());
+            let outside = count(Tool::new("sh").args(["-c", &probe]));
+            let _ = Tool::new("umount").arg(&mnt).run();
+            assert_eq!((inside.trim(), outside.trim()), ("0", "1"));
+        }
         // Failures still come back as failures.
         let err = Tool::new("sh")
             .args(["-c", "echo no >&2; exit 5"])

@@ -46,6 +46,47 @@ fn attach_one(dev: &LoopDevice, image: &Path) -> std::io::Result<()> {
 /// How often [`LoopGuard::attach`] tries (pauses of 1, 2, 4 ... 50 ms between: about 0.9 s).
 const ATTACH_ATTEMPTS: u32 = 24;
 
+/// How long [`LoopGuard::wait_released`] waits for a copy of the build's mount in another
+/// mount namespace to go.
+const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Processes (one per mount namespace, at most 8) whose mount table has a mount on
+/// `mountpoint`, from `/proc/*/mountinfo`.
+fn namespaces_mounting(mountpoint: &Path) -> Vec<u32> {
+    use crate::fusefs::mountinfo::parse_line;
+    let mut seen = std::collections::HashSet::new();
+    let mut pids = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(ns) = std::fs::read_link(p.path().join("ns/mnt")) else {
+            continue;
+        };
+        if seen.contains(&ns) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(p.path().join("mountinfo")) else {
+            continue;
+        };
+        seen.insert(ns);
+        if info
+            .lines()
+            .filter_map(parse_line)
+            .any(|e| e.mount_point == mountpoint)
+        {
+            pids.push(pid);
+            if pids.len() == 8 {
+                break;
+            }
+        }
+    }
+    pids
+}
+
 /// An attached loop device, detached on drop.
 pub struct LoopGuard {
     dev: Option<LoopDevice>,
@@ -133,6 +174,66 @@ impl LoopGuard {
 
     pub fn detach(mut self) -> Result<(), BuildError> {
         self.release()
+    }
+
+    /// Wait until no filesystem holds the device any more, after `mountpoint` was unmounted.
+    /// umount(2) returns once the mount is gone from this mount namespace, but a process that
+    /// unshared its mounts while it was mounted (a service started with private mounts,
+    /// `unshare -m`, btrfs-progs run by another build) holds a copy of it: the filesystem
+    /// then lives on, and writes to the image when that copy goes. Nothing may read or change
+    /// the image before. A device held longer than [`RELEASE_TIMEOUT`] is an error naming
+    /// the processes whose mount namespaces hold it.
+    pub fn wait_released(&self, mountpoint: &Path) -> Result<(), BuildError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(1);
+        let mut said = false;
+        loop {
+            // A mounted filesystem claims its device exclusively: O_EXCL fails with EBUSY.
+            match File::options()
+                .read(true)
+                .custom_flags(libc::O_EXCL)
+                .open(&self.path)
+            {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => {
+                    return Err(BuildError::Loop {
+                        what: format!("open {} exclusively", self.path.display()),
+                        source: e,
+                    })
+                }
+            }
+            if crate::interrupt::requested() {
+                return Err(BuildError::Interrupted);
+            }
+            if started.elapsed() > RELEASE_TIMEOUT {
+                return Err(BuildError::StillMounted {
+                    device: self.path.clone(),
+                    mountpoint: mountpoint.to_path_buf(),
+                    holders: namespaces_mounting(mountpoint),
+                });
+            }
+            if !said {
+                tracing::info!(
+                    "{} is still held after unmounting {}: a copy of the mount lives in \
+                     another mount namespace; waiting for it to go",
+                    self.path.display(),
+                    mountpoint.display()
+                );
+                said = true;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(std::time::Duration::from_millis(100));
+        }
+        if said {
+            tracing::info!(
+                "{} released after {:.1}s",
+                self.path.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok(())
     }
 
     fn release(&mut self) -> Result<(), BuildError> {
@@ -444,6 +545,7 @@ fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport
     };
     sw.mark("synced");
     mnt.unmount()?;
+    lo.wait_released(&target)?;
     sw.mark("unmounted");
     lo.detach()?;
     sw.mark("loop detached");
@@ -582,6 +684,59 @@ fn sync_fs(tools: Tools, target: &Path, fs: FsType) -> Result<(), BuildError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Root only: a mount that exists only in another process's mount namespace is found,
+    /// and the error for a device held that way names the process.
+    #[test]
+    fn mounts_in_other_namespaces_are_found() {
+        let test = "mounts_in_other_namespaces_are_found";
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIP: {test}: needs root (unshare, mount)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let ready = dir.path().join("ready");
+        let script = format!(
+            "mount -t tmpfs fledge-test '{}' && touch '{}' && sleep 20",
+            mnt.display(),
+            ready.display()
+        );
+        let mut child = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !ready.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let found = namespaces_mounting(&mnt);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(
+            ready.exists(),
+            "{test}: the mount in the other namespace never appeared"
+        );
+        assert_eq!(found, vec![child.id()], "{test}");
+        // Not in ours.
+        assert!(!crate::fusefs::mountinfo::is_mounted(&mnt));
+        let e = BuildError::StillMounted {
+            device: "/dev/loop3".into(),
+            mountpoint: mnt.clone(),
+            holders: found,
+        };
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the filesystem on /dev/loop3 is still mounted after unmounting {}: a copy of \
+                 the mount lives in the mount namespace of process {}",
+                mnt.display(),
+                child.id()
+            )
+        );
+        assert!(e.hint().unwrap().contains("unshared its mounts"));
+    }
 
     /// Root only: a mount the kernel refuses says what the kernel logged about the device,
     /// and the hint does not blame privileges the process has.

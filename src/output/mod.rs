@@ -207,6 +207,18 @@ pub enum BuildError {
         /// What the kernel logged about the device during the attempt ([`kmsg`]).
         kernel: Vec<String>,
     },
+    #[error(
+        "the filesystem on {} is still mounted after unmounting {}: {}",
+        device.display(),
+        mountpoint.display(),
+        held_by(holders)
+    )]
+    StillMounted {
+        device: PathBuf,
+        mountpoint: PathBuf,
+        /// Processes whose mount namespaces have a copy of the mount.
+        holders: Vec<u32>,
+    },
     #[error("cannot write {}: {source}", path.display())]
     Copy {
         path: PathBuf,
@@ -262,6 +274,18 @@ pub enum BuildError {
     Fuse(#[from] crate::fusefs::FuseError),
     #[error("interrupted")]
     Interrupted,
+}
+
+fn held_by(pids: &[u32]) -> String {
+    if pids.is_empty() {
+        "a copy of the mount lives in another mount namespace".into()
+    } else {
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        format!(
+            "a copy of the mount lives in the mount namespace of process {}",
+            list.join(", ")
+        )
+    }
 }
 
 fn kernel_says(lines: &[String]) -> String {
@@ -363,6 +387,11 @@ impl BuildError {
             BuildError::Mount { source, kernel, .. } => {
                 Some(mount_hint(source, kernel, privileged()))
             }
+            BuildError::StillMounted { .. } => Some(
+                "a process that unshared its mounts while the build had its filesystem \
+                 mounted keeps it alive; let it end (or stop it) and build again"
+                    .into(),
+            ),
             BuildError::OutputDir { .. } => {
                 Some("choose a writable output directory with -o DIR/NAME.img".into())
             }
@@ -375,9 +404,14 @@ impl BuildError {
                     None => "run `fledge doctor` to see what is missing and how to fix it".into(),
                 })
             }
-            BuildError::Copy { source, .. } | BuildError::Io { source, .. }
-                if source.raw_os_error() == Some(libc::ENOSPC) =>
-            {
+            // A copy error is a write into the mounted image: that filesystem is what filled.
+            BuildError::Copy { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => Some(
+                "the image filled up while the tree was copied into it (the size estimate \
+                     fell short, or the filesystem held space back for writes still in \
+                     flight); build again, or raise size_buffer_mb"
+                    .into(),
+            ),
+            BuildError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
                 Some("the disk holding the output is full; free space or choose another -o".into())
             }
             BuildError::Fuse(e) => e.hint().map(str::to_string),
@@ -1015,6 +1049,21 @@ mod tests {
             stderr: "ERROR: non-unique UUID: 95998f4d-86e2-44d7-9e6f-82a3be08649f".into(),
         });
         assert!(e.hint().unwrap().contains("loop-mounted"));
+        // ENOSPC: the image (a write into the mounted image) or the output disk.
+        let enospc = || err(libc::ENOSPC);
+        let copy = BuildError::Copy {
+            path: "/o/.fledge-build-x/mnt/usr/share/zoneinfo/right/America/Montreal".into(),
+            source: enospc(),
+        };
+        assert!(copy.hint().unwrap().contains("the image filled up"));
+        let io = BuildError::Io {
+            path: "/o/.fledge-build-x/image.img".into(),
+            source: enospc(),
+        };
+        assert!(io
+            .hint()
+            .unwrap()
+            .contains("the disk holding the output is full"));
         // An unprivileged process gets the root hint whatever the errno.
         assert_eq!(mount_hint(&err(libc::EINVAL), &dup, false), ROOT_HINT);
         assert_eq!(loop_hint(&err(libc::ENOENT), false), ROOT_HINT);
