@@ -415,7 +415,7 @@ fn enter_namespace_without_block_devices() -> nix::Result<()> {
         let in_work_dir = entry.mount_point.components().any(|c| {
             c.as_os_str()
                 .to_string_lossy()
-                .starts_with(crate::build::recover::PREFIX)
+                .starts_with(crate::output::recover::PREFIX)
         });
         // FUSE views are left: unmounting one aborts its connection, copies or not.
         if in_work_dir && !entry.fstype.starts_with("fuse") {
