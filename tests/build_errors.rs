@@ -197,7 +197,7 @@ fn bad_config_inputs() {
             &format!("{GOOD_TOML}compression = \"xz\"\n"),
             &[
                 "'filesystem.compression' applies to the read-only types",
-                "type = \"squashfs\" or \"erofs\"",
+                "not to type = \"ext4\"",
             ],
         ),
         case(
