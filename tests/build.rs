@@ -567,3 +567,217 @@ fn default_names_follow_the_reference() {
         assert_eq!(m["image"], reference.as_str(), "{reference}");
     }
 }
+
+/// The oracle as `fs_type` can hold it: exactly what the format cannot store is adjusted.
+/// squashfs keeps whole-second mtimes (the oracle's sub-second ones are truncated); its
+/// xattr namespaces (user., trusted., security.) and EROFS's hold everything the test image
+/// carries (it has no POSIX ACLs), so nothing else is allowed to differ.
+fn oracle_as_stored(oracle: &Snapshot, fs_type: &str) -> Snapshot {
+    let mut o = oracle.clone();
+    if fs_type == "squashfs" {
+        for e in o.entries.values_mut() {
+            e.mtime_nsec = 0;
+        }
+    }
+    o
+}
+
+/// A read-only type (squashfs, erofs): built as root with the default output name, loop-mounted
+/// read-only and compared with the oracle entry by entry; the meaningless writable-image keys
+/// warn; the mkfs backends refuse the type clearly.
+fn readonly_case(fs_type: &str) {
+    let test = format!("build_{fs_type}_native");
+    if !root_or_skip(&test) {
+        return;
+    }
+    let Some(img) = support::debian_image(&test) else {
+        return;
+    };
+    // Project::new writes size_buffer_mb and preallocate: warnings for a read-only type.
+    let project = Project::new(&img.reference, fs_type, "");
+    let started = std::time::Instant::now();
+    let out = Command::new(fledge_bin())
+        .current_dir(project.path())
+        .env("FLEDGE_CACHE_DIR", project.path().join("cache"))
+        .args(["build", "-v", "-c", "fledge.toml"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{test}: build failed:\n{}",
+        text(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("backend: native "), "{test}:\n{stderr}");
+    for key in ["size_buffer_mb", "preallocate"] {
+        assert!(
+            stderr.contains("warning: ")
+                && stderr.contains(&format!(
+                    "'filesystem.{key}' has no effect on a read-only {fs_type} image"
+                )),
+            "{test}: no warning for {key}:\n{stderr}"
+        );
+    }
+    // The default name takes the type's extension.
+    let image = project.path().join(format!("debian.{fs_type}"));
+    let manifest_path = project.path().join("debian.manifest.json");
+    let mut left: Vec<String> = fs::read_dir(project.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut want = vec![
+        "cache".to_string(),
+        format!("debian.{fs_type}"),
+        "debian.manifest.json".into(),
+        "fledge.toml".into(),
+    ];
+    want.sort();
+    assert_eq!(left, want);
+    let md = fs::metadata(&image).unwrap();
+    assert_eq!(
+        md.len() % 4096,
+        0,
+        "{test}: not a whole number of 4 KiB blocks"
+    );
+    let sha = support::sha256_file(&image);
+    eprintln!(
+        "{test}: image {} bytes ({} MiB), built in {:.1}s, sha256 {sha}",
+        md.len(),
+        md.len() / MIB,
+        took.as_secs_f64()
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    assert_eq!(manifest["rootfs"]["checksum"], format!("sha256:{sha}"));
+    assert_eq!(manifest["rootfs"]["format"], fs_type);
+    assert_eq!(
+        manifest["rootfs"]["url"],
+        image.canonicalize().unwrap().display().to_string()
+    );
+
+    let oracle = oracle_as_stored(&oracle(&img), fs_type);
+    {
+        let m = support::LoopMount::new(&image, fs_type, true);
+        assert_eq!(
+            support::mount_fstype(m.path()).as_deref(),
+            Some(fs_type),
+            "{test}: mounted as another type"
+        );
+        assert_matches_oracle(&oracle, m.path(), &img, &test);
+    }
+
+    // The mkfs backends do not build read-only types: a clear error before any work.
+    for backend in ["kernel", "userspace"] {
+        let out = project.build("other.img", &["--backend", backend]);
+        assert!(!out.status.success(), "{test}: --backend {backend} built");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "the {backend} backend cannot run here: {fs_type} images are written by \
+                 fledge's own {fs_type} writer only"
+            )) && stderr.contains("--backend native"),
+            "{test}: --backend {backend}:\n{stderr}"
+        );
+        assert!(!project.path().join("other.img").exists());
+    }
+}
+
+#[test]
+fn build_squashfs_native() {
+    readonly_case("squashfs");
+}
+
+#[test]
+fn build_erofs_native() {
+    readonly_case("erofs");
+}
+
+/// squashfs and erofs rootless: the `fledge-test` user's build (no root, FUSE or loop
+/// device) is byte-identical to root's under the same SOURCE_DATE_EPOCH.
+fn rootless_readonly_case(fs_type: &str) {
+    let test = format!("rootless_{fs_type}_equals_root");
+    if !root_or_skip(&test) {
+        return;
+    }
+    let Some(img) = support::debian_image(&test) else {
+        return;
+    };
+    let (uid, gid) = match support::unprivileged_preconditions() {
+        Ok(ids) => ids,
+        Err(reason) => {
+            if support::in_ci() {
+                panic!("{test}: {reason}");
+            }
+            support::skip(&test, &reason);
+            return;
+        }
+    };
+    // zstd keeps the two squashfs builds quick.
+    let extra = if fs_type == "squashfs" {
+        "compression = \"zstd\"\ncompression_level = 3\n"
+    } else {
+        ""
+    };
+    let out_name = format!("r.{fs_type}");
+    let root_project = Project::new(&img.reference, fs_type, extra);
+    let out = Command::new(fledge_bin())
+        .current_dir(root_project.path())
+        .env("FLEDGE_CACHE_DIR", root_project.path().join("cache"))
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .args(["build", "-q", "-c", "fledge.toml", "-o", &out_name])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let user_project = Project::new(&img.reference, fs_type, extra);
+    let bin_dir = user_project.path().join("bin");
+    fs::create_dir(&bin_dir).unwrap();
+    fs::copy(fledge_bin(), bin_dir.join("fledge")).unwrap();
+    for entry in ["", "bin", "bin/fledge", "fledge.toml"] {
+        nix::unistd::chown(
+            &user_project.path().join(entry),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap();
+    }
+    let out = Command::new("runuser")
+        .args(["-u", support::TEST_USER, "--"])
+        .arg(bin_dir.join("fledge"))
+        .args(["build", "-v", "-c", "fledge.toml", "-o", &out_name])
+        .current_dir(user_project.path())
+        .env("FLEDGE_CACHE_DIR", user_project.path().join("cache"))
+        .env("HOME", user_project.path())
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{test}: rootless build failed:\n{}",
+        text(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("backend: native "),
+        "{test}: rootless build did not use the native backend:\n{stderr}"
+    );
+    let user_image = user_project.path().join(&out_name);
+    assert_eq!(fs::metadata(&user_image).unwrap().uid(), uid);
+    assert_eq!(
+        support::sha256_file(&user_image),
+        support::sha256_file(&root_project.path().join(&out_name)),
+        "{test}: the user's image differs from root's"
+    );
+}
+
+#[test]
+fn rootless_squashfs_equals_root() {
+    rootless_readonly_case("squashfs");
+}
+
+#[test]
+fn rootless_erofs_equals_root() {
+    rootless_readonly_case("erofs");
+}

@@ -170,6 +170,35 @@ fn bad_config_inputs() {
             &["zfs", "ext4, xfs, btrfs"],
         ),
         case(
+            "compression on ext4",
+            &format!("{GOOD_TOML}compression = \"xz\"\n"),
+            &[
+                "'filesystem.compression' applies to the read-only types",
+                "not to type = \"ext4\"",
+            ],
+        ),
+        case(
+            "erofs lz4 is not implemented",
+            &GOOD_TOML.replace("type = \"ext4\"", "type = \"erofs\"\ncompression = \"lz4\""),
+            &["not implemented for erofs yet", "supports: none"],
+        ),
+        case(
+            "compression level out of range",
+            &GOOD_TOML.replace(
+                "type = \"ext4\"",
+                "type = \"squashfs\"\ncompression_level = 30",
+            ),
+            &["compression_level' must be from 1 to 22, got 30"],
+        ),
+        case(
+            "bad overlay size",
+            &GOOD_TOML.replace(
+                "type = \"ext4\"",
+                "type = \"squashfs\"\noverlay_size = \"1.5G\"",
+            ),
+            &["invalid 'filesystem.overlay_size' '1.5G'"],
+        ),
+        case(
             "negative buffer",
             &GOOD_TOML.replace("= 10", "= -5"),
             &["size_buffer_mb"],
@@ -323,7 +352,12 @@ fn native_builds_without_any_tool() {
 /// A mapped file that vanishes between planning and copying: a clear error naming it, no
 /// image, nothing left behind; once the file is back the same build succeeds.
 fn mapping_source_vanishing_mid_build(backend: &str) {
-    let test = format!("mapping_source_vanishing_mid_build_{backend}");
+    mapping_source_vanishing_mid_build_as(backend, "type = \"ext4\"", backend);
+}
+
+/// [`mapping_source_vanishing_mid_build`] with `fs_line` as the `[filesystem]` type line.
+fn mapping_source_vanishing_mid_build_as(backend: &str, fs_line: &str, name: &str) {
+    let test = format!("mapping_source_vanishing_mid_build_{name}");
     let img = if backend == "kernel" {
         support::debian_image_as_root(&test, "needs root (kernel backend)")
     } else {
@@ -339,7 +373,9 @@ fn mapping_source_vanishing_mid_build(backend: &str) {
         p.join("fledge.toml"),
         format!(
             "{}\n[mappings]\n\"payload.bin\" = \"/opt/payload.bin\"\n",
-            GOOD_TOML.replace("IMAGE", &img.reference)
+            GOOD_TOML
+                .replace("IMAGE", &img.reference)
+                .replace("type = \"ext4\"", fs_line)
         ),
     )
     .unwrap();
@@ -371,6 +407,13 @@ fn mapping_source_vanishing_mid_build(backend: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{test}: {stderr}");
     assert!(stderr.contains("payload.bin"), "{test}: {stderr}");
+    if backend == "native" {
+        // Every native writer reports it as the mapped host file (BuildError::HostFile).
+        assert!(
+            stderr.contains("(mapped into the image)"),
+            "{test}: {stderr}"
+        );
+    }
     assert!(stderr.contains("hint: "), "{test}: {stderr}");
     assert!(!p.join("out.img").exists() && !p.join("out.manifest.json").exists());
     assert!(
@@ -401,4 +444,19 @@ fn mapping_source_vanishing_mid_build_kernel() {
 #[test]
 fn mapping_source_vanishing_mid_build_native() {
     mapping_source_vanishing_mid_build("native");
+}
+
+#[test]
+fn mapping_source_vanishing_mid_build_squashfs() {
+    // lz4 keeps it quick; the mapping of the read error does not depend on the compressor.
+    mapping_source_vanishing_mid_build_as(
+        "native",
+        "type = \"squashfs\"\ncompression = \"lz4\"",
+        "squashfs",
+    );
+}
+
+#[test]
+fn mapping_source_vanishing_mid_build_erofs() {
+    mapping_source_vanishing_mid_build_as("native", "type = \"erofs\"", "erofs");
 }

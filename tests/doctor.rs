@@ -1,6 +1,7 @@
 //! `fledge doctor`: its verdicts as root, as an unprivileged user, and as an unprivileged user
 //! without FUSE; its JSON schema and exit codes; and agreement with `fledge build -v`. The
-//! native writer (ext4 only, no requirements) must be listed and chosen for ext4 everywhere.
+//! native writers (ext4, squashfs, erofs; no requirements) must be listed and chosen for those
+//! types everywhere.
 
 mod support;
 
@@ -74,7 +75,7 @@ fn assert_schema(r: &serde_json::Value) {
         .iter()
         .map(|f| f["fs"].as_str().unwrap())
         .collect();
-    assert_eq!(fss, ["ext4", "xfs", "btrfs"]);
+    assert_eq!(fss, ["ext4", "xfs", "btrfs", "squashfs", "erofs"]);
     for f in r["filesystems"].as_array().unwrap() {
         let names: Vec<&str> = f["backends"]
             .as_array()
@@ -87,19 +88,33 @@ fn assert_schema(r: &serde_json::Value) {
             assert!(b["available"].is_boolean() && b["detail"].is_string());
         }
     }
-    // The native writer builds ext4 anywhere (no root, FUSE, loop device or mkfs) and
-    // nothing else.
-    for fs in ["ext4", "xfs", "btrfs"] {
+    // The native writers build ext4, squashfs and erofs anywhere (no root, FUSE, loop device
+    // or mkfs) and nothing else; the read-only types have no other backend.
+    for fs in ["ext4", "xfs", "btrfs", "squashfs", "erofs"] {
         let native = backend(r, fs, "native");
-        assert_eq!(native["available"], fs == "ext4", "{fs}: {native}");
-        if fs == "ext4" {
+        let by_native = ["ext4", "squashfs", "erofs"].contains(&fs);
+        assert_eq!(native["available"], by_native, "{fs}: {native}");
+        if by_native {
             assert_eq!(native["detail"], "ready", "{native}");
             assert_eq!(chosen(r, fs).as_deref(), Some("native"), "{r}");
         } else {
             assert!(
-                native["detail"].as_str().unwrap().contains("ext4 only"),
+                native["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("ext4, squashfs and erofs only"),
                 "{fs}: {native}"
             );
+        }
+        if fs == "squashfs" || fs == "erofs" {
+            for other in ["kernel", "userspace"] {
+                let b = backend(r, fs, other);
+                assert_eq!(b["available"], false, "{fs}: {b}");
+                assert!(
+                    b["detail"].as_str().unwrap().contains("writer only"),
+                    "{fs}: {b}"
+                );
+            }
         }
     }
     assert!(["all", "some", "none"].contains(&r["verdict"].as_str().unwrap()));
@@ -149,6 +164,13 @@ fn doctor_as_root_agrees_with_build() {
         assert_eq!(
             table_row(&text, fs),
             [fs, "no", "yes", "yes", "kernel"],
+            "{text}"
+        );
+    }
+    for fs in ["squashfs", "erofs"] {
+        assert_eq!(
+            table_row(&text, fs),
+            [fs, "yes", "no", "no", "native"],
             "{text}"
         );
     }

@@ -1,7 +1,7 @@
 //! With `SOURCE_DATE_EPOCH` set, two builds of the same image and config give byte-identical
 //! ext4 images and the same manifest checksum; another epoch gives another image. Checked for
 //! the native writer (what `--backend auto` picks for ext4, root or not) and for the userspace
-//! backend.
+//! backend; and for the squashfs and EROFS writers (the only backend of those types).
 
 mod support;
 
@@ -16,12 +16,29 @@ fn fledge_bin() -> PathBuf {
 /// Build in a fresh directory (and a fresh cache) with `backend` (`auto` passes no
 /// `--backend`) and return (image sha256, manifest checksum, stderr).
 fn build(reference: &str, epoch: &str, backend: &str) -> (String, String, String) {
+    build_with(
+        reference,
+        epoch,
+        backend,
+        "type = \"ext4\"\nsize_buffer_mb = 32\n",
+        "r.img",
+    )
+}
+
+/// [`build`] with another `[filesystem]` body, written to `out`.
+fn build_with(
+    reference: &str,
+    epoch: &str,
+    backend: &str,
+    filesystem: &str,
+    out_name: &str,
+) -> (String, String, String) {
     let dir = tempfile::tempdir().unwrap();
     fs::write(
         dir.path().join("fledge.toml"),
         format!(
             "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{reference}\"\n\
-             [filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 32\n"
+             [filesystem]\n{filesystem}"
         ),
     )
     .unwrap();
@@ -29,19 +46,58 @@ fn build(reference: &str, epoch: &str, backend: &str) -> (String, String, String
     cmd.current_dir(dir.path())
         .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
         .env("SOURCE_DATE_EPOCH", epoch)
-        .args(["build", "-v", "-o", "r.img"]);
+        .args(["build", "-v", "-o", out_name]);
     if backend != "auto" {
         cmd.args(["--backend", backend]);
     }
     let out = cmd.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{backend} build failed:\n{stderr}");
-    let sha = support::sha256_file(&dir.path().join("r.img"));
+    let sha = support::sha256_file(&dir.path().join(out_name));
     let manifest: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.path().join("r.manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["rootfs"]["url"],
+        dir.path()
+            .join(out_name)
+            .canonicalize()
+            .unwrap()
+            .display()
+            .to_string()
+    );
     let checksum = manifest["rootfs"]["checksum"].as_str().unwrap().to_string();
     assert_eq!(checksum, format!("sha256:{sha}"));
     (sha, checksum, stderr)
+}
+
+/// squashfs and EROFS: the same epoch gives the same bytes (squashfs' mkfs_time, EROFS'
+/// build time and UUID come from the build's identity), another epoch other bytes. zstd keeps
+/// the squashfs builds quick; the compressor does not change what is reproducible.
+#[test]
+fn source_date_epoch_gives_identical_squashfs_and_erofs_images() {
+    let test = "source_date_epoch_gives_identical_squashfs_and_erofs_images";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    for (body, out) in [
+        (
+            "type = \"squashfs\"\ncompression = \"zstd\"\ncompression_level = 3\n",
+            "r.squashfs",
+        ),
+        ("type = \"erofs\"\n", "r.erofs"),
+    ] {
+        let (a, ca, log) = build_with(&img.reference, "1700000000", "auto", body, out);
+        assert!(log.contains("backend: native"), "{out}: {log}");
+        let (b, cb, _) = build_with(&img.reference, "1700000000", "native", body, out);
+        assert_eq!(
+            a, b,
+            "{out}: two builds with the same SOURCE_DATE_EPOCH differ"
+        );
+        assert_eq!(ca, cb);
+        let (c, _, _) = build_with(&img.reference, "1700000001", "auto", body, out);
+        assert_ne!(a, c, "{out}: the epoch does not reach the image");
+        eprintln!("{out}: sha256 {a} at epoch 1700000000");
+    }
 }
 
 /// The native writer needs neither root nor FUSE, so this runs everywhere.

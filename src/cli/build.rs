@@ -15,7 +15,8 @@ pub struct BuildArgs {
     /// Build configuration.
     #[arg(short, long, value_name = "FILE", default_value = "fledge.toml")]
     pub config: PathBuf,
-    /// Output image path (default: derived from the image reference, e.g. nginx.img).
+    /// Output image path (default: derived from the image reference and the filesystem type,
+    /// e.g. nginx.img, nginx.squashfs, nginx.erofs).
     #[arg(short, long, value_name = "OUT.img")]
     pub output: Option<PathBuf>,
     /// Plugin manifest settings (name, version, runtime, resources, ...).

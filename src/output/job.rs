@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::size::SizePlan;
 use super::{BuildError, BuildReport};
-use crate::config::FsType;
+use crate::config::{FilesystemConfig, FsType};
 use crate::runner::Tool;
 use crate::timing::Stopwatch;
 use crate::tree::Tree;
@@ -160,10 +160,13 @@ pub struct Job<'a> {
     /// The frozen merged tree, injections included.
     pub tree: &'a Arc<Tree>,
     pub fs: FsType,
+    /// The `[filesystem]` settings (compression and its level for the read-only types).
+    pub settings: &'a FilesystemConfig,
     /// The size the image starts at and the free space it must keep.
     pub plan: &'a SizePlan,
     pub identity: &'a Identity,
-    /// The image file to write (created at `plan.image_bytes`, in the private work directory).
+    /// The image file to write (created at `plan.image_bytes`, in the private work directory;
+    /// empty for the read-only types, whose writers size it).
     pub image: &'a Path,
     /// The private work directory (mount points, scratch files); removed after the build.
     pub work: &'a Path,

@@ -284,6 +284,8 @@ fn mount_data(fs: FsType) -> &'static str {
         // finished filesystem is the same.
         FsType::Xfs => "nouuid,allocsize=64k",
         FsType::Btrfs => "",
+        // Read-only types are never built by this backend (see `build`).
+        FsType::Squashfs | FsType::Erofs => "ro",
     }
 }
 
@@ -403,6 +405,9 @@ pub fn mkfs_args(
             }
             ("mkfs.btrfs", args)
         }
+        FsType::Squashfs | FsType::Erofs => {
+            unreachable!("{fs} has no mkfs backend (select::native_only)")
+        }
     }
 }
 
@@ -426,6 +431,13 @@ impl Writer for KernelWriter {
 /// Build `job.image` (already created at `plan.image_bytes`) with the kernel backend.
 fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport, BuildError> {
     let (tree, fs, plan, image, work) = (job.tree.as_ref(), job.fs, job.plan, job.image, job.work);
+    if let Some(reason) = super::select::native_only(fs) {
+        return Err(BuildError::BackendUnavailable {
+            backend: "kernel",
+            reason,
+            hint: None,
+        });
+    }
     let tools = job.tools();
     let lo = LoopGuard::attach(image)?;
     sw.mark("loop attached");
@@ -515,6 +527,7 @@ fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport
                         ],
                     )?,
                     FsType::Ext4 => unreachable!("ext4 is resized offline"),
+                    FsType::Squashfs | FsType::Erofs => unreachable!("refused in build"),
                 };
             } else if fs == FsType::Btrfs {
                 tools.run(

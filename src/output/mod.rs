@@ -18,6 +18,7 @@ pub mod job;
 pub(crate) mod kernel;
 mod kmsg;
 mod native;
+pub mod readonly;
 pub mod recover;
 pub mod select;
 pub mod size;
@@ -55,7 +56,7 @@ pub enum BackendChoice {
     Kernel,
     /// mkfs reading the FUSE view (`mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`).
     Userspace,
-    /// fledge's own ext4 writer (ext4 only): no privileges, FUSE or tools needed.
+    /// fledge's own writers (ext4, squashfs, erofs): no privileges, FUSE or tools needed.
     Native,
 }
 
@@ -87,7 +88,7 @@ impl BackendChoice {
                 "mkfs reading the FUSE view (`mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`)"
             }
             BackendChoice::Native => {
-                "fledge's own ext4 writer (ext4 only): no privileges, FUSE or tools needed"
+                "fledge's own writers (ext4, squashfs, erofs): no privileges, FUSE or tools needed"
             }
         }
     }
@@ -120,7 +121,8 @@ impl std::str::FromStr for BackendChoice {
 pub struct BuildRequest {
     /// The build configuration (fledge.toml).
     pub config: PathBuf,
-    /// Output image path; `None`: derived from the image reference (e.g. `nginx.img`).
+    /// Output image path; `None`: derived from the image reference and the type (e.g.
+    /// `nginx.img`, `nginx.squashfs`, `nginx.erofs`).
     pub output: Option<PathBuf>,
     /// Plugin manifest settings (manifest.toml).
     pub manifest: Option<PathBuf>,
@@ -175,7 +177,13 @@ impl BuildOutcome {
     /// The one-line summary `fledge build` prints.
     pub fn summary(&self) -> String {
         let free = self.report.free_bytes.map_or_else(
-            || "free space not measured".to_string(),
+            || {
+                if self.filesystem.is_read_only() {
+                    "read-only".to_string()
+                } else {
+                    "free space not measured".to_string()
+                }
+            },
             |f| format!("{} MiB free", f / size::MIB),
         );
         format!(
@@ -271,6 +279,10 @@ pub enum BuildError {
         hint: Option<String>,
     },
     #[error(transparent)]
+    Squashfs(crate::squashfs::SquashError),
+    #[error(transparent)]
+    Erofs(crate::erofs::ErofsError),
+    #[error(transparent)]
     Fuse(#[from] crate::fusefs::FuseError),
     #[error("interrupted")]
     Interrupted,
@@ -353,6 +365,64 @@ fn mount_hint(e: &std::io::Error, kernel: &[String], privileged: bool) -> String
               persists"
             .into(),
     }
+}
+
+/// What to do when a tree does not fit a read-only format.
+const OTHER_TYPE: &str = "build type = \"ext4\" (the default), or the other read-only type; \
+                          README 'Formats' lists what each type cannot hold";
+
+fn write_hint(source: &std::io::Error) -> String {
+    if source.raw_os_error() == Some(libc::ENOSPC) {
+        "the disk holding the output is full; free space or choose another -o".into()
+    } else {
+        "check the output directory's permissions and free space".into()
+    }
+}
+
+fn squashfs_hint(e: &crate::squashfs::SquashError) -> Option<String> {
+    use crate::squashfs::SquashError as E;
+    Some(match e {
+        E::Xattr { .. } => "squashfs stores only user., trusted. and security. attributes \
+                            (no POSIX ACLs); build type = \"erofs\" or \"ext4\", or drop \
+                            the attribute from the image"
+            .into(),
+        E::Option(_) => "check [filesystem] compression and compression_level \
+                         (README 'Configuration')"
+            .into(),
+        E::Name { .. }
+        | E::XattrSize { .. }
+        | E::Device { .. }
+        | E::Symlink { .. }
+        | E::TooManyIds { .. }
+        | E::TooLarge { .. } => OTHER_TYPE.into(),
+        E::Read { .. } => {
+            "the layer cache may be damaged; run `fledge cache prune` and build again".into()
+        }
+        E::Write { source, .. } => write_hint(source),
+        E::Hash { source, .. } => return source.hint(),
+        E::Compress { .. } | E::Internal(_) => {
+            "run again with -vv and report the output if it persists".into()
+        }
+        E::Interrupted => "nothing was written; run the build again".into(),
+    })
+}
+
+fn erofs_hint(e: &crate::erofs::ErofsError) -> Option<String> {
+    use crate::erofs::ErofsError as E;
+    Some(match e {
+        E::Name { .. }
+        | E::Xattr { .. }
+        | E::XattrSize { .. }
+        | E::Device { .. }
+        | E::Symlink { .. }
+        | E::TooLarge => OTHER_TYPE.into(),
+        E::Read { .. } => {
+            "the layer cache may be damaged; run `fledge cache prune` and build again".into()
+        }
+        E::Write { source, .. } => write_hint(source),
+        E::Internal(_) => "run again with -vv and report the output if it persists".into(),
+        E::Interrupted => "nothing was written; run the build again".into(),
+    })
 }
 
 fn list_paths(paths: &[String]) -> String {
@@ -440,6 +510,8 @@ impl BuildError {
             BuildError::Native(_) => {
                 Some("check the output directory's permissions and free space".into())
             }
+            BuildError::Squashfs(e) => squashfs_hint(e),
+            BuildError::Erofs(e) => erofs_hint(e),
         }
     }
 
@@ -488,6 +560,10 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
 
     // 1. Every cheap check first.
     let cfg = Config::load(&args.config)?;
+    for w in &cfg.warnings {
+        tracing::warn!("{}: {w}", cfg.path.display());
+        ui.info(format!("warning: {}: {w}", cfg.path.display()));
+    }
     let overrides = args
         .manifest
         .as_deref()
@@ -496,18 +572,16 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let reference = cfg.source.image.clone();
     // Parsed once: the base name and version of every default come from here.
     let image_ref = crate::source::reference::ImageRef::parse(&reference)?;
-    let output = absolute(
-        args.output
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("{}.img", image_ref.base_name()))),
-    )?;
+    let fs = cfg.filesystem.fs_type;
+    let output = absolute(args.output.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("{}.{}", image_ref.base_name(), fs.extension()))
+    }))?;
     let manifest_path = manifest::manifest_path_for(&output);
     let out_dir = output
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let planned = mapping::plan_mappings(&cfg.dir, &cfg.mappings)?;
-    let fs = cfg.filesystem.fs_type;
     let probes = select::Probed::for_build(fs, args.backend);
     // Fail early when nothing can build this type at all (the tree is not needed for that).
     select::precheck(args.backend, fs, &probes)?;
@@ -650,13 +724,14 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let job = Job {
         tree: &tree,
         fs,
+        settings: &cfg.filesystem,
         plan: &plan,
         identity: &identity,
         image: &image_tmp,
         work: work.path(),
         progress: &|n| progress.set_position(n),
     };
-    let Written { report, sha256 } = backend.kind.writer().write(&job, &mut sw)?;
+    let Written { report, sha256 } = backend.kind.writer(fs).write(&job, &mut sw)?;
     progress.finish_and_clear();
     if cfg.filesystem.preallocate {
         preallocate(&image_tmp)?;
@@ -782,18 +857,14 @@ fn test_hook_pause() -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Refuse to start when the output filesystem cannot hold the image: the written part of a
-/// sparse image (contents and metadata, not the free buffer), or all of a preallocated one.
+/// Refuse to start when the output filesystem cannot hold the image
+/// ([`size::SizePlan::space_needed`]).
 fn check_space(dir: &Path, plan: &size::SizePlan, preallocate: bool) -> Result<(), BuildError> {
     let Ok(st) = nix::sys::statvfs::statvfs(dir) else {
         return Ok(()); // unknown: let the build find out
     };
     let available = st.blocks_available() * st.fragment_size();
-    let needed = if preallocate {
-        plan.image_bytes
-    } else {
-        plan.image_bytes.saturating_sub(plan.buffer_bytes)
-    };
+    let needed = plan.space_needed(preallocate);
     if available < needed {
         return Err(BuildError::NoSpace {
             dir: dir.to_path_buf(),

@@ -5,7 +5,8 @@
 //! image is written once, in block order, and hashed as it is written); for xfs and btrfs the
 //! kernel backend (file contents go from the layer cache to the image with
 //! `copy_file_range`, no FUSE round trip), then the userspace backend when it can reproduce
-//! this tree exactly.
+//! this tree exactly. squashfs and erofs have one backend, the native writers
+//! ([`super::readonly`]), which need nothing from the host.
 
 use serde::Serialize;
 
@@ -25,12 +26,15 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
-    /// The writer that implements this backend (the output contract, [`super::job`]).
-    pub fn writer(self) -> &'static dyn Writer {
-        match self {
-            BackendKind::Kernel => &super::kernel::KernelWriter,
-            BackendKind::Userspace => &super::userspace::UserspaceWriter,
-            BackendKind::Native => &super::native::NativeExt4Writer,
+    /// The writer that implements this backend for `fs` (the output contract,
+    /// [`super::job`]).
+    pub fn writer(self, fs: FsType) -> &'static dyn Writer {
+        match (self, fs) {
+            (BackendKind::Kernel, _) => &super::kernel::KernelWriter,
+            (BackendKind::Userspace, _) => &super::userspace::UserspaceWriter,
+            (BackendKind::Native, FsType::Squashfs) => &super::readonly::SquashfsWriter,
+            (BackendKind::Native, FsType::Erofs) => &super::readonly::ErofsWriter,
+            (BackendKind::Native, _) => &super::native::NativeExt4Writer,
         }
     }
 
@@ -85,9 +89,19 @@ impl Probed {
                 .iter()
                 .all(|id| probe::find(p, id).is_some_and(Probe::is_ok))
         };
-        let loop_probe = live_probe_loop(&probes);
+        let loop_probe = if fs.is_read_only() {
+            // Nothing but the native writer builds these: no loop device to try.
+            Probe::new(
+                "kernel.loop_attach",
+                Status::Fail,
+                "not tried: read-only types are written natively",
+            )
+        } else {
+            live_probe_loop(&probes)
+        };
         probes.push(loop_probe);
         let need_fuse = match choice {
+            _ if fs.is_read_only() => false,
             BackendChoice::Kernel | BackendChoice::Native => false,
             BackendChoice::Userspace => true,
             // ext4: the native writer needs nothing.
@@ -147,8 +161,19 @@ pub fn kernel_requirements(fs: FsType) -> Vec<&'static str> {
         FsType::Ext4 => ids.extend(["kernel.fs_ext4", "tools.mkfs_ext4", "tools.resize2fs"]),
         FsType::Xfs => ids.extend(["kernel.fs_xfs", "tools.mkfs_xfs"]),
         FsType::Btrfs => ids.extend(["kernel.fs_btrfs", "tools.mkfs_btrfs", "tools.btrfs"]),
+        // Never built by this backend ([`native_only`]).
+        FsType::Squashfs | FsType::Erofs => {}
     }
     ids
+}
+
+/// Why no backend but the native one builds `fs`, for the read-only types.
+pub fn native_only(fs: FsType) -> Option<String> {
+    fs.is_read_only().then(|| {
+        format!(
+            "{fs} images are written by fledge's own {fs} writer only (--backend native or auto)"
+        )
+    })
 }
 
 /// Probe ids the userspace backend needs for `fs` (not counting tree fidelity).
@@ -161,16 +186,18 @@ pub fn userspace_requirements(fs: FsType, root: bool) -> Vec<&'static str> {
         FsType::Ext4 => ids.extend(["tools.mkfs_ext4", "tools.resize2fs", "tools.debugfs"]),
         FsType::Xfs => ids.extend(["tools.mkfs_xfs"]),
         FsType::Btrfs => ids.extend(["tools.mkfs_btrfs"]),
+        FsType::Squashfs | FsType::Erofs => {}
     }
     ids
 }
 
-/// Whether the native writer can build `fs`: it writes ext4 only, and needs nothing else.
+/// Whether the native writers can build `fs`: they write ext4, squashfs and erofs, and
+/// need nothing else.
 pub fn native_availability(fs: FsType) -> Result<(), String> {
     match fs {
-        FsType::Ext4 => Ok(()),
-        _ => Err(format!(
-            "the native writer builds ext4 only, not {}",
+        FsType::Ext4 | FsType::Squashfs | FsType::Erofs => Ok(()),
+        FsType::Xfs | FsType::Btrfs => Err(format!(
+            "the native writers build ext4, squashfs and erofs only, not {}",
             fs.as_str()
         )),
     }
@@ -178,6 +205,13 @@ pub fn native_availability(fs: FsType) -> Result<(), String> {
 
 /// Whether each backend can run for `fs` on this host (ignoring the tree).
 pub fn availability(fs: FsType, probed: &Probed) -> [(BackendKind, Result<(), String>); 3] {
+    if let Some(why) = native_only(fs) {
+        return [
+            (BackendKind::Native, native_availability(fs)),
+            (BackendKind::Kernel, Err(why.clone())),
+            (BackendKind::Userspace, Err(why)),
+        ];
+    }
     [
         (BackendKind::Native, native_availability(fs)),
         (BackendKind::Kernel, probed.all_ok(&kernel_requirements(fs))),
@@ -195,6 +229,21 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
     let want = |k: BackendKind| avail.iter().find(|(kind, _)| *kind == k).map(|(_, r)| r);
     let kernel_hint = || probed.first_hint(&kernel_requirements(fs));
     let user_hint = || probed.first_hint(&userspace_requirements(fs, probed.is_root()));
+    if let (Some(reason), BackendChoice::Kernel | BackendChoice::Userspace) =
+        (native_only(fs), choice)
+    {
+        return Err(BuildError::BackendUnavailable {
+            backend: if choice == BackendChoice::Kernel {
+                "kernel"
+            } else {
+                "userspace"
+            },
+            reason,
+            hint: Some(format!(
+                "drop --backend (auto picks the {fs} writer) or pass --backend native"
+            )),
+        });
+    }
     match choice {
         BackendChoice::Kernel => want(BackendKind::Kernel)
             .and_then(|r| r.clone().err())
@@ -266,7 +315,11 @@ pub fn choose(
 ) -> Result<Backend, BuildError> {
     precheck(choice, fs, probed)?;
     let [(_, native), (_, kernel), (_, user)] = availability(fs, probed);
-    let gaps = userspace::unrepresentable(tree, fs);
+    let gaps = if fs.is_read_only() {
+        None
+    } else {
+        userspace::unrepresentable(tree, fs)
+    };
     match choice {
         BackendChoice::Native => Ok(Backend {
             kind: BackendKind::Native,
@@ -301,7 +354,9 @@ pub fn choose(
             if native.is_ok() {
                 return Ok(Backend {
                     kind: BackendKind::Native,
-                    reason: "ext4 is written directly (no loop device, FUSE or mkfs needed)".into(),
+                    reason: format!(
+                        "{fs} is written directly (no loop device, FUSE or mkfs needed)"
+                    ),
                 });
             }
             if kernel.is_ok() {

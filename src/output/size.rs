@@ -25,7 +25,8 @@ pub struct SizePlan {
     pub content_bytes: u64,
     /// Free space the finished filesystem must have (the configured buffer).
     pub buffer_bytes: u64,
-    /// Initial image file size.
+    /// Initial image file size; 0 for the read-only types, whose writers size the image
+    /// themselves (it has no free space to plan).
     pub image_bytes: u64,
     /// Inodes to create (ext4), with room for the buffer to be used.
     pub inodes: u64,
@@ -35,6 +36,20 @@ impl SizePlan {
     /// The free space to aim for: the buffer plus a small margin, inside the accepted window.
     pub fn target_free(&self) -> u64 {
         self.buffer_bytes + (slack(self.buffer_bytes) / 4).min(8 * MIB)
+    }
+
+    /// Bytes the output filesystem must have free for the build: the written part of a sparse
+    /// image (contents and metadata, not the free buffer), or all of a preallocated one; for
+    /// a read-only type (no initial size) the content estimate, an upper bound of what its
+    /// writer produces.
+    pub fn space_needed(&self, preallocate: bool) -> u64 {
+        if self.image_bytes == 0 {
+            self.content_bytes
+        } else if preallocate {
+            self.image_bytes
+        } else {
+            self.image_bytes.saturating_sub(self.buffer_bytes)
+        }
     }
 
     /// The largest accepted free space.
@@ -107,10 +122,26 @@ pub fn content_bytes(tree: &Tree, fs: FsType) -> u64 {
             FsType::Ext4 if xattr_len > 96 => BLOCK,
             FsType::Xfs if xattr_len > 200 => BLOCK,
             FsType::Btrfs => 2 * xattr_len,
+            FsType::Squashfs | FsType::Erofs => xattr_len,
             _ => 0,
         };
-        // Per-inode metadata.
+        // Per-inode metadata (and, read-only types, the directory entries and symlink
+        // targets, stored beside the inodes; uncompressed, so an upper bound for squashfs).
+        total += match (fs, &node.kind) {
+            (FsType::Squashfs | FsType::Erofs, NodeKind::Dir { entries }) => {
+                64 + entries
+                    .iter()
+                    .map(|(n, _)| 12 + n.len() as u64)
+                    .sum::<u64>()
+            }
+            (FsType::Squashfs | FsType::Erofs, NodeKind::Symlink { target }) => {
+                64 + target.len() as u64
+            }
+            (FsType::Squashfs | FsType::Erofs, _) => 64,
+            _ => 0,
+        };
         total += match fs {
+            FsType::Squashfs | FsType::Erofs => 0, // above
             FsType::Ext4 => 0, // the inode table is part of the fixed overhead below
             FsType::Xfs => 512,
             FsType::Btrfs => 2 * 200,
@@ -139,6 +170,15 @@ pub fn ext4_journal_bytes(bytes: u64) -> u64 {
 /// The size plan for `tree` on `fs` with `buffer_bytes` of free space.
 pub fn plan(tree: &Tree, fs: FsType, buffer_bytes: u64) -> SizePlan {
     let content = content_bytes(tree, fs);
+    if fs.is_read_only() {
+        // No free space and no initial size: the writer lays the image out exactly.
+        return SizePlan {
+            content_bytes: content,
+            buffer_bytes: 0,
+            image_bytes: 0,
+            inodes: tree.nodes.len() as u64,
+        };
+    }
     let nodes = tree.nodes.len() as u64;
     // Room for files created in the buffer: one inode per 16 KiB of it, at least 1024.
     let inodes = nodes + (buffer_bytes / (16 * 1024)).max(1024);
@@ -167,6 +207,8 @@ pub fn plan(tree: &Tree, fs: FsType, buffer_bytes: u64) -> SizePlan {
             let s = base + content / 20 + 64 * MIB;
             s.max(BTRFS_MIN_BYTES)
         }
+        // Returned above; the content is all they need.
+        FsType::Squashfs | FsType::Erofs => content,
     };
     SizePlan {
         content_bytes: content,

@@ -46,6 +46,8 @@ pub fn unrepresentable(tree: &Tree, fs: FsType) -> Option<(String, Vec<String>)>
             (!paths.is_empty()).then(|| (reasons.into_iter().collect::<Vec<_>>().join(", "), paths))
         }
         FsType::Xfs => xfsproto::unrepresentable(tree),
+        // Written natively only; nothing to check for this backend.
+        FsType::Squashfs | FsType::Erofs => None,
     }
 }
 
@@ -69,6 +71,13 @@ impl Writer for UserspaceWriter {
 /// Build `job.image` (created at `plan.image_bytes`) from the FUSE view of the tree.
 fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
     let (tree, fs, plan, image, work) = (job.tree, job.fs, job.plan, job.image, job.work);
+    if let Some(reason) = super::select::native_only(fs) {
+        return Err(BuildError::BackendUnavailable {
+            backend: "userspace",
+            reason,
+            hint: None,
+        });
+    }
     let tools = job.tools();
     let uuid_from = Some(job.identity);
     let mnt = work.join("view");
@@ -111,6 +120,7 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
                 args.push(image.display().to_string());
                 tools.run(mkfs, &args).map(|_| ())
             }
+            FsType::Squashfs | FsType::Erofs => unreachable!("refused above"),
         };
         match result {
             Ok(()) => break,
@@ -151,7 +161,7 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
             (Some(free), n)
         }
         // No offline resize for these; the estimate stands (tests check the window).
-        FsType::Btrfs | FsType::Xfs => (None, 0),
+        FsType::Btrfs | FsType::Xfs | FsType::Squashfs | FsType::Erofs => (None, 0),
     };
     Ok(BuildReport {
         entries: stats.entries,

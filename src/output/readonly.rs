@@ -1,0 +1,220 @@
+//! The read-only outputs: thin adapters from the output contract ([`super::job`]) to
+//! fledge's own squashfs ([`crate::squashfs`]) and EROFS ([`crate::erofs`]) writers.
+//!
+//! Both need nothing from the host (no root, loop device, FUSE or tool), write the image
+//! exactly sized (no free space: the guest puts a writable overlay of `overlay_size` over
+//! it), and take their clock and UUID from the build's [`super::Identity`], so
+//! `SOURCE_DATE_EPOCH` makes them byte-reproducible.
+
+use super::job::{Job, Writer, Written};
+use super::{BuildError, BuildReport};
+use crate::config::{Compression, FilesystemConfig};
+use crate::erofs::{self, ErofsError, ErofsOptions};
+use crate::squashfs::{self, SquashError, SquashOptions};
+use crate::timing::Stopwatch;
+use crate::tree::{Content, NodeKind, Tree};
+
+/// squashfs data block size: 128 KiB, mksquashfs' default (and the Go tool's).
+pub const SQUASHFS_BLOCK: u32 = 128 * 1024;
+
+/// The squashfs writer's settings for `fs` (compression, level) at `epoch`.
+///
+/// `compression_level` (1 to 22) means, per compressor: zstd, its level; xz, the dictionary
+/// (25% of the block for 1-7, 50% for 8-15, 100% for 16-22, at xz's default preset); gzip,
+/// its level capped at 9 (zlib's highest); lz4 has no levels.
+pub fn squash_options(fs: &FilesystemConfig, epoch: i64) -> SquashOptions {
+    let level = fs.compression_level;
+    let mut o = SquashOptions {
+        block_size: SQUASHFS_BLOCK,
+        mkfs_time: clamp_u32(epoch),
+        ..SquashOptions::default()
+    };
+    match fs.compression {
+        Compression::Zstd => {
+            o.compression = squashfs::Compression::Zstd;
+            o.compression_level = Some(level);
+        }
+        Compression::Gzip => {
+            o.compression = squashfs::Compression::Gzip;
+            o.compression_level = Some(level.min(9));
+        }
+        Compression::Lz4 => o.compression = squashfs::Compression::Lz4,
+        // xz (the default; `none` is refused for squashfs when the config is loaded).
+        Compression::Xz | Compression::None => {
+            o.compression = squashfs::Compression::Xz;
+            o.xz_dict_percent(match level {
+                0..=7 => 25,
+                8..=15 => 50,
+                _ => 100,
+            });
+        }
+    }
+    o
+}
+
+/// Seconds since 1970 as squashfs' unsigned 32-bit time (before 1970: 0; after 2106: max).
+fn clamp_u32(epoch: i64) -> u32 {
+    epoch.clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// The EROFS writer's settings at the build's identity.
+pub fn erofs_options(job: &Job<'_>) -> ErofsOptions {
+    ErofsOptions {
+        compression: erofs::Compression::None,
+        build_time: job.identity.epoch.max(0) as u64,
+        uuid: job.identity.uuid,
+        share_xattrs: true,
+    }
+}
+
+/// The host file behind the image path `path`, when it is a mapped file (its read failing
+/// means the file changed or vanished since the build planned it).
+fn host_file(tree: &Tree, path: &str) -> Option<std::path::PathBuf> {
+    let id = tree.resolve(std::path::Path::new(path))?;
+    match &tree.node(id).kind {
+        NodeKind::File {
+            content: Content::HostFile(host),
+            ..
+        } => Some(host.clone()),
+        _ => None,
+    }
+}
+
+fn squash_error(tree: &Tree, e: SquashError) -> BuildError {
+    match e {
+        SquashError::Interrupted => BuildError::Interrupted,
+        SquashError::Read { path, source } => match host_file(tree, &path) {
+            Some(host) => BuildError::HostFile { path: host, source },
+            None => BuildError::Squashfs(SquashError::Read { path, source }),
+        },
+        SquashError::Hash { source, .. } if matches!(*source, BuildError::Interrupted) => {
+            BuildError::Interrupted
+        }
+        other => BuildError::Squashfs(other),
+    }
+}
+
+fn erofs_error(tree: &Tree, e: ErofsError) -> BuildError {
+    match e {
+        ErofsError::Interrupted => BuildError::Interrupted,
+        ErofsError::Read { path, source } => match host_file(tree, &path) {
+            Some(host) => BuildError::HostFile { path: host, source },
+            None => BuildError::Erofs(ErofsError::Read { path, source }),
+        },
+        other => BuildError::Erofs(other),
+    }
+}
+
+fn report(job: &Job<'_>) -> BuildReport {
+    let stats = job.tree.stats();
+    BuildReport {
+        entries: stats.entries,
+        bytes: stats.file_bytes,
+        // Read-only: there is no free space to measure.
+        free_bytes: None,
+        resizes: 0,
+    }
+}
+
+/// `type = "squashfs"`: fledge's squashfs writer (compressed on every core, hashed after
+/// it is written).
+pub struct SquashfsWriter;
+
+impl Writer for SquashfsWriter {
+    fn write(&self, job: &Job<'_>, sw: &mut Stopwatch) -> Result<Written, BuildError> {
+        let opts = squash_options(job.settings, job.identity.epoch);
+        let r =
+            squashfs::write(job.tree, &opts, job.image).map_err(|e| squash_error(job.tree, e))?;
+        sw.mark("squashfs written and hashed");
+        tracing::info!(
+            "squashfs: {} inodes, {} fragments, {} data blocks ({} sparse, {} stored raw), \
+             {} duplicate files, {} bytes used",
+            r.inodes,
+            r.fragments,
+            r.data_blocks,
+            r.sparse_blocks,
+            r.raw_blocks,
+            r.duplicates,
+            r.bytes_used
+        );
+        (job.progress)(job.tree.stats().file_bytes);
+        Ok(Written {
+            report: report(job),
+            sha256: Some(r.sha256),
+        })
+    }
+}
+
+/// `type = "erofs"`: fledge's EROFS writer (uncompressed, hashed while it is written).
+pub struct ErofsWriter;
+
+impl Writer for ErofsWriter {
+    fn write(&self, job: &Job<'_>, sw: &mut Stopwatch) -> Result<Written, BuildError> {
+        let opts = erofs_options(job);
+        let r = erofs::write(job.tree, &opts, job.image).map_err(|e| erofs_error(job.tree, e))?;
+        sw.mark("erofs written and hashed");
+        tracing::info!(
+            "erofs: {} inodes ({} compact, {} extended), {} inline tails, {} metadata and \
+             {} data blocks, {} shared xattrs",
+            r.inodes,
+            r.compact_inodes,
+            r.extended_inodes,
+            r.inline_tails,
+            r.meta_blocks,
+            r.data_blocks,
+            r.shared_xattrs
+        );
+        (job.progress)(job.tree.stats().file_bytes);
+        Ok(Written {
+            report: report(job),
+            sha256: Some(r.sha256),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fs(compression: Compression, level: u32) -> FilesystemConfig {
+        FilesystemConfig {
+            fs_type: crate::config::FsType::Squashfs,
+            compression,
+            compression_level: level,
+            ..FilesystemConfig::default()
+        }
+    }
+
+    #[test]
+    fn compression_level_picks_the_xz_dictionary() {
+        for (level, dict) in [
+            (1, 32 * 1024),
+            (7, 32 * 1024),
+            (8, 64 * 1024),
+            (15, 64 * 1024),
+            (16, 128 * 1024),
+            (22, 128 * 1024),
+        ] {
+            let o = squash_options(&fs(Compression::Xz, level), 7);
+            assert_eq!(o.compression, squashfs::Compression::Xz);
+            assert_eq!(o.xz_dict_size, Some(dict), "level {level}");
+            assert_eq!(o.compression_level, None, "xz keeps its default preset");
+            assert_eq!(o.block_size, 128 * 1024);
+            assert_eq!(o.mkfs_time, 7);
+        }
+        let z = squash_options(&fs(Compression::Zstd, 19), 0);
+        assert_eq!(
+            (z.compression, z.compression_level, z.xz_dict_size),
+            (squashfs::Compression::Zstd, Some(19), None)
+        );
+        let g = squash_options(&fs(Compression::Gzip, 15), 0);
+        assert_eq!(g.compression_level, Some(9));
+        let l = squash_options(&fs(Compression::Lz4, 15), 0);
+        assert_eq!(
+            (l.compression, l.compression_level),
+            (squashfs::Compression::Lz4, None)
+        );
+        assert_eq!(clamp_u32(-5), 0);
+        assert_eq!(clamp_u32(1 << 40), u32::MAX);
+    }
+}
