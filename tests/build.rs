@@ -659,7 +659,7 @@ fn readonly_case(fs_type: &str) {
 
     let oracle = oracle_as_stored(&oracle(&img), fs_type);
     {
-        let m = support::LoopMount::new(&image, fs_type, true);
+        let m = support::kit::Mount::image(&image, fs_type, "loop,ro");
         assert_eq!(
             support::mount_fstype(m.path()).as_deref(),
             Some(fs_type),
