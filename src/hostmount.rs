@@ -155,7 +155,7 @@ fn fusermount_unmount(path: &Path, first: Errno) -> Result<Unmounted, String> {
     };
     match fusermount(bin, path, false, true) {
         Ok(()) => Ok(Unmounted::Now),
-        Err(_) if !crate::fusefs::mountinfo::is_mounted(path) => Ok(Unmounted::NotMounted),
+        Err(_) if !crate::mountinfo::is_mounted(path) => Ok(Unmounted::NotMounted),
         Err(e) if e.contains("busy") => {
             fusermount(bin, path, true, true)?;
             Ok(Unmounted::Detached { first })
@@ -257,6 +257,6 @@ mod tests {
             }
         );
         drop(f);
-        assert!(!crate::fusefs::mountinfo::is_mounted(d.path()));
+        assert!(!crate::mountinfo::is_mounted(d.path()));
     }
 }

@@ -408,14 +408,11 @@ fn enter_namespace_without_block_devices() -> nix::Result<()> {
     )?;
     // This thread's own view: /proc/self is the process's main thread, in the old namespace.
     let mounts = std::fs::read_to_string("/proc/thread-self/mountinfo").unwrap_or_default();
-    for entry in mounts
-        .lines()
-        .filter_map(crate::fusefs::mountinfo::parse_line)
-    {
+    for entry in mounts.lines().filter_map(crate::mountinfo::parse_line) {
         let in_work_dir = entry.mount_point.components().any(|c| {
             c.as_os_str()
                 .to_string_lossy()
-                .starts_with(crate::output::recover::PREFIX)
+                .starts_with(crate::mountinfo::WORK_DIR_PREFIX)
         });
         // FUSE views are left: unmounting one aborts its connection, copies or not.
         if in_work_dir && !entry.fstype.starts_with("fuse") {

@@ -82,7 +82,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use crate::output::{Piece, PieceHasher};
+use crate::digest::{Piece, PieceHasher};
 use crate::tree::{NodeId, NodeKind, Tree};
 use format::BLOCK;
 use layout::{Plan, Planned};

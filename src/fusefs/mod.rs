@@ -26,7 +26,7 @@
 //! `fusermount3 -u` (`-u -z` when busy).
 
 mod fs;
-pub(crate) mod mountinfo;
+use crate::mountinfo;
 #[cfg(test)]
 mod tests;
 

@@ -53,7 +53,7 @@ const RELEASE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Processes (one per mount namespace, at most 8) whose mount table has a mount on
 /// `mountpoint`, from `/proc/*/mountinfo`.
 fn namespaces_mounting(mountpoint: &Path) -> Vec<u32> {
-    use crate::fusefs::mountinfo::parse_line;
+    use crate::mountinfo::parse_line;
     let mut seen = std::collections::HashSet::new();
     let mut pids = Vec::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -733,7 +733,7 @@ mod tests {
         );
         assert_eq!(found, vec![child.id()], "{test}");
         // Not in ours.
-        assert!(!crate::fusefs::mountinfo::is_mounted(&mnt));
+        assert!(!crate::mountinfo::is_mounted(&mnt));
         let e = BuildError::StillMounted {
             device: "/dev/loop3".into(),
             mountpoint: mnt.clone(),

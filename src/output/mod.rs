@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::config::{Config, FsType};
@@ -43,8 +42,9 @@ use crate::timing::Phase;
 use crate::tree::{Content, Meta, NodeKind, Timestamp};
 use crate::ui::Ui;
 
+pub(crate) use crate::digest::{Piece, PieceHasher};
 pub use job::{uuid_text, Identity, Job, Tools, Writer, Written};
-pub use select::{Backend, BackendKind};
+pub use select::{BackendKind, Selection};
 
 /// Which formatter backend to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -399,7 +399,7 @@ fn squashfs_hint(e: &crate::squashfs::SquashError) -> Option<String> {
             "the layer cache may be damaged; run `fledge cache prune` and build again".into()
         }
         E::Write { source, .. } => write_hint(source),
-        E::Hash { source, .. } => return source.hint(),
+        E::Hash { source, .. } => write_hint(source),
         E::Compress { .. } | E::Internal(_) => {
             "run again with -vv and report the output if it persists".into()
         }
@@ -742,7 +742,17 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         // The writer hashed the image as it wrote it.
         Some(sum) => sum,
         None => {
-            let sum = sha256_file(&image_tmp)?;
+            let sum = crate::digest::sha256_file(&image_tmp, &crate::interrupt::requested)
+                .map_err(|e| {
+                    if crate::interrupt::requested() {
+                        BuildError::Interrupted
+                    } else {
+                        BuildError::Io {
+                            path: image_tmp.clone(),
+                            source: e,
+                        }
+                    }
+                })?;
             sw.mark("sha256 of the image");
             sum
         }
@@ -910,138 +920,6 @@ fn preallocate(path: &Path) -> Result<(), BuildError> {
     .map_err(|e| err(e.into()))
 }
 
-/// One piece of an image for a hashing thread: bytes, or the length of a hole (zeros that
-/// need not be read or written). Also used by the EROFS writer, which hashes as it writes.
-pub(crate) enum Piece {
-    Data(Vec<u8>),
-    Zeros(u64),
-}
-
-/// sha256 over an image's pieces, in order; holes are hashed from a small zero buffer.
-pub(crate) struct PieceHasher {
-    h: Sha256,
-    zeros: Vec<u8>,
-}
-
-impl PieceHasher {
-    pub(crate) fn new() -> PieceHasher {
-        PieceHasher {
-            h: Sha256::new(),
-            zeros: vec![0u8; 1 << 16],
-        }
-    }
-
-    /// Hash `piece`; gives its buffer back for reuse.
-    pub(crate) fn update(&mut self, piece: Piece) -> Option<Vec<u8>> {
-        match piece {
-            Piece::Data(buf) => {
-                self.h.update(&buf);
-                Some(buf)
-            }
-            Piece::Zeros(mut n) => {
-                while n > 0 {
-                    let k = n.min(self.zeros.len() as u64) as usize;
-                    self.h.update(&self.zeros[..k]);
-                    n -= k as u64;
-                }
-                None
-            }
-        }
-    }
-
-    /// The digest, as lower-case hex.
-    pub(crate) fn finish(self) -> String {
-        hex::encode(self.h.finalize())
-    }
-}
-
-/// The sha256 of the finished image. A second thread reads the data extents while this one
-/// hashes, and holes (the sparse free space, often a third of the image) are hashed from a
-/// zero buffer without being read.
-pub(crate) fn sha256_file(path: &Path) -> Result<String, BuildError> {
-    use std::sync::mpsc;
-    let err = |e| BuildError::Io {
-        path: path.to_path_buf(),
-        source: e,
-    };
-    let f = std::fs::File::open(path).map_err(err)?;
-    let len = f.metadata().map_err(err)?.len();
-    let (tx, rx) = mpsc::sync_channel::<std::io::Result<Piece>>(4);
-    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            let r = read_pieces(&f, len, &tx, &back_rx);
-            if let Err(e) = r {
-                let _ = tx.send(Err(e));
-            }
-        });
-        let mut h = PieceHasher::new();
-        for piece in rx {
-            check_interrupt()?;
-            if let Some(buf) = h.update(piece.map_err(err)?) {
-                let _ = back_tx.send(buf);
-            }
-        }
-        Ok(h.finish())
-    })
-}
-
-/// Send `f`'s first `len` bytes as pieces, in order; stops quietly when the receiver is gone.
-fn read_pieces(
-    f: &std::fs::File,
-    len: u64,
-    tx: &std::sync::mpsc::SyncSender<std::io::Result<Piece>>,
-    spare: &std::sync::mpsc::Receiver<Vec<u8>>,
-) -> std::io::Result<()> {
-    use nix::unistd::{lseek, Whence};
-    use std::os::unix::fs::FileExt;
-    const CHUNK: usize = 1 << 20;
-    let mut pos = 0u64;
-    while pos < len {
-        // Where the next data starts; filesystems without SEEK_DATA report all data.
-        let data = match lseek(f, pos as i64, Whence::SeekData) {
-            Ok(o) => (o as u64).min(len),
-            Err(nix::Error::ENXIO) => len,
-            Err(_) => pos,
-        };
-        if data > pos {
-            if tx.send(Ok(Piece::Zeros(data - pos))).is_err() {
-                return Ok(());
-            }
-            pos = data;
-            continue;
-        }
-        let hole = match lseek(f, pos as i64, Whence::SeekHole) {
-            Ok(o) => (o as u64).clamp(pos + 1, len),
-            Err(_) => len,
-        };
-        while pos < hole {
-            let mut buf = spare.try_recv().unwrap_or_default();
-            let want = (hole - pos).min(CHUNK as u64) as usize;
-            buf.resize(want, 0);
-            let mut filled = 0;
-            while filled < want {
-                match f.read_at(&mut buf[filled..], pos + filled as u64) {
-                    Ok(0) => {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::UnexpectedEof,
-                            "the image shrank while it was hashed",
-                        ))
-                    }
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            pos += want as u64;
-            if tx.send(Ok(Piece::Data(buf))).is_err() {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Outputs are ordinary files: 0644 (temporary files start out 0600).
 fn make_readable(path: &Path) -> Result<(), BuildError> {
     use std::os::unix::fs::PermissionsExt;
@@ -1169,38 +1047,5 @@ mod tests {
             Some(1_709_210_096)
         );
         assert_eq!(parse_rfc3339_seconds("garbage"), None);
-    }
-
-    #[test]
-    fn sha256_of_sparse_and_dense_files() {
-        use std::io::{Seek, SeekFrom, Write};
-        let dir = tempfile::tempdir().unwrap();
-        // (data runs as (offset, length), total length): holes before, between and after
-        // data, runs longer than one read chunk, and a file of data only.
-        let cases: [(&[(u64, usize)], u64); 5] = [
-            (&[], 0),
-            (&[], 5 << 20),
-            (&[(0, 3 << 20)], 3 << 20),
-            (&[(4096, 100), (3 << 20, (1 << 20) + 7)], 9 << 20),
-            (&[(0, 10), (8 << 20, 4096)], (8 << 20) + 4096),
-        ];
-        for (i, (runs, len)) in cases.iter().enumerate() {
-            let path = dir.path().join(format!("f{i}"));
-            let mut f = std::fs::File::create(&path).unwrap();
-            let mut expect = vec![0u8; *len as usize];
-            for (k, (off, n)) in runs.iter().enumerate() {
-                let bytes: Vec<u8> = (0..*n).map(|j| (j * 7 + k) as u8 | 1).collect();
-                f.seek(SeekFrom::Start(*off)).unwrap();
-                f.write_all(&bytes).unwrap();
-                expect[*off as usize..*off as usize + n].copy_from_slice(&bytes);
-            }
-            f.set_len(*len).unwrap();
-            drop(f);
-            assert_eq!(
-                sha256_file(&path).unwrap(),
-                hex::encode(Sha256::digest(&expect)),
-                "case {i}"
-            );
-        }
     }
 }

@@ -87,9 +87,6 @@ fn squash_error(tree: &Tree, e: SquashError) -> BuildError {
             Some(host) => BuildError::HostFile { path: host, source },
             None => BuildError::Squashfs(SquashError::Read { path, source }),
         },
-        SquashError::Hash { source, .. } if matches!(*source, BuildError::Interrupted) => {
-            BuildError::Interrupted
-        }
         other => BuildError::Squashfs(other),
     }
 }

@@ -11,7 +11,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-pub const PREFIX: &str = ".fledge-build-";
+pub const PREFIX: &str = crate::mountinfo::WORK_DIR_PREFIX;
 pub const PID_FILE: &str = "fledge.pid";
 
 /// Record the current process as the owner of `work`.

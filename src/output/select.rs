@@ -47,14 +47,15 @@ impl BackendKind {
     }
 }
 
-/// The chosen backend and why.
+/// What selection decided: the backend that will write the image (a [`BackendKind`]; the
+/// user asked for a [`crate::output::BackendChoice`], which may be `auto`) and why.
 #[derive(Clone, Debug)]
-pub struct Backend {
+pub struct Selection {
     pub kind: BackendKind,
     pub reason: String,
 }
 
-impl Backend {
+impl Selection {
     pub fn name(&self) -> &'static str {
         self.kind.name()
     }
@@ -312,7 +313,7 @@ pub fn choose(
     fs: FsType,
     tree: &Tree,
     probed: &Probed,
-) -> Result<Backend, BuildError> {
+) -> Result<Selection, BuildError> {
     precheck(choice, fs, probed)?;
     let [(_, native), (_, kernel), (_, user)] = availability(fs, probed);
     let gaps = if fs.is_read_only() {
@@ -321,11 +322,11 @@ pub fn choose(
         userspace::unrepresentable(tree, fs)
     };
     match choice {
-        BackendChoice::Native => Ok(Backend {
+        BackendChoice::Native => Ok(Selection {
             kind: BackendKind::Native,
             reason: "requested with --backend native".into(),
         }),
-        BackendChoice::Kernel => Ok(Backend {
+        BackendChoice::Kernel => Ok(Selection {
             kind: BackendKind::Kernel,
             reason: "requested with --backend kernel".into(),
         }),
@@ -342,7 +343,7 @@ pub fn choose(
                          build as root (kernel backend) to keep the image's mtimes"
                     );
                 }
-                Ok(Backend {
+                Ok(Selection {
                     kind: BackendKind::Userspace,
                     reason: "requested with --backend userspace".into(),
                 })
@@ -352,7 +353,7 @@ pub fn choose(
             // ext4: fledge's own writer. It needs no privileges or tools, writes the image in
             // one pass while hashing it, and is byte-reproducible under SOURCE_DATE_EPOCH.
             if native.is_ok() {
-                return Ok(Backend {
+                return Ok(Selection {
                     kind: BackendKind::Native,
                     reason: format!(
                         "{fs} is written directly (no loop device, FUSE or mkfs needed)"
@@ -360,7 +361,7 @@ pub fn choose(
                 });
             }
             if kernel.is_ok() {
-                return Ok(Backend {
+                return Ok(Selection {
                     kind: BackendKind::Kernel,
                     reason: "loop devices and mount are available (fastest: no FUSE round trip)"
                         .into(),
@@ -377,7 +378,7 @@ pub fn choose(
                 (_, gaps) => gaps,
             };
             match (user, gaps) {
-                (Ok(()), None) => Ok(Backend {
+                (Ok(()), None) => Ok(Selection {
                     kind: BackendKind::Userspace,
                     reason: format!("kernel backend unavailable ({kernel_why})"),
                 }),

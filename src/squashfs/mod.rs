@@ -220,7 +220,7 @@ pub enum SquashError {
     Hash {
         path: PathBuf,
         #[source]
-        source: Box<crate::output::BuildError>,
+        source: std::io::Error,
     },
     #[error("the squashfs image's {what} exceeds the format's limits")]
     TooLarge { what: &'static str },
@@ -708,9 +708,15 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
     drop(file);
     sw.mark("squashfs: tables written");
     check_interrupt()?;
-    let sha256 = crate::output::sha256_file(out).map_err(|e| SquashError::Hash {
-        path: out.to_path_buf(),
-        source: Box::new(e),
+    let sha256 = crate::digest::sha256_file(out, &crate::interrupt::requested).map_err(|e| {
+        if crate::interrupt::requested() {
+            SquashError::Interrupted
+        } else {
+            SquashError::Hash {
+                path: out.to_path_buf(),
+                source: e,
+            }
+        }
     })?;
     sw.mark("squashfs: image hashed");
     Ok(SquashReport {

@@ -1,8 +1,14 @@
-//! Reading `/proc/self/mountinfo`: is a path a mountpoint, and which device is mounted there.
+//! Reading `/proc/self/mountinfo`: is a path a mountpoint, and which device is mounted there;
+//! which mounts are a build's own (under a work directory named [`WORK_DIR_PREFIX`]...). Shared
+//! by the FUSE view, the one unmount, the runner and the kernel backend.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
+
+/// How every build's private work directory next to its output starts
+/// (`.fledge-build-XXXXXX`): mounts below one are a build's own.
+pub const WORK_DIR_PREFIX: &str = ".fledge-build-";
 
 /// One line of `/proc/self/mountinfo` (the fields this module needs).
 #[derive(Clone, Debug, PartialEq, Eq)]
