@@ -560,8 +560,8 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
 
     // 1. Every cheap check first.
     let cfg = Config::load(&args.config)?;
+    // Once, through the output sink (a tracing line too would print it twice).
     for w in &cfg.warnings {
-        tracing::warn!("{}: {w}", cfg.path.display());
         ui.info(format!("warning: {}: {w}", cfg.path.display()));
     }
     let overrides = args
