@@ -16,6 +16,9 @@ fuzz_target!(|data: &[u8]| {
         // Derived values must be computable for every accepted config.
         let _ = cfg.filesystem.buffer_bytes(u64::MAX);
         let _ = cfg.filesystem.buffer_bytes(0);
-        let _ = fledge::config::default_output_name(&cfg.source.image);
+        // The default names come from the parsed reference (which may refuse it).
+        if let Ok(r) = fledge::source::reference::ImageRef::parse(&cfg.source.image) {
+            let _ = (r.base_name(), r.tag(), r.version());
+        }
     }
 });
