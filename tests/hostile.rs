@@ -3,8 +3,10 @@
 //! Every test builds a tiny OCI layout by hand (tests/support/layout.rs writes raw tar
 //! headers, so names with `..`, absolute names and lying sizes are possible), then
 //! (a) runs `fledge mount` on it and checks the view, and
-//! (b) runs `fledge build` (ext4) with the kernel backend and again with the native writer,
-//!     and checks each image (e2fsck-clean, then mounted `-o loop,ro,nodev,nosuid`),
+//! (b) runs `fledge build` for ext4 with the kernel backend and with the native writer, and
+//!     for squashfs and EROFS with fledge's own writers, and checks each image (clean for
+//!     the format's checker: e2fsck, unsquashfs -lls, fsck.erofs; then mounted
+//!     `-o loop,ro,nodev,nosuid`),
 //! and for both checks the host: sentinel files and directories planted where a `..`, an
 //! absolute name or a symlink would reach (a directory under /tmp and one beside the work
 //! directories) keep their content, mode and mtime, and no entry appears beside them.
@@ -301,10 +303,16 @@ fn have_fuse() -> bool {
     Path::new("/dev/fuse").exists()
 }
 
-/// The backends every case is built with.
-const BACKENDS: [&str; 2] = ["kernel", "native"];
+/// The (backend, filesystem type) pairs every case is built with: ext4 by the kernel
+/// backend and by the native writer, and the read-only types by their own writers.
+const TARGETS: [(&str, &str); 4] = [
+    ("kernel", "ext4"),
+    ("native", "ext4"),
+    ("native", "squashfs"),
+    ("native", "erofs"),
+];
 
-/// Whether `backend` can build here. The native writer needs nothing.
+/// Whether `backend` can build here. The native writers need nothing.
 fn can_build(backend: &str) -> Result<(), String> {
     if backend == "native" {
         return Ok(());
@@ -377,25 +385,50 @@ fn assert_error_names(text: &str, needles: &[String], test: &str) {
     }
 }
 
-/// `fledge build --backend BACKEND` (ext4) and check the image, or check that it fails
-/// naming the entry and leaves nothing at the output path.
-fn check_build(host: &Host, reference: &str, expect: &Expect, case: &str, backend: &str) {
-    let test = &format!("{case} [{backend} backend]");
+/// The checker of a filesystem type, if it is installed.
+fn checker(fs: &str) -> &'static str {
+    match fs {
+        "ext4" => "e2fsck",
+        "squashfs" => "unsquashfs",
+        _ => "fsck.erofs",
+    }
+}
+
+/// `fledge build --backend BACKEND` of type `fs` and check the image, or check that it
+/// fails naming the entry and leaves nothing at the output path.
+fn check_build(
+    host: &Host,
+    reference: &str,
+    expect: &Expect,
+    case: &str,
+    (backend, fs): (&str, &str),
+) {
+    let test = &format!("{case} [{fs}, {backend} backend]");
     if let Err(why) = can_build(backend) {
         support::skip(test, &format!("{why} (build part)"));
         return;
     }
+    // zstd keeps the squashfs builds quick; size_buffer_mb means nothing to read-only types.
+    let extra = match fs {
+        "ext4" => "size_buffer_mb = 8\n",
+        "squashfs" => "compression = \"zstd\"\n",
+        _ => "",
+    };
     let out_dir = host.w().join("out");
     let config = host.w().join("fledge.toml");
     fs::write(
         &config,
         format!(
             "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{reference}\"\n\
-             [filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 8\n"
+             [filesystem]\ntype = \"{fs}\"\n{extra}"
         ),
     )
     .unwrap();
-    let image = out_dir.join("hostile.img");
+    let image_name = match fs {
+        "ext4" => "hostile.img".to_string(),
+        other => format!("hostile.{other}"),
+    };
+    let image = out_dir.join(&image_name);
     let out = Command::new(fledge_bin())
         .arg("build")
         .arg("-c")
@@ -421,19 +454,23 @@ fn check_build(host: &Host, reference: &str, expect: &Expect, case: &str, backen
     match expect {
         Expect::Ok(checks) => {
             assert!(out.status.success(), "{test}: build failed:\n{text}");
+            let mut want = [image_name.as_str(), "hostile.manifest.json"];
+            want.sort();
             assert_eq!(
-                left,
-                ["hostile.img", "hostile.manifest.json"],
+                left, want,
                 "{test}: unexpected files in the output directory"
             );
-            if support::have_program("e2fsck") {
-                support::assert_fsck_clean(&image, "ext4", test);
+            if support::have_program(checker(fs)) {
+                support::assert_fsck_clean(&image, fs, test);
             } else {
-                support::skip(test, "e2fsck not installed (image check)");
+                support::skip(
+                    test,
+                    &format!("{} not installed (image check)", checker(fs)),
+                );
             }
             if support::is_root() {
                 let mp = host.w().join("imgmnt");
-                let guard = Mount::image_at(&image, "ext4", "loop,ro,nodev,nosuid,noexec", &mp);
+                let guard = Mount::image_at(&image, fs, "loop,ro,nodev,nosuid,noexec", &mp);
                 apply_checks(&mp, checks, &format!("{test}: built image"));
                 drop(guard);
             } else {
@@ -461,9 +498,12 @@ fn run_case(test: &str, host: &Host, layers: Vec<Layer>, expect: Expect) {
     let reference = kit::write_layout(&host.w().join("layout"), &layers);
     check_mount(host, &reference, &expect, test);
     host.assert_untouched(&format!("{test}: after fledge mount"));
-    for backend in BACKENDS {
-        check_build(host, &reference, &expect, test, backend);
-        host.assert_untouched(&format!("{test}: after fledge build --backend {backend}"));
+    for target in TARGETS {
+        check_build(host, &reference, &expect, test, target);
+        let (backend, fs) = target;
+        host.assert_untouched(&format!(
+            "{test}: after fledge build of {fs} --backend {backend}"
+        ));
     }
 }
 
