@@ -443,6 +443,34 @@ pub fn probe_mkfs_xfs() -> Probe {
     version_probe("tools.mkfs_xfs", "mkfs.xfs", &["-V"], Status::Warn)
 }
 
+/// `tools.mksquashfs` (the userspace squashfs backend).
+pub fn probe_mksquashfs() -> Probe {
+    version_probe(
+        "tools.mksquashfs",
+        "mksquashfs",
+        &["-version"],
+        Status::Warn,
+    )
+}
+
+/// `tools.mkfs_erofs` (the userspace EROFS backend). erofs-utils 1.5 has no version flag
+/// (it prints its version only when it builds): a usage text on `--help` is the proof.
+pub fn probe_mkfs_erofs() -> Probe {
+    const ID: &str = "tools.mkfs_erofs";
+    match tool_text(ID, "mkfs.erofs", &["--help"], Status::Warn) {
+        Ok(text) if text.contains("usage:") => match parse_version(&text) {
+            Some(v) => Probe::new(ID, Status::Ok, format!("mkfs.erofs (erofs-utils {v})")),
+            None => Probe::new(ID, Status::Ok, "mkfs.erofs (erofs-utils)"),
+        },
+        Ok(text) => Probe::new(
+            ID,
+            Status::Warn,
+            format!("mkfs.erofs --help prints no usage: {}", first_line(&text)),
+        ),
+        Err(p) => p,
+    }
+}
+
 /// `tools.e2fsck`.
 pub fn probe_e2fsck() -> Probe {
     version_probe("tools.e2fsck", "e2fsck", &["-V"], Status::Fail)
@@ -487,7 +515,7 @@ pub fn probe_selected(want_tool: impl Fn(&str) -> bool) -> Vec<Probe> {
     probes.push(probe_fuse_dev());
     probes.push(probe_fusermount());
     type ProbeFn = fn() -> Probe;
-    let tools: [(&'static str, ProbeFn); 8] = [
+    let tools: [(&'static str, ProbeFn); 10] = [
         ("tools.mkfs_ext4", probe_mkfs_ext4),
         ("tools.e2fsck", probe_e2fsck),
         ("tools.resize2fs", probe_resize2fs),
@@ -496,6 +524,8 @@ pub fn probe_selected(want_tool: impl Fn(&str) -> bool) -> Vec<Probe> {
         ("tools.xfs_repair", probe_xfs_repair),
         ("tools.mkfs_btrfs", probe_mkfs_btrfs),
         ("tools.btrfs", probe_btrfs),
+        ("tools.mksquashfs", probe_mksquashfs),
+        ("tools.mkfs_erofs", probe_mkfs_erofs),
     ];
     let results: Vec<Probe> = std::thread::scope(|s| {
         let handles: Vec<_> = tools
@@ -685,6 +715,8 @@ mod tests {
             "tools.xfs_repair",
             "tools.btrfs",
             "tools.debugfs",
+            "tools.mksquashfs",
+            "tools.mkfs_erofs",
         ] {
             assert!(find(&probes, id).is_some(), "missing probe {id}");
         }
@@ -712,6 +744,8 @@ mod tests {
             ("tools.mkfs_xfs", "mkfs.xfs"),
             ("tools.mkfs_btrfs", "mkfs.btrfs"),
             ("tools.btrfs", "btrfs"),
+            ("tools.mksquashfs", "mksquashfs"),
+            ("tools.mkfs_erofs", "mkfs.erofs"),
         ] {
             let p = find(&probes, id).unwrap();
             let present = crate::runner::which(prog).is_some();

@@ -111,6 +111,8 @@ pub fn package_for(program: &str) -> Option<&'static str> {
         "fusermount" => "fuse",
         "losetup" | "mount" | "umount" => "mount",
         "skopeo" => "skopeo",
+        "mksquashfs" | "unsquashfs" => "squashfs-tools",
+        "mkfs.erofs" | "fsck.erofs" | "dump.erofs" => "erofs-utils",
         _ => return None,
     })
 }
@@ -149,6 +151,8 @@ pub struct Tool {
     args: Vec<OsString>,
     ok_codes: Vec<i32>,
     envs: Vec<(OsString, OsString)>,
+    /// Variables of fledge's own environment the tool must not see.
+    env_removed: Vec<OsString>,
     hide_block_devices: bool,
     /// What the tool reads on standard input (`None`: `/dev/null`).
     stdin: Option<Input>,
@@ -172,6 +176,7 @@ impl Tool {
             args: Vec::new(),
             ok_codes: vec![0],
             envs: Vec::new(),
+            env_removed: Vec::new(),
             hide_block_devices: false,
             stdin: None,
         }
@@ -202,6 +207,12 @@ impl Tool {
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Tool {
         self.envs
             .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
+        self
+    }
+
+    /// Keep a variable of fledge's environment from the tool.
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Tool {
+        self.env_removed.push(key.as_ref().to_os_string());
         self
     }
 
@@ -312,7 +323,11 @@ impl Tool {
             program: self.program.clone(),
             source,
         };
-        let mut child = Command::new(&path)
+        let mut command = Command::new(&path);
+        for k in &self.env_removed {
+            command.env_remove(k);
+        }
+        let mut child = command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(if self.stdin.is_some() {

@@ -100,6 +100,45 @@ fn source_date_epoch_gives_identical_squashfs_and_erofs_images() {
     }
 }
 
+/// The userspace backend of the read-only types (mksquashfs / mkfs.erofs over the FUSE
+/// view): the build's clock reaches them too (`-mkfs-time`, and mkfs.erofs'
+/// SOURCE_DATE_EPOCH; `-U` the derived UUID).
+#[test]
+fn source_date_epoch_gives_identical_userspace_squashfs_and_erofs_images() {
+    let test = "source_date_epoch_gives_identical_userspace_squashfs_and_erofs_images";
+    if !Path::new("/dev/fuse").exists() {
+        support::skip(test, "needs FUSE (the userspace backend)");
+        return;
+    }
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    for (body, out, tool) in [
+        (
+            "type = \"squashfs\"\ncompression = \"zstd\"\ncompression_level = 3\n",
+            "r.squashfs",
+            "mksquashfs",
+        ),
+        ("type = \"erofs\"\n", "r.erofs", "mkfs.erofs"),
+    ] {
+        if !support::have_program(tool) {
+            assert!(!support::in_ci(), "{test}: {tool} is not installed");
+            support::skip(test, &format!("{tool} not installed"));
+            continue;
+        }
+        let (a, ca, log) = build_with(&img.reference, "1700000000", "userspace", body, out);
+        assert!(log.contains("backend: userspace"), "{out}: {log}");
+        let (b, cb, _) = build_with(&img.reference, "1700000000", "userspace", body, out);
+        assert_eq!(
+            a, b,
+            "{out}: two builds with the same SOURCE_DATE_EPOCH differ"
+        );
+        assert_eq!(ca, cb);
+        let (c, _, _) = build_with(&img.reference, "1700000001", "userspace", body, out);
+        assert_ne!(a, c, "{out}: the epoch does not reach the image");
+    }
+}
+
 /// The native writer needs neither root nor FUSE, so this runs everywhere.
 #[test]
 fn source_date_epoch_gives_identical_native_ext4_images() {

@@ -135,6 +135,23 @@ impl Tools {
         self.run_tool(Tool::new(program).args(args).hide_block_devices())
     }
 
+    /// [`Tools::run`] with environment variables set (`Some`) or removed (`None`).
+    pub fn run_with_env(
+        &self,
+        program: &str,
+        args: &[String],
+        env: &[(&str, Option<String>)],
+    ) -> Result<String, BuildError> {
+        let mut t = Tool::new(program).args(args);
+        for (k, v) in env {
+            t = match v {
+                Some(v) => t.env(k, v),
+                None => t.env_remove(k),
+            };
+        }
+        self.run_tool(t)
+    }
+
     fn run_tool(&self, t: Tool) -> Result<String, BuildError> {
         super::check_interrupt()?;
         let mut t = t;

@@ -406,7 +406,7 @@ pub fn mkfs_args(
             ("mkfs.btrfs", args)
         }
         FsType::Squashfs | FsType::Erofs => {
-            unreachable!("{fs} has no mkfs backend (select::native_only)")
+            unreachable!("{fs} has no mkfs backend (select::no_kernel_backend)")
         }
     }
 }
@@ -431,7 +431,7 @@ impl Writer for KernelWriter {
 /// Build `job.image` (already created at `plan.image_bytes`) with the kernel backend.
 fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport, BuildError> {
     let (tree, fs, plan, image, work) = (job.tree.as_ref(), job.fs, job.plan, job.image, job.work);
-    if let Some(reason) = super::select::native_only(fs) {
+    if let Some(reason) = super::select::no_kernel_backend(fs) {
         return Err(BuildError::BackendUnavailable {
             backend: "kernel",
             reason,

@@ -5,8 +5,10 @@
 //! image is written once, in block order, and hashed as it is written); for xfs and btrfs the
 //! kernel backend (file contents go from the layer cache to the image with
 //! `copy_file_range`, no FUSE round trip), then the userspace backend when it can reproduce
-//! this tree exactly. squashfs and erofs have one backend, the native writers
-//! ([`super::readonly`]), which need nothing from the host.
+//! this tree exactly. squashfs and erofs: `auto` picks the native writers
+//! ([`super::readonly`]), which need nothing from the host; the userspace backend
+//! (`mksquashfs` / `mkfs.erofs` reading the FUSE view) runs only when asked for; the kernel
+//! backend has nothing to mount for them.
 
 use serde::Serialize;
 
@@ -91,7 +93,7 @@ impl Probed {
                 .all(|id| probe::find(p, id).is_some_and(Probe::is_ok))
         };
         let loop_probe = if fs.is_read_only() {
-            // Nothing but the native writer builds these: no loop device to try.
+            // No loop device builds these: none to try.
             Probe::new(
                 "kernel.loop_attach",
                 Status::Fail,
@@ -102,9 +104,9 @@ impl Probed {
         };
         probes.push(loop_probe);
         let need_fuse = match choice {
+            BackendChoice::Userspace => true,
             _ if fs.is_read_only() => false,
             BackendChoice::Kernel | BackendChoice::Native => false,
-            BackendChoice::Userspace => true,
             // ext4: the native writer needs nothing.
             BackendChoice::Auto => fs != FsType::Ext4 && !kernel_ok(&probes),
         };
@@ -162,17 +164,25 @@ pub fn kernel_requirements(fs: FsType) -> Vec<&'static str> {
         FsType::Ext4 => ids.extend(["kernel.fs_ext4", "tools.mkfs_ext4", "tools.resize2fs"]),
         FsType::Xfs => ids.extend(["kernel.fs_xfs", "tools.mkfs_xfs"]),
         FsType::Btrfs => ids.extend(["kernel.fs_btrfs", "tools.mkfs_btrfs", "tools.btrfs"]),
-        // Never built by this backend ([`native_only`]).
+        // Never built by this backend ([`no_kernel_backend`]).
         FsType::Squashfs | FsType::Erofs => {}
     }
     ids
 }
 
-/// Why no backend but the native one builds `fs`, for the read-only types.
-pub fn native_only(fs: FsType) -> Option<String> {
+/// Why the kernel backend does not build `fs`, for the read-only types: there is no
+/// filesystem to mount and fill, the image is made in one piece by its writer.
+pub fn no_kernel_backend(fs: FsType) -> Option<String> {
     fs.is_read_only().then(|| {
+        let tool = if fs == FsType::Squashfs {
+            "mksquashfs"
+        } else {
+            "mkfs.erofs"
+        };
         format!(
-            "{fs} images are written by fledge's own {fs} writer only (--backend native or auto)"
+            "{fs} images are not made by mounting a filesystem: fledge's own {fs} writer \
+             (--backend native or auto) or {tool} over the FUSE view (--backend userspace) \
+             writes them"
         )
     })
 }
@@ -187,7 +197,8 @@ pub fn userspace_requirements(fs: FsType, root: bool) -> Vec<&'static str> {
         FsType::Ext4 => ids.extend(["tools.mkfs_ext4", "tools.resize2fs", "tools.debugfs"]),
         FsType::Xfs => ids.extend(["tools.mkfs_xfs"]),
         FsType::Btrfs => ids.extend(["tools.mkfs_btrfs"]),
-        FsType::Squashfs | FsType::Erofs => {}
+        FsType::Squashfs => ids.extend(["tools.mksquashfs"]),
+        FsType::Erofs => ids.extend(["tools.mkfs_erofs"]),
     }
     ids
 }
@@ -206,11 +217,14 @@ pub fn native_availability(fs: FsType) -> Result<(), String> {
 
 /// Whether each backend can run for `fs` on this host (ignoring the tree).
 pub fn availability(fs: FsType, probed: &Probed) -> [(BackendKind, Result<(), String>); 3] {
-    if let Some(why) = native_only(fs) {
+    if let Some(why) = no_kernel_backend(fs) {
         return [
             (BackendKind::Native, native_availability(fs)),
-            (BackendKind::Kernel, Err(why.clone())),
-            (BackendKind::Userspace, Err(why)),
+            (BackendKind::Kernel, Err(why)),
+            (
+                BackendKind::Userspace,
+                probed.all_ok(&userspace_requirements(fs, probed.is_root())),
+            ),
         ];
     }
     [
@@ -230,15 +244,9 @@ pub fn precheck(choice: BackendChoice, fs: FsType, probed: &Probed) -> Result<()
     let want = |k: BackendKind| avail.iter().find(|(kind, _)| *kind == k).map(|(_, r)| r);
     let kernel_hint = || probed.first_hint(&kernel_requirements(fs));
     let user_hint = || probed.first_hint(&userspace_requirements(fs, probed.is_root()));
-    if let (Some(reason), BackendChoice::Kernel | BackendChoice::Userspace) =
-        (native_only(fs), choice)
-    {
+    if let (Some(reason), BackendChoice::Kernel) = (no_kernel_backend(fs), choice) {
         return Err(BuildError::BackendUnavailable {
-            backend: if choice == BackendChoice::Kernel {
-                "kernel"
-            } else {
-                "userspace"
-            },
+            backend: "kernel",
             reason,
             hint: Some(format!(
                 "drop --backend (auto picks the {fs} writer) or pass --backend native"

@@ -1,6 +1,9 @@
 //! The userspace backend: no loop device, no mount(2). The merged tree is mounted through
 //! FUSE (which an unprivileged user may do) and a formatter that can populate a filesystem
-//! from a directory reads it: `mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`.
+//! from a directory reads it: `mkfs.ext4 -d`, `mkfs.btrfs --rootdir`, `mkfs.xfs -p`, and for
+//! the read-only types `mksquashfs` and `mkfs.erofs` (the tools the existing Go tool runs on
+//! an unpacked rootfs; fledge's own writers are the default, these are the alternative and a
+//! second opinion).
 //!
 //! What each formatter cannot carry is found before anything is built
 //! ([`unrepresentable`]); the backend choice uses that to pick another backend, and an
@@ -71,12 +74,8 @@ impl Writer for UserspaceWriter {
 /// Build `job.image` (created at `plan.image_bytes`) from the FUSE view of the tree.
 fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
     let (tree, fs, plan, image, work) = (job.tree, job.fs, job.plan, job.image, job.work);
-    if let Some(reason) = super::select::native_only(fs) {
-        return Err(BuildError::BackendUnavailable {
-            backend: "userspace",
-            reason,
-            hint: None,
-        });
+    if fs.is_read_only() {
+        return build_read_only(job);
     }
     let tools = job.tools();
     let uuid_from = Some(job.identity);
@@ -120,7 +119,7 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
                 args.push(image.display().to_string());
                 tools.run(mkfs, &args).map(|_| ())
             }
-            FsType::Squashfs | FsType::Erofs => unreachable!("refused above"),
+            FsType::Squashfs | FsType::Erofs => unreachable!("built by build_read_only"),
         };
         match result {
             Ok(()) => break,
@@ -169,6 +168,97 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
         free_bytes: free,
         resizes: resizes + attempts - 1,
     })
+}
+
+/// The read-only types: `mksquashfs` or `mkfs.erofs` reading the FUSE view, with the same
+/// settings the native writers take from `[filesystem]` (compressor, level, block size) and
+/// the build's clock and UUID, so that `SOURCE_DATE_EPOCH` makes these images reproducible
+/// too. Both tools size the image themselves.
+fn build_read_only(job: &Job<'_>) -> Result<BuildReport, BuildError> {
+    let (tree, fs, image, work) = (job.tree, job.fs, job.image, job.work);
+    let mnt = work.join("view");
+    std::fs::create_dir_all(&mnt).map_err(|e| BuildError::Io {
+        path: mnt.clone(),
+        source: e,
+    })?;
+    let view = MountedView::mount(Arc::clone(tree), &mnt, &MountOptions::default())?;
+    let (view_dir, out) = (mnt.display().to_string(), image.display().to_string());
+    let epoch = job.identity.epoch.max(0).to_string();
+    let tools = job.tools();
+    let result = match fs {
+        FsType::Squashfs => {
+            let mut args = vec![view_dir, out];
+            args.extend(squashfs_args(job.settings, &epoch));
+            // `-mkfs-time` sets the build time; mksquashfs refuses it together with a
+            // SOURCE_DATE_EPOCH in its environment (which it would also use to clamp every
+            // file's time), so the variable is kept from it.
+            tools.run_with_env("mksquashfs", &args, &[("SOURCE_DATE_EPOCH", None)])
+        }
+        _ => {
+            // mkfs.erofs takes its build time from SOURCE_DATE_EPOCH and keeps each file's
+            // own mtime (its `-T` would set every file to one time).
+            let mut args = vec!["-U".to_string(), super::job::uuid_text(&job.identity.uuid)];
+            args.extend(erofs_args(job.settings));
+            args.extend([out, view_dir]);
+            tools.run_with_env("mkfs.erofs", &args, &[("SOURCE_DATE_EPOCH", Some(epoch))])
+        }
+    };
+    // The view is released whether the tool succeeded or not (its guard also unmounts on
+    // drop; this reports an unmount failure).
+    let unmounted = view.unmount();
+    result?;
+    unmounted?;
+    let stats = tree.stats();
+    Ok(BuildReport {
+        entries: stats.entries,
+        bytes: stats.file_bytes,
+        free_bytes: None,
+        resizes: 0,
+    })
+}
+
+/// mksquashfs' options for `[filesystem]`: the native writer's block size, compressor and
+/// level mapping ([`super::readonly::squash_options`]), no progress output.
+fn squashfs_args(settings: &crate::config::FilesystemConfig, epoch: &str) -> Vec<String> {
+    use crate::config::Compression;
+    let level = settings.compression_level;
+    let mut args: Vec<String> = ["-noappend", "-no-progress", "-quiet", "-b"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(super::readonly::SQUASHFS_BLOCK.to_string());
+    args.extend(["-mkfs-time".to_string(), epoch.to_string(), "-comp".into()]);
+    match settings.compression {
+        Compression::Zstd => args.extend([
+            "zstd".into(),
+            "-Xcompression-level".into(),
+            level.to_string(),
+        ]),
+        Compression::Gzip => args.extend([
+            "gzip".into(),
+            "-Xcompression-level".into(),
+            level.min(9).to_string(),
+        ]),
+        Compression::Lz4 => args.push("lz4".into()),
+        Compression::Xz | Compression::None => {
+            let dict = match level {
+                0..=7 => "25%",
+                8..=15 => "50%",
+                _ => "100%",
+            };
+            args.extend(["xz".into(), "-Xdict-size".into(), dict.into()]);
+        }
+    }
+    args
+}
+
+/// mkfs.erofs' compression option for `[filesystem]` (none: uncompressed).
+fn erofs_args(settings: &crate::config::FilesystemConfig) -> Vec<String> {
+    use crate::config::Compression;
+    match settings.compression {
+        Compression::Lz4 => vec!["-zlz4".into()],
+        _ => Vec::new(),
+    }
 }
 
 /// Start an attempt from an empty file of `size` bytes (all holes).
