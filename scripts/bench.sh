@@ -2,7 +2,7 @@
 # Benchmarks, side by side with their baselines in the same run, reported as medians and ratios
 # (issue 7).
 #
-#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|all]
+#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|all]
 #
 #   build  Debian test image -> ext4, everything pulled from a local docker-registry on
 #          127.0.0.1 that holds the image:
@@ -23,7 +23,22 @@
 #          reference pipeline against fledge cold and warm.
 #   index  fledge indexing the Debian image cold from the OCI layout (`fledge inspect --tree`)
 #          against `umoci unpack`.
-#   all    build and scale (default).
+#   readonly  Debian test image -> squashfs and EROFS (issue 16), from the same registry:
+#            go-squashfs         the existing Go tool's pipeline: skopeo copy, umoci unpack,
+#                                mksquashfs ROOTFS OUT -comp xz -Xdict-size 50% -noappend
+#                                (its default, compression_level 15; 128 KiB blocks)
+#            fledge-sqfs-cold    `fledge build` type = "squashfs" (xz, level 15) with an empty
+#                                cache
+#            fledge-sqfs-warm    the same after a mapped file changed (layers and compressed
+#                                blocks cached)
+#            go-erofs            skopeo copy, umoci unpack, mkfs.erofs (uncompressed)
+#            fledge-erofs-cold   type = "erofs", empty cache
+#            fledge-erofs-warm   the same after a mapped file changed
+#            fledge-ext4-warm    the native ext4 build of the same config, warm (the EROFS
+#                                warm target's baseline)
+#          plus the image sizes beside mksquashfs's and mkfs.erofs's, and where the time of
+#          one cold and one warm fledge build goes (`build --json` steps).
+#   all    build, scale and readonly (default).
 #
 # Commands alternate within each repetition so that machine noise hits all of them alike.
 # Every command runs under scripts/lib/measure.py, which reports wall time, the largest
@@ -45,19 +60,19 @@ while getopts "n:s:" opt; do
     case $opt in
     n) reps=$OPTARG ;;
     s) scale_reps=$OPTARG ;;
-    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|all]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
 what="${1:-all}"
 scale_reps=${scale_reps:-$reps}
-case $what in build | scale | index | all) ;; *)
-    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|all]" >&2; exit 2 ;;
+case $what in build | scale | index | readonly | all) ;; *)
+    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|all]" >&2; exit 2 ;;
 esac
 
 . scripts/lib/need-root.sh
 need_root "the baseline pipeline loop-mounts images"
-for p in docker-registry skopeo umoci curl gzip python3 mkfs.ext4 e2fsck resize2fs; do
+for p in docker-registry skopeo umoci curl gzip python3 mkfs.ext4 e2fsck resize2fs mksquashfs mkfs.erofs; do
     command -v "$p" >/dev/null || { echo "bench.sh: $p not found (scripts/install-deps.sh)" >&2; exit 1; }
 done
 IMAGES="${FLEDGE_TEST_IMAGES:-/var/tmp/fledge-test-images}"
@@ -283,6 +298,110 @@ bench_scale() {
     check "fledge warm 300k / fledge warm 100k" "$(ratio fledge-warm-300000 fledge-warm-100000)" "<=" 3.6
 }
 
+# The Go tool's read-only pipeline from reference $1 into $WORK/go/out.$2 (squashfs: its
+# mksquashfs line; erofs: mkfs.erofs with its defaults).
+go_readonly_pipeline() {
+    local src=$1 fs=$2 d=$WORK/go
+    rm -rf "$d"
+    mkdir -p "$d"
+    skopeo copy -q --src-tls-verify=false "$src" "oci:$d/img:latest"
+    umoci unpack --image "$d/img:latest" "$d/bundle"
+    local cfg
+    cfg=$(python3 -c 'import json,sys; i=json.load(open(sys.argv[1]+"/index.json")); m=json.load(open(sys.argv[1]+"/blobs/sha256/"+i["manifests"][0]["digest"][7:])); print(m["config"]["digest"][7:])' "$d/img")
+    cp "$d/img/blobs/sha256/$cfg" "$d/bundle/rootfs/etc/fsify-entrypoint"
+    if [ "$fs" = squashfs ]; then
+        mksquashfs "$d/bundle/rootfs" "$d/out.squashfs" -comp xz -Xdict-size 50% -noappend \
+            -no-progress >/dev/null
+    else
+        mkfs.erofs "$d/out.erofs" "$d/bundle/rootfs" >/dev/null 2>&1
+    fi
+    stat -c %s "$d/out.$fs" >"$WORK/go-$fs.size"
+}
+export -f go_readonly_pipeline
+
+# readonly_config NAME REF TYPE: a read-only fledge.toml for REF that maps $WORK/map.txt.
+readonly_config() {
+    cat >"$WORK/$1.toml" <<EOF
+version = "1"
+strategy = "oci_rootfs"
+[source]
+image = "$2"
+[filesystem]
+type = "$3"
+[mappings]
+"map.txt" = "/etc/fledge-bench-map"
+EOF
+}
+
+fledge_build_to() { # NAME CACHE OUT [BUILD ARGS...]
+    "$FLEDGE" build -q -c "$WORK/$1.toml" --cache-dir "$2" -o "$3" "${@:4}"
+}
+export -f fledge_build_to
+
+# steps NAME CACHE OUT: one more build with --json, printing its steps (where the time goes).
+steps() {
+    "$FLEDGE" build -q --json -c "$WORK/$1.toml" --cache-dir "$2" -o "$3" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print("   ", ", ".join("%s %.2fs" % (s["name"], s["seconds"]) for s in r["timings"]))'
+}
+
+bench_readonly() {
+    local ref="docker://$REGISTRY/debian:test"
+    readonly_config sqfs "$ref" squashfs
+    readonly_config erofs "$ref" erofs
+    fledge_config ext4 "$ref"
+    printf '[mappings]\n"map.txt" = "/etc/fledge-bench-map"\n' >>"$WORK/ext4.toml"
+    for _ in $(seq "$reps"); do
+        date +%s%N >"$WORK/map.txt"
+        measure go-squashfs bash -c 'go_readonly_pipeline "$0" squashfs' "$ref"
+        rm -rf "$WORK/cache"
+        measure fledge-sqfs-cold bash -c 'fledge_build_to sqfs "$WORK/cache" "$WORK/out.squashfs"'
+        stat -c %s "$WORK/out.squashfs" >"$WORK/fledge-squashfs.size"
+        date +%s%N >"$WORK/map.txt"
+        measure fledge-sqfs-warm bash -c 'fledge_build_to sqfs "$WORK/cache" "$WORK/out.squashfs"'
+        measure go-erofs bash -c 'go_readonly_pipeline "$0" erofs' "$ref"
+        rm -rf "$WORK/cache"
+        measure fledge-erofs-cold bash -c 'fledge_build_to erofs "$WORK/cache" "$WORK/out.erofs"'
+        stat -c %s "$WORK/out.erofs" >"$WORK/fledge-erofs.size"
+        date +%s%N >"$WORK/map.txt"
+        measure fledge-erofs-warm bash -c 'fledge_build_to erofs "$WORK/cache" "$WORK/out.erofs"'
+        date +%s%N >"$WORK/map.txt"
+        measure fledge-ext4-warm bash -c 'fledge_build_to ext4 "$WORK/cache" "$WORK/out.img"'
+        rm -rf "$WORK/go" "$WORK"/out.*
+    done
+    echo
+    echo "== readonly: Debian test image (registry) -> squashfs and EROFS, $reps repetitions"
+    header
+    row go-squashfs
+    row fledge-sqfs-cold go-squashfs
+    row fledge-sqfs-warm fledge-sqfs-cold
+    row go-erofs
+    row fledge-erofs-cold go-erofs
+    row fledge-erofs-warm fledge-ext4-warm
+    row fledge-ext4-warm
+    local gs fs ge fe
+    gs=$(cat "$WORK/go-squashfs.size") fs=$(cat "$WORK/fledge-squashfs.size")
+    ge=$(cat "$WORK/go-erofs.size") fe=$(cat "$WORK/fledge-erofs.size")
+    echo "sizes (bytes):"
+    printf "  %-40s %12s\n" "mksquashfs xz dict 50%, 128 KiB" "$gs" "fledge squashfs xz level 15" "$fs" \
+        "mkfs.erofs (uncompressed)" "$ge" "fledge erofs (uncompressed)" "$fe"
+    echo "where the time goes (one more build each; cold = empty cache):"
+    rm -rf "$WORK/cache"
+    echo "  squashfs cold:"; steps sqfs "$WORK/cache" "$WORK/out.squashfs"
+    date +%s%N >"$WORK/map.txt"
+    echo "  squashfs warm:"; steps sqfs "$WORK/cache" "$WORK/out.squashfs"
+    date +%s%N >"$WORK/map.txt"
+    echo "  erofs warm:"; steps erofs "$WORK/cache" "$WORK/out.erofs"
+    rm -rf "$WORK/cache" "$WORK"/out.*
+    echo "targets:"
+    check "fledge squashfs cold / Go pipeline" "$(ratio fledge-sqfs-cold go-squashfs)" "<=" 0.75
+    check "fledge squashfs size / mksquashfs" "$(awk -v a="$fs" -v b="$gs" 'BEGIN {printf "%.3f", a / b}')" "<=" 1.02
+    check "fledge squashfs warm / cold" "$(ratio fledge-sqfs-warm fledge-sqfs-cold)" "<=" 0.10
+    check "fledge erofs warm / fledge ext4 warm" "$(ratio fledge-erofs-warm fledge-ext4-warm)" "<=" 1.2
+    check "fledge erofs cold / Go pipeline (mkfs.erofs)" "$(ratio fledge-erofs-cold go-erofs)" "<=" 0.15
+}
+
 bench_index() {
     local ref="oci:$LAYOUT:test"
     for _ in $(seq "$reps"); do
@@ -312,7 +431,8 @@ case $what in
 build) bench_build ;;
 scale) bench_scale ;;
 index) bench_index ;;
-all) bench_build; bench_scale ;;
+readonly) bench_readonly ;;
+all) bench_build; bench_scale; bench_readonly ;;
 esac
 echo
 echo "disk = peak extra space used on the filesystem of /var/tmp during the command (median);"
