@@ -46,6 +46,7 @@
 //! fifos, sockets and the uid/gid table it does have. The format is small and well
 //! specified, so fledge writes it itself, like its ext4.
 
+pub mod cache;
 mod compress;
 mod data;
 mod tables;
@@ -85,6 +86,9 @@ pub struct SquashOptions {
     pub always_fragments: bool,
     /// The superblock's modification time (seconds since 1970).
     pub mkfs_time: u32,
+    /// The cache directory whose block cache ([`cache`]) to read compressed blocks from and
+    /// add them to; `None` compresses every block and keeps nothing.
+    pub block_cache: Option<PathBuf>,
 }
 
 impl Default for SquashOptions {
@@ -98,6 +102,7 @@ impl Default for SquashOptions {
             dedup: true,
             always_fragments: false,
             mkfs_time: 0,
+            block_cache: None,
         }
     }
 }
@@ -175,6 +180,10 @@ pub struct SquashReport {
     pub raw_blocks: u64,
     /// Files whose contents were already in the image.
     pub duplicates: u64,
+    /// Data and fragment blocks taken from the block cache (not compressed).
+    pub reused_blocks: u64,
+    /// Data and fragment blocks compressed (not sparse, not found in the block cache).
+    pub compressed_blocks: u64,
     pub ids: u16,
 }
 
@@ -444,6 +453,10 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let cache = opts
+        .block_cache
+        .as_deref()
+        .map(|d| cache::BlockCache::new(d, &codec));
     let num = number(tree);
     let ids = check(tree, &num)?;
     let sizes: Vec<(NodeId, u64)> = num
@@ -492,7 +505,16 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
         placed,
         frags,
         stats,
-    } = data::write(tree, &plan, &codec, threads, &mut w)?;
+    } = data::write(tree, &plan, &codec, cache.as_ref(), threads, &mut w)?;
+    tracing::debug!(
+        target: "fledge::timing",
+        "squashfs: {} blocks reused, {} compressed; worker time {:.1} ms compressing, \
+         {:.1} ms hashing and in the block cache",
+        stats.reused,
+        stats.compressed,
+        stats.compress_time.as_secs_f64() * 1e3,
+        stats.cache_time.as_secs_f64() * 1e3
+    );
     sw.mark("squashfs: data compressed and written");
     check_interrupt()?;
 
@@ -729,6 +751,8 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
         sparse_blocks: stats.sparse_blocks,
         raw_blocks: stats.raw_blocks,
         duplicates: plan.files.iter().filter(|f| f.dup_of.is_some()).count() as u64,
+        reused_blocks: stats.reused,
+        compressed_blocks: stats.compressed,
         ids: ids.len() as u16,
     })
 }
