@@ -8,9 +8,15 @@
 //! 2. Plan the file data ([`data::plan`]): files in depth-first name order, each identical
 //!    set of contents written once (mksquashfs' duplicate detection; candidates are the
 //!    files whose size another file shares, compared by sha256), files smaller than a block
-//!    packed into fragment blocks (tails of larger files too with `always_fragments`).
+//!    packed into fragment blocks (tails of larger files too with `always_fragments`; a
+//!    fragment block also ends before the tail of an anchor file, one in 128 by path hash,
+//!    so that a changed file shifts the packing of the files after it only up to the next
+//!    anchor).
 //! 3. Stream the data ([`data::write`]): a reader thread, `threads` compressing workers, and
-//!    the writer keeping plan order. Blocks of zeros are not stored (size word 0).
+//!    the writer keeping plan order. Blocks of zeros are not stored (size word 0). With a
+//!    block cache ([`cache`], `SquashOptions::block_cache`), each worker looks its block up
+//!    by content and settings first and compresses only on a miss, so a warm rebuild
+//!    compresses only the blocks whose bytes changed and writes the same image.
 //! 4. Write the inode and directory tables in one pass ([`tables`]): each directory's
 //!    children's inodes are written together, after the subdirectories' own contents, so
 //!    every reference points at a metadata block already laid out. Inode numbers follow that
