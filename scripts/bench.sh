@@ -2,7 +2,7 @@
 # Benchmarks, side by side with their baselines in the same run, reported as medians and ratios
 # (issue 7).
 #
-#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|all]
+#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|all]
 #
 #   build  Debian test image -> ext4, everything pulled from a local docker-registry on
 #          127.0.0.1 that holds the image:
@@ -38,7 +38,11 @@
 #                                warm target's baseline)
 #          plus the image sizes beside mksquashfs's and mkfs.erofs's, and where the time of
 #          one cold and one warm fledge build goes (`build --json` steps).
-#   all    build, scale and readonly (default).
+#   squashfs  Debian test image (OCI layout) -> squashfs, xz (the default) and zstd: a build
+#          with the layers cached but an empty block cache ("cold"), then the next build
+#          after a [mappings] file changed and grew ("warm": the blocks come from the block
+#          cache). Target: xz warm <= 0.10x xz cold.
+#   all    build, scale and readonly (default; squashfs is its block-cache detail).
 #
 # Commands alternate within each repetition so that machine noise hits all of them alike.
 # Every command runs under scripts/lib/measure.py, which reports wall time, the largest
@@ -60,14 +64,14 @@ while getopts "n:s:" opt; do
     case $opt in
     n) reps=$OPTARG ;;
     s) scale_reps=$OPTARG ;;
-    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|all]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
 what="${1:-all}"
 scale_reps=${scale_reps:-$reps}
-case $what in build | scale | index | readonly | all) ;; *)
-    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|all]" >&2; exit 2 ;;
+case $what in build | scale | index | readonly | squashfs | all) ;; *)
+    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|all]" >&2; exit 2 ;;
 esac
 
 . scripts/lib/need-root.sh
@@ -420,9 +424,55 @@ bench_index() {
     row fledge-index-warm umoci-unpack
 }
 
+# A squashfs build of the Debian layout with compression $1 and the mapping sq-app.conf.
+sq_build() {
+    "$FLEDGE" build -q -c "$WORK/sq-$1.toml" --cache-dir "$WORK/cache" -o "$WORK/out.squashfs"
+}
+export -f sq_build
+
+bench_squashfs() {
+    local comp i
+    for comp in xz zstd; do
+        cat >"$WORK/sq-$comp.toml" <<EOF
+version = "1"
+strategy = "oci_rootfs"
+[source]
+image = "oci:$LAYOUT:test"
+[filesystem]
+type = "squashfs"
+compression = "$comp"
+[mappings]
+"sq-app.conf" = "/etc/app.conf"
+EOF
+    done
+    rm -rf "$WORK/cache"
+    echo v0 >"$WORK/sq-app.conf"
+    sq_build zstd # the layers into the cache
+    for i in $(seq "$reps"); do
+        for comp in xz zstd; do
+            rm -rf "$WORK/cache/squashfs"
+            echo "v$i" >"$WORK/sq-app.conf"
+            measure "squashfs-$comp-cold" bash -c 'sq_build "$0"' "$comp"
+            printf 'v%s, changed: %s\n' "$i" "$(seq -s ' ' 300)" >"$WORK/sq-app.conf"
+            measure "squashfs-$comp-warm" bash -c 'sq_build "$0"' "$comp"
+        done
+    done
+    rm -rf "$WORK/cache" "$WORK/out.squashfs" "$WORK/out.manifest.json"
+    echo
+    echo "== squashfs: Debian test image (OCI layout), layers cached; cold = empty block cache,"
+    echo "   warm = after a mapping changed; $reps repetitions"
+    header
+    for comp in xz zstd; do
+        row "squashfs-$comp-cold"
+        row "squashfs-$comp-warm" "squashfs-$comp-cold"
+    done
+    echo "targets:"
+    check "squashfs xz warm / cold" "$(ratio squashfs-xz-warm squashfs-xz-cold)" "<=" 0.10
+}
+
 echo "machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r), $(findmnt -no FSTYPE -T /var/tmp) at /var/tmp; $(date -u '+%F %H:%M UTC')"
 echo "fledge: $("$FLEDGE" version | head -1); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-if [ "$what" != index ]; then
+if [ "$what" != index ] && [ "$what" != squashfs ]; then
     registry_start "$WORK/registry"
     registry_push "oci:$LAYOUT:test" debian:test
     echo "registry: docker-registry on $REGISTRY"
@@ -432,6 +482,7 @@ build) bench_build ;;
 scale) bench_scale ;;
 index) bench_index ;;
 readonly) bench_readonly ;;
+squashfs) bench_squashfs ;;
 all) bench_build; bench_scale; bench_readonly ;;
 esac
 echo

@@ -1,6 +1,7 @@
 //! Where fledge keeps its cache (uncompressed layers, downloaded blobs, agents): the one owner
 //! of that location. `--cache-dir` wins, then `$FLEDGE_CACHE_DIR`, `$XDG_CACHE_HOME/fledge`,
-//! `$HOME/.cache/fledge`. What lives inside it is the layer store's ([`crate::layer`]).
+//! `$HOME/.cache/fledge`. What lives inside it is the layer store's ([`crate::layer`]), but
+//! for `squashfs/`, the compressed-block cache of [`crate::squashfs::cache`].
 
 use std::path::{Path, PathBuf};
 

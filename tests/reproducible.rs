@@ -241,3 +241,102 @@ fn builds_in_one_process_each_get_their_own_identity() {
         "a build without an epoch reused a derived UUID"
     );
 }
+
+/// squashfs' block cache: after a cold build, a rebuild with one mapped file changed takes
+/// nearly every block from the cache and still writes the bytes of a cold build of the
+/// changed config (same `SOURCE_DATE_EPOCH`, empty cache); `--no-cache` neither reads nor
+/// writes the block cache; `fledge cache prune` empties it.
+#[test]
+fn warm_squashfs_rebuild_reuses_blocks_and_equals_a_cold_build() {
+    let test = "warm_squashfs_rebuild_reuses_blocks_and_equals_a_cold_build";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fledge.toml");
+    fs::write(
+        &config,
+        format!(
+            "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{}\"\n\
+             [filesystem]\ntype = \"squashfs\"\ncompression = \"zstd\"\ncompression_level = 3\n\
+             [mappings]\n\"app.conf\" = \"/etc/app.conf\"\n",
+            img.reference
+        ),
+    )
+    .unwrap();
+    let app = dir.path().join("app.conf");
+    let ui = fledge::ui::Ui::silent();
+    let build = |name: &str, cache: &Path, no_cache: bool| {
+        let mut req = fledge::output::BuildRequest::new(&config);
+        req.output = Some(dir.path().join(format!("{name}.squashfs")));
+        req.image.cache_dir = Some(cache.to_path_buf());
+        req.image.no_cache = no_cache;
+        req.source_date_epoch = Some(1_700_000_000);
+        let outcome = fledge::output::run(&req, &ui).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let blocks = outcome
+            .report
+            .blocks
+            .expect("a squashfs build counts its blocks");
+        eprintln!(
+            "{name}: {} blocks reused, {} compressed, {:.2} s",
+            blocks.reused, blocks.compressed, outcome.elapsed_seconds
+        );
+        (outcome.sha256, blocks)
+    };
+    let entries = |cache: &Path| -> usize {
+        let Ok(subs) = fs::read_dir(cache.join("squashfs").join("blocks-v1")) else {
+            return 0;
+        };
+        subs.map(|s| fs::read_dir(s.unwrap().path()).unwrap().count())
+            .sum()
+    };
+    let warm_cache = dir.path().join("cache");
+    fs::write(&app, "setting = 1\n").unwrap();
+    let (_, cold) = build("cold", &warm_cache, false);
+    // Only blocks that repeat within the image (in files that differ elsewhere), compressed
+    // once and then found in the cache.
+    assert!(cold.reused * 20 < cold.compressed, "{cold:?}");
+    assert!(cold.compressed > 500, "{cold:?}");
+    let kept = entries(&warm_cache);
+    assert!(kept as u64 >= cold.compressed * 9 / 10, "{kept} entries");
+
+    // The mapping changes (and grows): a few blocks compressed, the rest reused.
+    fs::write(
+        &app,
+        "setting = 2\n# and a longer file than before\n".repeat(40),
+    )
+    .unwrap();
+    let (warm_sha, warm) = build("warm", &warm_cache, false);
+    assert!(
+        warm.compressed > 0 && warm.compressed * 50 < cold.compressed,
+        "{warm:?} after {cold:?}"
+    );
+    let (cold_sha, fresh) = build("fresh", &dir.path().join("fresh-cache"), false);
+    assert!(fresh.compressed > warm.compressed * 50, "{fresh:?}");
+    assert_eq!(
+        warm_sha, cold_sha,
+        "the warm build differs from a cold build of the same config"
+    );
+
+    // --no-cache: nothing reused, nothing added.
+    fs::write(&app, "setting = 3\n").unwrap();
+    let before = entries(&warm_cache);
+    let (_, none) = build("none", &warm_cache, true);
+    assert!(none.compressed >= fresh.compressed, "{none:?} {fresh:?}");
+    assert_eq!(
+        entries(&warm_cache),
+        before,
+        "--no-cache wrote the block cache"
+    );
+
+    let out = Command::new(fledge_bin())
+        .args(["cache", "prune", "--cache-dir"])
+        .arg(&warm_cache)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        !warm_cache.join("squashfs").exists(),
+        "prune left the block cache"
+    );
+}

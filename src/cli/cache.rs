@@ -18,7 +18,8 @@ pub struct CacheArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
-    /// Delete everything in the cache (decoded layers, downloaded blobs, partial downloads).
+    /// Delete everything in the cache (decoded layers, downloaded blobs, partial downloads,
+    /// compressed squashfs blocks).
     Prune {
         /// Cache directory (default: $FLEDGE_CACHE_DIR, else $XDG_CACHE_HOME/fledge, else
         /// ~/.cache/fledge).
@@ -32,7 +33,9 @@ pub fn run(args: &CacheArgs, ui: &Ui) -> Result<ExitCode, CliError> {
         CacheCommand::Prune { cache_dir } => {
             let dir = crate::cache::dir(cache_dir.as_deref())
                 .map_err(|_| Error::from(crate::layer::LayerError::NoCacheDir))?;
-            let report = LayerStore::new(&dir).prune().map_err(Error::from)?;
+            let mut report = LayerStore::new(&dir).prune().map_err(Error::from)?;
+            crate::layer::prune_dir(&dir.join(crate::squashfs::cache::SUBDIR), &mut report)
+                .map_err(Error::from)?;
             ui.info(format!(
                 "pruned {}: {} files, {:.1} MiB freed",
                 dir.display(),

@@ -323,20 +323,24 @@ impl LayerStore {
     pub fn prune(&self) -> Result<PruneReport, LayerError> {
         let mut report = PruneReport::default();
         for sub in CACHE_SUBDIRS {
-            let dir = self.dir.join(sub);
-            prune_tree(&dir, &mut report)?;
-            match fs::remove_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(LayerError::Io {
-                        path: dir,
-                        source: e,
-                    })
-                }
-            }
+            prune_dir(&self.dir.join(sub), &mut report)?;
         }
         Ok(report)
+    }
+}
+
+/// Delete the directory `dir` and everything in it (nothing when it does not exist), adding
+/// what was freed to `report`; for `fledge cache prune`, also of the cache subdirectories
+/// other modules own (squashfs' block cache).
+pub fn prune_dir(dir: &Path, report: &mut PruneReport) -> Result<(), LayerError> {
+    prune_tree(dir, report)?;
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LayerError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
     }
 }
 

@@ -187,6 +187,9 @@ pub struct Job<'a> {
     pub image: &'a Path,
     /// The private work directory (mount points, scratch files); removed after the build.
     pub work: &'a Path,
+    /// The cache directory, where a writer may keep work for later builds (squashfs' block
+    /// cache); `None` with `--no-cache`, when nothing may be read from it or left in it.
+    pub cache_dir: Option<&'a Path>,
     /// Called with the file bytes written so far.
     pub progress: &'a dyn Fn(u64),
 }

@@ -583,6 +583,7 @@ fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport
         bytes: stats.bytes,
         free_bytes: Some(free),
         resizes,
+        blocks: None,
     })
 }
 

@@ -547,6 +547,17 @@ pub struct BuildReport {
     /// Free bytes in the finished filesystem (None when it cannot be measured offline).
     pub free_bytes: Option<u64>,
     pub resizes: u32,
+    /// squashfs: how many data and fragment blocks came from the block cache and how many
+    /// were compressed (absent for the other types).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocks: Option<BlockReuse>,
+}
+
+/// The compressed blocks of a squashfs build: taken from the block cache, or compressed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct BlockReuse {
+    pub reused: u64,
+    pub compressed: u64,
 }
 
 /// Build the image and its manifest; messages go to `ui`, the result is returned (the caller
@@ -721,8 +732,14 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     create_image(&image_tmp, plan.image_bytes, cfg.filesystem.preallocate)?;
     sw.mark("injection, backend choice, sizing");
     let progress = progress_for(ui, tree.stats().file_bytes);
+    // The persistent cache, for writers that keep work there; none with `--no-cache`.
+    let cache_dir = match opts.temp_cache {
+        Some(_) => None,
+        None => Some(crate::image::cache_dir(&opts)?),
+    };
     let job = Job {
         tree: &tree,
+        cache_dir: cache_dir.as_deref(),
         fs,
         settings: &cfg.filesystem,
         plan: &plan,

@@ -7,7 +7,7 @@
 //! `SOURCE_DATE_EPOCH` makes them byte-reproducible.
 
 use super::job::{Job, Writer, Written};
-use super::{BuildError, BuildReport};
+use super::{BlockReuse, BuildError, BuildReport};
 use crate::config::{Compression, FilesystemConfig};
 use crate::erofs::{self, ErofsError, ErofsOptions};
 use crate::squashfs::{self, SquashError, SquashOptions};
@@ -119,6 +119,7 @@ fn report(job: &Job<'_>) -> BuildReport {
         // Read-only: there is no free space to measure.
         free_bytes: None,
         resizes: 0,
+        blocks: None,
     }
 }
 
@@ -128,24 +129,33 @@ pub struct SquashfsWriter;
 
 impl Writer for SquashfsWriter {
     fn write(&self, job: &Job<'_>, sw: &mut Stopwatch) -> Result<Written, BuildError> {
-        let opts = squash_options(job.settings, job.identity.epoch);
+        let mut opts = squash_options(job.settings, job.identity.epoch);
+        opts.block_cache = job.cache_dir.map(std::path::Path::to_path_buf);
         let r =
             squashfs::write(job.tree, &opts, job.image).map_err(|e| squash_error(job.tree, e))?;
         sw.mark("squashfs written and hashed");
         tracing::info!(
             "squashfs: {} inodes, {} fragments, {} data blocks ({} sparse, {} stored raw), \
-             {} duplicate files, {} bytes used",
+             {} duplicate files, {} bytes used; {} blocks from the block cache, {} compressed",
             r.inodes,
             r.fragments,
             r.data_blocks,
             r.sparse_blocks,
             r.raw_blocks,
             r.duplicates,
-            r.bytes_used
+            r.bytes_used,
+            r.reused_blocks,
+            r.compressed_blocks
         );
         (job.progress)(job.tree.stats().file_bytes);
         Ok(Written {
-            report: report(job),
+            report: BuildReport {
+                blocks: Some(BlockReuse {
+                    reused: r.reused_blocks,
+                    compressed: r.compressed_blocks,
+                }),
+                ..report(job)
+            },
             sha256: Some(r.sha256),
         })
     }

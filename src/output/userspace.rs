@@ -167,6 +167,7 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
         bytes: stats.file_bytes,
         free_bytes: free,
         resizes: resizes + attempts - 1,
+        blocks: None,
     })
 }
 
@@ -214,6 +215,7 @@ fn build_read_only(job: &Job<'_>) -> Result<BuildReport, BuildError> {
         bytes: stats.file_bytes,
         free_bytes: None,
         resizes: 0,
+        blocks: None,
     })
 }
 

@@ -7,6 +7,15 @@
 //! fixed set of buffers, `threads` workers compress them, and the calling thread writes the
 //! results in plan order, whatever order they finish in. The bytes written are thus the same
 //! for any thread count, and the buffers in circulation bound the memory used.
+//!
+//! With a [`BlockCache`], a worker first looks its block up by content and settings, and
+//! compresses (and keeps the result) only on a miss: the bytes written are the same either
+//! way. So that a changed file disturbs few fragment blocks, a fragment block is also closed
+//! before the tail of an *anchor* file (one whose path hashes to 0 modulo
+//! [`FRAGMENT_ANCHOR`]): a tail that grows or shrinks shifts the packing only up to the next
+//! anchor, and every fragment block after it holds the same bytes as before (and is found in
+//! the cache). The cost is one partly filled fragment block per anchor, a few more fragment
+//! blocks in all.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +23,7 @@ use std::sync::{mpsc, Mutex};
 
 use sha2::{Digest, Sha256};
 
+use super::cache::{BlockCache, Entry};
 use super::compress::{Codec, Compressor};
 use super::tables::DATA_RAW;
 use super::{Out, SquashError};
@@ -53,6 +63,26 @@ pub struct DataStats {
     pub blocks: u64,
     pub sparse_blocks: u64,
     pub raw_blocks: u64,
+    /// Data and fragment blocks taken from the block cache.
+    pub reused: u64,
+    /// Data and fragment blocks compressed (not sparse, not in the cache).
+    pub compressed: u64,
+    /// Time the workers spent hashing blocks and reading and writing the cache, summed
+    /// over workers.
+    pub cache_time: std::time::Duration,
+    /// Time the workers spent compressing, summed over workers.
+    pub compress_time: std::time::Duration,
+}
+
+/// One file in this many (by the hash of its path) starts a new fragment block, so that a
+/// change to one file's tail moves the tails of the files after it only up to the next
+/// anchor. About 40 tails fill a block in a Debian image, so a run is a few blocks.
+pub const FRAGMENT_ANCHOR: u32 = 128;
+
+/// Whether the tail of the file at `path` starts a fragment block.
+fn is_anchor(path: &str) -> bool {
+    let h = Sha256::digest(path.as_bytes());
+    u32::from_le_bytes([h[0], h[1], h[2], h[3]]) % FRAGMENT_ANCHOR == 0
 }
 
 /// sha256 of a file's contents, read in 1 MiB pieces.
@@ -130,7 +160,11 @@ pub fn plan(
         } else if tail_len > 0 {
             let t = tail_len as u32;
             let (idx, fill) = match frag {
-                Some((idx, fill)) if fill + t <= block_size => (idx, fill),
+                Some((idx, fill))
+                    if fill + t <= block_size && !(fill > 0 && is_anchor(&tree.path_of(*node))) =>
+                {
+                    (idx, fill)
+                }
                 _ => {
                     fragments += 1;
                     (fragments - 1, 0)
@@ -232,6 +266,15 @@ struct Done {
     what: What,
     data: Vec<u8>,
     stored: Stored,
+    /// Taken from the block cache.
+    reused: bool,
+}
+
+/// What a worker measured.
+#[derive(Default)]
+struct WorkerTimes {
+    cache: std::time::Duration,
+    compress: std::time::Duration,
 }
 
 /// What [`write`] wrote.
@@ -249,6 +292,7 @@ pub fn write(
     tree: &Tree,
     plan: &Plan,
     codec: &Codec,
+    cache: Option<&BlockCache>,
     threads: usize,
     out: &mut Out,
 ) -> Result<Written, SquashError> {
@@ -276,7 +320,7 @@ pub fn write(
             let done_tx = done_tx.clone();
             let job_rx = &job_rx;
             let mut c = codec.start();
-            workers.push(s.spawn(move || compress_jobs(&mut c, job_rx, done_tx)));
+            workers.push(s.spawn(move || compress_jobs(&mut c, cache, job_rx, done_tx)));
         }
         drop(done_tx);
 
@@ -288,6 +332,11 @@ pub fn write(
                 pending.insert(done.seq, done);
                 while let Some(d) = pending.remove(&next) {
                     next += 1;
+                    match (&d.stored, d.reused) {
+                        (Stored::Sparse, _) => {}
+                        (_, true) => stats.reused += 1,
+                        (_, false) => stats.compressed += 1,
+                    }
                     let len = d.data.len() as u32;
                     let at = out.pos();
                     let word = match &d.stored {
@@ -327,8 +376,13 @@ pub fn write(
         drop(spare_tx);
         let read = reader.join().map_err(|_| panicked("reading file data"));
         for w in workers {
-            if w.join().is_err() && r.is_ok() {
-                r = Err(panicked("compressing"));
+            match w.join() {
+                Ok(t) => {
+                    stats.cache_time += t.cache;
+                    stats.compress_time += t.compress;
+                }
+                Err(_) if r.is_ok() => r = Err(panicked("compressing")),
+                Err(_) => {}
             }
         }
         // The reader's error explains a writer that stopped early for want of results.
@@ -421,33 +475,60 @@ fn read_jobs(
 /// A block's worth of zeros (the largest block size), to spot blocks not worth storing.
 static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
-/// A worker: compress jobs until the reader is done.
+/// A worker: compress jobs until the reader is done (looking each up in `cache` first).
 fn compress_jobs(
     c: &mut Compressor,
+    cache: Option<&BlockCache>,
     jobs: &Mutex<mpsc::Receiver<Job>>,
     done: mpsc::Sender<std::io::Result<Done>>,
-) {
+) -> WorkerTimes {
+    let mut times = WorkerTimes::default();
     loop {
         let job = match lock(jobs).recv() {
             Ok(j) => j,
-            Err(_) => return,
+            Err(_) => return times,
         };
         let zeros =
             matches!(job.what, What::Block { .. }) && job.data[..] == ZEROS[..job.data.len()];
+        let mut reused = false;
         let stored = if zeros {
             Ok(Stored::Sparse)
         } else {
-            c.compress(&job.data)
-                .map(|z| z.map_or(Stored::Raw, Stored::Packed))
+            let t = std::time::Instant::now();
+            let key = cache.map(|k| (k, k.key(&job.data)));
+            let hit = key.and_then(|(k, key)| k.get(&key, job.data.len()));
+            times.cache += t.elapsed();
+            match hit {
+                Some(Entry::Raw) => {
+                    reused = true;
+                    Ok(Stored::Raw)
+                }
+                Some(Entry::Packed(z)) => {
+                    reused = true;
+                    Ok(Stored::Packed(z))
+                }
+                None => {
+                    let t = std::time::Instant::now();
+                    let z = c.compress(&job.data);
+                    times.compress += t.elapsed();
+                    let t = std::time::Instant::now();
+                    if let (Ok(z), Some((k, key))) = (&z, key) {
+                        k.put(&key, z.as_deref());
+                    }
+                    times.cache += t.elapsed();
+                    z.map(|z| z.map_or(Stored::Raw, Stored::Packed))
+                }
+            }
         };
         let msg = stored.map(|stored| Done {
             seq: job.seq,
             what: job.what,
             data: job.data,
             stored,
+            reused,
         });
         if done.send(msg).is_err() {
-            return;
+            return times;
         }
     }
 }

@@ -982,3 +982,128 @@ fn large_listings_split_into_runs_and_are_indexed_per_block() {
         assert_eq!(at - begin, ix.index as usize);
     }
 }
+
+/// A tree for the block cache: 2000 small files of 1000 bytes (four tails to a 4 KiB
+/// fragment block, so that a longer one shifts the packing of all that follow, but for the
+/// anchors), a few multi-block ones, and a mapped host file; the small file `small{changed}`
+/// twice as long when `changed` is given.
+fn cached_tree(host: &Path, changed: Option<usize>) -> Tree {
+    let mut t = T::new();
+    let m = meta(0o644, 0, 0, 1_600_000_000);
+    for i in 0..3u32 {
+        t.file(0, &format!("big{i}"), &text(5 * 4096 + 99, i), m.clone());
+    }
+    let host_size = std::fs::metadata(host).unwrap().len();
+    t.add(
+        0,
+        b"mapped",
+        NodeKind::File {
+            size: host_size,
+            content: Content::HostFile(host.to_path_buf()),
+        },
+        m.clone(),
+    );
+    let sub = t.dir(0, "sub", meta(0o755, 0, 0, 1_600_000_000));
+    for i in 0..2000usize {
+        let len = if changed == Some(i) { 2000 } else { 1000 };
+        t.file(
+            sub,
+            &format!("small{i:04}"),
+            &text(len, 50 + i as u32),
+            m.clone(),
+        );
+    }
+    t.tree()
+}
+
+/// The block cache: a warm build writes the bytes of a cold one; a changed file, a changed
+/// mapped file or changed settings are compressed afresh; damaged entries are compressed
+/// again; a changed small file disturbs only the fragment blocks up to the next anchor.
+#[test]
+fn block_cache_reuses_blocks_and_gives_the_bytes_of_a_cold_build() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let host = tmp.path().join("host-file");
+    std::fs::write(&host, text(3 * 4096 + 5, 7)).unwrap();
+    let read = |p: &Path| std::fs::read(p).unwrap();
+    for compression in [Compression::Xz, Compression::Zstd] {
+        let cold_opts = opts(compression, 4096);
+        let mut warm_opts = cold_opts.clone();
+        warm_opts.block_cache = Some(cache.clone());
+        let tree = cached_tree(&host, None);
+        let (cold, rc) = build(&tree, &cold_opts, tmp.path(), "cold.sqfs");
+        let cold = read(&cold);
+        assert_eq!(rc.reused_blocks, 0);
+        let stored = rc.compressed_blocks;
+        assert!(stored > 500, "{rc:?}");
+
+        // An empty cache: everything compressed, and kept.
+        let (first, r1) = build(&tree, &warm_opts, tmp.path(), "first.sqfs");
+        assert_eq!(
+            read(&first),
+            cold,
+            "{compression:?}: first build with a cache"
+        );
+        assert_eq!((r1.reused_blocks, r1.compressed_blocks), (0, stored));
+        // Warm: nothing compressed, the same bytes.
+        let (warm, r2) = build(&tree, &warm_opts, tmp.path(), "warm.sqfs");
+        assert_eq!(read(&warm), cold, "{compression:?}: warm build");
+        check_image(&tree, &warm, &warm_opts, &r2);
+        assert_eq!((r2.reused_blocks, r2.compressed_blocks), (stored, 0));
+
+        // One small file longer: only the fragment blocks up to the next anchor and
+        // the blocks of that file change.
+        let changed = cached_tree(&host, Some(40));
+        let (c_cold, _) = build(&changed, &cold_opts, tmp.path(), "c-cold.sqfs");
+        let (c_warm, r3) = build(&changed, &warm_opts, tmp.path(), "c-warm.sqfs");
+        assert_eq!(
+            read(&c_warm),
+            read(&c_cold),
+            "{compression:?}: changed file"
+        );
+        assert!(
+            r3.compressed_blocks > 0 && r3.compressed_blocks * 8 < stored,
+            "{compression:?}: {r3:?}"
+        );
+        eprintln!(
+            "{compression:?}: {stored} blocks, {} after the change",
+            r3.compressed_blocks
+        );
+
+        // The mapped host file rewritten (same size): its blocks miss, nothing stale.
+        std::fs::write(&host, text(3 * 4096 + 5, 8)).unwrap();
+        let (h_cold, _) = build(&tree, &cold_opts, tmp.path(), "h-cold.sqfs");
+        let (h_warm, r4) = build(&tree, &warm_opts, tmp.path(), "h-warm.sqfs");
+        assert_eq!(read(&h_warm), read(&h_cold), "{compression:?}: mapped file");
+        assert_eq!(r4.compressed_blocks, 4, "{compression:?}: {r4:?}");
+        std::fs::write(&host, text(3 * 4096 + 5, 7)).unwrap();
+
+        // Other settings: nothing reused.
+        let mut other = warm_opts.clone();
+        other.compression_level = Some(if compression == Compression::Xz { 2 } else { 3 });
+        let (_, r5) = build(&tree, &other, tmp.path(), "other.sqfs");
+        assert_eq!(r5.reused_blocks, 0, "{compression:?}: {r5:?}");
+
+        // Every entry damaged (cut short, or a byte flipped): compressed again, same bytes.
+        let mut entries = Vec::new();
+        for sub in std::fs::read_dir(super::cache::dir(&cache)).unwrap() {
+            for e in std::fs::read_dir(sub.unwrap().path()).unwrap() {
+                entries.push(e.unwrap().path());
+            }
+        }
+        for (i, e) in entries.iter().enumerate() {
+            let mut b = read(e);
+            if i % 2 == 0 {
+                b.truncate(b.len() - 1);
+            } else {
+                let last = b.len() - 1;
+                b[last] ^= 0x55;
+            }
+            std::fs::write(e, b).unwrap();
+        }
+        let (again, r6) = build(&tree, &warm_opts, tmp.path(), "again.sqfs");
+        assert_eq!(read(&again), cold, "{compression:?}: damaged cache");
+        assert_eq!((r6.reused_blocks, r6.compressed_blocks), (0, stored));
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+}

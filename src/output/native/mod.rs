@@ -138,6 +138,7 @@ pub fn build(
             bytes: stats.file_bytes,
             free_bytes: Some(info.user_free_bytes()),
             resizes: 0,
+            blocks: None,
         },
         sha256: Some(sha256),
     })
