@@ -18,6 +18,9 @@ packages=(
     squashfs-tools erofs-utils
     # image sources tests: a local registry (with htpasswd auth and TLS) and a Docker-API daemon
     docker-registry apache2-utils podman openssl
+    # the unprivileged-container test (tests/container.rs): rootless podman needs
+    # newuidmap/newgidmap; crun refuses this host's hybrid cgroups, runc does not
+    runc uidmap
     # VM tests (vm-tests/run; the squashfs and erofs cases extend the initrd with
     # unmkinitramfs, depmod and cpio)
     qemu-system-x86 linux-image-amd64 initramfs-tools-core kmod cpio

@@ -5,6 +5,8 @@
 #   oci:$OUT/debian:test              OCI layout, tag "test", 4 layers
 #   $OUT/oracle/debian-test/rootfs    umoci unpack of that image (as root)
 #   $OUT/cache/                       debootstrap tarball (re-runs skip the download)
+#   $OUT/container/debian-minbase.tar the layer-1 tree (debootstrap minbase) as a plain
+#                                     tar, for `podman import` (tests/container.rs)
 #
 # Layers of debian:test:
 #   1 debootstrap --variant=minbase bookworm (has a "./" root entry)
@@ -28,7 +30,7 @@
 # or interrupted run never leaves a half-built image behind.
 set -euo pipefail
 
-SCRIPT_VERSION=2
+SCRIPT_VERSION=3
 OUT=${FLEDGE_TEST_IMAGES:-/var/tmp/fledge-test-images}
 MIRROR=${FLEDGE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
@@ -40,11 +42,17 @@ log() { printf '[make-test-images] %s\n' "$*" >&2; }
 die() { printf '[make-test-images] error: %s\n' "$*" >&2; exit 1; }
 
 print_paths() {
-    echo "image:         oci:$OUT/debian:test"
-    echo "oracle rootfs: $OUT/oracle/debian-test/rootfs"
+    echo "image:          oci:$OUT/debian:test"
+    echo "oracle rootfs:  $OUT/oracle/debian-test/rootfs"
+    echo "container base: $OUT/container/debian-minbase.tar"
 }
 
-if [[ -f "$STAMP" && -f "$OUT/debian/index.json" && -d "$OUT/oracle/debian-test/rootfs" ]]; then
+complete() {
+    [[ -f "$STAMP" && -f "$OUT/debian/index.json" && -d "$OUT/oracle/debian-test/rootfs" &&
+        -s "$OUT/container/debian-minbase.tar" ]]
+}
+
+if complete; then
     print_paths
     exit 0
 fi
@@ -76,7 +84,7 @@ chmod 0755 "$OUT" "$OUT/cache"
 exec 9>"$OUT/.lock"
 flock 9
 # Another run may have finished while we waited for the lock.
-if [[ -f "$STAMP" && -f "$OUT/debian/index.json" && -d "$OUT/oracle/debian-test/rootfs" ]]; then
+if complete; then
     print_paths
     exit 0
 fi
@@ -145,6 +153,10 @@ unmount_under "$B"
 rm -f "$ROOTFS/etc/resolv.conf" "$ROOTFS/etc/hostname"
 # --unpack-tarball leaves the .debs behind
 rm -f "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/cache/apt/archives/partial/*
+# The same tree is the base image of the unprivileged-container test (podman import needs a
+# plain rootfs tar; the cached tarball holds .debs, so this saves a second debootstrap).
+mkdir "$B/container"
+tar --numeric-owner -C "$ROOTFS" -cf "$B/container/debian-minbase.tar" .
 repack "debootstrap --variant=minbase $SUITE"
 
 # --- layer 2: packages via apt in a chroot -------------------------------------------
@@ -320,12 +332,15 @@ getcap "$O/usr/sbin/nginx" | grep -q cap_net_bind_service || fail "nginx lacks c
 # --- permissions and atomic install ---------------------------------------------------------
 find "$B/debian" -type d -exec chmod 0755 {} +
 find "$B/debian" -type f -exec chmod 0644 {} +
-chmod 0755 "$B/oracle" "$B/oracle/debian-test"
+chmod 0755 "$B/oracle" "$B/oracle/debian-test" "$B/container"
+chmod 0644 "$B/container/debian-minbase.tar"
 
 mkdir "$B/old"
 [[ -e "$OUT/debian" ]] && mv "$OUT/debian" "$B/old/debian"
 [[ -e "$OUT/oracle" ]] && mv "$OUT/oracle" "$B/old/oracle"
+[[ -e "$OUT/container" ]] && mv "$OUT/container" "$B/old/container"
 rm -f "$OUT"/.complete-v*
+mv "$B/container" "$OUT/container"
 mv "$B/oracle" "$OUT/oracle"
 mv "$B/debian" "$OUT/debian"
 touch "$STAMP"

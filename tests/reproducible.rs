@@ -34,14 +34,7 @@ fn build_with(
     out_name: &str,
 ) -> (String, String, String) {
     let dir = tempfile::tempdir().unwrap();
-    fs::write(
-        dir.path().join("fledge.toml"),
-        format!(
-            "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{reference}\"\n\
-             [filesystem]\n{filesystem}"
-        ),
-    )
-    .unwrap();
+    support::write_build_config(dir.path(), reference, filesystem);
     let mut cmd = Command::new(fledge_bin());
     cmd.current_dir(dir.path())
         .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
@@ -209,16 +202,11 @@ fn builds_in_one_process_each_get_their_own_identity() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("fledge.toml");
-    fs::write(
-        &config,
-        format!(
-            "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{}\"\n\
-             [filesystem]\ntype = \"ext4\"\nsize_buffer_mb = 32\n",
-            img.reference
-        ),
-    )
-    .unwrap();
+    let config = support::write_build_config(
+        dir.path(),
+        &img.reference,
+        "type = \"ext4\"\nsize_buffer_mb = 32\n",
+    );
     let ui = fledge::ui::Ui::silent();
     let build = |name: &str, epoch: Option<i64>| {
         let mut req = fledge::output::BuildRequest::new(&config);

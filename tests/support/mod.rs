@@ -50,6 +50,53 @@ pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIP: {test}: {reason}");
 }
 
+/// A precondition of `test` is missing: a panic when the host is meant to be set up for
+/// every test ([`setup_wanted`]: `CI` set, or `FLEDGE_TEST_SETUP=1` as scripts/test.sh
+/// exports), else the standard SKIP line.
+pub fn skip_unless_setup(test: &str, reason: &str) {
+    assert!(
+        !setup_wanted(),
+        "{test}: {reason} (required when CI or FLEDGE_TEST_SETUP=1 is set)"
+    );
+    skip(test, reason);
+}
+
+/// The base image tar of the unprivileged-container test (debootstrap minbase), made by
+/// scripts/make-test-images.sh.
+pub fn container_base_tar() -> PathBuf {
+    images_dir().join("container/debian-minbase.tar")
+}
+
+/// A build manifest (`DIR/r.manifest.json` beside the image) with the one field that names
+/// where the image was written (`rootfs.url`, an absolute path) taken out, and that url.
+pub fn manifest_without_url(path: &Path) -> (serde_json::Value, String) {
+    let text = fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut m: serde_json::Value = serde_json::from_slice(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let url = m["rootfs"]
+        .as_object_mut()
+        .and_then(|r| r.remove("url"))
+        .and_then(|u| u.as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("{} has no rootfs.url", path.display()));
+    (m, url)
+}
+
+/// `fledge.toml` for a build of `reference` with this `[filesystem]` body, written in `dir`.
+/// Builds meant to be byte-identical need byte-identical config files: a reproducible
+/// build's identity (UUID, hash seed) is derived from the config file's bytes.
+pub fn write_build_config(dir: &Path, reference: &str, filesystem: &str) -> PathBuf {
+    let path = dir.join("fledge.toml");
+    fs::write(
+        &path,
+        format!(
+            "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{reference}\"\n\
+             [filesystem]\n{filesystem}"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    path
+}
+
 /// The Debian test image, as (OCI layout dir, image reference `oci:DIR:test`, oracle
 /// rootfs). None (after printing SKIP) when the images were not built; a panic in CI.
 pub struct DebianImage {

@@ -11,6 +11,8 @@
 //!   written into this start's config. A registry that exits first is reported with its log.
 //! - [`PodmanService`]: listens on a socket in the test's own temporary directory, and must
 //!   answer the Docker API's `/_ping` while the child still runs.
+//! - [`PodmanStorage`] also runs rootless podman as the unprivileged test user, to start
+//!   containers (tests/container.rs).
 //! - [`ClosedPort`]: a port that refuses connections because this test holds it, bound but
 //!   not listening (a port found free and then released could be given to another server).
 
@@ -317,7 +319,23 @@ pub struct PodmanStorage {
     dir: PathBuf,
     root: PathBuf,
     runroot: PathBuf,
+    /// Rootless: the user podman runs as, and its settings ([`PodmanStorage::rootless`]).
+    rootless: Option<Rootless>,
 }
+
+struct Rootless {
+    user: String,
+    home: PathBuf,
+    runtime_dir: PathBuf,
+    conf: PathBuf,
+}
+
+/// The podman settings these hosts need to start containers: root podman's default rlimits
+/// are refused (`error setting rlimit type 7`), and the (hybrid v1) cgroups are not
+/// systemd's to manage. Rootless podman here needs only `--runtime runc` (crun refuses the
+/// hybrid cgroups), but gets the same settings, so it does not depend on the host's.
+pub const CONTAINERS_CONF: &str =
+    "[containers]\ndefault_ulimits = []\n\n[engine]\ncgroup_manager = \"cgroupfs\"\n";
 
 impl PodmanStorage {
     /// `dir` must be the test's own (e.g. a temporary directory).
@@ -326,12 +344,51 @@ impl PodmanStorage {
             dir: dir.to_path_buf(),
             root: dir.join("podman-root"),
             runroot: dir.join("podman-run"),
+            rootless: None,
         }
     }
 
-    /// `podman --root ROOT --runroot RUNROOT --storage-driver vfs ARGS...`
+    /// Rootless podman run by `user` (through runuser; the caller is root), with its storage,
+    /// run directory, HOME, XDG_RUNTIME_DIR and a [`CONTAINERS_CONF`] all under `dir`, which
+    /// is given to the user. Containers start with `--runtime runc`.
+    pub fn rootless(dir: &Path, user: &nix::unistd::User) -> PodmanStorage {
+        let mut storage = PodmanStorage::new(dir);
+        let r = Rootless {
+            user: user.name.clone(),
+            home: dir.join("home"),
+            runtime_dir: dir.join("xdg-run"),
+            conf: dir.join("containers.conf"),
+        };
+        fs::write(&r.conf, CONTAINERS_CONF).unwrap();
+        for d in [dir, &r.home, &r.runtime_dir] {
+            fs::create_dir_all(d).unwrap();
+            nix::unistd::chown(d, Some(user.uid), Some(user.gid)).unwrap();
+        }
+        fs::set_permissions(
+            &r.runtime_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        storage.rootless = Some(r);
+        storage
+    }
+
+    /// `podman --root ROOT --runroot RUNROOT --storage-driver vfs ARGS...` (rootless: run by
+    /// the user, with `--runtime runc` and its own settings)
     pub fn podman(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("podman");
+        let mut c = match &self.rootless {
+            None => Command::new("podman"),
+            Some(r) => {
+                // runuser resets HOME, so the settings go through env(1) after it.
+                let mut c = Command::new("runuser");
+                c.args(["-u", &r.user, "--", "env"])
+                    .arg(format!("HOME={}", r.home.display()))
+                    .arg(format!("XDG_RUNTIME_DIR={}", r.runtime_dir.display()))
+                    .arg(format!("CONTAINERS_CONF={}", r.conf.display()))
+                    .args(["podman", "--runtime", "runc"]);
+                c
+            }
+        };
         c.arg("--root")
             .arg(&self.root)
             .arg("--runroot")
