@@ -292,11 +292,16 @@ pub enum OverlayAmount {
 
 impl OverlaySize {
     /// Parse `<n>` (bytes), `<n>K`, `<n>M`, `<n>G`, `<n>T` (binary units, either case) or
-    /// `<n>%` (1 to 100); `n` is a positive integer.
+    /// `<n>%` (1 to 100); `n` is a positive integer without leading zeros.
     pub fn parse(text: &str) -> Option<OverlaySize> {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (digits, unit) = t.split_at(split);
+        // No leading zero: the guest hands the text to tmpfs' `size=`, whose parser reads
+        // `010M` as octal (8 MiB), so it would not mean what it seems to.
+        if digits.starts_with('0') {
+            return None;
+        }
         let n: u64 = digits.parse().ok().filter(|&n| n > 0)?;
         let size = match unit.to_ascii_uppercase().as_str() {
             "%" if n <= 100 => OverlayAmount::Percent(n as u32),
@@ -1236,6 +1241,9 @@ mod tests {
             "1P",
             "%",
             "99999999999T",
+            "010M",
+            "01G",
+            "050%",
         ] {
             assert_eq!(b(bad), None, "{bad:?}");
         }
