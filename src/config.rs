@@ -232,6 +232,11 @@ pub const DEFAULT_COMPRESSION_LEVEL: u32 = 15;
 /// The range of `compression_level`.
 pub const COMPRESSION_LEVELS: std::ops::RangeInclusive<u32> = 1..=22;
 
+/// `compression_level` for lz4hc: liblz4's LZ4HC levels, and its default (mkfs.erofs'
+/// too).
+pub const LZ4HC_LEVELS: std::ops::RangeInclusive<u32> = 1..=12;
+pub const LZ4HC_DEFAULT_LEVEL: u32 = 9;
+
 /// `overlay_size` when absent.
 pub const DEFAULT_OVERLAY_SIZE: &str = "1G";
 
@@ -245,6 +250,8 @@ pub enum Compression {
     Zstd,
     Gzip,
     Lz4,
+    /// LZ4HC (erofs only): LZ4's format at a higher compression effort.
+    Lz4hc,
 }
 
 impl Compression {
@@ -255,6 +262,7 @@ impl Compression {
             Compression::Zstd => "zstd",
             Compression::Gzip => "gzip",
             Compression::Lz4 => "lz4",
+            Compression::Lz4hc => "lz4hc",
         }
     }
 
@@ -265,6 +273,7 @@ impl Compression {
             Compression::Zstd,
             Compression::Gzip,
             Compression::Lz4,
+            Compression::Lz4hc,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)
@@ -635,17 +644,6 @@ fn validate_filesystem(
     }
     out.size_buffer_mb = 0;
     out.preallocate = false;
-    if let Some(l) = fs.compression_level {
-        out.compression_level = u32::try_from(l)
-            .ok()
-            .filter(|l| COMPRESSION_LEVELS.contains(l))
-            .ok_or_else(|| {
-                ConfigError::invalid(
-                    format!("'filesystem.compression_level' must be from 1 to 22, got {l}"),
-                    Some("omit it for the default, 15"),
-                )
-            })?;
-    }
     if let Some(o) = fs.overlay_size {
         out.overlay_size = OverlaySize::parse(&o).ok_or_else(|| {
             ConfigError::invalid(
@@ -675,8 +673,8 @@ fn validate_filesystem(
         ),
         _ => (
             Compression::None,
-            &[Compression::None, Compression::Lz4],
-            &[Compression::None],
+            &[Compression::None, Compression::Lz4, Compression::Lz4hc],
+            &[Compression::None, Compression::Lz4, Compression::Lz4hc],
         ),
     };
     let names = |cs: &[Compression]| cs.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ");
@@ -708,6 +706,32 @@ fn validate_filesystem(
             }
         },
     };
+    if let Some(l) = fs.compression_level {
+        // lz4hc has liblz4's LZ4HC levels; the squashfs compressors share 1 to 22.
+        let hc = out.compression == Compression::Lz4hc;
+        let (levels, what, hint) = if hc {
+            (
+                LZ4HC_LEVELS,
+                " for lz4hc (liblz4's LZ4HC levels)",
+                "omit it for the default, 9 (as mkfs.erofs); 12 makes the smallest image",
+            )
+        } else {
+            (COMPRESSION_LEVELS, "", "omit it for the default, 15")
+        };
+        out.compression_level = u32::try_from(l)
+            .ok()
+            .filter(|l| levels.contains(l))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    format!(
+                        "'filesystem.compression_level' must be from {} to {}{what}, got {l}",
+                        levels.start(),
+                        levels.end()
+                    ),
+                    Some(hint),
+                )
+            })?;
+    }
     if out.compression == Compression::None && fs.compression_level.is_some() {
         warnings.push(format!(
             "'filesystem.compression_level' has no effect on an uncompressed {ty} image"
@@ -717,6 +741,9 @@ fn validate_filesystem(
         warnings.push(
             "'filesystem.compression_level' has no effect with lz4 (it has no levels)".into(),
         );
+    }
+    if out.compression == Compression::Lz4hc && fs.compression_level.is_none() {
+        out.compression_level = LZ4HC_DEFAULT_LEVEL;
     }
     Ok(out)
 }

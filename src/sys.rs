@@ -4,7 +4,10 @@
 //! Almost every syscall fledge makes goes through safe wrappers (nix, std, loopdev-3,
 //! sys-mount, fuser, xattr); here is what they lack: `LOOP_CONFIGURE`, to attach a loop
 //! device in one step, and `sync_file_range(2)`, to start the writeback of large cache files
-//! while they are still being written.
+//! while they are still being written. And liblz4's "fill this many bytes" compressors
+//! (`LZ4_compress_destSize`, `LZ4_compress_HC_destSize`), which EROFS' fixed-size physical
+//! clusters need: `lz4-sys` builds and links the bundled liblz4 but declares neither, and
+//! `lz4_flex` (pure Rust) has neither a destSize mode nor LZ4HC.
 
 use std::fs::File;
 use std::io;
@@ -138,6 +141,86 @@ impl Writeback {
     }
 }
 
+// liblz4 (linked by `lz4-sys`, which builds its bundled copy): the declarations of
+// <lz4.h> and <lz4hc.h> that lz4-sys does not make.
+use lz4_sys as _;
+extern "C" {
+    fn LZ4_compress_destSize(
+        src: *const libc::c_char,
+        dst: *mut libc::c_char,
+        src_size: *mut libc::c_int,
+        target_dst_size: libc::c_int,
+    ) -> libc::c_int;
+    fn LZ4_sizeofStateHC() -> libc::c_int;
+    fn LZ4_compress_HC_destSize(
+        state: *mut libc::c_void,
+        src: *const libc::c_char,
+        dst: *mut libc::c_char,
+        src_size: *mut libc::c_int,
+        target_dst_size: libc::c_int,
+        level: libc::c_int,
+    ) -> libc::c_int;
+}
+
+/// An LZ4 compressor that fills a given output size: liblz4's fast mode, or LZ4HC at a
+/// level (1 to 12) with its working state kept between calls.
+pub struct Lz4DestSize {
+    /// LZ4HC's state (`LZ4_streamHC_t`), 8-byte aligned as liblz4 asks; `None`: fast mode.
+    hc: Option<(Vec<u64>, i32)>,
+}
+
+impl Lz4DestSize {
+    pub fn fast() -> Lz4DestSize {
+        Lz4DestSize { hc: None }
+    }
+
+    pub fn hc(level: u32) -> Lz4DestSize {
+        // SAFETY: a pure function returning a constant size.
+        let size = unsafe { LZ4_sizeofStateHC() }.max(0) as usize;
+        Lz4DestSize {
+            hc: Some((vec![0u64; size.div_ceil(8)], level.clamp(1, 12) as i32)),
+        }
+    }
+
+    /// Compress as much of the start of `src` as fits in `dst` (all of it, if it fits):
+    /// returns (input bytes consumed, output bytes written); (0, 0) when nothing fits.
+    pub fn compress(&mut self, src: &[u8], dst: &mut [u8]) -> (usize, usize) {
+        let mut consumed = src.len().min(i32::MAX as usize / 2) as libc::c_int;
+        let cap = dst.len().min(i32::MAX as usize) as libc::c_int;
+        let written = match &mut self.hc {
+            // SAFETY: `src` holds `consumed` readable bytes and `dst` `cap` writable ones
+            // (both checked above to fit an int); liblz4 reads and writes only within them
+            // and sets `consumed` to the bytes it took. Neither buffer is aliased.
+            None => unsafe {
+                LZ4_compress_destSize(
+                    src.as_ptr().cast(),
+                    dst.as_mut_ptr().cast(),
+                    &mut consumed,
+                    cap,
+                )
+            },
+            // SAFETY: as above; `state` is an 8-byte-aligned buffer of at least
+            // LZ4_sizeofStateHC() bytes, owned by this value and used by one call at a time
+            // (`&mut self`), which liblz4 initialises itself on each call.
+            Some((state, level)) => unsafe {
+                LZ4_compress_HC_destSize(
+                    state.as_mut_ptr().cast(),
+                    src.as_ptr().cast(),
+                    dst.as_mut_ptr().cast(),
+                    &mut consumed,
+                    cap,
+                    *level,
+                )
+            },
+        };
+        if written <= 0 || consumed <= 0 {
+            (0, 0)
+        } else {
+            (consumed as usize, written as usize)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +266,26 @@ mod tests {
         assert_eq!(wb.started, 0);
         let e = start_writeback(&f, u64::MAX, 1).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn lz4_dest_size_fills_the_output_and_round_trips() {
+        let text: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| format!("line {} of a file\n", i % 977).into_bytes())
+            .collect();
+        for mut c in [Lz4DestSize::fast(), Lz4DestSize::hc(9), Lz4DestSize::hc(12)] {
+            let mut out = vec![0u8; 4096];
+            let (took, wrote) = c.compress(&text, &mut out);
+            assert!(wrote <= 4096 && wrote > 4000, "{wrote}");
+            assert!(took > 3 * 4096, "compressible text: {took}");
+            let back = lz4_flex::block::decompress(&out[..wrote], took).unwrap();
+            assert_eq!(back, text[..took]);
+        }
+        // Everything fits: all of it is taken.
+        let (took, wrote) = Lz4DestSize::fast().compress(b"hello hello hello", &mut [0; 64]);
+        assert_eq!(took, 17);
+        assert!(wrote > 0);
+        // No room at all.
+        assert_eq!(Lz4DestSize::fast().compress(b"abc", &mut []), (0, 0));
     }
 }

@@ -137,6 +137,20 @@ pub(crate) fn text(len: usize, seed: u32) -> Vec<u8> {
     out
 }
 
+/// Bytes that do not compress at all (xorshift output), seeded.
+pub(crate) fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
 /// A version 2 `security.capability` value granting `cap_net_bind_service` (bit 10).
 pub(crate) fn capability() -> Vec<u8> {
     let mut v = Vec::new();

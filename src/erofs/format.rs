@@ -33,6 +33,46 @@ pub enum Layout {
     FlatPlain = 0,
     /// Whole blocks from `startblk`, the tail right after the inode and its xattrs.
     FlatInline = 2,
+    /// LZ4 physical clusters anywhere in the data area, found through a full index (one
+    /// 8-byte entry per 4 KiB logical cluster) after the inode and its xattrs.
+    CompressedFull = 1,
+}
+
+/// `feature_incompat`: LZ4 data ends at its physical cluster's end, zeros before it
+/// (`EROFS_FEATURE_INCOMPAT_ZERO_PADDING`, "lz4_0padding"; kernel 5.3+).
+const INCOMPAT_ZERO_PADDING: u32 = 0x1;
+
+/// Logical cluster types of a full index entry (`Z_EROFS_LCLUSTER_TYPE_*`).
+pub const LCLUSTER_PLAIN: u16 = 0;
+pub const LCLUSTER_HEAD: u16 = 1;
+pub const LCLUSTER_NONHEAD: u16 = 2;
+
+/// Bytes of a compressed inode's metadata after the inode and its xattrs (from its start
+/// at `after`, the offset just past the xattrs): padding to 8, the map header (8 bytes), 8
+/// reserved bytes, then one entry per logical cluster.
+pub fn zindex_size(after: u64, lclusters: u64) -> u64 {
+    after.next_multiple_of(8) - after + 16 + 8 * lclusters
+}
+
+/// Append a compressed inode's map header (LZ4 for both heads, 4 KiB logical clusters,
+/// no advise bits: full index, one-block physical clusters) after zero padding to 8.
+pub fn zmap_header(out: &mut Vec<u8>, record_start: u64) {
+    let at = record_start + out.len() as u64;
+    out.resize(out.len() + (at.next_multiple_of(8) - at) as usize, 0);
+    out.extend_from_slice(&[0u8; 4]); // h_reserved1 / fragment offset
+    out.extend_from_slice(&0u16.to_le_bytes()); // h_advise
+    out.push(0); // h_algorithmtype: LZ4, LZ4
+    out.push(0); // h_clusterbits: 12 - 12
+    out.extend_from_slice(&[0u8; 8]); // the legacy header padding
+}
+
+/// One full index entry: a head (`PLAIN` or `HEAD`) with the offset in its logical cluster
+/// where its extent begins and its physical block, or a `NONHEAD` with the distances (in
+/// logical clusters) back to its head and on to the next one.
+pub fn zindex_entry(out: &mut Vec<u8>, kind: u16, clusterofs: u16, u: u32) {
+    out.extend_from_slice(&kind.to_le_bytes());
+    out.extend_from_slice(&clusterofs.to_le_bytes());
+    out.extend_from_slice(&u.to_le_bytes());
 }
 
 /// Directory entry file types (`EROFS_FT_*`).
@@ -169,6 +209,8 @@ pub struct Super {
     pub meta_blkaddr: u32,
     pub xattr_blkaddr: u32,
     pub uuid: [u8; 16],
+    /// Some inode is LZ4-compressed (sets the zero-padding incompat feature).
+    pub lz4: bool,
 }
 
 /// Block 0 with the superblock at 1024 and `rest` (what the metadata area puts after it in
@@ -191,10 +233,12 @@ pub fn first_block(s: &Super, rest: &[u8]) -> Vec<u8> {
     sb.extend_from_slice(&s.xattr_blkaddr.to_le_bytes());
     sb.extend_from_slice(&s.uuid);
     sb.extend_from_slice(&[0u8; 16]); // volume name
-    sb.extend_from_slice(&0u32.to_le_bytes()); // feature_incompat: none needed
-                                               // Compression algorithms, extra devices, device table, dirblkbits (0: directory blocks
-                                               // are filesystem blocks), long xattr prefixes, packed inode, build time after epoch,
-                                               // 48-bit root nid: all unused, 0.
+    let incompat = if s.lz4 { INCOMPAT_ZERO_PADDING } else { 0 };
+    sb.extend_from_slice(&incompat.to_le_bytes());
+    // lz4_max_distance (0: liblz4's 64 KiB; without the compression-configs feature it is
+    // LZ4 only), extra devices, device table, dirblkbits (0: directory blocks are
+    // filesystem blocks), long xattr prefixes, packed inode, build time after epoch, 48-bit
+    // root nid: all unused, 0.
     sb.resize(SUPER_SIZE, 0);
     let end = SUPER_OFFSET + SUPER_SIZE;
     b[SUPER_OFFSET..end].copy_from_slice(&sb);

@@ -72,6 +72,7 @@
 //! format is small and well specified, so fledge writes it itself, like its ext4 and
 //! squashfs.
 
+mod compress;
 mod format;
 mod layout;
 #[cfg(test)]
@@ -93,6 +94,21 @@ pub enum Compression {
     /// Plain blocks (`FLAT_PLAIN`/`FLAT_INLINE`): what the kernel reads fastest.
     #[default]
     None,
+    /// liblz4's fast mode: about as quick to write as to copy, read at memory speed.
+    Lz4,
+    /// LZ4HC at a level from 1 to 12 (liblz4's; 9 its default): smaller, slower to write,
+    /// read as fast as lz4.
+    Lz4hc { level: u32 },
+}
+
+impl Compression {
+    fn codec(self) -> Option<compress::Codec> {
+        match self {
+            Compression::None => None,
+            Compression::Lz4 => Some(compress::Codec::Lz4),
+            Compression::Lz4hc { level } => Some(compress::Codec::Lz4hc(level.clamp(1, 12))),
+        }
+    }
 }
 
 /// Settings of an EROFS image.
@@ -104,6 +120,8 @@ pub struct ErofsOptions {
     pub uuid: [u8; 16],
     /// Store xattrs that several inodes carry once, in the shared area.
     pub share_xattrs: bool,
+    /// Compressing threads; 0 for one per core.
+    pub threads: usize,
 }
 
 impl Default for ErofsOptions {
@@ -113,6 +131,7 @@ impl Default for ErofsOptions {
             build_time: 0,
             uuid: [0; 16],
             share_xattrs: true,
+            threads: 0,
         }
     }
 }
@@ -136,6 +155,11 @@ pub struct ErofsReport {
     pub shared_xattrs: u32,
     /// Bytes of zeros left as holes in the image file (free space of blocks included).
     pub hole_bytes: u64,
+    /// LZ4-compressed files, and their physical clusters: compressed, and stored as is
+    /// (where compression saved nothing).
+    pub compressed_files: u64,
+    pub packed_blocks: u64,
+    pub raw_blocks: u64,
 }
 
 /// Errors of the EROFS writer.
@@ -305,6 +329,29 @@ impl Out<'_> {
         self.settle()?;
         self.flush()
     }
+
+    /// Hash bytes `from..to` of the image, already written, as they are in the file.
+    fn hash_back(&mut self, from: u64, to: u64) -> Result<(), ErofsError> {
+        let mut at = from;
+        while at < to {
+            check_interrupt()?;
+            let n = ((to - at) as usize).min(CHUNK);
+            let mut buf = self
+                .spare
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+            buf.resize(n, 0);
+            self.file
+                .read_exact_at(&mut buf, at)
+                .map_err(|source| ErofsError::Write {
+                    path: self.path.to_path_buf(),
+                    source,
+                })?;
+            self.send(Piece::Data(buf))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -327,8 +374,8 @@ fn read(tree: &Tree, id: NodeId, at: u64, buf: &mut [u8]) -> Result<(), ErofsErr
 /// Write `tree` as an EROFS image to `out` (created, or overwritten), hashing it as it goes.
 pub fn write(tree: &Tree, opts: &ErofsOptions, out: &Path) -> Result<ErofsReport, ErofsError> {
     let mut sw = crate::timing::Stopwatch::start();
-    let Compression::None = opts.compression;
-    let plan = layout::plan(tree, opts.build_time, opts.share_xattrs)?;
+    let codec = opts.compression.codec();
+    let plan = layout::plan(tree, opts.build_time, opts.share_xattrs, codec.is_some())?;
     sw.mark("erofs: tree checked, image planned");
     check_interrupt()?;
 
@@ -341,11 +388,29 @@ pub fn write(tree: &Tree, opts: &ErofsOptions, out: &Path) -> Result<ErofsReport
     let file = File::options()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(out)
         .map_err(werr)?;
     let old = file.metadata().map_err(werr)?.len();
-    let len = plan.blocks * BLOCK as u64;
+    // Compressed data follows everything planned: it is written first (the metadata holds
+    // its block addresses), then the planned part, which is hashed as it is written, then
+    // the compressed part is hashed from the page cache.
+    let front = plan.blocks * BLOCK as u64;
+    let z = match codec {
+        None => None,
+        Some(c) => {
+            let threads = match opts.threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            };
+            let z = compress::write(tree, &plan, c, threads, &file, out, plan.blocks)?;
+            sw.mark("erofs: file data compressed and written");
+            Some(z)
+        }
+    };
+    let end = z.as_ref().map_or(plan.blocks, |z| z.end);
+    let len = end * BLOCK as u64;
     file.set_len(len).map_err(werr)?;
     let dense = old > 0
         && nix::fcntl::fallocate(
@@ -353,7 +418,7 @@ pub fn write(tree: &Tree, opts: &ErofsOptions, out: &Path) -> Result<ErofsReport
             nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
                 | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
             0,
-            old.min(len) as i64,
+            old.min(front) as i64,
         )
         .is_err();
 
@@ -380,7 +445,10 @@ pub fn write(tree: &Tree, opts: &ErofsOptions, out: &Path) -> Result<ErofsReport
             holes: 0,
             dense,
         };
-        let r = emit(tree, opts, &plan, &mut w).and_then(|()| w.finish());
+        let zi = z.as_ref().map(|z| z.inodes.as_slice());
+        let r = emit(tree, opts, &plan, zi, end, &mut w)
+            .and_then(|()| w.finish())
+            .and_then(|()| w.hash_back(front, len));
         let holes = w.holes;
         drop(w);
         let sum = hasher
@@ -402,20 +470,37 @@ pub fn write(tree: &Tree, opts: &ErofsOptions, out: &Path) -> Result<ErofsReport
         data_blocks: plan.blocks - plan.data_start,
         shared_xattrs: plan.shared_xattrs,
         hole_bytes: holes,
+        compressed_files: plan
+            .inodes
+            .iter()
+            .filter(|p| p.layout == format::Layout::CompressedFull)
+            .count() as u64,
+        packed_blocks: z.as_ref().map_or(0, |z| z.packed_blocks),
+        raw_blocks: z.as_ref().map_or(0, |z| z.raw_blocks),
     })
 }
 
-/// Everything, in offset order.
-fn emit(tree: &Tree, opts: &ErofsOptions, plan: &Plan, w: &mut Out) -> Result<(), ErofsError> {
+/// Everything planned, in offset order (compressed data, from `plan.blocks` to `end`, is
+/// already written; `z` holds what its inodes' records need).
+fn emit(
+    tree: &Tree,
+    opts: &ErofsOptions,
+    plan: &Plan,
+    z: Option<&[Option<compress::Compressed>]>,
+    end: u64,
+    w: &mut Out,
+) -> Result<(), ErofsError> {
     let sb = format::Super {
         root_nid: plan.inodes[0].nid() as u16,
         inodes: plan.inodes.len() as u64,
         epoch: opts.build_time,
-        blocks: plan.blocks as u32,
+        blocks: end as u32,
         meta_blkaddr: 0,
         xattr_blkaddr: plan.xattr_blkaddr,
         uuid: opts.uuid,
+        lz4: z.is_some_and(|z| z.iter().any(Option::is_some)),
     };
+    let zof = |p: &Planned| z.and_then(|z| z[plan.index[p.node as usize] as usize].as_ref());
     // Block 0 is checksummed with the inodes it holds: those are made first.
     let head = (format::SUPER_OFFSET + format::SUPER_SIZE) as u64;
     let mut first = Vec::new();
@@ -426,7 +511,7 @@ fn emit(tree: &Tree, opts: &ErofsOptions, plan: &Plan, w: &mut Out) -> Result<()
         .map(|&i| &plan.inodes[i as usize])
         .peekable();
     while let Some(p) = rest.next_if(|p| p.pos < BLOCK as u64) {
-        record(tree, plan, p, &mut rec)?;
+        record(tree, plan, p, zof(p), &mut rec)?;
         first.resize((p.pos - head) as usize, 0);
         first.extend_from_slice(&rec);
     }
@@ -439,7 +524,7 @@ fn emit(tree: &Tree, opts: &ErofsOptions, plan: &Plan, w: &mut Out) -> Result<()
     )?;
     for p in rest {
         check_interrupt()?;
-        record(tree, plan, p, &mut rec)?;
+        record(tree, plan, p, zof(p), &mut rec)?;
         let at = w.at();
         w.zeros(p.pos - at);
         w.bytes(&rec)?;
@@ -524,7 +609,13 @@ fn listing_of<'t>(tree: &'t Tree, plan: &Plan, dir: NodeId) -> Vec<format::Diren
 }
 
 /// One inode's bytes in the metadata area: the inode, its xattrs, its inline tail.
-fn record(tree: &Tree, plan: &Plan, p: &Planned, rec: &mut Vec<u8>) -> Result<(), ErofsError> {
+fn record(
+    tree: &Tree,
+    plan: &Plan,
+    p: &Planned,
+    z: Option<&compress::Compressed>,
+    rec: &mut Vec<u8>,
+) -> Result<(), ErofsError> {
     let node = tree.node(p.node);
     let m = &node.meta;
     let u = match &node.kind {
@@ -532,6 +623,8 @@ fn record(tree: &Tree, plan: &Plan, p: &Planned, rec: &mut Vec<u8>) -> Result<()
             format::encode_dev(*major, *minor).unwrap_or(0)
         }
         NodeKind::Fifo => 0,
+        // Compressed: the blocks it takes (what stat reports).
+        _ if p.layout == format::Layout::CompressedFull => z.map_or(0, |z| z.blocks),
         _ => p.start,
     };
     rec.clear();
@@ -553,6 +646,11 @@ fn record(tree: &Tree, plan: &Plan, p: &Planned, rec: &mut Vec<u8>) -> Result<()
         },
     );
     rec.extend_from_slice(&p.xattrs);
+    if p.layout == format::Layout::CompressedFull {
+        let z = z.ok_or_else(|| ErofsError::Internal("a compressed inode without data".into()))?;
+        format::zmap_header(rec, p.pos);
+        rec.extend_from_slice(&z.index);
+    }
     if p.tail > 0 {
         let tail = p.tail as usize;
         match &node.kind {

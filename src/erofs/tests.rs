@@ -14,11 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use super::{write, ErofsError, ErofsOptions, ErofsReport};
+use super::compress::{compress_unit, full_index, Extent};
+use super::{write, Compression, ErofsError, ErofsOptions, ErofsReport};
 use crate::testkit::Mount;
 use crate::tree::{Content, Meta, NodeKind, Timestamp, Tree};
 use crate::treetest::{
-    capability, compare, expected, host_tree, is_root, meta, run, sha, text, with_x, x, T,
+    capability, compare, expected, host_tree, is_root, meta, noise, run, sha, text, with_x, x, T,
 };
 
 const BUILD_TIME: u64 = 1_700_000_000;
@@ -773,7 +774,7 @@ fn compact_or_extended_at_each_limit() {
         let id = t.add(0, b"f00000", kind, m);
         link_many(&mut t, id, 1..links);
         let tree = t.tree();
-        let plan = super::layout::plan(&tree, BUILD_TIME, true).unwrap();
+        let plan = super::layout::plan(&tree, BUILD_TIME, true, false).unwrap();
         let p = &plan.inodes[plan.index[id as usize] as usize];
         assert_eq!((p.extended, p.nlink), (extended, links), "{what}");
         assert!(
@@ -789,7 +790,7 @@ fn compact_or_extended_at_each_limit() {
 #[test]
 fn the_plan_keeps_records_apart_and_inline_tails_in_one_block() {
     let tree = everything();
-    let plan = super::layout::plan(&tree, BUILD_TIME, true).unwrap();
+    let plan = super::layout::plan(&tree, BUILD_TIME, true, false).unwrap();
     let bs = 4096u64;
     assert_eq!(plan.inodes[0].nid(), 36);
     let mut end = 1152u64;
@@ -845,4 +846,207 @@ fn more_than_65535_hard_links() {
         assert_eq!(md.nlink(), 70_000, "{name}");
     }
     assert!(!m.path().join("f70000").exists());
+}
+
+/// `everything()` plus what compression meets: incompressible files (all blocks stored as
+/// is), highly compressible ones (a block of LZ4 holding up to 1 MiB), blocks of both kinds
+/// in turn (stored blocks at unaligned starts), files whose last bytes, stored as is, would
+/// cross a logical cluster, exact block multiples, and files over one compression unit.
+fn everything_compressible() -> Tree {
+    let bs = 4096usize;
+    let mut t = T::new();
+    let base = everything();
+    t.nodes = base.nodes;
+    let m = |mode| meta(mode, 0, 0, 1_600_000_000);
+    let z = t.dir(0, "z", m(0o755));
+    for (i, size) in [bs + 1, 2 * bs, 3 * bs - 1, 16 * bs, 100_000, (1 << 20) + 5]
+        .into_iter()
+        .enumerate()
+    {
+        t.file(
+            z,
+            &format!("noise-{size}"),
+            &noise(size, i as u64),
+            m(0o644),
+        );
+        t.file(z, &format!("same-{size}"), &vec![b'a'; size], m(0o644));
+    }
+    // Text then noise, in turns of 1.5 blocks: compressed extents end anywhere, so the
+    // stored blocks after them start unaligned.
+    let mut mixed = Vec::new();
+    for i in 0..40u32 {
+        mixed.extend(text(bs * 3 / 2, i));
+        mixed.extend(noise(bs * 3 / 2 + i as usize, u64::from(i)));
+    }
+    t.file(z, "mixed", &mixed, m(0o644));
+    // Text, then noise to the end from an unaligned start, of every tail length class.
+    for (i, tail) in [1usize, 100, 2000, 4095, 4096, 4097, 6000]
+        .into_iter()
+        .enumerate()
+    {
+        let mut d = text(2 * bs + 1000, 70 + i as u32);
+        d.extend(noise(tail, 70 + i as u64));
+        t.file(z, &format!("noise-tail-{tail}"), &d, m(0o644));
+    }
+    // Over several 1 MiB units, the last one short; zeros of 5 MiB (one block per MiB).
+    t.file(z, "units", &text(3 * (1 << 20) + 12_345, 99), m(0o644));
+    t.file(z, "zeros-5m", &vec![0u8; 5 << 20], m(0o644));
+    let mut hl = text(50_000, 5);
+    hl.extend(noise(9000, 5));
+    let id = t.file(z, "linked", &hl, m(0o644));
+    t.link(z, b"linked-2", id);
+    t.tree()
+}
+
+fn zopts(c: Compression) -> ErofsOptions {
+    ErofsOptions {
+        compression: c,
+        ..opts()
+    }
+}
+
+/// lz4 and lz4hc images of the hard trees read back the same through fsck.erofs (checked,
+/// and extracted) and the kernel; the bytes do not depend on the thread count; files that
+/// compress take fewer blocks, those that do not are stored as is.
+#[test]
+fn compressed_images_read_back_the_same() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = everything_compressible();
+    let (_, plain) = build(&tree, &opts(), tmp.path(), "none.erofs");
+    let mut sizes = Vec::new();
+    for (name, c) in [
+        ("lz4", Compression::Lz4),
+        ("lz4hc-9", Compression::Lz4hc { level: 9 }),
+        ("lz4hc-12", Compression::Lz4hc { level: 12 }),
+        ("lz4hc-1", Compression::Lz4hc { level: 1 }),
+    ] {
+        let t = Instant::now();
+        let mut o = zopts(c);
+        o.threads = 2;
+        let (image, r) = build(&tree, &o, tmp.path(), &format!("{name}.erofs"));
+        eprintln!(
+            "{name}: {} bytes ({} uncompressed) in {:.2} s: {} compressed files, {} compressed and {} stored blocks",
+            r.bytes,
+            plain.bytes,
+            t.elapsed().as_secs_f64(),
+            r.compressed_files,
+            r.packed_blocks,
+            r.raw_blocks
+        );
+        assert!(
+            r.packed_blocks > 0 && r.raw_blocks > 0,
+            "{name}: both kinds"
+        );
+        assert!(
+            r.bytes < plain.bytes * 2 / 3,
+            "{name}: {} bytes against {} uncompressed",
+            r.bytes,
+            plain.bytes
+        );
+        check_image(&tree, &image, &r);
+        for threads in [1, 3] {
+            let mut o2 = o.clone();
+            o2.threads = threads;
+            let (again, r2) = build(&tree, &o2, tmp.path(), "again.erofs");
+            assert_eq!(r2.sha256, r.sha256, "{name} on {threads} threads");
+            assert_eq!(
+                std::fs::read(&again).unwrap(),
+                std::fs::read(&image).unwrap()
+            );
+        }
+        // Over a larger old image: the same bytes.
+        std::fs::write(
+            tmp.path().join("again.erofs"),
+            vec![0x5au8; r.bytes as usize * 2],
+        )
+        .unwrap();
+        let r3 = write(&tree, &o, &tmp.path().join("again.erofs")).unwrap();
+        assert_eq!(r3.sha256, r.sha256, "{name} over an old image");
+        sizes.push((name, r.bytes));
+    }
+    let size = |n: &str| sizes.iter().find(|(m, _)| *m == n).unwrap().1;
+    assert!(size("lz4hc-12") <= size("lz4hc-9"));
+    assert!(size("lz4hc-9") < size("lz4"), "{sizes:?}");
+}
+
+/// Extents fill their blocks, cover the input exactly, decompress to it, and the index
+/// finds each from any logical cluster.
+#[test]
+fn extents_cover_the_input_and_the_index_points_at_them() {
+    let bs = 4096usize;
+    let mut data = text(5 * bs + 300, 1);
+    data.extend(noise(3 * bs + 17, 2));
+    data.extend(vec![0u8; 300_000]);
+    data.extend(noise(bs - 5, 3));
+    for mut c in [
+        crate::sys::Lz4DestSize::fast(),
+        crate::sys::Lz4DestSize::hc(9),
+    ] {
+        let (mut out, mut ext) = (Vec::new(), Vec::new());
+        compress_unit(&mut c, &data, 0, &mut out, &mut ext);
+        assert_eq!(out.len(), ext.len() * bs);
+        let mut back = Vec::new();
+        for (i, e) in ext.iter().enumerate() {
+            assert_eq!(e.start, back.len() as u64, "extents are contiguous");
+            assert_eq!(e.block as usize, i);
+            let end = ext.get(i + 1).map_or(data.len() as u64, |n| n.start) as usize;
+            let blk = &out[i * bs..(i + 1) * bs];
+            if e.raw {
+                assert!(end - back.len() <= bs);
+                // A stored extent stays inside the logical clusters it may span.
+                assert!(
+                    e.start % bs as u64 == 0
+                        || i + 1 < ext.len()
+                        || (end - 1) / bs == e.start as usize / bs
+                );
+                back.extend_from_slice(&blk[..end - e.start as usize]);
+            } else {
+                let z = blk.iter().position(|&b| b != 0).unwrap();
+                // It saves a block, or holds the last bytes, which stored would cross
+                // into the next logical cluster.
+                assert!(
+                    end - (e.start as usize) > bs
+                        || (i + 1 == ext.len() && (end - 1) / bs > e.start as usize / bs),
+                    "extent {i} of {}",
+                    ext.len()
+                );
+                back.extend(
+                    lz4_flex::block::decompress(&blk[z..], end - e.start as usize).unwrap(),
+                );
+            }
+        }
+        assert_eq!(back, data);
+        let index = full_index(data.len() as u64, &ext);
+        assert_eq!(index.len(), data.len().div_ceil(bs) * 8);
+        for j in 0..data.len().div_ceil(bs) {
+            let e = &index[j * 8..j * 8 + 8];
+            let kind = u16::from_le_bytes([e[0], e[1]]);
+            let head = ext
+                .iter()
+                .rposition(|x| x.start <= (j * bs) as u64)
+                .unwrap();
+            if let Some(h) = ext.iter().position(|x| x.start / bs as u64 == j as u64) {
+                assert_eq!(kind, if ext[h].raw { 0 } else { 1 });
+                assert_eq!(
+                    u16::from_le_bytes([e[2], e[3]]) as u64,
+                    ext[h].start % bs as u64
+                );
+                assert_eq!(u32::from_le_bytes([e[4], e[5], e[6], e[7]]), ext[h].block);
+            } else {
+                assert_eq!(kind, 2, "lcluster {j}");
+                let back = u16::from_le_bytes([e[4], e[5]]) as usize;
+                assert_eq!(j - back, ext[head].start as usize / bs);
+                let on = u16::from_le_bytes([e[6], e[7]]) as usize;
+                let next = ext
+                    .get(head + 1)
+                    .map_or(data.len().div_ceil(bs), |n| n.start as usize / bs);
+                assert_eq!(j + on, next);
+            }
+        }
+        let _ = Extent {
+            start: 0,
+            raw: true,
+            block: 0,
+        };
+    }
 }

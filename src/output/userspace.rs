@@ -242,7 +242,8 @@ fn squashfs_args(settings: &crate::config::FilesystemConfig, epoch: &str) -> Vec
             level.min(9).to_string(),
         ]),
         Compression::Lz4 => args.push("lz4".into()),
-        Compression::Xz | Compression::None => {
+        // lz4hc is refused for squashfs when the config is loaded.
+        Compression::Xz | Compression::None | Compression::Lz4hc => {
             let dict = match level {
                 0..=7 => "25%",
                 8..=15 => "50%",
@@ -267,4 +268,28 @@ fn erofs_args(settings: &crate::config::FilesystemConfig) -> Vec<String> {
 fn set_len(image: &Path, size: u64) -> Result<(), BuildError> {
     e2fsprogs::truncate_to(image, 0)?;
     e2fsprogs::truncate_to(image, size)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Compression, FilesystemConfig, FsType};
+
+    #[test]
+    fn mkfs_erofs_gets_the_configured_compression() {
+        for (c, level, want) in [
+            (Compression::None, 15, vec![]),
+            (Compression::Lz4, 15, vec!["-zlz4".to_string()]),
+            (Compression::Lz4hc, 9, vec!["-zlz4hc,9".to_string()]),
+            (Compression::Lz4hc, 12, vec!["-zlz4hc,12".to_string()]),
+        ] {
+            let fs = FilesystemConfig {
+                fs_type: FsType::Erofs,
+                compression: c,
+                compression_level: level,
+                ..FilesystemConfig::default()
+            };
+            assert_eq!(erofs_args(&fs), want, "{c:?} {level}");
+        }
+    }
 }
