@@ -1322,21 +1322,48 @@ mod tests {
             msg.starts_with("invalid 'filesystem.overlay_size' 'lots'"),
             "{msg}"
         );
-        // lz4 is a real EROFS compression, not written by fledge yet.
-        let (msg, hint) = err("type = \"erofs\"\ncompression = \"lz4\"\n");
-        assert_eq!(
-            msg,
-            "'filesystem.compression' = \"lz4\" is not implemented for erofs yet; fledge's \
-             erofs writer supports: none"
-        );
-        assert!(hint.unwrap().contains("squashfs"));
+        // erofs: none, lz4, lz4hc; lz4hc has liblz4's levels 1 to 12, default 9.
+        for (c, want, level) in [
+            ("none", Compression::None, 15),
+            ("lz4", Compression::Lz4, 15),
+            ("lz4hc", Compression::Lz4hc, 9),
+        ] {
+            let f = fs_section(&format!("type = \"erofs\"\ncompression = \"{c}\"\n")).unwrap();
+            assert_eq!(
+                (f.filesystem.compression, f.filesystem.compression_level),
+                (want, level)
+            );
+        }
+        let f = fs_section("type = \"erofs\"\ncompression = \"lz4hc\"\ncompression_level = 12\n")
+            .unwrap();
+        assert_eq!(f.filesystem.compression_level, 12);
+        for level in ["0", "13", "22", "-1"] {
+            let (msg, hint) = err(&format!(
+                "type = \"erofs\"\ncompression = \"lz4hc\"\ncompression_level = {level}\n"
+            ));
+            assert_eq!(
+                msg,
+                format!(
+                    "'filesystem.compression_level' must be from 1 to 12 for lz4hc (liblz4's \
+                     LZ4HC levels), got {level}"
+                )
+            );
+            assert!(hint.unwrap().contains("default, 9"));
+        }
         for c in ["xz", "zstd", "brotli"] {
             let (msg, _) = err(&format!("type = \"erofs\"\ncompression = \"{c}\"\n"));
             assert_eq!(
                 msg,
-                format!("invalid 'filesystem.compression' '{c}' for erofs, must be one of: none")
+                format!(
+                    "invalid 'filesystem.compression' '{c}' for erofs, must be one of: none, \
+                     lz4, lz4hc"
+                )
             );
         }
+        // squashfs has no lz4hc.
+        assert!(err("type = \"squashfs\"\ncompression = \"lz4hc\"\n")
+            .0
+            .contains("for squashfs, must be one of: xz, zstd, gzip, lz4"));
         for c in ["none", "lzo", "XZ"] {
             let (msg, _) = err(&format!("type = \"squashfs\"\ncompression = \"{c}\"\n"));
             assert_eq!(

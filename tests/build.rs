@@ -584,9 +584,13 @@ fn oracle_as_stored(oracle: &Snapshot, fs_type: &str) -> Snapshot {
 
 /// A read-only type (squashfs, erofs): built as root with the default output name, loop-mounted
 /// read-only and compared with the oracle entry by entry; the meaningless writable-image keys
-/// warn; the mkfs backends refuse the type clearly.
-fn readonly_case(fs_type: &str) {
-    let test = format!("build_{fs_type}_native");
+/// warn; the mkfs backends refuse the type clearly. `compression`: a `compression = ...` line
+/// (and what else it needs), or empty for the type's default.
+fn readonly_case(fs_type: &str, compression: &str) {
+    let test = match compression.split('"').nth(1) {
+        Some(c) => format!("build_{fs_type}_{c}_native"),
+        None => format!("build_{fs_type}_native"),
+    };
     if !root_or_skip(&test) {
         return;
     }
@@ -594,7 +598,7 @@ fn readonly_case(fs_type: &str) {
         return;
     };
     // Project::new writes size_buffer_mb and preallocate: warnings for a read-only type.
-    let project = Project::new(&img.reference, fs_type, "");
+    let project = Project::new(&img.reference, fs_type, compression);
     let started = std::time::Instant::now();
     let out = Command::new(fledge_bin())
         .current_dir(project.path())
@@ -668,6 +672,10 @@ fn readonly_case(fs_type: &str) {
         assert_matches_oracle(&oracle, m.path(), &img, &test);
     }
 
+    // The other backends once, for the type's default compression.
+    if !compression.is_empty() {
+        return;
+    }
     // The kernel backend has nothing to mount for a read-only type: a clear error before
     // any work.
     let out = project.build("other.img", &["--backend", "kernel"]);
@@ -713,12 +721,22 @@ fn readonly_case(fs_type: &str) {
 
 #[test]
 fn build_squashfs_native() {
-    readonly_case("squashfs");
+    readonly_case("squashfs", "");
 }
 
 #[test]
 fn build_erofs_native() {
-    readonly_case("erofs");
+    readonly_case("erofs", "");
+}
+
+#[test]
+fn build_erofs_lz4_native() {
+    readonly_case("erofs", "compression = \"lz4\"\n");
+}
+
+#[test]
+fn build_erofs_lz4hc_native() {
+    readonly_case("erofs", "compression = \"lz4hc\"\n");
 }
 
 /// squashfs and erofs rootless: the `fledge-test` user's build (no root, FUSE or loop

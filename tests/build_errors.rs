@@ -178,9 +178,20 @@ fn bad_config_inputs() {
             ],
         ),
         case(
-            "erofs lz4 is not implemented",
-            &GOOD_TOML.replace("type = \"ext4\"", "type = \"erofs\"\ncompression = \"lz4\""),
-            &["not implemented for erofs yet", "supports: none"],
+            "erofs lz4hc level out of range",
+            &GOOD_TOML.replace(
+                "type = \"ext4\"",
+                "type = \"erofs\"\ncompression = \"lz4hc\"\ncompression_level = 15",
+            ),
+            &["must be from 1 to 12 for lz4hc (liblz4's LZ4HC levels), got 15"],
+        ),
+        case(
+            "erofs has no xz",
+            &GOOD_TOML.replace("type = \"ext4\"", "type = \"erofs\"\ncompression = \"xz\""),
+            &[
+                "invalid 'filesystem.compression' 'xz' for erofs",
+                "none, lz4, lz4hc",
+            ],
         ),
         case(
             "compression level out of range",

@@ -255,11 +255,13 @@ fn squashfs_args(settings: &crate::config::FilesystemConfig, epoch: &str) -> Vec
     args
 }
 
-/// mkfs.erofs' compression option for `[filesystem]` (none: uncompressed).
+/// mkfs.erofs' compression option for `[filesystem]` (none: uncompressed; lz4hc at the
+/// native writer's level).
 fn erofs_args(settings: &crate::config::FilesystemConfig) -> Vec<String> {
     use crate::config::Compression;
     match settings.compression {
         Compression::Lz4 => vec!["-zlz4".into()],
+        Compression::Lz4hc => vec![format!("-zlz4hc,{}", settings.compression_level)],
         _ => Vec::new(),
     }
 }
