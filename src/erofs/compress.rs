@@ -25,7 +25,7 @@ use super::format::{self, Layout, BLOCK};
 use super::layout::Plan;
 use super::{read, ErofsError};
 use crate::sys::Lz4DestSize;
-use crate::tree::Tree;
+use crate::tree::{NodeId, NodeKind, Tree};
 
 /// Input bytes of one work unit, and so the most one extent holds (a block of LZ4 holds at
 /// most about 1 MiB of zeros; 256 logical clusters stay far below the 2048 a full index's
@@ -157,6 +157,66 @@ pub fn full_index(size: u64, extents: &[Extent]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Files up to this size are compressed once before the plan ([`probe`]), to keep flat
+/// those that compression would not make smaller; larger ones are always compressed (the
+/// most an incompressible one loses is its tail's block).
+pub const PROBE_MAX: u64 = 128 * 1024;
+
+/// Which regular files of more than a block and at most [`PROBE_MAX`] bytes stay flat
+/// (by node id): those that compressed (blocks and index) would take no fewer bytes than
+/// flat (whole blocks and the tail inline, when it leaves room for an inode and some
+/// xattrs), as mkfs.erofs keeps uncompressed the files compression does not shrink. The
+/// result does not depend on the thread count.
+pub fn probe(tree: &Tree, codec: Codec, threads: usize) -> Result<Vec<bool>, ErofsError> {
+    let bs = BLOCK as u64;
+    let files: Vec<(NodeId, u64)> = (0..tree.nodes.len() as NodeId)
+        .filter_map(|id| {
+            let n = tree.node(id);
+            let size = n.size();
+            (matches!(n.kind, NodeKind::File { .. }) && size > bs && size <= PROBE_MAX)
+                .then_some((id, size))
+        })
+        .collect();
+    let flat = Mutex::new(vec![false; tree.nodes.len()]);
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<(), ErofsError> {
+                    let mut c = codec.start();
+                    let (mut input, mut out, mut ext) = (Vec::new(), Vec::new(), Vec::new());
+                    loop {
+                        let i = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(&(id, size)) = files.get(i) else {
+                            return Ok(());
+                        };
+                        super::check_interrupt()?;
+                        input.resize(size as usize, 0);
+                        read(tree, id, 0, &mut input)?;
+                        out.clear();
+                        ext.clear();
+                        compress_unit(&mut c, &input, 0, &mut out, &mut ext);
+                        // Bytes each way: the blocks and the index, or the blocks and
+                        // the inline tail (a whole block when it would not fit inline).
+                        let tail = size % bs;
+                        let flat_bytes = size / bs * bs + if tail > bs - 256 { bs } else { tail };
+                        let z_bytes = ext.len() as u64 * bs + 24 + 8 * size.div_ceil(bs);
+                        if z_bytes >= flat_bytes {
+                            lock(&flat)[id as usize] = true;
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| ErofsError::Internal("a compressing thread panicked".into()))??;
+        }
+        Ok(())
+    })?;
+    Ok(flat.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -277,12 +277,17 @@ fn xattr_body(tree: &Tree, id: NodeId, shared: &SharedIds) -> Result<Vec<u8>, Er
 
 /// Plan the image of `tree` with compact inodes taking the time `epoch` (seconds, 0 ns).
 ///
-/// With `compress`, every regular file of more than one block is LZ4-compressed: its
-/// record holds the full index (its size known from the file size alone), and its data,
-/// placed only when compressed, follows everything planned here (`blocks` 0 in the plan).
-/// Files of one block or less stay flat: inline they take no data block, and compressed
-/// they could not take fewer than one.
-pub fn plan(tree: &Tree, epoch: u64, share: bool, compress: bool) -> Result<Plan, ErofsError> {
+/// With `compress`, every regular file of more than one block for which it says yes is
+/// LZ4-compressed: its record holds the full index (its size known from the file size
+/// alone), and its data, placed only when compressed, follows everything planned here
+/// (`blocks` 0 in the plan). Files of one block or less stay flat: inline they take no
+/// data block, and compressed they could not take fewer than one.
+pub fn plan(
+    tree: &Tree,
+    epoch: u64,
+    share: bool,
+    compress: Option<&dyn Fn(NodeId) -> bool>,
+) -> Result<Plan, ErofsError> {
     let (order, links) = number(tree);
     for &id in &order {
         check(tree, id)?;
@@ -327,7 +332,10 @@ pub fn plan(tree: &Tree, epoch: u64, share: bool, compress: bool) -> Result<Plan
             node.kind,
             NodeKind::Dir { .. } | NodeKind::File { .. } | NodeKind::Symlink { .. }
         );
-        if compress && size > bs && matches!(node.kind, NodeKind::File { .. }) {
+        if size > bs
+            && matches!(node.kind, NodeKind::File { .. })
+            && compress.is_some_and(|c| c(id))
+        {
             let pos = meta.place(base + format::zindex_size(base, size.div_ceil(bs)));
             inodes.push(Planned {
                 node: id,

@@ -774,7 +774,7 @@ fn compact_or_extended_at_each_limit() {
         let id = t.add(0, b"f00000", kind, m);
         link_many(&mut t, id, 1..links);
         let tree = t.tree();
-        let plan = super::layout::plan(&tree, BUILD_TIME, true, false).unwrap();
+        let plan = super::layout::plan(&tree, BUILD_TIME, true, None).unwrap();
         let p = &plan.inodes[plan.index[id as usize] as usize];
         assert_eq!((p.extended, p.nlink), (extended, links), "{what}");
         assert!(
@@ -790,7 +790,7 @@ fn compact_or_extended_at_each_limit() {
 #[test]
 fn the_plan_keeps_records_apart_and_inline_tails_in_one_block() {
     let tree = everything();
-    let plan = super::layout::plan(&tree, BUILD_TIME, true, false).unwrap();
+    let plan = super::layout::plan(&tree, BUILD_TIME, true, None).unwrap();
     let bs = 4096u64;
     assert_eq!(plan.inodes[0].nid(), 36);
     let mut end = 1152u64;
