@@ -1050,3 +1050,24 @@ fn extents_cover_the_input_and_the_index_points_at_them() {
         };
     }
 }
+
+/// Small files that compression would not shrink stay flat (tail inline), those it
+/// shrinks are compressed; files over the probe size are compressed whatever they hold.
+#[test]
+fn small_files_are_compressed_only_when_that_saves_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = meta(0o644, 0, 0, 1_600_000_000);
+    let mut t = T::new();
+    t.file(0, "noise", &noise(10_000, 1), m.clone());
+    t.file(0, "text", &text(10_000, 1), m.clone());
+    t.file(0, "big-noise", &noise(200_000, 2), m.clone());
+    t.file(0, "one-block", &text(4096, 3), m);
+    let tree = t.tree();
+    for c in [Compression::Lz4, Compression::Lz4hc { level: 9 }] {
+        let (image, r) = build(&tree, &zopts(c), tmp.path(), "small.erofs");
+        assert_eq!(r.compressed_files, 2, "{c:?}: text and big-noise");
+        assert!(r.raw_blocks >= 49, "{c:?}: big-noise stored as is");
+        assert_eq!(r.inline_tails, 2, "{c:?}: the root and noise's tail");
+        check_image(&tree, &image, &r);
+    }
+}

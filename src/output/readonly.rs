@@ -250,6 +250,18 @@ mod tests {
             (l.compression, l.compression_level),
             (squashfs::Compression::Lz4, None)
         );
+        assert_eq!(
+            erofs_compression(&fs(Compression::Lz4hc, 12)),
+            erofs::Compression::Lz4hc { level: 12 }
+        );
+        assert_eq!(
+            erofs_compression(&fs(Compression::Lz4, 15)),
+            erofs::Compression::Lz4
+        );
+        assert_eq!(
+            erofs_compression(&fs(Compression::None, 15)),
+            erofs::Compression::None
+        );
         assert_eq!(clamp_u32(-5), 0);
         assert_eq!(clamp_u32(1 << 40), u32::MAX);
     }
