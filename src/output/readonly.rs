@@ -146,8 +146,8 @@ impl Writer for SquashfsWriter {
     fn write(&self, job: &Job<'_>, sw: &mut Stopwatch) -> Result<Written, BuildError> {
         let mut opts = squash_options(job.settings, job.identity.epoch);
         opts.block_cache = job.cache_dir.map(std::path::Path::to_path_buf);
-        let r =
-            squashfs::write(job.tree, &opts, job.image).map_err(|e| squash_error(job.tree, e))?;
+        let r = squashfs::write_with_progress(job.tree, &opts, job.image, job.progress)
+            .map_err(|e| squash_error(job.tree, e))?;
         sw.mark("squashfs written and hashed");
         tracing::info!(
             "squashfs: {} inodes, {} fragments, {} data blocks ({} sparse, {} stored raw), \

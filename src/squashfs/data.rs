@@ -287,7 +287,8 @@ pub struct Written {
     pub stats: DataStats,
 }
 
-/// Stream the planned data to `out`.
+/// Stream the planned data to `out`, calling `progress` with the uncompressed bytes placed
+/// so far (files stored once; duplicates add nothing).
 pub fn write(
     tree: &Tree,
     plan: &Plan,
@@ -295,6 +296,7 @@ pub fn write(
     cache: Option<&BlockCache>,
     threads: usize,
     out: &mut Out,
+    progress: &dyn Fn(u64),
 ) -> Result<Written, SquashError> {
     let bs = codec.block_size as usize;
     let threads = threads.max(1);
@@ -327,6 +329,7 @@ pub fn write(
         let mut r = (|| -> Result<(), SquashError> {
             let mut pending: BTreeMap<u64, Done> = BTreeMap::new();
             let mut next = 0u64;
+            let mut placed_bytes = 0u64;
             for done in done_rx.iter() {
                 let done = done.map_err(|source| SquashError::Compress { source })?;
                 pending.insert(done.seq, done);
@@ -338,6 +341,8 @@ pub fn write(
                         (_, false) => stats.compressed += 1,
                     }
                     let len = d.data.len() as u32;
+                    placed_bytes += u64::from(len);
+                    progress(placed_bytes);
                     let at = out.pos();
                     let word = match &d.stored {
                         Stored::Sparse => 0,

@@ -453,6 +453,17 @@ fn check(tree: &Tree, num: &Numbering) -> Result<Vec<u32>, SquashError> {
 
 /// Write `tree` as a squashfs image to `out` (created, or overwritten), and hash it.
 pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashReport, SquashError> {
+    write_with_progress(tree, opts, out, &|_| {})
+}
+
+/// [`write`], calling `progress` with the file bytes compressed and placed so far while the
+/// data is written (the longest part of a squashfs build).
+pub fn write_with_progress(
+    tree: &Tree,
+    opts: &SquashOptions,
+    out: &Path,
+    progress: &dyn Fn(u64),
+) -> Result<SquashReport, SquashError> {
     let mut sw = crate::timing::Stopwatch::start();
     let codec = opts.codec()?;
     let threads = match opts.threads {
@@ -511,7 +522,15 @@ pub fn write(tree: &Tree, opts: &SquashOptions, out: &Path) -> Result<SquashRepo
         placed,
         frags,
         stats,
-    } = data::write(tree, &plan, &codec, cache.as_ref(), threads, &mut w)?;
+    } = data::write(
+        tree,
+        &plan,
+        &codec,
+        cache.as_ref(),
+        threads,
+        &mut w,
+        progress,
+    )?;
     tracing::debug!(
         target: "fledge::timing",
         "squashfs: {} blocks reused, {} compressed; worker time {:.1} ms compressing, \

@@ -1107,3 +1107,40 @@ fn block_cache_reuses_blocks_and_gives_the_bytes_of_a_cold_build() {
         std::fs::remove_dir_all(&cache).unwrap();
     }
 }
+
+/// Progress: called while the data is written, never backwards, ending at the bytes of the
+/// files stored (duplicates add nothing), and the image is the one `write` makes.
+#[test]
+fn progress_counts_the_stored_file_bytes_in_order() {
+    let tree = everything(4096);
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(Compression::Zstd, 4096);
+    let seen = std::cell::RefCell::new(Vec::new());
+    let image = dir.path().join("p.squashfs");
+    let r = super::write_with_progress(&tree, &o, &image, &|n| seen.borrow_mut().push(n))
+        .unwrap();
+    let seen = seen.into_inner();
+    assert!(seen.len() > 1, "progress called {} times", seen.len());
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress went back");
+    // The unique contents: each stored file's bytes once.
+    let (want, nodes) = expected(&tree, squash_time);
+    let mut seen_nodes = std::collections::HashSet::new();
+    let mut contents = std::collections::HashSet::new();
+    let mut unique = 0u64;
+    for (path, e) in &want {
+        if e.kind == '-' && seen_nodes.insert(nodes[path]) && contents.insert(e.sha.clone()) {
+            unique += e.size;
+        }
+    }
+    // Between the unique contents and all file bytes (the writer stores some identical
+    // contents twice: it compares only candidates it chose, see data::plan).
+    let all: u64 = tree.stats().file_bytes;
+    let last = *seen.last().unwrap();
+    assert!(
+        (unique..all).contains(&last) || last == unique,
+        "progress ended at {last}, unique {unique}, all {all}"
+    );
+    let (plain, r2) = build(&tree, &o, dir.path(), "q.squashfs");
+    assert_eq!(r.sha256, r2.sha256);
+    assert_eq!(std::fs::read(&image).unwrap(), std::fs::read(plain).unwrap());
+}
