@@ -390,6 +390,23 @@ bench_readonly() {
     echo "sizes (bytes):"
     printf "  %-40s %12s\n" "mksquashfs xz dict 50%, 128 KiB" "$gs" "fledge squashfs xz level 15" "$fs" \
         "mkfs.erofs (uncompressed)" "$ge" "fledge erofs (uncompressed)" "$fe"
+    # The other compressors, once each, beside the formatters on the same unpacked tree.
+    go_readonly_pipeline "$ref" erofs
+    local root=$WORK/go/bundle/rootfs
+    mksquashfs "$root" "$WORK/go/zstd.squashfs" -comp zstd -noappend -no-progress >/dev/null
+    mkfs.erofs -zlz4 "$WORK/go/lz4.erofs" "$root" >/dev/null 2>&1
+    mkfs.erofs -zlz4hc "$WORK/go/lz4hc.erofs" "$root" >/dev/null 2>&1
+    local c
+    for c in "squashfs zstd" "erofs lz4" "erofs lz4hc"; do
+        set -- $c
+        readonly_config "x-$1-$2" "$ref" "$1"
+        sed -i "s/^type = .*/&\ncompression = \"$2\"/" "$WORK/x-$1-$2.toml"
+        fledge_build_to "x-$1-$2" "$WORK/cache" "$WORK/x.$1"
+        printf "  %-40s %12s\n" "$( [ "$1" = squashfs ] && echo "mksquashfs $2 (level 15)" || echo "mkfs.erofs -z$2")" \
+            "$(stat -c %s "$WORK/go/$2.$1")" "fledge $1 $2" "$(stat -c %s "$WORK/x.$1")"
+        rm -f "$WORK/x.$1" "$WORK/x.manifest.json"
+    done
+    rm -rf "$WORK/go"
     echo "where the time goes (one more build each; cold = empty cache):"
     rm -rf "$WORK/cache"
     echo "  squashfs cold:"; steps sqfs "$WORK/cache" "$WORK/out.squashfs"
