@@ -1117,8 +1117,7 @@ fn progress_counts_the_stored_file_bytes_in_order() {
     let o = opts(Compression::Zstd, 4096);
     let seen = std::cell::RefCell::new(Vec::new());
     let image = dir.path().join("p.squashfs");
-    let r = super::write_with_progress(&tree, &o, &image, &|n| seen.borrow_mut().push(n))
-        .unwrap();
+    let r = super::write_with_progress(&tree, &o, &image, &|n| seen.borrow_mut().push(n)).unwrap();
     let seen = seen.into_inner();
     assert!(seen.len() > 1, "progress called {} times", seen.len());
     assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress went back");
@@ -1142,5 +1141,8 @@ fn progress_counts_the_stored_file_bytes_in_order() {
     );
     let (plain, r2) = build(&tree, &o, dir.path(), "q.squashfs");
     assert_eq!(r.sha256, r2.sha256);
-    assert_eq!(std::fs::read(&image).unwrap(), std::fs::read(plain).unwrap());
+    assert_eq!(
+        std::fs::read(&image).unwrap(),
+        std::fs::read(plain).unwrap()
+    );
 }
