@@ -465,6 +465,10 @@ impl BuildError {
             BuildError::OutputDir { .. } => {
                 Some("choose a writable output directory with -o DIR/NAME.img".into())
             }
+            BuildError::Unrepresentable { backend, .. } if backend.contains("mk") => Some(
+                "drop --backend userspace: fledge's own writer (auto, --backend native) keeps it"
+                    .into(),
+            ),
             BuildError::Unrepresentable { .. } => {
                 Some("use the kernel backend (--backend kernel, as root)".into())
             }

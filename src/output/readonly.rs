@@ -50,16 +50,22 @@ pub fn squash_options(fs: &FilesystemConfig, epoch: i64) -> SquashOptions {
         // (8-15) runs preset 4, 16-22 preset 6 (the most mksquashfs does), 1-7 preset 2.
         Compression::Xz | Compression::None | Compression::Lz4hc => {
             o.compression = squashfs::Compression::Xz;
-            let (dict, preset) = match level {
-                0..=7 => (25, 2),
-                8..=15 => (50, 4),
-                _ => (100, 6),
-            };
+            let (dict, preset) = xz_band(level);
             o.xz_dict_percent(dict);
             o.compression_level = Some(preset);
         }
     }
     o
+}
+
+/// xz's settings for `compression_level`: the dictionary (percent of the block, as the Go
+/// tool maps it) and the encoder preset.
+pub fn xz_band(level: u32) -> (u32, u32) {
+    match level {
+        0..=7 => (25, 2),
+        8..=15 => (50, 4),
+        _ => (100, 6),
+    }
 }
 
 /// Seconds since 1970 as squashfs' unsigned 32-bit time (before 1970: 0; after 2106: max).

@@ -324,11 +324,7 @@ pub fn choose(
 ) -> Result<Selection, BuildError> {
     precheck(choice, fs, probed)?;
     let [(_, native), (_, kernel), (_, user)] = availability(fs, probed);
-    let gaps = if fs.is_read_only() {
-        None
-    } else {
-        userspace::unrepresentable(tree, fs)
-    };
+    let gaps = userspace::unrepresentable(tree, fs);
     match choice {
         BackendChoice::Native => Ok(Selection {
             kind: BackendKind::Native,
@@ -340,7 +336,7 @@ pub fn choose(
         }),
         BackendChoice::Userspace => match gaps {
             Some((what, paths)) => Err(BuildError::Unrepresentable {
-                backend: "userspace",
+                backend: userspace::name_for(fs),
                 what,
                 paths,
             }),

@@ -49,9 +49,61 @@ pub fn unrepresentable(tree: &Tree, fs: FsType) -> Option<(String, Vec<String>)>
             (!paths.is_empty()).then(|| (reasons.into_iter().collect::<Vec<_>>().join(", "), paths))
         }
         FsType::Xfs => xfsproto::unrepresentable(tree),
-        // Written natively only; nothing to check for this backend.
-        FsType::Squashfs | FsType::Erofs => None,
+        // The xattrs the formats cannot store: fledge's own writers refuse them naming the
+        // path, mksquashfs and mkfs.erofs 1.5 would drop them without a word.
+        FsType::Squashfs | FsType::Erofs => {
+            let stored = |name: &[u8]| {
+                [&b"user."[..], b"trusted.", b"security."]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+                    || (fs == FsType::Erofs
+                        && [&b"system.posix_acl_access"[..], b"system.posix_acl_default"]
+                            .contains(&name))
+            };
+            let mut paths = Vec::new();
+            tree.walk(|path, id| {
+                if paths.len() < 10_000
+                    && tree
+                        .node(id)
+                        .meta
+                        .xattrs
+                        .iter()
+                        .any(|(name, _)| !stored(name))
+                {
+                    paths.push(String::from_utf8_lossy(path).escape_debug().to_string());
+                }
+            });
+            (!paths.is_empty()).then(|| {
+                (
+                    format!("extended attributes {fs} does not store (the tool would drop them)"),
+                    paths,
+                )
+            })
+        }
     }
+}
+
+/// How errors name this backend for `fs`: the read-only types' tools by name.
+pub fn name_for(fs: FsType) -> &'static str {
+    match fs {
+        FsType::Squashfs => "userspace (mksquashfs)",
+        FsType::Erofs => "userspace (mkfs.erofs)",
+        _ => "userspace",
+    }
+}
+
+/// Paths whose mtime is after `epoch`: mkfs.erofs, given SOURCE_DATE_EPOCH (the only way
+/// erofs-utils 1.5 takes a build time other than now, short of `-T`, which sets every
+/// file's), clamps them to it.
+fn mtimes_after(tree: &Tree, epoch: i64) -> Vec<String> {
+    let mut paths = Vec::new();
+    tree.walk(|path, id| {
+        let t = tree.node(id).meta.mtime;
+        if paths.len() < 10_000 && (t.sec > epoch || (t.sec == epoch && t.nsec > 0)) {
+            paths.push(String::from_utf8_lossy(path).escape_debug().to_string());
+        }
+    });
+    paths
 }
 
 /// The userspace backend: mkfs reading the tree through a read-only FUSE view.
@@ -196,12 +248,32 @@ fn build_read_only(job: &Job<'_>) -> Result<BuildReport, BuildError> {
             tools.run_with_env("mksquashfs", &args, &[("SOURCE_DATE_EPOCH", None)])
         }
         _ => {
-            // mkfs.erofs takes its build time from SOURCE_DATE_EPOCH and keeps each file's
-            // own mtime (its `-T` would set every file to one time).
+            // A reproducible build's clock reaches mkfs.erofs only through SOURCE_DATE_EPOCH,
+            // which also clamps every later mtime to it (`-T` would set all of them): such a
+            // tree is refused rather than changed. Otherwise the variable is kept from it,
+            // so the build time is now and every mtime stays.
+            let env = if job.identity.reproducible {
+                let after = mtimes_after(tree, job.identity.epoch);
+                if !after.is_empty() {
+                    let _ = view.unmount();
+                    return Err(BuildError::Unrepresentable {
+                        backend: name_for(fs),
+                        what: format!(
+                            "mtimes after SOURCE_DATE_EPOCH ({}; mkfs.erofs would clamp \
+                             them to it)",
+                            job.identity.epoch
+                        ),
+                        paths: after,
+                    });
+                }
+                Some(epoch)
+            } else {
+                None
+            };
             let mut args = vec!["-U".to_string(), super::job::uuid_text(&job.identity.uuid)];
             args.extend(erofs_args(job.settings));
             args.extend([out, view_dir]);
-            tools.run_with_env("mkfs.erofs", &args, &[("SOURCE_DATE_EPOCH", Some(epoch))])
+            tools.run_with_env("mkfs.erofs", &args, &[("SOURCE_DATE_EPOCH", env)])
         }
     };
     // The view is released whether the tool succeeded or not (its guard also unmounts on
@@ -219,8 +291,9 @@ fn build_read_only(job: &Job<'_>) -> Result<BuildReport, BuildError> {
     })
 }
 
-/// mksquashfs' options for `[filesystem]`: the native writer's block size, compressor and
-/// level mapping ([`super::readonly::squash_options`]), no progress output.
+/// mksquashfs' options for `[filesystem]`: the native writer's block size, compressor, level
+/// and xz dictionary ([`super::readonly::squash_options`]; mksquashfs has no xz preset
+/// option and always runs preset 6), no progress output.
 fn squashfs_args(settings: &crate::config::FilesystemConfig, epoch: &str) -> Vec<String> {
     use crate::config::Compression;
     let level = settings.compression_level;
@@ -243,13 +316,10 @@ fn squashfs_args(settings: &crate::config::FilesystemConfig, epoch: &str) -> Vec
         ]),
         Compression::Lz4 => args.push("lz4".into()),
         // lz4hc is refused for squashfs when the config is loaded.
+        // mksquashfs takes the dictionary only (it always runs xz preset 6).
         Compression::Xz | Compression::None | Compression::Lz4hc => {
-            let dict = match level {
-                0..=7 => "25%",
-                8..=15 => "50%",
-                _ => "100%",
-            };
-            args.extend(["xz".into(), "-Xdict-size".into(), dict.into()]);
+            let (dict, _preset) = super::readonly::xz_band(level);
+            args.extend(["xz".into(), "-Xdict-size".into(), format!("{dict}%")]);
         }
     }
     args
@@ -276,6 +346,46 @@ fn set_len(image: &Path, size: u64) -> Result<(), BuildError> {
 mod tests {
     use super::*;
     use crate::config::{Compression, FilesystemConfig, FsType};
+
+    /// The xattrs mksquashfs / mkfs.erofs would drop are found before the build, naming the
+    /// paths; what each format stores passes.
+    #[test]
+    fn read_only_tools_refuse_xattrs_their_format_drops() {
+        use crate::tree::ROOT;
+        use crate::treetest::{meta, with_x, x, T};
+        for (name, squashfs_drops, erofs_drops) in [
+            ("user.a", false, false),
+            ("trusted.b", false, false),
+            ("security.capability", false, false),
+            ("system.posix_acl_access", true, false),
+            ("system.posix_acl_default", true, false),
+            ("system.other", true, true),
+            ("os2.x", true, true),
+        ] {
+            let mut t = T::new();
+            t.file(ROOT, "plain", b"p", meta(0o644, 0, 0, 1));
+            t.file(
+                ROOT,
+                "marked",
+                b"m",
+                with_x(meta(0o644, 0, 0, 1), vec![x(name, b"v")]),
+            );
+            let tree = t.tree();
+            for (fs, drops) in [
+                (FsType::Squashfs, squashfs_drops),
+                (FsType::Erofs, erofs_drops),
+            ] {
+                let got = unrepresentable(&tree, fs);
+                if drops {
+                    let (what, paths) = got.unwrap_or_else(|| panic!("{fs}: {name} passed"));
+                    assert!(what.contains("extended attributes"), "{what}");
+                    assert_eq!(paths, ["/marked"], "{fs} {name}");
+                } else {
+                    assert_eq!(got, None, "{fs}: {name}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn mkfs_erofs_gets_the_configured_compression() {
