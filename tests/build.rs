@@ -378,7 +378,7 @@ fn rootless_case(fs_type: &str, backend: &str, expect: &str) {
     let (uid, gid) = match support::unprivileged_preconditions() {
         Ok(ids) => ids,
         Err(reason) => {
-            if support::in_ci() {
+            if support::setup_wanted() {
                 panic!("{test}: {reason}");
             }
             support::skip(&test, &reason);
@@ -696,7 +696,7 @@ fn readonly_case(fs_type: &str, compression: &str) {
         "mkfs.erofs"
     };
     if !support::have_program(tool) || !Path::new("/dev/fuse").exists() {
-        if support::in_ci() {
+        if support::setup_wanted() {
             panic!("{test}: {tool} or /dev/fuse missing for the userspace backend");
         }
         support::skip(
@@ -752,7 +752,7 @@ fn rootless_readonly_case(fs_type: &str) {
     let (uid, gid) = match support::unprivileged_preconditions() {
         Ok(ids) => ids,
         Err(reason) => {
-            if support::in_ci() {
+            if support::setup_wanted() {
                 panic!("{test}: {reason}");
             }
             support::skip(&test, &reason);

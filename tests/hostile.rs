@@ -332,7 +332,7 @@ fn can_build(backend: &str) -> Result<(), String> {
 /// `fledge mount` the layout and check the view, or check that it fails naming the entry.
 fn check_mount(host: &Host, reference: &str, expect: &Expect, test: &str) {
     if !have_fuse() {
-        support::skip(test, "/dev/fuse not available (mount part)");
+        support::skip_unless_setup(test, "/dev/fuse not available (mount part)");
         return;
     }
     let mp = host.w().join("mnt");
@@ -405,7 +405,7 @@ fn check_build(
 ) {
     let test = &format!("{case} [{fs}, {backend} backend]");
     if let Err(why) = can_build(backend) {
-        support::skip(test, &format!("{why} (build part)"));
+        support::skip_unless_setup(test, &format!("{why} (build part)"));
         return;
     }
     // zstd keeps the squashfs builds quick; size_buffer_mb means nothing to read-only types.
@@ -463,7 +463,7 @@ fn check_build(
             if support::have_program(checker(fs)) {
                 support::assert_fsck_clean(&image, fs, test);
             } else {
-                support::skip(
+                support::skip_unless_setup(
                     test,
                     &format!("{} not installed (image check)", checker(fs)),
                 );
@@ -474,7 +474,7 @@ fn check_build(
                 apply_checks(&mp, checks, &format!("{test}: built image"));
                 drop(guard);
             } else {
-                support::skip(
+                support::skip_unless_setup(
                     test,
                     "loop-mounting the built image needs root (image contents not checked)",
                 );
@@ -866,7 +866,7 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 fn gzip_bomb_is_streamed_with_flat_memory() {
     let test = "gzip_bomb_is_streamed_with_flat_memory";
     if !have_fuse() {
-        support::skip(test, "/dev/fuse not available");
+        support::skip_unless_setup(test, "/dev/fuse not available");
         return;
     }
     let host = Host::new();
@@ -907,7 +907,7 @@ fn gzip_bomb_is_streamed_with_flat_memory() {
 fn gzip_bomb_filling_the_cache_disk_is_a_clear_error() {
     let test = "gzip_bomb_filling_the_cache_disk_is_a_clear_error";
     if !support::is_root() {
-        support::skip(test, "needs root to mount a small tmpfs as the cache disk");
+        support::skip_unless_setup(test, "needs root to mount a small tmpfs as the cache disk");
         return;
     }
     let host = Host::new();

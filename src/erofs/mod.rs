@@ -1,7 +1,8 @@
 //! fledge's own EROFS writer: a read-only root filesystem image, uncompressed or LZ4/LZ4HC
 //! compressed, written straight from the merged [`Tree`], with no root, no FUSE and no
-//! external tool, hashed while it is written, and giving the same bytes for the same tree
-//! and options (for any thread count).
+//! external tool, and giving the same bytes for the same tree and options (for any thread
+//! count). Uncompressed images are hashed while they are written; compressed ones hash
+//! their compressed data from the page cache after it (see below).
 //!
 //! # How an image is written
 //! 1. Plan everything from the tree's metadata ([`layout::plan`]): check what EROFS cannot
@@ -68,8 +69,8 @@
 //!   right-aligned after zero padding (`ZERO_PADDING`, the only incompat feature: Linux
 //!   5.3+), or one block stored as is when compression saves nothing. Not used: big
 //!   physical clusters, compact indexes, tail packing into the inode, fragments,
-//!   deduplication (all in Debian 12's 6.1; the image is about 2% larger than mkfs.erofs'
-//!   for the Debian test image, see the README). The compressed data comes after
+//!   deduplication (all in Debian 12's 6.1; the image is about 0.3% larger than
+//!   mkfs.erofs' for the Debian test image, see the README). The compressed data comes after
 //!   everything planned and is written first (the index holds its block addresses); then
 //!   block 0, the metadata and the flat data are written and hashed as usual, and the
 //!   compressed data is hashed from the page cache. The kernel takes a stored (plain)

@@ -33,24 +33,10 @@ fn have_erofs_utils() -> bool {
     Command::new("fsck.erofs").arg("-V").output().is_ok()
 }
 
-/// `fsck.erofs ARGS IMAGE`: an error when it fails or reports one (fsck.erofs 1.5 exits 0
-/// after some errors, a bad superblock checksum among them, printing them as `<E>`).
+/// `fsck.erofs ARGS IMAGE` through the test kit's strict check (`<E>` lines fail too).
 fn fsck(args: &[String], image: &Path) -> Result<(), String> {
-    let out = Command::new("fsck.erofs")
-        .args(args)
-        .arg(image)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    if out.status.success() && !text.contains("<E>") {
-        Ok(())
-    } else {
-        Err(format!("fsck.erofs {args:?} {}: {text}", image.display()))
-    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    crate::testkit::fsck_erofs(&args, image)
 }
 
 /// Metadata at exactly the build time: an inode that can be compact.
@@ -336,8 +322,8 @@ fn check_image(tree: &Tree, image: &Path, report: &ErofsReport) {
     assert_eq!(bytes.len() % 4096, 0);
     assert_eq!(sha(&bytes), report.sha256, "the reported sha256");
     if !have_erofs_utils() {
-        eprintln!(
-            "SKIP fsck.erofs checks: erofs-utils not installed (apt-get install erofs-utils)"
+        crate::testkit::skip_line(
+            "fsck.erofs checks: erofs-utils not installed (apt-get install erofs-utils)",
         );
     } else {
         fsck(&[], image).unwrap();
@@ -345,7 +331,7 @@ fn check_image(tree: &Tree, image: &Path, report: &ErofsReport) {
         let dest = tmp.path().join("x");
         let mut args = vec![format!("--extract={}", dest.display())];
         if !is_root() {
-            eprintln!("SKIP ownership in fsck.erofs --extract: not root");
+            crate::testkit::skip_line("ownership in fsck.erofs --extract: not root");
             args.push("--no-preserve-owner".into());
         }
         fsck(&args, image).unwrap();
@@ -354,7 +340,7 @@ fn check_image(tree: &Tree, image: &Path, report: &ErofsReport) {
         }
     }
     if !is_root() {
-        eprintln!("SKIP kernel mount checks: not root");
+        crate::testkit::skip_line("kernel mount checks: not root");
         return;
     }
     let m = Mount::image(image, "erofs", "loop,ro");
@@ -500,7 +486,7 @@ fn a_corrupted_superblock_is_caught_by_the_oracles() {
             panic!("the kernel mounted an image with a wrong superblock checksum");
         }
     } else {
-        eprintln!("SKIP the superblock checksum check: not root");
+        crate::testkit::skip_line("the superblock checksum check: not root");
     }
     if have_erofs_utils() {
         fsck(&[], &image).unwrap();
@@ -508,14 +494,14 @@ fn a_corrupted_superblock_is_caught_by_the_oracles() {
         let err = fsck(&[], &bad).unwrap_err();
         assert!(err.contains("chksum"), "{err}");
     } else {
-        eprintln!("SKIP the fsck.erofs check: erofs-utils not installed");
+        crate::testkit::skip_line("the fsck.erofs check: erofs-utils not installed");
     }
 }
 
 #[test]
 fn a_file_over_4_gib_gets_an_extended_inode_and_holes() {
     if !is_root() {
-        eprintln!("SKIP a_file_over_4_gib_gets_an_extended_inode_and_holes: not root");
+        crate::testkit::skip_line("a_file_over_4_gib_gets_an_extended_inode_and_holes: not root");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -669,7 +655,7 @@ fn unrepresentable_trees_are_errors_naming_the_path() {
 #[test]
 fn size_and_time_against_mkfs_erofs() {
     if !is_root() || !have_erofs_utils() {
-        eprintln!("SKIP size_and_time_against_mkfs_erofs: needs root and erofs-utils");
+        crate::testkit::skip_line("size_and_time_against_mkfs_erofs: needs root and erofs-utils");
         return;
     }
     let _ = tracing_subscriber::fmt()
@@ -684,7 +670,7 @@ fn size_and_time_against_mkfs_erofs() {
         .chain(defaults.into_iter().map(PathBuf::from))
         .find(|p| p.is_dir())
     else {
-        eprintln!("SKIP size_and_time_against_mkfs_erofs: no sample directory");
+        crate::testkit::skip_line("size_and_time_against_mkfs_erofs: no sample directory");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -836,7 +822,7 @@ fn more_than_65535_hard_links() {
         fsck(&[], &image).unwrap();
     }
     if !is_root() {
-        eprintln!("SKIP the kernel's link count: not root");
+        crate::testkit::skip_line("the kernel's link count: not root");
         return;
     }
     use std::os::unix::fs::MetadataExt;

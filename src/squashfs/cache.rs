@@ -12,10 +12,12 @@
 //!   mapped files, the agent and fragment blocks (the tails of several files, from several
 //!   sources) with no special case, can never serve a changed host file stale, and finds
 //!   blocks that moved (a layer rebuilt, a file renamed);
-//! - the salt is this format's version, fledge's version and a hash of the `Cargo.lock` it
-//!   was built with, so a fledge with another compressor crate (liblzma is built from its
-//!   bundled source, so the host's library does not matter) never reuses bytes that a cold
-//!   build of its own would not write.
+//! - the salt is this format's version, fledge's version, a hash of the `Cargo.lock` it
+//!   was built with and a hash of the compressor code (`compress.rs`), so a fledge with
+//!   another compressor crate or other encoder parameters (liblzma is built from its bundled
+//!   source, so the host's library does not matter) never reuses bytes that a cold build of
+//!   its own would not write. The encoder's settings (compressor, level: for xz the preset,
+//!   dictionary, block size) are part of the key after the salt.
 //!
 //! # Storage
 //! One file per block under `<cache>/squashfs/blocks-v1/<2 hex>/<64 hex>`: a header (magic,
@@ -80,6 +82,9 @@ impl BlockCache {
             VERSION_DIR.as_bytes(),
             env!("CARGO_PKG_VERSION").as_bytes(),
             &Sha256::digest(CARGO_LOCK),
+            // The compressor code: any change to how blocks are encoded (filters, check
+            // type, parameters) must not meet blocks the old code wrote.
+            &Sha256::digest(include_str!("compress.rs")),
         ] {
             base.update((part.len() as u64).to_le_bytes());
             base.update(part);

@@ -379,8 +379,8 @@ fn check_image(tree: &Tree, image: &Path, opts: &SquashOptions, report: &SquashR
     assert_eq!(bytes.len() % 4096, 0);
     assert_eq!(sha(&bytes), report.sha256, "the reported sha256");
     if !have("unsquashfs") {
-        eprintln!(
-            "SKIP unsquashfs checks: squashfs-tools not installed (apt-get install squashfs-tools)"
+        crate::testkit::skip_line(
+            "unsquashfs checks: squashfs-tools not installed (apt-get install squashfs-tools)",
         );
         return;
     }
@@ -439,7 +439,7 @@ fn check_image(tree: &Tree, image: &Path, opts: &SquashOptions, report: &SquashR
         );
     }
     if !is_root() {
-        eprintln!("SKIP extraction and mount checks: not root");
+        crate::testkit::skip_line("extraction and mount checks: not root");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -592,7 +592,9 @@ fn block_sizes_and_packing_choices() {
 #[test]
 fn a_file_over_4_gib_gets_an_extended_inode() {
     if !is_root() || !have("unsquashfs") {
-        eprintln!("SKIP a_file_over_4_gib_gets_an_extended_inode: needs root and squashfs-tools");
+        crate::testkit::skip_line(
+            "a_file_over_4_gib_gets_an_extended_inode: needs root and squashfs-tools",
+        );
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -794,7 +796,9 @@ fn unrepresentable_trees_and_bad_settings_are_errors_naming_the_path() {
 #[test]
 fn size_and_time_against_mksquashfs() {
     if !is_root() || !have("mksquashfs") {
-        eprintln!("SKIP size_and_time_against_mksquashfs: needs root and squashfs-tools");
+        crate::testkit::skip_line(
+            "size_and_time_against_mksquashfs: needs root and squashfs-tools",
+        );
         return;
     }
     // FLEDGE_LOG=fledge::timing=debug shows the writer's phases.
@@ -810,7 +814,7 @@ fn size_and_time_against_mksquashfs() {
         .chain(defaults.into_iter().map(PathBuf::from))
         .find(|p| p.is_dir())
     else {
-        eprintln!("SKIP size_and_time_against_mksquashfs: no sample directory");
+        crate::testkit::skip_line("size_and_time_against_mksquashfs: no sample directory");
         return;
     };
     let tmp = tempfile::tempdir().unwrap();

@@ -668,3 +668,54 @@ impl Drop for Mount {
         // Then `tmp` (if any) removes the now empty mount point.
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Checkers and prerequisites
+
+/// Whether a missing prerequisite must fail a test instead of skipping it: in CI (`CI` set)
+/// or after the project's setup (`FLEDGE_TEST_SETUP=1`, which scripts/test.sh exports).
+pub fn setup_wanted() -> bool {
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+        || std::env::var("FLEDGE_TEST_SETUP").is_ok_and(|v| v == "1")
+}
+
+/// Print the standard SKIP line for `test`, or fail it when [`setup_wanted`].
+pub fn skip_unless_setup(test: &str, reason: &str) {
+    assert!(
+        !setup_wanted(),
+        "{test}: {reason} (required when CI or FLEDGE_TEST_SETUP=1 is set)"
+    );
+    eprintln!("SKIP: {test}: {reason}");
+}
+
+/// `fsck.erofs ARGS IMAGE`: an error when it fails or reports one. fsck.erofs 1.5 exits 0
+/// after some errors (a bad superblock checksum among them) and prints them as `<E>`, so
+/// its exit status alone proves nothing.
+pub fn fsck_erofs(args: &[&str], image: &Path) -> Result<(), String> {
+    let out = Command::new("fsck.erofs")
+        .args(args)
+        .arg(image)
+        .output()
+        .map_err(|e| format!("fsck.erofs: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && !text.contains("<E>") {
+        Ok(())
+    } else {
+        Err(format!("fsck.erofs {args:?} {}: {text}", image.display()))
+    }
+}
+
+/// A unit test's SKIP line (`what`: the test or part and why), or a failure when
+/// [`setup_wanted`]: the library's tests have no other way to learn that CI expects every
+/// prerequisite to be there.
+pub fn skip_line(what: &str) {
+    assert!(
+        !setup_wanted(),
+        "{what} (required when CI or FLEDGE_TEST_SETUP=1 is set)"
+    );
+    eprintln!("SKIP {what}");
+}

@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 pub mod kit;
+#[allow(unused_imports)]
+pub use kit::{setup_wanted, skip_unless_setup};
 pub mod servers;
 pub mod treecmp;
 
@@ -48,17 +50,6 @@ pub fn is_root() -> bool {
 /// Print the standard SKIP line for `test`.
 pub fn skip(test: &str, reason: &str) {
     eprintln!("SKIP: {test}: {reason}");
-}
-
-/// A precondition of `test` is missing: a panic when the host is meant to be set up for
-/// every test ([`setup_wanted`]: `CI` set, or `FLEDGE_TEST_SETUP=1` as scripts/test.sh
-/// exports), else the standard SKIP line.
-pub fn skip_unless_setup(test: &str, reason: &str) {
-    assert!(
-        !setup_wanted(),
-        "{test}: {reason} (required when CI or FLEDGE_TEST_SETUP=1 is set)"
-    );
-    skip(test, reason);
 }
 
 /// The base image tar of the unprivileged-container test (debootstrap minbase), made by
@@ -425,7 +416,13 @@ pub fn assert_fsck_clean(image: &Path, fs: &str, what: &str) {
         "btrfs" => ("btrfs", &["check"]),
         // Lists every inode with its attributes: reads and checks all metadata tables.
         "squashfs" => ("unsquashfs", &["-no-progress", "-lls"]),
-        "erofs" => ("fsck.erofs", &[]),
+        "erofs" => {
+            // Decodes every file too; fails on `<E>` lines as well as the exit status.
+            if let Err(e) = kit::fsck_erofs(&["--extract"], image) {
+                panic!("{what}: {e}");
+            }
+            return;
+        }
         other => panic!("{what}: no checker known for {other}"),
     };
     let out = Command::new(prog).args(args).arg(image).output().unwrap();
@@ -512,10 +509,6 @@ pub fn assert_same_tree(
 
 /// The unprivileged user the rootless tests run as.
 pub const TEST_USER: &str = "fledge-test";
-
-pub fn setup_wanted() -> bool {
-    in_ci() || std::env::var("FLEDGE_TEST_SETUP").is_ok_and(|v| v == "1")
-}
 
 pub fn fuse_conf_allows_other() -> bool {
     std::fs::read_to_string("/etc/fuse.conf")

@@ -136,7 +136,9 @@ fn fsck(image: &Path) {
 #[test]
 fn every_kind_of_node_survives_fsck_and_the_kernel() {
     if !have("e2fsck") {
-        eprintln!("SKIP every_kind_of_node_survives_fsck_and_the_kernel: e2fsck not installed");
+        crate::testkit::skip_line(
+            "every_kind_of_node_survives_fsck_and_the_kernel: e2fsck not installed",
+        );
         return;
     }
     let mut t = T::new();
@@ -248,7 +250,9 @@ fn every_kind_of_node_survives_fsck_and_the_kernel() {
     assert_eq!(sum, sha256_hex(&std::fs::read(&image).unwrap()));
 
     if !is_root() {
-        eprintln!("SKIP every_kind_of_node_survives_fsck_and_the_kernel (mount part): needs root");
+        crate::testkit::skip_line(
+            "every_kind_of_node_survives_fsck_and_the_kernel (mount part): needs root",
+        );
         return;
     }
     let m = Mount::image(&image, "ext4", "loop,ro");
@@ -327,7 +331,9 @@ fn every_kind_of_node_survives_fsck_and_the_kernel() {
 #[test]
 fn a_file_longer_than_four_extents_gets_an_extent_tree() {
     if !have("e2fsck") {
-        eprintln!("SKIP a_file_longer_than_four_extents_gets_an_extent_tree: e2fsck not installed");
+        crate::testkit::skip_line(
+            "a_file_longer_than_four_extents_gets_an_extent_tree: e2fsck not installed",
+        );
         return;
     }
     // 600 MiB is five maximal extents: the inode then points at a leaf block. The source is
@@ -365,8 +371,8 @@ fn a_file_longer_than_four_extents_gets_an_extent_tree() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("(ETB0)"), "no extent tree block:\n{text}");
     if !is_root() {
-        eprintln!(
-            "SKIP a_file_longer_than_four_extents_gets_an_extent_tree (mount part): needs root"
+        crate::testkit::skip_line(
+            "a_file_longer_than_four_extents_gets_an_extent_tree (mount part): needs root",
         );
         return;
     }
