@@ -32,7 +32,7 @@ use std::time::Instant;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::config::{Config, FsType};
+use crate::config::{Config, FsType, ImageFormat};
 use crate::error::Error;
 use crate::image::ImageRequest;
 use crate::manifest::{self, ImageRuntimeConfig, ManifestInputs, ManifestOverrides};
@@ -163,6 +163,8 @@ pub struct BuildOutcome {
     /// sha256 of the image file, lower-case hex (the manifest's `rootfs.checksum`).
     pub sha256: String,
     pub filesystem: FsType,
+    /// The image file's format: `raw`, or `qcow2` (`[filesystem] image_format`).
+    pub image_format: ImageFormat,
     pub backend: BackendKind,
     /// Why the backend was chosen.
     pub backend_reason: String,
@@ -186,8 +188,12 @@ impl BuildOutcome {
             },
             |f| format!("{} MiB free", f / size::MIB),
         );
+        let container = match self.image_format {
+            ImageFormat::Raw => String::new(),
+            f => format!(" in {f}"),
+        };
         format!(
-            "built {} ({}, {} MiB, {free}, backend {}) and {} in {:.1}s",
+            "built {} ({}{container}, {} MiB, {free}, backend {}) and {} in {:.1}s",
             self.image.display(),
             self.filesystem.as_str(),
             self.image_bytes / size::MIB,
@@ -284,6 +290,8 @@ pub enum BuildError {
     Erofs(crate::erofs::ErofsError),
     #[error(transparent)]
     Fuse(#[from] crate::fusefs::FuseError),
+    #[error(transparent)]
+    Qcow2(#[from] crate::qcow2::Qcow2Error),
     #[error("interrupted")]
     Interrupted,
 }
@@ -510,6 +518,15 @@ impl BuildError {
             BuildError::Native(_) => {
                 Some("check the output directory's permissions and free space".into())
             }
+            BuildError::Qcow2(crate::qcow2::Qcow2Error::Interrupted) => {
+                Some("nothing was written; run the build again".into())
+            }
+            BuildError::Qcow2(crate::qcow2::Qcow2Error::Write { source, .. }) => {
+                Some(write_hint(source))
+            }
+            BuildError::Qcow2(crate::qcow2::Qcow2Error::Read { .. }) => {
+                Some("run again with -vv and report the output if it persists".into())
+            }
             BuildError::Squashfs(e) => squashfs_hint(e),
             BuildError::Erofs(e) => erofs_hint(e),
         }
@@ -585,7 +602,11 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let image_ref = crate::source::reference::ImageRef::parse(&reference)?;
     let fs = cfg.filesystem.fs_type;
     let output = absolute(args.output.clone().unwrap_or_else(|| {
-        PathBuf::from(format!("{}.{}", image_ref.base_name(), fs.extension()))
+        let ext = match cfg.filesystem.image_format {
+            ImageFormat::Raw => fs.extension(),
+            ImageFormat::Qcow2 => "qcow2",
+        };
+        PathBuf::from(format!("{}.{ext}", image_ref.base_name()))
     }))?;
     let manifest_path = manifest::manifest_path_for(&output);
     let out_dir = output
@@ -748,13 +769,36 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         work: work.path(),
         progress: &|n| progress.set_position(n),
     };
-    let Written { report, sha256 } = backend.kind.writer(fs).write(&job, &mut sw)?;
+    let Written {
+        report,
+        mut sha256,
+        format,
+    } = backend.kind.writer(fs).write(&job, &mut sw)?;
     progress.finish_and_clear();
     if cfg.filesystem.preallocate {
         preallocate(&image_tmp)?;
     }
     check_interrupt()?;
     sw.mark("formatted");
+    let image_format = cfg.filesystem.image_format;
+    let mut image_tmp = image_tmp;
+    if image_format == ImageFormat::Qcow2 && format == ImageFormat::Raw {
+        // The writer filled a raw file (through a loop device, mkfs, or its own layout that
+        // writes the superblock last): one read of its data extents into the qcow2 file.
+        let qcow = work.path().join("image.qcow2");
+        let converted = crate::qcow2::convert(&image_tmp, &qcow, &crate::interrupt::requested)
+            .map_err(|e| match e {
+                crate::qcow2::Qcow2Error::Interrupted => BuildError::Interrupted,
+                e => e.into(),
+            })?;
+        std::fs::remove_file(&image_tmp).map_err(|e| BuildError::Io {
+            path: image_tmp.clone(),
+            source: e,
+        })?;
+        image_tmp = qcow;
+        sha256 = Some(converted.sha256);
+        sw.mark("converted to qcow2 and hashed");
+    }
     let checksum = match sha256 {
         // The writer hashed the image as it wrote it.
         Some(sum) => sum,
@@ -784,6 +828,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         image_path: &output,
         image_sha256: &checksum,
         fs_type: fs,
+        image_format,
         image_config: &runtime,
         overrides: overrides.as_ref(),
     })?;
@@ -804,6 +849,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         image_bytes,
         sha256: checksum,
         filesystem: fs,
+        image_format,
         backend: backend.kind,
         backend_reason: backend.reason,
         report,
