@@ -407,6 +407,16 @@ impl Default for FilesystemConfig {
 }
 
 impl FilesystemConfig {
+    /// These settings with `image_format` set to `format` (`fledge build --image-format`),
+    /// refused where the settings cannot combine with it.
+    pub fn with_image_format(mut self, format: ImageFormat) -> Result<Self, ConfigError> {
+        if format == ImageFormat::Qcow2 && self.preallocate {
+            return Err(qcow2_preallocate());
+        }
+        self.image_format = format;
+        Ok(self)
+    }
+
     /// Free space to add on top of `content_bytes`. An explicit `size_buffer_mb` is used as is;
     /// 0 means auto, tiered by content size: <= 128 MiB -> 32 MiB, <= 512 MiB -> 64 MiB,
     /// <= 2 GiB -> 128 MiB, larger -> 256 MiB.
@@ -629,6 +639,15 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
     })
 }
 
+/// A qcow2 image allocates only the clusters that hold data: nothing to preallocate.
+fn qcow2_preallocate() -> ConfigError {
+    ConfigError::invalid(
+        "'filesystem.preallocate = true' cannot combine with image_format = \"qcow2\" \
+         (a qcow2 image holds only the allocated clusters; free space is not stored)",
+        Some("remove preallocate, or set image_format = \"raw\""),
+    )
+}
+
 fn validate_filesystem(
     fs: RawFilesystem,
     warnings: &mut Vec<String>,
@@ -657,14 +676,8 @@ fn validate_filesystem(
             }
         };
     }
-    // A qcow2 image allocates only the clusters that hold data: nothing to preallocate.
     if out.image_format == ImageFormat::Qcow2 && fs.preallocate == Some(true) {
-        return Err(ConfigError::invalid(
-            "'filesystem.preallocate = true' cannot combine with image_format = \"qcow2\" \
-             (a qcow2 image holds only the allocated clusters; free space is not stored)"
-                .to_string(),
-            Some("remove preallocate, or set image_format = \"raw\""),
-        ));
+        return Err(qcow2_preallocate());
     }
     if !ty.is_read_only() {
         // The read-only types' keys are mistakes on a writable image.
@@ -1498,5 +1511,22 @@ mod tests {
         // preallocate = false is what qcow2 does anyway.
         assert!(fs_section("image_format = \"qcow2\"\npreallocate = false\n").is_ok());
         assert_eq!(ImageFormat::Qcow2.to_string(), "qcow2");
+        // --image-format over the config: the same rule.
+        let f = fs_section("preallocate = true\n").unwrap().filesystem;
+        assert!(
+            f.clone()
+                .with_image_format(ImageFormat::Raw)
+                .unwrap()
+                .preallocate
+        );
+        let e = f.with_image_format(ImageFormat::Qcow2).unwrap_err();
+        assert!(e.to_string().contains("cannot combine"), "{e}");
+        let f = fs_section("type = \"xfs\"\n").unwrap().filesystem;
+        assert_eq!(
+            f.with_image_format(ImageFormat::Qcow2)
+                .unwrap()
+                .image_format,
+            ImageFormat::Qcow2
+        );
     }
 }

@@ -33,8 +33,10 @@
 //! same file, so a reproducible raw build gives a reproducible qcow2.
 //!
 //! The file is no larger than the raw image's data rounded out to whole clusters, plus the
-//! tables: a data extent that starts or ends inside a cluster allocates that whole cluster
-//! (zeros included).
+//! tables: a data extent that starts or ends inside a cluster allocates that whole cluster.
+//! The zeros that rounding adds are left as holes in the file (it is sized up front and
+//! only data is written), so the blocks it occupies on the host are the raw image's
+//! allocated blocks plus the tables.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -362,7 +364,8 @@ pub fn convert(
     };
     let src = File::open(raw).map_err(rerr)?;
     let len = src.metadata().map_err(rerr)?.len();
-    let layout = Layout::new(len, &data_extents(&src, len).map_err(rerr)?);
+    let extents = data_extents(&src, len).map_err(rerr)?;
+    let layout = Layout::new(len, &extents);
     let dst = File::create(out).map_err(werr)?;
     dst.set_len(layout.file_len()).map_err(werr)?;
 
@@ -384,38 +387,52 @@ pub fn convert(
             dst.write_all_at(&meta, 0).map_err(werr)?;
             let _ = tx.send(Piece::Data(meta));
             let mut host = layout.data_offset();
+            let mut next = 0usize; // the first extent not copied yet
             for &(cs, ce) in layout.runs() {
-                let (start, end) = (cs * CLUSTER, (ce * CLUSTER).min(len));
+                let (start, end) = (cs * CLUSTER, ce * CLUSTER);
                 let mut at = start;
-                while at < end {
-                    if stop() {
-                        return Err(Qcow2Error::Interrupted);
-                    }
-                    let n = (end - at).min(CHUNK) as usize;
-                    let mut buf = back_rx.try_recv().unwrap_or_default();
-                    buf.resize(n, 0);
-                    src.read_exact_at(&mut buf, at).map_err(rerr)?;
-                    dst.write_all_at(&buf, host).map_err(werr)?;
-                    at += n as u64;
-                    host += n as u64;
-                    if tx.send(Piece::Data(buf)).is_err() {
+                // The extents in this run are copied; the holes between them (inside its
+                // clusters, and past the disk's end in its last one) stay holes in the
+                // file, hashed as zeros without being read.
+                while let Some(&(s, e)) = extents.get(next) {
+                    if s >= end {
                         break;
                     }
+                    let (s, e) = (s.max(at), e.min(len));
+                    if s > at {
+                        host += s - at;
+                        let _ = tx.send(Piece::Zeros(s - at));
+                        at = s;
+                    }
+                    while at < e {
+                        if stop() {
+                            return Err(Qcow2Error::Interrupted);
+                        }
+                        let n = (e - at).min(CHUNK) as usize;
+                        let mut buf = back_rx.try_recv().unwrap_or_default();
+                        buf.resize(n, 0);
+                        src.read_exact_at(&mut buf, at).map_err(rerr)?;
+                        dst.write_all_at(&buf, host).map_err(werr)?;
+                        at += n as u64;
+                        host += n as u64;
+                        let _ = tx.send(Piece::Data(buf));
+                    }
+                    next += 1;
                 }
-                // The last cluster of a disk whose size is not a multiple of the cluster:
-                // its tail is in the file (as a hole), so it is hashed.
-                let pad = ce * CLUSTER - start - (end - start);
-                if pad > 0 {
-                    host += pad;
-                    let _ = tx.send(Piece::Zeros(pad));
+                if end > at {
+                    host += end - at;
+                    let _ = tx.send(Piece::Zeros(end - at));
                 }
             }
             debug_assert_eq!(host, layout.file_len());
             Ok(())
         })();
         drop(tx);
-        let sum = hasher.join().unwrap_or_default();
-        r.map(|()| Converted {
+        let sum = hasher.join().map_err(|_| Qcow2Error::Write {
+            path: out.to_path_buf(),
+            source: std::io::Error::other("the hashing thread panicked"),
+        });
+        r.and(sum).map(|sum| Converted {
             sha256: sum,
             layout: layout.clone(),
         })

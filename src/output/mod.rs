@@ -129,6 +129,10 @@ pub struct BuildRequest {
     pub backend: BackendChoice,
     /// How to read the image.
     pub image: ImageRequest,
+    /// `--image-format`: overrides `[filesystem] image_format` (the config file, and so a
+    /// reproducible build's identity, stay the same: the raw and the qcow2 build of one
+    /// config hold the same filesystem).
+    pub image_format: Option<ImageFormat>,
     /// `SOURCE_DATE_EPOCH`: a reproducible build at this time (injected files' mtimes, the
     /// filesystem's clock, and a UUID and hash seed derived from the inputs).
     pub source_date_epoch: Option<i64>,
@@ -143,6 +147,7 @@ impl BuildRequest {
             manifest: None,
             backend: BackendChoice::Auto,
             image: ImageRequest::default(),
+            image_format: None,
             source_date_epoch: None,
         }
     }
@@ -587,7 +592,10 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let mut sw = crate::timing::Stopwatch::start();
 
     // 1. Every cheap check first.
-    let cfg = Config::load(&args.config)?;
+    let mut cfg = Config::load(&args.config)?;
+    if let Some(f) = args.image_format {
+        cfg.filesystem = cfg.filesystem.clone().with_image_format(f)?;
+    }
     // Once, through the output sink (a tracing line too would print it twice).
     for w in &cfg.warnings {
         ui.info(format!("warning: {}: {w}", cfg.path.display()));
