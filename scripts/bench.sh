@@ -2,7 +2,7 @@
 # Benchmarks, side by side with their baselines in the same run, reported as medians and ratios
 # (issue 7).
 #
-#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|all]
+#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|all]
 #
 #   build  Debian test image -> ext4, everything pulled from a local docker-registry on
 #          127.0.0.1 that holds the image:
@@ -42,7 +42,12 @@
 #          with the layers cached but an empty block cache ("cold"), then the next build
 #          after a [mappings] file changed and grew ("warm": the blocks come from the block
 #          cache). Target: xz warm <= 0.10x xz cold.
-#   all    build, scale and readonly (default; squashfs is its block-cache detail).
+#   qcow2  Debian test image (OCI layout), layers cached: the same config built raw and with
+#          --image-format qcow2 (issue 17): ext4 (the native writer streams the qcow2 itself)
+#          and EROFS (written raw, then converted by its data extents). Target: ext4 qcow2 <=
+#          1.1x raw.
+#   all    build, scale and readonly (default; squashfs is its block-cache detail, qcow2 the
+#          qcow2 output's).
 #
 # Commands alternate within each repetition so that machine noise hits all of them alike.
 # Every command runs under scripts/lib/measure.py, which reports wall time, the largest
@@ -64,14 +69,14 @@ while getopts "n:s:" opt; do
     case $opt in
     n) reps=$OPTARG ;;
     s) scale_reps=$OPTARG ;;
-    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|all]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
 what="${1:-all}"
 scale_reps=${scale_reps:-$reps}
-case $what in build | scale | index | readonly | squashfs | all) ;; *)
-    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|all]" >&2; exit 2 ;;
+case $what in build | scale | index | readonly | squashfs | qcow2 | all) ;; *)
+    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|all]" >&2; exit 2 ;;
 esac
 
 . scripts/lib/need-root.sh
@@ -487,9 +492,56 @@ EOF
     check "squashfs xz warm / cold" "$(ratio squashfs-xz-warm squashfs-xz-cold)" "<=" 0.10
 }
 
+qc_build() { # TYPE FORMAT
+    "$FLEDGE" build -q -c "$WORK/qc-$1.toml" --cache-dir "$WORK/cache" --image-format "$2" \
+        -o "$WORK/qc-out.$2"
+}
+export -f qc_build
+
+bench_qcow2() {
+    local fs i f
+    for fs in ext4 erofs; do
+        cat >"$WORK/qc-$fs.toml" <<EOF
+version = "1"
+strategy = "oci_rootfs"
+[source]
+image = "oci:$LAYOUT:test"
+[filesystem]
+type = "$fs"
+EOF
+    done
+    rm -rf "$WORK/cache"
+    qc_build ext4 raw # the layers into the cache
+    for i in $(seq "$reps"); do
+        for fs in ext4 erofs; do
+            for f in raw qcow2; do
+                measure "qcow2-$fs-$f" bash -c 'qc_build "$0" "$1"' "$fs" "$f"
+            done
+        done
+    done
+    echo
+    echo "== qcow2: Debian test image (OCI layout), layers cached, the same config raw and"
+    echo "   --image-format qcow2; $reps repetitions"
+    header
+    for fs in ext4 erofs; do
+        row "qcow2-$fs-raw"
+        row "qcow2-$fs-qcow2" "qcow2-$fs-raw"
+    done
+    for fs in ext4 erofs; do
+        qc_build "$fs" raw
+        qc_build "$fs" qcow2
+        printf "  %-5s raw %s bytes (%s allocated), qcow2 %s bytes (%s allocated)\n" "$fs" \
+            "$(stat -c %s "$WORK/qc-out.raw")" "$(($(stat -c %b "$WORK/qc-out.raw") * 512))" \
+            "$(stat -c %s "$WORK/qc-out.qcow2")" "$(($(stat -c %b "$WORK/qc-out.qcow2") * 512))"
+    done
+    rm -rf "$WORK/cache" "$WORK"/qc-out.*
+    echo "targets:"
+    check "ext4 qcow2 / raw" "$(ratio qcow2-ext4-qcow2 qcow2-ext4-raw)" "<=" 1.10
+}
+
 echo "machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r), $(findmnt -no FSTYPE -T /var/tmp) at /var/tmp; $(date -u '+%F %H:%M UTC')"
 echo "fledge: $("$FLEDGE" version | head -1); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-if [ "$what" != index ] && [ "$what" != squashfs ]; then
+if [ "$what" != index ] && [ "$what" != squashfs ] && [ "$what" != qcow2 ]; then
     registry_start "$WORK/registry"
     registry_push "oci:$LAYOUT:test" debian:test
     echo "registry: docker-registry on $REGISTRY"
@@ -500,6 +552,7 @@ scale) bench_scale ;;
 index) bench_index ;;
 readonly) bench_readonly ;;
 squashfs) bench_squashfs ;;
+qcow2) bench_qcow2 ;;
 all) bench_build; bench_scale; bench_readonly ;;
 esac
 echo

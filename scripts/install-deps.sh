@@ -16,6 +16,8 @@ packages=(
     debootstrap umoci skopeo attr libcap2-bin python3
     # oracles of fledge's own squashfs and EROFS writers (never needed at run time)
     squashfs-tools erofs-utils
+    # oracle of the qcow2 output (qemu-img check/compare/convert; never needed at run time)
+    qemu-utils
     # image sources tests: a local registry (with htpasswd auth and TLS) and a Docker-API daemon
     docker-registry apache2-utils podman openssl
     # the unprivileged-container test (tests/container.rs): rootless podman needs

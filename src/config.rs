@@ -42,6 +42,7 @@ static KEYS: Keys = Keys::Table(&[
             ("compression", Keys::Any),
             ("compression_level", Keys::Any),
             ("overlay_size", Keys::Any),
+            ("image_format", Keys::Any),
         ]),
     ),
     (
@@ -360,6 +361,35 @@ pub struct FilesystemConfig {
     pub compression_level: u32,
     /// Read-only types: the writable overlay the guest puts over the image.
     pub overlay_size: OverlaySize,
+    /// The container the filesystem is written in: a raw image, or qcow2 (any type).
+    pub image_format: ImageFormat,
+}
+
+/// `image_format`: how the filesystem image is stored on the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// The filesystem's bytes as they are (sparse where the filesystem is free).
+    #[default]
+    Raw,
+    /// A qcow2 (version 3) image holding only the allocated clusters ([`crate::qcow2`]).
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The name `image_format` takes, and the manifest's `rootfs.format` for qcow2.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Default for FilesystemConfig {
@@ -371,11 +401,22 @@ impl Default for FilesystemConfig {
             compression: Compression::None,
             compression_level: DEFAULT_COMPRESSION_LEVEL,
             overlay_size: OverlaySize::default(),
+            image_format: ImageFormat::Raw,
         }
     }
 }
 
 impl FilesystemConfig {
+    /// These settings with `image_format` set to `format` (`fledge build --image-format`),
+    /// refused where the settings cannot combine with it.
+    pub fn with_image_format(mut self, format: ImageFormat) -> Result<Self, ConfigError> {
+        if format == ImageFormat::Qcow2 && self.preallocate {
+            return Err(qcow2_preallocate());
+        }
+        self.image_format = format;
+        Ok(self)
+    }
+
     /// Free space to add on top of `content_bytes`. An explicit `size_buffer_mb` is used as is;
     /// 0 means auto, tiered by content size: <= 128 MiB -> 32 MiB, <= 512 MiB -> 64 MiB,
     /// <= 2 GiB -> 128 MiB, larger -> 256 MiB.
@@ -469,6 +510,7 @@ struct RawFilesystem {
     compression: Option<String>,
     compression_level: Option<i64>,
     overlay_size: Option<String>,
+    image_format: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -597,6 +639,15 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
     })
 }
 
+/// A qcow2 image allocates only the clusters that hold data: nothing to preallocate.
+fn qcow2_preallocate() -> ConfigError {
+    ConfigError::invalid(
+        "'filesystem.preallocate = true' cannot combine with image_format = \"qcow2\" \
+         (a qcow2 image holds only the allocated clusters; free space is not stored)",
+        Some("remove preallocate, or set image_format = \"raw\""),
+    )
+}
+
 fn validate_filesystem(
     fs: RawFilesystem,
     warnings: &mut Vec<String>,
@@ -612,6 +663,21 @@ fn validate_filesystem(
     }
     if let Some(p) = fs.preallocate {
         out.preallocate = p;
+    }
+    if let Some(f) = &fs.image_format {
+        out.image_format = match f.as_str() {
+            "raw" => ImageFormat::Raw,
+            "qcow2" => ImageFormat::Qcow2,
+            _ => {
+                return Err(ConfigError::invalid(
+                    format!("invalid 'filesystem.image_format' '{f}': must be one of: raw, qcow2"),
+                    Some("omit it for a raw image, or set image_format = \"qcow2\""),
+                ))
+            }
+        };
+    }
+    if out.image_format == ImageFormat::Qcow2 && fs.preallocate == Some(true) {
+        return Err(qcow2_preallocate());
     }
     if !ty.is_read_only() {
         // The read-only types' keys are mistakes on a writable image.
@@ -1409,5 +1475,58 @@ mod tests {
         // Writable types: no warnings.
         let c = fs_section("type = \"xfs\"\nsize_buffer_mb = 200\npreallocate = true\n").unwrap();
         assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn image_format() {
+        for ty in FsType::ALL {
+            let f = fs_section(&format!("type = \"{ty}\"\n"))
+                .unwrap()
+                .filesystem;
+            assert_eq!(f.image_format, ImageFormat::Raw, "{ty}");
+            let f = fs_section(&format!("type = \"{ty}\"\nimage_format = \"qcow2\"\n"))
+                .unwrap()
+                .filesystem;
+            assert_eq!(f.image_format, ImageFormat::Qcow2, "{ty}");
+            assert_eq!(f.fs_type, ty);
+        }
+        let f = fs_section("image_format = \"raw\"\npreallocate = true\n")
+            .unwrap()
+            .filesystem;
+        assert!(f.preallocate);
+        let e = fs_section("image_format = \"vmdk\"\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid 'filesystem.image_format' 'vmdk': must be one of: raw, qcow2"
+        );
+        // A qcow2 image keeps no free space to preallocate.
+        for ty in ["ext4", "squashfs"] {
+            let e = fs_section(&format!(
+                "type = \"{ty}\"\nimage_format = \"qcow2\"\npreallocate = true\n"
+            ))
+            .unwrap_err();
+            assert!(e.to_string().contains("cannot combine"), "{e}");
+            assert!(e.hint().unwrap().contains("remove preallocate"));
+        }
+        // preallocate = false is what qcow2 does anyway.
+        assert!(fs_section("image_format = \"qcow2\"\npreallocate = false\n").is_ok());
+        assert_eq!(ImageFormat::Qcow2.to_string(), "qcow2");
+        // --image-format over the config: the same rule.
+        let f = fs_section("preallocate = true\n").unwrap().filesystem;
+        assert!(
+            f.clone()
+                .with_image_format(ImageFormat::Raw)
+                .unwrap()
+                .preallocate
+        );
+        let e = f.with_image_format(ImageFormat::Qcow2).unwrap_err();
+        assert!(e.to_string().contains("cannot combine"), "{e}");
+        let f = fs_section("type = \"xfs\"\n").unwrap().filesystem;
+        assert_eq!(
+            f.with_image_format(ImageFormat::Qcow2)
+                .unwrap()
+                .image_format,
+            ImageFormat::Qcow2
+        );
     }
 }

@@ -47,6 +47,7 @@ pub mod merge;
 pub(crate) mod mountinfo;
 pub mod output;
 pub mod probe;
+pub mod qcow2;
 pub mod runner;
 pub mod source;
 pub mod squashfs;

@@ -17,7 +17,9 @@
 //! - `workload.base_url`: `http://127.0.0.1:<port>` with the lowest exposed TCP port, or 80;
 //! - `resources`: 1 CPU, 1024 MiB; `health_check`: `/`, 10000 ms;
 //! - `rootfs`: the absolute image path, `sha256:<hex>` of the file, and the filesystem type as
-//!   `format` (as the seed does, although the schema lists only `raw|qcow2` there).
+//!   `format` (as the seed does, although the schema lists only `raw|qcow2` there); a qcow2
+//!   image (`image_format = "qcow2"`) says `qcow2`, as the schema wants (the guest finds
+//!   the filesystem by its superblock; `fledge build --json` reports both).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::config::FsType;
+use crate::config::{FsType, ImageFormat};
 use crate::source::reference::ImageRef;
 pub use crate::source::reference::DEFAULT_VERSION;
 use crate::tomlfile::{self, Keys, TomlProblem};
@@ -417,6 +419,8 @@ pub struct ManifestInputs<'a> {
     /// SHA-256 of the image file: 64 hex digits, optionally prefixed with `sha256:`.
     pub image_sha256: &'a str,
     pub fs_type: FsType,
+    /// The image file's format: a qcow2 image says `qcow2` in `rootfs.format`.
+    pub image_format: ImageFormat,
     pub image_config: &'a ImageRuntimeConfig,
     pub overrides: Option<&'a ManifestOverrides>,
 }
@@ -624,7 +628,10 @@ pub fn build_manifest(inp: &ManifestInputs<'_>) -> Result<PluginManifest, Manife
         rootfs: Rootfs {
             url,
             checksum: format!("sha256:{}", hex.to_ascii_lowercase()),
-            format: inp.fs_type.as_str().to_string(),
+            format: match inp.image_format {
+                ImageFormat::Raw => inp.fs_type.as_str().to_string(),
+                ImageFormat::Qcow2 => ImageFormat::Qcow2.as_str().to_string(),
+            },
         },
         network: o.network.clone(),
         devices: o.devices.clone(),
@@ -671,6 +678,7 @@ mod tests {
             image_path: Path::new("/out/nginx.img"),
             image_sha256: SUM,
             fs_type: FsType::Ext4,
+            image_format: ImageFormat::Raw,
             image_config: cfg,
             overrides,
         }
@@ -1167,6 +1175,13 @@ readonly = true
                 v["rootfs"]["format"] = json!("raw");
                 let errs = errors_for(&schema, &v);
                 assert!(errs.is_empty(), "{what}/{fs}: {errs:?}");
+                // A qcow2 image of any type says so, and conforms as written.
+                inp.image_format = ImageFormat::Qcow2;
+                let m = build_manifest(&inp).unwrap();
+                let v: Value = serde_json::from_str(&m.to_json_pretty()).unwrap();
+                assert_eq!(v["rootfs"]["format"], "qcow2");
+                let errs = errors_for(&schema, &v);
+                assert!(errs.is_empty(), "{what}/{fs} qcow2: {errs:?}");
             }
         }
     }

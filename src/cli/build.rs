@@ -7,6 +7,7 @@ use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 
 use super::{print_json, CliError, ImageArgs};
+use crate::config::ImageFormat;
 use crate::output::{self, BackendChoice, BuildRequest};
 use crate::ui::Ui;
 
@@ -25,6 +26,10 @@ pub struct BuildArgs {
     /// Formatter backend.
     #[arg(long, value_parser = backend_parser(), default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
+    /// Image file format, over `[filesystem] image_format`: raw, or qcow2 (only the
+    /// allocated clusters; default output name NAME.qcow2).
+    #[arg(long, value_name = "FORMAT", value_parser = ["raw", "qcow2"])]
+    pub image_format: Option<String>,
     /// Print a JSON report of the finished build on stdout (outputs, size, sha256, backend,
     /// timings) instead of the summary line. Errors are reported as without it: on stderr,
     /// with a non-zero exit status and nothing on stdout.
@@ -52,6 +57,10 @@ impl BuildArgs {
             manifest: self.manifest.clone(),
             backend: self.backend,
             image: self.image.request(),
+            image_format: self.image_format.as_deref().map(|f| match f {
+                "qcow2" => ImageFormat::Qcow2,
+                _ => ImageFormat::Raw,
+            }),
             source_date_epoch: output::source_date_epoch_from_env(),
         }
     }
@@ -86,6 +95,15 @@ mod tests {
         let b = build_args(&["fledge", "build"]).unwrap();
         assert!(!b.json);
         assert_eq!(b.request(), BuildRequest::new("fledge.toml"));
+    }
+
+    #[test]
+    fn image_format_parses() {
+        let b = build_args(&["fledge", "build", "--image-format", "qcow2"]).unwrap();
+        assert_eq!(b.request().image_format, Some(ImageFormat::Qcow2));
+        let b = build_args(&["fledge", "build", "--image-format", "raw"]).unwrap();
+        assert_eq!(b.request().image_format, Some(ImageFormat::Raw));
+        assert!(build_args(&["fledge", "build", "--image-format", "vmdk"]).is_err());
     }
 
     #[test]

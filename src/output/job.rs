@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::size::SizePlan;
 use super::{BuildError, BuildReport};
-use crate::config::{FilesystemConfig, FsType};
+use crate::config::{FilesystemConfig, FsType, ImageFormat};
 use crate::runner::Tool;
 use crate::timing::Stopwatch;
 use crate::tree::Tree;
@@ -208,6 +208,9 @@ pub struct Written {
     /// The image's sha256 (hex), when the writer hashed it while writing; else the caller
     /// hashes the finished file.
     pub sha256: Option<String>,
+    /// What the writer wrote: a raw image, or already the qcow2 image `image_format` asked
+    /// for (the native ext4 writer); the pipeline converts a raw one when qcow2 was asked.
+    pub format: ImageFormat,
 }
 
 /// An image writer: one per output format and method.

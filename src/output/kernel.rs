@@ -422,6 +422,7 @@ impl Writer for KernelWriter {
     ) -> Result<Written, BuildError> {
         let report = build(job, sw)?;
         Ok(Written {
+            format: crate::config::ImageFormat::Raw,
             report,
             sha256: None,
         })

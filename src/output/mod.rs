@@ -32,7 +32,7 @@ use std::time::Instant;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::config::{Config, FsType};
+use crate::config::{Config, FsType, ImageFormat};
 use crate::error::Error;
 use crate::image::ImageRequest;
 use crate::manifest::{self, ImageRuntimeConfig, ManifestInputs, ManifestOverrides};
@@ -129,6 +129,10 @@ pub struct BuildRequest {
     pub backend: BackendChoice,
     /// How to read the image.
     pub image: ImageRequest,
+    /// `--image-format`: overrides `[filesystem] image_format` (the config file, and so a
+    /// reproducible build's identity, stay the same: the raw and the qcow2 build of one
+    /// config hold the same filesystem).
+    pub image_format: Option<ImageFormat>,
     /// `SOURCE_DATE_EPOCH`: a reproducible build at this time (injected files' mtimes, the
     /// filesystem's clock, and a UUID and hash seed derived from the inputs).
     pub source_date_epoch: Option<i64>,
@@ -143,6 +147,7 @@ impl BuildRequest {
             manifest: None,
             backend: BackendChoice::Auto,
             image: ImageRequest::default(),
+            image_format: None,
             source_date_epoch: None,
         }
     }
@@ -163,6 +168,8 @@ pub struct BuildOutcome {
     /// sha256 of the image file, lower-case hex (the manifest's `rootfs.checksum`).
     pub sha256: String,
     pub filesystem: FsType,
+    /// The image file's format: `raw`, or `qcow2` (`[filesystem] image_format`).
+    pub image_format: ImageFormat,
     pub backend: BackendKind,
     /// Why the backend was chosen.
     pub backend_reason: String,
@@ -186,8 +193,12 @@ impl BuildOutcome {
             },
             |f| format!("{} MiB free", f / size::MIB),
         );
+        let container = match self.image_format {
+            ImageFormat::Raw => String::new(),
+            f => format!(" in {f}"),
+        };
         format!(
-            "built {} ({}, {} MiB, {free}, backend {}) and {} in {:.1}s",
+            "built {} ({}{container}, {} MiB, {free}, backend {}) and {} in {:.1}s",
             self.image.display(),
             self.filesystem.as_str(),
             self.image_bytes / size::MIB,
@@ -284,6 +295,8 @@ pub enum BuildError {
     Erofs(crate::erofs::ErofsError),
     #[error(transparent)]
     Fuse(#[from] crate::fusefs::FuseError),
+    #[error(transparent)]
+    Qcow2(#[from] crate::qcow2::Qcow2Error),
     #[error("interrupted")]
     Interrupted,
 }
@@ -514,6 +527,15 @@ impl BuildError {
             BuildError::Native(_) => {
                 Some("check the output directory's permissions and free space".into())
             }
+            BuildError::Qcow2(crate::qcow2::Qcow2Error::Interrupted) => {
+                Some("nothing was written; run the build again".into())
+            }
+            BuildError::Qcow2(crate::qcow2::Qcow2Error::Write { source, .. }) => {
+                Some(write_hint(source))
+            }
+            BuildError::Qcow2(crate::qcow2::Qcow2Error::Read { .. }) => {
+                Some("run again with -vv and report the output if it persists".into())
+            }
             BuildError::Squashfs(e) => squashfs_hint(e),
             BuildError::Erofs(e) => erofs_hint(e),
         }
@@ -574,7 +596,10 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let mut sw = crate::timing::Stopwatch::start();
 
     // 1. Every cheap check first.
-    let cfg = Config::load(&args.config)?;
+    let mut cfg = Config::load(&args.config)?;
+    if let Some(f) = args.image_format {
+        cfg.filesystem = cfg.filesystem.clone().with_image_format(f)?;
+    }
     // Once, through the output sink (a tracing line too would print it twice).
     for w in &cfg.warnings {
         ui.info(format!("warning: {}: {w}", cfg.path.display()));
@@ -589,7 +614,11 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let image_ref = crate::source::reference::ImageRef::parse(&reference)?;
     let fs = cfg.filesystem.fs_type;
     let output = absolute(args.output.clone().unwrap_or_else(|| {
-        PathBuf::from(format!("{}.{}", image_ref.base_name(), fs.extension()))
+        let ext = match cfg.filesystem.image_format {
+            ImageFormat::Raw => fs.extension(),
+            ImageFormat::Qcow2 => "qcow2",
+        };
+        PathBuf::from(format!("{}.{ext}", image_ref.base_name()))
     }))?;
     let manifest_path = manifest::manifest_path_for(&output);
     let out_dir = output
@@ -752,13 +781,36 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         work: work.path(),
         progress: &|n| progress.set_position(n),
     };
-    let Written { report, sha256 } = backend.kind.writer(fs).write(&job, &mut sw)?;
+    let Written {
+        report,
+        mut sha256,
+        format,
+    } = backend.kind.writer(fs).write(&job, &mut sw)?;
     progress.finish_and_clear();
     if cfg.filesystem.preallocate {
         preallocate(&image_tmp)?;
     }
     check_interrupt()?;
     sw.mark("formatted");
+    let image_format = cfg.filesystem.image_format;
+    let mut image_tmp = image_tmp;
+    if image_format == ImageFormat::Qcow2 && format == ImageFormat::Raw {
+        // The writer filled a raw file (through a loop device, mkfs, or its own layout that
+        // writes the superblock last): one read of its data extents into the qcow2 file.
+        let qcow = work.path().join("image.qcow2");
+        let converted = crate::qcow2::convert(&image_tmp, &qcow, &crate::interrupt::requested)
+            .map_err(|e| match e {
+                crate::qcow2::Qcow2Error::Interrupted => BuildError::Interrupted,
+                e => e.into(),
+            })?;
+        std::fs::remove_file(&image_tmp).map_err(|e| BuildError::Io {
+            path: image_tmp.clone(),
+            source: e,
+        })?;
+        image_tmp = qcow;
+        sha256 = Some(converted.sha256);
+        sw.mark("converted to qcow2 and hashed");
+    }
     let checksum = match sha256 {
         // The writer hashed the image as it wrote it.
         Some(sum) => sum,
@@ -788,6 +840,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         image_path: &output,
         image_sha256: &checksum,
         fs_type: fs,
+        image_format,
         image_config: &runtime,
         overrides: overrides.as_ref(),
     })?;
@@ -808,6 +861,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         image_bytes,
         sha256: checksum,
         filesystem: fs,
+        image_format,
         backend: backend.kind,
         backend_reason: backend.reason,
         report,

@@ -170,6 +170,7 @@ impl Writer for SquashfsWriter {
         );
         (job.progress)(job.tree.stats().file_bytes);
         Ok(Written {
+            format: crate::config::ImageFormat::Raw,
             report: BuildReport {
                 blocks: Some(BlockReuse {
                     reused: r.reused_blocks,
@@ -208,6 +209,7 @@ impl Writer for ErofsWriter {
         );
         (job.progress)(job.tree.stats().file_bytes);
         Ok(Written {
+            format: crate::config::ImageFormat::Raw,
             report: report(job),
             sha256: Some(r.sha256),
         })

@@ -117,6 +117,7 @@ impl Writer for UserspaceWriter {
     ) -> Result<Written, BuildError> {
         let report = build(job)?;
         Ok(Written {
+            format: crate::config::ImageFormat::Raw,
             report,
             sha256: None,
         })

@@ -8,6 +8,13 @@
 //! checksums. [`build`] then streams the image: metadata from memory, file contents from the
 //! layer cache, free space as holes. A second thread hashes each chunk while the next is read.
 //!
+//! With `image_format = "qcow2"` the same stream goes into a qcow2 file instead
+//! ([`crate::qcow2`]): a first pass over the layout, reading nothing, records which byte
+//! ranges the stream writes as data and which it leaves as holes; from that map the qcow2
+//! tables are computed, written and hashed first, and the second pass writes each data
+//! chunk at its packed place in the file. One read of the contents, one write, one hash, in
+//! file order.
+//!
 //! The result is an ordinary ext4 filesystem (the features of a default `mkfs.ext4` on
 //! Debian 12 without `resize_inode`), fsck-clean, with a clean empty journal.
 
@@ -27,6 +34,8 @@ use std::sync::mpsc;
 use super::job::{Identity, Job, Writer, Written};
 use super::size::SizePlan;
 use super::{BuildError, BuildReport, Piece, PieceHasher};
+use crate::config::ImageFormat;
+use crate::qcow2;
 use crate::tree::Tree;
 use format::BLOCK;
 use layout::{Fill, Layout};
@@ -87,18 +96,21 @@ impl Writer for NativeExt4Writer {
             job.plan,
             job.image,
             job.identity,
+            job.settings.image_format,
             sw,
             job.progress,
         )
     }
 }
 
-/// Write `tree` as an ext4 image to `image` (replacing its contents) and hash it.
+/// Write `tree` as an ext4 image to `image` (replacing its contents), raw or as qcow2,
+/// and hash it.
 pub fn build(
     tree: &Tree,
     plan: &SizePlan,
     image: &Path,
     identity: &Identity,
+    format: ImageFormat,
     sw: &mut crate::timing::Stopwatch,
     progress: &dyn Fn(u64),
 ) -> Result<Written, BuildError> {
@@ -119,11 +131,26 @@ pub fn build(
     };
     let file = File::options().write(true).open(image).map_err(werr)?;
     let len = layout.geo.blocks * BLOCK as u64;
-    // Only ever grown or cut here, never truncated to zero first: ext4 (auto_da_alloc)
-    // flushes a file that was truncated to zero and rewritten when it is closed.
-    file.set_len(len).map_err(werr)?;
-    let sha256 = emit(tree, &layout, &file, image, progress)?;
-    sw.mark("image written and hashed");
+    let sha256 = match format {
+        ImageFormat::Raw => {
+            // Only ever grown or cut here, never truncated to zero first: ext4
+            // (auto_da_alloc) flushes a file that was truncated to zero and rewritten when
+            // it is closed.
+            file.set_len(len).map_err(werr)?;
+            let sum = emit(tree, &layout, &file, image, progress, None)?;
+            sw.mark("image written and hashed");
+            sum
+        }
+        ImageFormat::Qcow2 => {
+            let extents = survey(tree, &layout, &file, image)?;
+            let q = qcow2::Layout::new(len, &extents);
+            sw.mark("qcow2 layout planned");
+            file.set_len(q.file_len()).map_err(werr)?;
+            let sum = emit(tree, &layout, &file, image, progress, Some(&q))?;
+            sw.mark("qcow2 image written and hashed");
+            sum
+        }
+    };
     let free = layout.counts.free_blocks;
     let info = super::e2fsprogs::SuperInfo {
         block_count: layout.geo.blocks,
@@ -141,12 +168,26 @@ pub fn build(
             blocks: None,
         },
         sha256: Some(sha256),
+        format,
     })
+}
+
+/// Where [`Out`]'s stream goes.
+enum Mode<'a> {
+    /// A raw image: image offset = file offset.
+    Raw,
+    /// A dry run: records the byte ranges written as data (merged), writes and hashes
+    /// nothing, reads no file contents.
+    Survey(Vec<(u64, u64)>),
+    /// A qcow2 image laid out from the survey: data goes to its packed place, and the zeros
+    /// that fall in allocated clusters are hashed (they are in the file, as holes).
+    Qcow2(qcow2::Mapper<'a>),
 }
 
 /// The image writer: buffers consecutive bytes, writes them with `pwrite`, passes them to
 /// the hashing thread, and turns long zero runs into holes.
 struct Out<'a> {
+    mode: Mode<'a>,
     file: &'a File,
     path: &'a Path,
     buf: Vec<u8>,
@@ -168,8 +209,27 @@ impl Out<'_> {
             return Ok(());
         }
         super::check_interrupt()?;
+        let len = self.buf.len() as u64;
+        let at = match &mut self.mode {
+            Mode::Survey(ext) => {
+                match ext.last_mut() {
+                    Some(last) if last.1 == self.pos => last.1 += len,
+                    _ => ext.push((self.pos, self.pos + len)),
+                }
+                self.pos += len;
+                self.buf.clear();
+                return Ok(());
+            }
+            Mode::Raw => self.pos,
+            Mode::Qcow2(m) => m
+                .data_at(self.pos, len)
+                .ok_or_else(|| BuildError::Unexpected {
+                    what: "writing the qcow2 image".into(),
+                    detail: format!("bytes at {} were not in the surveyed data ranges", self.pos),
+                })?,
+        };
         self.file
-            .write_all_at(&self.buf, self.pos)
+            .write_all_at(&self.buf, at)
             .map_err(|e| NativeError::Write {
                 path: self.path.to_path_buf(),
                 source: e,
@@ -222,8 +282,17 @@ impl Out<'_> {
             }
         }
         self.flush()?;
+        let at = self.pos;
         self.pos += n;
-        self.send(Piece::Zeros(n))
+        let hashed = match &mut self.mode {
+            Mode::Raw => n,
+            Mode::Survey(_) => 0,
+            Mode::Qcow2(m) => m.allocated_in(at, n),
+        };
+        if hashed == 0 {
+            return Ok(());
+        }
+        self.send(Piece::Zeros(hashed))
     }
 
     /// `len` bytes of `node`'s contents from `offset`, read straight into the buffer.
@@ -238,6 +307,15 @@ impl Out<'_> {
             let at = self.buf.len();
             let n = ((CHUNK - at) as u64).min(len) as usize;
             self.buf.resize(at + n, 0);
+            if matches!(self.mode, Mode::Survey(_)) {
+                // Only where the bytes go matters in a survey, not what they are.
+                offset += n as u64;
+                len -= n as u64;
+                if self.buf.len() == CHUNK {
+                    self.flush()?;
+                }
+                continue;
+            }
             // Tree::read_at fills the whole range or fails (data ending early is an error).
             tree.read_at(node, offset, &mut self.buf[at..at + n])
                 .map_err(|e| match &tree.node(node).kind {
@@ -265,13 +343,45 @@ impl Out<'_> {
     }
 }
 
-/// Stream the image in block order; returns its sha256 (hex).
+/// The byte ranges the image stream writes as data (the rest are holes), without reading
+/// any file contents: the allocation map of the qcow2 image.
+fn survey(
+    tree: &Tree,
+    l: &Layout,
+    file: &File,
+    path: &Path,
+) -> Result<Vec<(u64, u64)>, BuildError> {
+    let (tx, _rx) = mpsc::sync_channel::<Piece>(1);
+    let (_back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+    let mut out = Out {
+        mode: Mode::Survey(Vec::new()),
+        file,
+        path,
+        buf: Vec::with_capacity(CHUNK),
+        pos: 0,
+        tx,
+        spare: back_rx,
+        written: 0,
+        progress: &|_| {},
+        waited: std::time::Duration::ZERO,
+    };
+    write_runs(tree, l, &mut out)?;
+    out.flush()?;
+    match out.mode {
+        Mode::Survey(ext) => Ok(ext),
+        _ => unreachable!("the survey's mode does not change"),
+    }
+}
+
+/// Stream the image in block order, raw or (with its layout) into a qcow2 file; returns its
+/// sha256 (hex).
 fn emit(
     tree: &Tree,
     l: &Layout,
     file: &File,
     path: &Path,
     progress: &dyn Fn(u64),
+    qcow: Option<&qcow2::Layout>,
 ) -> Result<String, BuildError> {
     let (tx, rx) = mpsc::sync_channel::<Piece>(8);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
@@ -289,7 +399,12 @@ fn emit(
             tracing::debug!(target: "fledge::timing", "hashing busy for {:.1} ms", busy.as_secs_f64() * 1e3);
             h.finish()
         });
+        let mode = match qcow {
+            None => Mode::Raw,
+            Some(q) => Mode::Qcow2(qcow2::Mapper::new(q)),
+        };
         let mut out = Out {
+            mode,
             file,
             path,
             buf: Vec::with_capacity(CHUNK),
@@ -300,8 +415,32 @@ fn emit(
             progress,
             waited: std::time::Duration::ZERO,
         };
-        let r = write_runs(tree, l, &mut out);
+        // A qcow2 file starts with its tables, computed from the survey.
+        let r = match qcow {
+            None => Ok(()),
+            Some(q) => {
+                let meta = q.metadata();
+                file.write_all_at(&meta, 0)
+                    .map_err(|e| {
+                        BuildError::Native(NativeError::Write {
+                            path: path.to_path_buf(),
+                            source: e,
+                        })
+                    })
+                    .and_then(|()| out.send(Piece::Data(meta)))
+            }
+        };
+        let r = r.and_then(|()| write_runs(tree, l, &mut out));
         let r = r.and_then(|()| out.flush());
+        // The rest of the last cluster, when the disk ends inside an allocated one.
+        let pad = match &mut out.mode {
+            Mode::Qcow2(m) => m.tail_padding(),
+            _ => 0,
+        };
+        let r = r.and_then(|()| match pad {
+            0 => Ok(()),
+            pad => out.send(Piece::Zeros(pad)),
+        });
         tracing::debug!(target: "fledge::timing", "writer waited {:.1} ms for the hasher", out.waited.as_secs_f64() * 1e3);
         drop(out);
         let sum = hasher.join().map_err(|_| BuildError::Unexpected {

@@ -107,7 +107,15 @@ fn try_build(tree: &Tree, image: &Path, buffer: u64) -> Result<super::Written, B
         inodes: tree.nodes.len() as u64 + 1024,
     };
     let mut sw = crate::timing::Stopwatch::start();
-    build(tree, &plan, image, &Identity::random(), &mut sw, &|_| {})
+    build(
+        tree,
+        &plan,
+        image,
+        &Identity::random(),
+        crate::config::ImageFormat::Raw,
+        &mut sw,
+        &|_| {},
+    )
 }
 
 fn write_image(tree: &Tree, dir: &Path, buffer: u64) -> (std::path::PathBuf, String) {
@@ -458,4 +466,99 @@ fn free_space_lands_in_the_accepted_window() {
             free / 1024
         );
     }
+}
+
+/// The native writer's qcow2 stream: the same filesystem as its raw image (`qemu-img
+/// compare`), a clean qcow2 (`qemu-img check`), the hash of the file, the raw image's data
+/// (rounded to clusters) plus tables in size, and reproducible.
+#[test]
+fn qcow2_output_is_the_raw_image() {
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        eprintln!("SKIP: qemu-img not installed (apt install qemu-utils)");
+        return;
+    }
+    use crate::config::ImageFormat;
+    let mut t = T::new();
+    let d = t.add(
+        0,
+        "dir",
+        NodeKind::Dir {
+            entries: Vec::new(),
+        },
+        meta(0o755, 1_600_000_000, 0),
+    );
+    t.file(0, "small", b"hello", meta(0o644, 1_600_000_000, 0));
+    // A file with a zero run long enough to be a hole in the middle, ending off a cluster.
+    let mut big = vec![7u8; 300_000];
+    big.extend(std::iter::repeat_n(0u8, 200_000));
+    big.extend(vec![9u8; 70_001]);
+    t.file(d, "big", &big, meta(0o600, 1_600_000_000, 0));
+    for i in 0..200 {
+        t.file(
+            d,
+            &format!("f{i:03}"),
+            &[i as u8; 5000],
+            meta(0o644, 1_600_000_000, 0),
+        );
+    }
+    let tree = t.tree();
+    let dir = tempfile::tempdir().unwrap();
+    let id = Identity::derived(1_700_000_000, &[b"qcow2 test"]);
+    let build_as = |name: &str, f: ImageFormat| {
+        let image = dir.path().join(name);
+        File::create(&image).unwrap();
+        let plan = SizePlan {
+            content_bytes: 0,
+            buffer_bytes: 8 * MIB,
+            image_bytes: 0,
+            inodes: tree.nodes.len() as u64 + 1024,
+        };
+        let mut sw = crate::timing::Stopwatch::start();
+        let w = build(&tree, &plan, &image, &id, f, &mut sw, &|_| {}).unwrap();
+        assert_eq!(w.format, f);
+        (image, w.sha256.unwrap())
+    };
+    let (raw, _) = build_as("raw.img", ImageFormat::Raw);
+    let (q, sum) = build_as("img.qcow2", ImageFormat::Qcow2);
+    let bytes = std::fs::read(&q).unwrap();
+    assert_eq!(sum, sha256_hex(&bytes), "hashed as written");
+    let qemu = |args: &[&str]| {
+        let o = Command::new("qemu-img").args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), text)
+    };
+    let (ok, out) = qemu(&["check", "-f", "qcow2", q.to_str().unwrap()]);
+    assert!(ok && out.contains("No errors were found"), "{out}");
+    let (ok, out) = qemu(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("Images are identical"), "{out}");
+    // No larger than the raw image's data, rounded out to clusters, plus the tables.
+    let f = File::open(&raw).unwrap();
+    let len = f.metadata().unwrap().len();
+    let layout = crate::qcow2::Layout::new(len, &crate::qcow2::data_extents(&f, len).unwrap());
+    assert!(
+        bytes.len() as u64 <= layout.file_len(),
+        "{} > {}",
+        bytes.len(),
+        layout.file_len()
+    );
+    // On the host: the raw image's blocks plus the tables.
+    let blocks = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    assert!(blocks(&q) <= blocks(&raw) + layout.table_bytes());
+    // And it is a converted raw image's twin, byte for byte.
+    let conv = crate::qcow2::convert(&raw, &dir.path().join("conv.qcow2"), &|| false).unwrap();
+    assert_eq!(conv.sha256, sum);
+    let (_, again) = build_as("again.qcow2", ImageFormat::Qcow2);
+    assert_eq!(again, sum, "reproducible");
 }
