@@ -38,6 +38,7 @@ pub mod error;
 pub mod fusefs;
 pub mod hostmount;
 pub mod image;
+pub mod initramfs;
 pub mod inspect;
 pub mod interrupt;
 pub mod layer;
