@@ -34,6 +34,10 @@ static KEYS: Keys = Keys::Table(&[
     ("strategy", Keys::Any),
     ("source", Keys::Table(&[("image", Keys::Any)])),
     (
+        "init",
+        Keys::Table(&[("path", Keys::Any), ("none", Keys::Any)]),
+    ),
+    (
         "filesystem",
         Keys::Table(&[
             ("type", Keys::Any),
@@ -85,9 +89,7 @@ pub enum ConfigError {
     },
     #[error("unsupported config version '{found}', must be \"1\"")]
     UnsupportedVersion { found: String },
-    #[error("strategy '{found}' is not supported by fledge (only 'oci_rootfs')")]
-    UnsupportedStrategy { found: String },
-    #[error("invalid strategy '{found}', must be one of: oci_rootfs")]
+    #[error("invalid strategy '{found}', must be one of: oci_rootfs, initramfs")]
     InvalidStrategy { found: String },
     #[error(
         "invalid filesystem type '{found}', must be one of: ext4, xfs, btrfs, squashfs, erofs"
@@ -136,9 +138,9 @@ impl ConfigError {
             ConfigError::UnknownKey { .. } => {
                 Some("remove or rename the key; README 'Configuration' lists every key")
             }
-            ConfigError::InvalidStrategy { .. } | ConfigError::UnsupportedStrategy { .. } => {
-                Some("set strategy = \"oci_rootfs\"")
-            }
+            ConfigError::InvalidStrategy { .. } => Some(
+                "set strategy = \"oci_rootfs\" (a disk image) or \"initramfs\" (a cpio archive)",
+            ),
             ConfigError::InvalidFilesystemType { .. } => {
                 Some("set [filesystem] type to \"ext4\" (the default), \"xfs\", \"btrfs\", \"squashfs\" or \"erofs\"")
             }
@@ -153,11 +155,26 @@ impl ConfigError {
     }
 }
 
-/// The build strategy. Only `oci_rootfs` exists in fledge.
+/// The build strategy: a root filesystem image (`oci_rootfs`) or a compressed cpio archive
+/// the kernel unpacks into RAM as the whole root (`initramfs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     OciRootfs,
+    Initramfs,
+}
+
+/// `[init]` (initramfs only): what the kernel runs as `/init`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InitConfig {
+    /// No `[init]`: fledge's `/init` script (mounts, then the agent or the entrypoint).
+    #[default]
+    Default,
+    /// `path = "/sbin/init"`: the image's own init, linked at `/init`.
+    Path(String),
+    /// `none = true`: the image's entrypoint is `/init` itself, PID 1 with nothing before it.
+    None,
 }
 
 /// The filesystem of the produced image.
@@ -172,6 +189,8 @@ pub enum FsType {
     Squashfs,
     /// An uncompressed read-only image (fledge's own EROFS writer).
     Erofs,
+    /// A compressed newc cpio archive (`strategy = "initramfs"`; not a `[filesystem] type`).
+    Initramfs,
 }
 
 impl FsType {
@@ -190,13 +209,19 @@ impl FsType {
             FsType::Btrfs => "btrfs",
             FsType::Squashfs => "squashfs",
             FsType::Erofs => "erofs",
+            FsType::Initramfs => "initramfs",
         }
     }
 
     /// Whether images of this type are read-only (no free space, no size buffer: the guest
-    /// writes to an overlay).
+    /// writes to an overlay). An initramfs is neither: it is unpacked into a writable tmpfs.
     pub fn is_read_only(self) -> bool {
         matches!(self, FsType::Squashfs | FsType::Erofs)
+    }
+
+    /// No free space to plan: the read-only types and the initramfs.
+    pub fn is_exactly_sized(self) -> bool {
+        self.is_read_only() || self == FsType::Initramfs
     }
 
     /// The extension of the default output name: `img` for the writable types, the type's
@@ -205,10 +230,12 @@ impl FsType {
         match self {
             FsType::Ext4 | FsType::Xfs | FsType::Btrfs => "img",
             FsType::Squashfs | FsType::Erofs => self.as_str(),
+            FsType::Initramfs => "cpio",
         }
     }
 
-    /// Parse `ext4`, `xfs`, `btrfs`, `squashfs` or `erofs` (exact, lower case).
+    /// Parse `ext4`, `xfs`, `btrfs`, `squashfs` or `erofs` (exact, lower case; `initramfs`
+    /// is chosen by the strategy, not here).
     pub fn parse(s: &str) -> Option<FsType> {
         FsType::ALL.into_iter().find(|t| t.as_str() == s)
     }
@@ -410,6 +437,13 @@ impl FilesystemConfig {
     /// These settings with `image_format` set to `format` (`fledge build --image-format`),
     /// refused where the settings cannot combine with it.
     pub fn with_image_format(mut self, format: ImageFormat) -> Result<Self, ConfigError> {
+        if format == ImageFormat::Qcow2 && self.fs_type == FsType::Initramfs {
+            return Err(ConfigError::invalid(
+                "--image-format qcow2 means nothing for strategy = \"initramfs\" (the kernel \
+                 unpacks a cpio archive, not a disk image)",
+                Some("drop --image-format"),
+            ));
+        }
         if format == ImageFormat::Qcow2 && self.preallocate {
             return Err(qcow2_preallocate());
         }
@@ -417,12 +451,22 @@ impl FilesystemConfig {
         Ok(self)
     }
 
+    /// The extension of the default output name: [`FsType::extension`], and for an initramfs
+    /// its compression's (`cpio.gz`, `cpio.zst`).
+    pub fn extension(&self) -> String {
+        match (self.fs_type, self.compression) {
+            (FsType::Initramfs, Compression::Zstd) => "cpio.zst".into(),
+            (FsType::Initramfs, _) => "cpio.gz".into(),
+            (t, _) => t.extension().into(),
+        }
+    }
+
     /// Free space to add on top of `content_bytes`. An explicit `size_buffer_mb` is used as is;
     /// 0 means auto, tiered by content size: <= 128 MiB -> 32 MiB, <= 512 MiB -> 64 MiB,
     /// <= 2 GiB -> 128 MiB, larger -> 256 MiB.
     /// Read-only types have none.
     pub fn buffer_bytes(&self, content_bytes: u64) -> u64 {
-        if self.fs_type.is_read_only() {
+        if self.fs_type.is_exactly_sized() {
             return 0;
         }
         if self.size_buffer_mb > 0 {
@@ -477,6 +521,8 @@ pub struct Config {
     pub source: SourceConfig,
     pub filesystem: FilesystemConfig,
     pub agent: Option<AgentConfig>,
+    /// `[init]`: initramfs only ([`InitConfig::Default`] for `oci_rootfs`).
+    pub init: InitConfig,
     /// Sorted by host path (TOML tables have no significant order).
     pub mappings: Vec<Mapping>,
     /// Settings that were accepted but have no effect (`fledge build` prints them).
@@ -489,6 +535,7 @@ struct RawConfig {
     version: Option<String>,
     strategy: Option<String>,
     source: Option<RawSource>,
+    init: Option<RawInit>,
     filesystem: Option<RawFilesystem>,
     agent: Option<RawAgent>,
     mappings: Option<BTreeMap<String, String>>,
@@ -498,6 +545,13 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawSource {
     image: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInit {
+    path: Option<String>,
+    none: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -590,11 +644,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
             ))
         }
         Some("oci_rootfs") => Strategy::OciRootfs,
-        Some("initramfs") => {
-            return Err(ConfigError::UnsupportedStrategy {
-                found: "initramfs".into(),
-            })
-        }
+        Some("initramfs") => Strategy::Initramfs,
         Some(other) => {
             return Err(ConfigError::InvalidStrategy {
                 found: other.into(),
@@ -607,15 +657,30 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         .filter(|i| !i.trim().is_empty())
         .ok_or_else(|| {
             ConfigError::invalid(
-                "'source.image' is required for oci_rootfs strategy",
+                format!(
+                    "'source.image' is required for {} strategy",
+                    strategy.as_str()
+                ),
                 Some("add [source] image = \"nginx:alpine\" (or any image reference)"),
             )
         })?;
 
     let mut warnings = Vec::new();
-    let filesystem = match raw.filesystem {
-        Some(fs) => validate_filesystem(fs, &mut warnings)?,
-        None => FilesystemConfig::default(),
+    let filesystem = match (strategy, raw.filesystem) {
+        (Strategy::OciRootfs, Some(fs)) => validate_filesystem(fs, &mut warnings)?,
+        (Strategy::OciRootfs, None) => FilesystemConfig::default(),
+        (Strategy::Initramfs, fs) => validate_initramfs(fs)?,
+    };
+    let init = match (strategy, raw.init) {
+        (_, None) => InitConfig::Default,
+        (Strategy::OciRootfs, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "'[init]' applies to strategy = \"initramfs\" only (a disk image boots the \
+                 image's own /sbin/init through the kernel's root=)",
+                Some("remove [init], or set strategy = \"initramfs\""),
+            ))
+        }
+        (Strategy::Initramfs, Some(i)) => validate_init(i)?,
     };
 
     let agent = raw.agent.map(validate_agent).transpose()?;
@@ -634,6 +699,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         source: SourceConfig { image },
         filesystem,
         agent,
+        init,
         mappings,
         warnings,
     })
@@ -646,6 +712,100 @@ fn qcow2_preallocate() -> ConfigError {
          (a qcow2 image holds only the allocated clusters; free space is not stored)",
         Some("remove preallocate, or set image_format = \"raw\""),
     )
+}
+
+impl Strategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::OciRootfs => "oci_rootfs",
+            Strategy::Initramfs => "initramfs",
+        }
+    }
+}
+
+/// `[filesystem]` of an initramfs: only `compression` (gzip, the default, or zstd) and
+/// `compression_level`; the other keys size or shape a filesystem, which an archive is not.
+fn validate_initramfs(fs: Option<RawFilesystem>) -> Result<FilesystemConfig, ConfigError> {
+    let mut out = FilesystemConfig {
+        fs_type: FsType::Initramfs,
+        size_buffer_mb: 0,
+        preallocate: false,
+        compression: Compression::Gzip,
+        ..FilesystemConfig::default()
+    };
+    let Some(fs) = fs else {
+        return Ok(out);
+    };
+    for (key, set) in [
+        ("type", fs.fs_type.is_some()),
+        ("size_buffer_mb", fs.size_buffer_mb.is_some()),
+        ("preallocate", fs.preallocate.is_some()),
+        ("overlay_size", fs.overlay_size.is_some()),
+        ("image_format", fs.image_format.is_some()),
+    ] {
+        if set {
+            return Err(ConfigError::invalid(
+                format!(
+                    "'filesystem.{key}' means nothing for strategy = \"initramfs\" (a cpio \
+                     archive unpacked into RAM, not a filesystem image)"
+                ),
+                Some("remove it; only compression (gzip or zstd) and compression_level apply"),
+            ));
+        }
+    }
+    if let Some(c) = fs.compression {
+        out.compression = match Compression::parse(&c) {
+            Some(k @ (Compression::Gzip | Compression::Zstd)) => k,
+            _ => {
+                return Err(ConfigError::invalid(
+                    format!(
+                        "invalid 'filesystem.compression' '{c}' for an initramfs, must be one \
+                         of: gzip, zstd"
+                    ),
+                    Some("gzip (the default) or zstd; the kernel unpacks both"),
+                ))
+            }
+        };
+    }
+    if let Some(l) = fs.compression_level {
+        out.compression_level = u32::try_from(l)
+            .ok()
+            .filter(|l| COMPRESSION_LEVELS.contains(l))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    format!("'filesystem.compression_level' must be from 1 to 22, got {l}"),
+                    Some("omit it for the default, 15 (gzip: 9, its highest)"),
+                )
+            })?;
+    }
+    Ok(out)
+}
+
+fn validate_init(i: RawInit) -> Result<InitConfig, ConfigError> {
+    match (i.path, i.none) {
+        (Some(_), Some(true)) => Err(ConfigError::invalid(
+            "'init.path' and 'init.none = true' contradict each other: the first names an \
+             init to run, the second says the entrypoint is PID 1",
+            Some("keep one of them"),
+        )),
+        (Some(p), _) => {
+            if !p.starts_with('/') || p.contains('\0') || p.split('/').any(|c| c == "..") {
+                return Err(ConfigError::invalid(
+                    format!("invalid 'init.path' '{p}': must be an absolute path in the image, without '..'"),
+                    Some("for example path = \"/sbin/init\""),
+                ));
+            }
+            if p == "/init" {
+                return Err(ConfigError::invalid(
+                    "'init.path' = \"/init\" names the link itself; name the file it is to run",
+                    Some("to run the image's own /init as it is, use none = true"),
+                ));
+            }
+            Ok(InitConfig::Path(p))
+        }
+        (None, Some(true)) => Ok(InitConfig::None),
+        (None, Some(false)) | (None, None) => Ok(InitConfig::Default),
+    }
 }
 
 fn validate_filesystem(
@@ -925,6 +1085,46 @@ mod tests {
     const HEAD: &str = "version = \"1\"\nstrategy = \"oci_rootfs\"\n";
 
     #[test]
+    fn initramfs_strategy_and_init_modes() {
+        let head = "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n";
+        let c = parse(head).unwrap();
+        assert_eq!(c.strategy, Strategy::Initramfs);
+        assert_eq!(c.filesystem.fs_type, FsType::Initramfs);
+        assert_eq!(c.filesystem.compression, Compression::Gzip);
+        assert_eq!(c.filesystem.extension(), "cpio.gz");
+        assert_eq!(c.filesystem.buffer_bytes(1 << 30), 0);
+        assert_eq!(c.init, InitConfig::Default);
+        let c = parse(&format!(
+            "{head}[filesystem]\ncompression = \"zstd\"\ncompression_level = 19\n[init]\nnone = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.filesystem.extension(), "cpio.zst");
+        assert_eq!(c.filesystem.compression_level, 19);
+        assert_eq!(c.init, InitConfig::None);
+        let c = parse(&format!("{head}[init]\npath = \"/sbin/tini\"\n")).unwrap();
+        assert_eq!(c.init, InitConfig::Path("/sbin/tini".into()));
+        let c = parse(&format!("{head}[init]\nnone = false\n")).unwrap();
+        assert_eq!(c.init, InitConfig::Default);
+        // `initramfs` is not a [filesystem] type, and an archive is no qcow2 disk.
+        assert_eq!(FsType::parse("initramfs"), None);
+        let e = parse(&format!("{head}[filesystem]\nimage_format = \"qcow2\"\n")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("'filesystem.image_format' means nothing"),
+            "{e}"
+        );
+        let e = c
+            .filesystem
+            .with_image_format(ImageFormat::Qcow2)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("--image-format qcow2 means nothing"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn minimal_config_uses_defaults() {
         let c = parse(&format!("{HEAD}[source]\nimage = \"nginx:alpine\"\n")).unwrap();
         assert_eq!(c.source.image, "nginx:alpine");
@@ -1031,13 +1231,48 @@ mod tests {
             ),
             (
                 "version = \"1\"\nstrategy = \"initramfs\"\n".into(),
-                "strategy 'initramfs' is not supported by fledge (only 'oci_rootfs')",
-                Some("set strategy = \"oci_rootfs\""),
+                "'source.image' is required for initramfs strategy",
+                Some("add [source] image = \"nginx:alpine\" (or any image reference)"),
             ),
             (
                 "version = \"1\"\nstrategy = \"docker\"\n".into(),
-                "invalid strategy 'docker', must be one of: oci_rootfs",
-                Some("set strategy = \"oci_rootfs\""),
+                "invalid strategy 'docker', must be one of: oci_rootfs, initramfs",
+                Some("set strategy = \"oci_rootfs\" (a disk image) or \"initramfs\" (a cpio archive)"),
+            ),
+            (
+                format!("{HEAD}{img}[init]\nnone = true\n"),
+                "'[init]' applies to strategy = \"initramfs\" only (a disk image boots the image's own /sbin/init through the kernel's root=)",
+                Some("remove [init], or set strategy = \"initramfs\""),
+            ),
+            (
+                "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n[init]\npath = \"/sbin/init\"\nnone = true\n".into(),
+                "'init.path' and 'init.none = true' contradict each other: the first names an init to run, the second says the entrypoint is PID 1",
+                Some("keep one of them"),
+            ),
+            (
+                "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n[init]\npath = \"sbin/init\"\n".into(),
+                "invalid 'init.path' 'sbin/init': must be an absolute path in the image, without '..'",
+                Some("for example path = \"/sbin/init\""),
+            ),
+            (
+                "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n[init]\npath = \"/init\"\n".into(),
+                "'init.path' = \"/init\" names the link itself; name the file it is to run",
+                Some("to run the image's own /init as it is, use none = true"),
+            ),
+            (
+                "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n[filesystem]\ntype = \"ext4\"\n".into(),
+                "'filesystem.type' means nothing for strategy = \"initramfs\" (a cpio archive unpacked into RAM, not a filesystem image)",
+                Some("remove it; only compression (gzip or zstd) and compression_level apply"),
+            ),
+            (
+                "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n[filesystem]\noverlay_size = \"1G\"\n".into(),
+                "'filesystem.overlay_size' means nothing for strategy = \"initramfs\" (a cpio archive unpacked into RAM, not a filesystem image)",
+                Some("remove it; only compression (gzip or zstd) and compression_level apply"),
+            ),
+            (
+                "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n[filesystem]\ncompression = \"xz\"\n".into(),
+                "invalid 'filesystem.compression' 'xz' for an initramfs, must be one of: gzip, zstd",
+                Some("gzip (the default) or zstd; the kernel unpacks both"),
             ),
             (
                 HEAD.into(),

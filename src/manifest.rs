@@ -19,7 +19,9 @@
 //! - `rootfs`: the absolute image path, `sha256:<hex>` of the file, and the filesystem type as
 //!   `format` (as the seed does, although the schema lists only `raw|qcow2` there); a qcow2
 //!   image (`image_format = "qcow2"`) says `qcow2`, as the schema wants (the guest finds
-//!   the filesystem by its superblock; `fledge build --json` reports both).
+//!   the filesystem by its superblock; `fledge build --json` reports both);
+//! - `initramfs` instead of `rootfs` for `strategy = "initramfs"`: the archive's absolute path
+//!   and `sha256:<hex>` (the schema's `initramfs {url, checksum}`, exactly one of the two).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -449,7 +451,10 @@ pub struct PluginManifest {
     pub health_check: HealthCheck,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub actions: Option<BTreeMap<String, Action>>,
-    pub rootfs: Rootfs,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<Rootfs>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<Initramfs>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<Network>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -491,6 +496,13 @@ pub struct Rootfs {
     pub format: String,
 }
 
+/// The boot archive of an initramfs plugin (Volant boots it with `volant.boot=initramfs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Initramfs {
+    pub url: String,
+    pub checksum: String,
+}
+
 impl PluginManifest {
     /// Pretty JSON with a trailing newline.
     pub fn to_json_pretty(&self) -> String {
@@ -522,10 +534,14 @@ impl PluginManifest {
 
 /// `out/nginx.img` -> `out/nginx.manifest.json`.
 pub fn manifest_path_for(image_path: &Path) -> PathBuf {
-    let stem = image_path
+    let mut stem = image_path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "rootfs".into());
+    // `nginx.cpio.gz` -> `nginx.manifest.json`, as `nginx.img` gives.
+    if let Some(s) = stem.strip_suffix(".cpio").filter(|s| !s.is_empty()) {
+        stem = s.to_string();
+    }
     image_path.with_file_name(format!("{stem}.manifest.json"))
 }
 
@@ -625,14 +641,18 @@ pub fn build_manifest(inp: &ManifestInputs<'_>) -> Result<PluginManifest, Manife
             timeout_ms: h.timeout_ms.unwrap_or(DEFAULT_HEALTH_TIMEOUT_MS),
         },
         actions: o.actions.clone().filter(|a| !a.is_empty()),
-        rootfs: Rootfs {
-            url,
+        rootfs: (inp.fs_type != FsType::Initramfs).then(|| Rootfs {
+            url: url.clone(),
             checksum: format!("sha256:{}", hex.to_ascii_lowercase()),
             format: match inp.image_format {
                 ImageFormat::Raw => inp.fs_type.as_str().to_string(),
                 ImageFormat::Qcow2 => ImageFormat::Qcow2.as_str().to_string(),
             },
-        },
+        }),
+        initramfs: (inp.fs_type == FsType::Initramfs).then(|| Initramfs {
+            url: url.clone(),
+            checksum: format!("sha256:{}", hex.to_ascii_lowercase()),
+        }),
         network: o.network.clone(),
         devices: o.devices.clone(),
         cloud_init: o.cloud_init.clone(),
@@ -800,7 +820,7 @@ readonly = true
                 timeout_ms: 500
             }
         );
-        assert_eq!(m.rootfs.format, "xfs");
+        assert_eq!(m.rootfs.as_ref().unwrap().format, "xfs");
         let v: Value = serde_json::from_str(&m.to_json_pretty()).unwrap();
         assert_eq!(v["labels"], json!({"team": "edge"}));
         assert_eq!(
@@ -840,6 +860,14 @@ readonly = true
             manifest_path_for(Path::new("rootfs")),
             Path::new("rootfs.manifest.json")
         );
+        assert_eq!(
+            manifest_path_for(Path::new("/o/nginx.cpio.gz")),
+            Path::new("/o/nginx.manifest.json")
+        );
+        assert_eq!(
+            manifest_path_for(Path::new("nginx.cpio.zst")),
+            Path::new("nginx.manifest.json")
+        );
     }
 
     #[test]
@@ -862,10 +890,10 @@ readonly = true
         assert_eq!(m.workload.workdir.as_deref(), Some("/app"));
         assert_eq!(m.workload.base_url, "http://127.0.0.1:5000");
         assert!(m.workload.env.is_empty());
-        assert!(Path::new(&m.rootfs.url).is_absolute());
-        assert!(m.rootfs.url.ends_with("/python.img"));
+        assert!(Path::new(&m.rootfs.as_ref().unwrap().url).is_absolute());
+        assert!(m.rootfs.as_ref().unwrap().url.ends_with("/python.img"));
         assert_eq!(
-            m.rootfs.checksum,
+            m.rootfs.as_ref().unwrap().checksum,
             "sha256:abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
         );
         let v: Value = serde_json::to_value(&m).unwrap();
@@ -1183,6 +1211,22 @@ readonly = true
                 let errs = errors_for(&schema, &v);
                 assert!(errs.is_empty(), "{what}/{fs} qcow2: {errs:?}");
             }
+            // An initramfs: `initramfs {url, checksum}` instead of `rootfs`, valid as it is.
+            let mut inp = inp.clone();
+            inp.fs_type = FsType::Initramfs;
+            let m = build_manifest(&inp).unwrap();
+            let v: Value = serde_json::from_str(&m.to_json_pretty()).unwrap();
+            assert!(v.get("rootfs").is_none(), "{what}: {v}");
+            assert_eq!(
+                v["initramfs"]["url"],
+                v["initramfs"]["url"].as_str().unwrap()
+            );
+            assert!(v["initramfs"]["checksum"]
+                .as_str()
+                .unwrap()
+                .starts_with("sha256:"));
+            let errs = errors_for(&schema, &v);
+            assert!(errs.is_empty(), "{what}/initramfs: {errs:?}");
         }
     }
 

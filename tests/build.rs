@@ -979,3 +979,140 @@ fn build_qcow2_xfs_kernel() {
 fn build_qcow2_btrfs_kernel() {
     qcow2_case("btrfs", "kernel");
 }
+
+/// `strategy = "initramfs"`: the archive, extracted with `cpio -idm` as root, equals the
+/// oracle less what newc cannot hold (xattrs, among them the test image's file capabilities,
+/// and sub-second mtimes); `/init` is fledge's default script; the manifest carries
+/// `initramfs {url, checksum}` and no `rootfs`; a second build under the same
+/// `SOURCE_DATE_EPOCH` gives the same bytes, gzip and zstd alike.
+#[test]
+fn build_initramfs() {
+    let test = "build_initramfs";
+    if !root_or_skip(test) {
+        return;
+    }
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("fledge-build-test-")
+        .tempdir()
+        .unwrap();
+    let write_config = |extra: &str| {
+        let toml = format!(
+            "version = \"1\"\nstrategy = \"initramfs\"\n\n[source]\nimage = \"{}\"\n{extra}",
+            img.reference
+        );
+        fs::write(dir.path().join("fledge.toml"), toml).unwrap();
+    };
+    let build = |args: &[&str]| {
+        let out = Command::new(fledge_bin())
+            .current_dir(dir.path())
+            .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .args(["build", "-v", "-c", "fledge.toml"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{test}: build failed:\n{}",
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    write_config("");
+    let started = std::time::Instant::now();
+    let stderr = build(&[]);
+    let took = started.elapsed();
+    assert!(stderr.contains("backend: native "), "{test}:\n{stderr}");
+    // The lost capabilities are named.
+    assert!(
+        stderr.contains("cannot hold file capabilities") && stderr.contains("/usr/bin/ping"),
+        "{test}: no warning about the capabilities:\n{stderr}"
+    );
+    let image = dir.path().join("debian.cpio.gz");
+    let sha = support::sha256_file(&image);
+    eprintln!(
+        "{test}: {} bytes, built in {:.1}s, sha256 {sha}",
+        fs::metadata(&image).unwrap().len(),
+        took.as_secs_f64()
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.path().join("debian.manifest.json")).unwrap())
+            .unwrap();
+    assert!(manifest.get("rootfs").is_none(), "{test}: {manifest}");
+    assert_eq!(manifest["initramfs"]["checksum"], format!("sha256:{sha}"));
+    assert_eq!(
+        manifest["initramfs"]["url"],
+        image.canonicalize().unwrap().display().to_string()
+    );
+
+    let gz = fs::read(&image).unwrap();
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut data).unwrap();
+    let dest = dir.path().join("x");
+    fs::create_dir(&dest).unwrap();
+    support::kit::cpio_extract(&data, &dest);
+    let mut oracle = oracle(&img);
+    for e in oracle.entries.values_mut() {
+        e.xattrs.clear();
+        e.mtime_nsec = 0;
+    }
+    let opts = treecmp::DiffOptions::default().ignore("/init");
+    let fsify = image_config_blob(&img.layout);
+    assert_eq!(fs::read(dest.join("etc/fsify-entrypoint")).unwrap(), fsify);
+    support::assert_same_tree(&oracle, &dest, &opts.ignore("/etc/fsify-entrypoint"), test);
+    let init = fs::read_to_string(dest.join("init")).unwrap();
+    assert!(init.starts_with("#!/bin/sh\n"), "{test}: /init:\n{init}");
+    assert!(
+        init.ends_with("exec '/usr/sbin/nginx' '-g' 'daemon off;'\n"),
+        "{test}: /init:\n{init}"
+    );
+    let md = fs::metadata(dest.join("init")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o755, 0, 0));
+
+    // Reproducible: the same bytes again (the merged tree from the warm cache), and zstd too.
+    fs::remove_file(&image).unwrap();
+    build(&[]);
+    assert_eq!(
+        support::sha256_file(&image),
+        sha,
+        "{test}: a second build differs"
+    );
+    write_config("[filesystem]\ncompression = \"zstd\"\ncompression_level = 3\n");
+    build(&[]);
+    let zst = dir.path().join("debian.cpio.zst");
+    let first = support::sha256_file(&zst);
+    fs::remove_file(&zst).unwrap();
+    build(&[]);
+    assert_eq!(support::sha256_file(&zst), first, "{test}: zstd differs");
+    let out = Command::new("zstd").arg("-dc").arg(&zst).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        out.stdout, data,
+        "{test}: gzip and zstd hold different archives"
+    );
+
+    // No other backend builds an initramfs.
+    let out = Command::new(fledge_bin())
+        .current_dir(dir.path())
+        .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
+        .args([
+            "build",
+            "-c",
+            "fledge.toml",
+            "-o",
+            "o.cpio",
+            "--backend",
+            "kernel",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("an initramfs is a cpio archive"),
+        "{}",
+        text(&out)
+    );
+}

@@ -216,10 +216,12 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     fn put(&mut self, b: &[u8]) -> Result<(), InitramfsError> {
-        self.file.write_all(b).map_err(|source| InitramfsError::Write {
-            path: self.path.to_path_buf(),
-            source,
-        })?;
+        self.file
+            .write_all(b)
+            .map_err(|source| InitramfsError::Write {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
         self.hash.update(b);
         self.bytes += b.len() as u64;
         Ok(())
@@ -306,7 +308,10 @@ pub fn write(
     let (to_work, work) = mpsc::sync_channel::<(u64, Vec<u8>, bool)>(threads * 2);
     let work = Mutex::new(work);
     std::thread::scope(|s| -> Result<(), InitramfsError> {
-        let (to_sink, done) = mpsc::sync_channel::<(u64, Result<(Vec<u8>, flate2::Crc), InitramfsError>)>(threads * 2);
+        let (to_sink, done) = mpsc::sync_channel::<(
+            u64,
+            Result<(Vec<u8>, flate2::Crc), InitramfsError>,
+        )>(threads * 2);
         for _ in 0..threads {
             let work = &work;
             let to_sink = to_sink.clone();
@@ -315,7 +320,10 @@ pub fn write(
                 let Ok(Ok((seq, data, last))) = next else {
                     return;
                 };
-                if to_sink.send((seq, compress_chunk(comp, &data, last))).is_err() {
+                if to_sink
+                    .send((seq, compress_chunk(comp, &data, last)))
+                    .is_err()
+                {
                     return;
                 }
             });
@@ -374,21 +382,22 @@ fn produce(
     let mut seq = 0u64;
     let mut total = 0u64;
     let mut inos: HashMap<NodeId, u32> = HashMap::new();
-    let mut flush = |buf: &mut Vec<u8>, total: &mut u64, last: bool| -> Result<(), InitramfsError> {
-        while buf.len() >= CHUNK || (last && !buf.is_empty()) {
-            let take = buf.len().min(CHUNK);
-            let rest = buf.split_off(take);
-            let chunk = std::mem::replace(buf, rest);
-            *total += chunk.len() as u64;
-            let is_last = last && buf.is_empty();
-            emit(seq, chunk, is_last)?;
-            seq += 1;
-            if is_last {
-                break;
+    let mut flush =
+        |buf: &mut Vec<u8>, total: &mut u64, last: bool| -> Result<(), InitramfsError> {
+            while buf.len() >= CHUNK || (last && !buf.is_empty()) {
+                let take = buf.len().min(CHUNK);
+                let rest = buf.split_off(take);
+                let chunk = std::mem::replace(buf, rest);
+                *total += chunk.len() as u64;
+                let is_last = last && buf.is_empty();
+                emit(seq, chunk, is_last)?;
+                seq += 1;
+                if is_last {
+                    break;
+                }
             }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     let mut read_buf = vec![0u8; CHUNK];
     for (i, (name, id)) in listing.entries.iter().enumerate() {
         if crate::interrupt::requested() {
@@ -439,10 +448,8 @@ fn produce(
                 let carries = node.nlink <= 1 || listing.last_name.get(id) == Some(&i);
                 let size = if carries { *size } else { 0 };
                 let path = || format!("/{}", String::from_utf8_lossy(name));
-                h.filesize = u32::try_from(size).map_err(|_| InitramfsError::TooLarge {
-                    path: path(),
-                    size,
-                })?;
+                h.filesize = u32::try_from(size)
+                    .map_err(|_| InitramfsError::TooLarge { path: path(), size })?;
                 header(&mut buf, &h, name);
                 let mut off = 0u64;
                 while off < size {
@@ -489,5 +496,6 @@ fn produce(
     Ok(())
 }
 
+pub mod init;
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use super::{write, Compression, InitramfsOptions, InitramfsReport, CHUNK};
+use crate::testkit::{cpio_extract, newc_entries};
 use crate::tree::{NodeKind, Timestamp, Tree};
 use crate::treetest::{capability, compare, is_root, meta, run, text, with_x, x, T};
 
@@ -17,18 +18,36 @@ fn newc_time(t: Timestamp) -> (i64, u32) {
 fn sample() -> Tree {
     let mut t = T::new();
     let etc = t.dir(0, "etc", meta(0o755, 0, 0, 1_600_000_001));
-    t.file(etc, "hostname", b"fledge\n", meta(0o644, 0, 0, 1_600_000_002));
+    t.file(
+        etc,
+        "hostname",
+        b"fledge\n",
+        meta(0o644, 0, 0, 1_600_000_002),
+    );
     let bin = t.dir(0, "bin", meta(0o755, 0, 0, 1_600_000_003));
     // Over one chunk, and of a length that needs padding.
-    t.file(bin, "big", &text(CHUNK * 2 + 5, 7), meta(0o755, 1000, 1000, 1_600_000_004));
+    t.file(
+        bin,
+        "big",
+        &text(CHUNK * 2 + 5, 7),
+        meta(0o755, 1000, 1000, 1_600_000_004),
+    );
     let ping = t.file(
         bin,
         "ping",
         b"\x7fELF fake",
-        with_x(meta(0o4755, 0, 0, 1_600_000_005), vec![x("security.capability", &capability())]),
+        with_x(
+            meta(0o4755, 0, 0, 1_600_000_005),
+            vec![x("security.capability", &capability())],
+        ),
     );
     // A hard-link group of three names in two directories.
-    let h = t.file(bin, "a-link", &text(1001, 3), meta(0o755, 0, 0, 1_600_000_006));
+    let h = t.file(
+        bin,
+        "a-link",
+        &text(1001, 3),
+        meta(0o755, 0, 0, 1_600_000_006),
+    );
     t.link(bin, b"b-link", h);
     t.link(etc, b"c-link", h);
     t.nodes[h as usize].nlink = 3;
@@ -54,10 +73,20 @@ fn sample() -> Tree {
         NodeKind::BlockDevice { major: 7, minor: 0 },
         meta(0o660, 0, 6, 1_600_000_010),
     );
-    t.add(dev, b"fifo", NodeKind::Fifo, meta(0o644, 0, 0, 1_600_000_011));
+    t.add(
+        dev,
+        b"fifo",
+        NodeKind::Fifo,
+        meta(0o644, 0, 0, 1_600_000_011),
+    );
     let tmp = t.dir(0, "tmp", meta(0o1777, 0, 0, 1_600_000_012));
     t.file(tmp, "empty", b"", meta(0o600, 65534, 65534, 1_600_000_013));
-    t.file(tmp, "odd", b"abc", meta(0o2755, 4_000_000, 7, 1_600_000_014));
+    t.file(
+        tmp,
+        "odd",
+        b"abc",
+        meta(0o2755, 4_000_000, 7, 1_600_000_014),
+    );
     let mut tree = t.tree();
     // Directory link counts as the merge gives them.
     for i in 0..tree.nodes.len() {
@@ -90,7 +119,11 @@ fn decompressed(c: Compression, path: &Path) -> Vec<u8> {
         Compression::Zstd(_) => "zstd",
     };
     let out = Command::new(tool).arg("-dc").arg(path).output().unwrap();
-    assert!(out.status.success(), "{tool} -dc: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{tool} -dc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -125,7 +158,10 @@ fn archives_read_back_with_gnu_cpio() {
         assert_eq!(r.cpio_bytes, data.len() as u64);
         assert_eq!(data.len() % 4, 0);
         assert_eq!(r.bytes, std::fs::metadata(&img).unwrap().len());
-        assert_eq!(r.sha256, crate::treetest::sha(&std::fs::read(&img).unwrap()));
+        assert_eq!(
+            r.sha256,
+            crate::treetest::sha(&std::fs::read(&img).unwrap())
+        );
         assert!(r.cpio_bytes > 2 * CHUNK as u64, "several chunks");
         assert_eq!(r.lost_xattrs, 1);
         assert_eq!(r.lost_capabilities, vec!["/bin/ping".to_string()]);
@@ -143,43 +179,8 @@ fn archives_read_back_with_gnu_cpio() {
         }
         let dest = dir.path().join("x");
         std::fs::create_dir(&dest).unwrap();
-        cpio(&["-idm", "--quiet", "--no-absolute-filenames"], &data, &dest);
-        // GNU cpio 2.13 sets a directory's mtime before it creates what the directory holds
-        // and sets none on symlinks; the kernel applies both (directories' at the end, as
-        // `initramfs_preserve_mtime` does). Do as the kernel does, from the headers.
-        for (name, f) in headers(&data) {
-            if matches!(f[1] & 0o170000, 0o040000 | 0o120000) {
-                use nix::sys::stat::{utimensat, UtimensatFlags};
-                use nix::sys::time::TimeSpec;
-                let t = TimeSpec::new(i64::from(f[5]), 0);
-                let p = dest.join(std::str::from_utf8(&name).unwrap());
-                utimensat(nix::fcntl::AT_FDCWD, &p, &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
-            }
-        }
+        cpio_extract(&data, &dest);
         compare(&without_xattrs(&tree), &dest, "cpio -idm", newc_time);
-    }
-}
-
-/// The archive's entries: name and the 13 header fields, walked header by header.
-fn headers(data: &[u8]) -> Vec<(Vec<u8>, [u32; 13])> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    loop {
-        let h = &data[at..at + 110];
-        assert_eq!(&h[..6], b"070701", "a header at {at}");
-        let mut f = [0u32; 13];
-        for (n, v) in f.iter_mut().enumerate() {
-            let hex = std::str::from_utf8(&h[6 + 8 * n..14 + 8 * n]).unwrap();
-            *v = u32::from_str_radix(hex, 16).unwrap();
-        }
-        let name = data[at + 110..at + 110 + f[11] as usize - 1].to_vec();
-        let body = (at + 110 + f[11] as usize).next_multiple_of(4);
-        at = (body + f[6] as usize).next_multiple_of(4);
-        if name == b"TRAILER!!!" {
-            assert_eq!(at, data.len(), "the trailer ends the archive");
-            return out;
-        }
-        out.push((name, f));
     }
 }
 
@@ -216,7 +217,7 @@ fn hard_links_carry_the_data_on_the_last_name() {
     assert_eq!(size_of(" bin/b-link"), "0");
     assert_eq!(size_of(" etc/c-link"), "1001");
     // The same ino, nlink 3 in each header.
-    let heads = headers(&data);
+    let heads = newc_entries(&data);
     let group: Vec<_> = heads
         .iter()
         .filter(|(_, f)| f[4] == 3 && f[1] & 0o170000 == 0o100000)
@@ -238,7 +239,11 @@ fn the_bytes_depend_on_the_tree_only() {
             std::fs::read(dir.path().join("b")).unwrap()
         );
         // And the stream is one that the tool itself checks.
-        let tool = if let Compression::Gzip(_) = c { "gzip" } else { "zstd" };
+        let tool = if let Compression::Gzip(_) = c {
+            "gzip"
+        } else {
+            "zstd"
+        };
         run(Command::new(tool).arg("-t").arg(dir.path().join("a")));
     }
 }
@@ -265,5 +270,8 @@ fn files_of_4_gib_are_refused() {
         &dir.path().join("a"),
     )
     .unwrap_err();
-    assert!(e.to_string().contains("/huge: a file of 4294967296 bytes"), "{e}");
+    assert!(
+        e.to_string().contains("/huge: a file of 4294967296 bytes"),
+        "{e}"
+    );
 }

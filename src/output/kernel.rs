@@ -285,7 +285,7 @@ fn mount_data(fs: FsType) -> &'static str {
         FsType::Xfs => "nouuid,allocsize=64k",
         FsType::Btrfs => "",
         // Read-only types are never built by this backend (see `build`).
-        FsType::Squashfs | FsType::Erofs => "ro",
+        FsType::Squashfs | FsType::Erofs | FsType::Initramfs => "ro",
     }
 }
 
@@ -405,7 +405,7 @@ pub fn mkfs_args(
             }
             ("mkfs.btrfs", args)
         }
-        FsType::Squashfs | FsType::Erofs => {
+        FsType::Squashfs | FsType::Erofs | FsType::Initramfs => {
             unreachable!("{fs} has no mkfs backend (select::no_kernel_backend)")
         }
     }
@@ -528,7 +528,9 @@ fn build(job: &Job<'_>, sw: &mut crate::timing::Stopwatch) -> Result<BuildReport
                         ],
                     )?,
                     FsType::Ext4 => unreachable!("ext4 is resized offline"),
-                    FsType::Squashfs | FsType::Erofs => unreachable!("refused in build"),
+                    FsType::Squashfs | FsType::Erofs | FsType::Initramfs => {
+                        unreachable!("refused in build")
+                    }
                 };
             } else if fs == FsType::Btrfs {
                 tools.run(

@@ -14,6 +14,7 @@
 
 mod copy;
 mod e2fsprogs;
+pub mod initramfs;
 pub mod job;
 pub(crate) mod kernel;
 mod kmsg;
@@ -294,6 +295,13 @@ pub enum BuildError {
     #[error(transparent)]
     Erofs(crate::erofs::ErofsError),
     #[error(transparent)]
+    Initramfs(crate::initramfs::InitramfsError),
+    #[error("{source}")]
+    Init {
+        source: crate::initramfs::init::InitError,
+        hint: &'static str,
+    },
+    #[error(transparent)]
     Fuse(#[from] crate::fusefs::FuseError),
     #[error(transparent)]
     Qcow2(#[from] crate::qcow2::Qcow2Error),
@@ -420,6 +428,24 @@ fn squashfs_hint(e: &crate::squashfs::SquashError) -> Option<String> {
     })
 }
 
+fn initramfs_hint(e: &crate::initramfs::InitramfsError) -> String {
+    use crate::initramfs::InitramfsError as E;
+    match e {
+        E::TooLarge { .. } | E::PathTooLong { .. } => {
+            "newc cannot hold it; remove the file from the image or build strategy = \"oci_rootfs\""
+                .into()
+        }
+        E::Read { .. } | E::Short { .. } => {
+            "the layer cache may be damaged; run `fledge cache prune` and build again".into()
+        }
+        E::Write { .. } => "check the output directory's permissions and free space".into(),
+        E::Compress(_) => {
+            "a compressor failed; run again with FLEDGE_LOG=debug and report it".into()
+        }
+        E::Interrupted => "nothing was written; run the build again".into(),
+    }
+}
+
 fn erofs_hint(e: &crate::erofs::ErofsError) -> Option<String> {
     use crate::erofs::ErofsError as E;
     Some(match e {
@@ -538,6 +564,8 @@ impl BuildError {
             }
             BuildError::Squashfs(e) => squashfs_hint(e),
             BuildError::Erofs(e) => erofs_hint(e),
+            BuildError::Initramfs(e) => Some(initramfs_hint(e)),
+            BuildError::Init { hint, .. } => Some((*hint).to_string()),
         }
     }
 
@@ -615,8 +643,8 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let fs = cfg.filesystem.fs_type;
     let output = absolute(args.output.clone().unwrap_or_else(|| {
         let ext = match cfg.filesystem.image_format {
-            ImageFormat::Raw => fs.extension(),
-            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => cfg.filesystem.extension(),
+            ImageFormat::Qcow2 => "qcow2".into(),
         };
         PathBuf::from(format!("{}.{ext}", image_ref.base_name()))
     }))?;
@@ -723,6 +751,41 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
                     target: target.clone().into(),
                 },
                 m,
+            )?,
+        }
+    }
+    // An initramfs: its /init ([init]), after the mappings (which may bring the init).
+    if cfg.strategy == crate::config::Strategy::Initramfs {
+        use crate::initramfs::init::{self, InitEntry};
+        let rt = ImageRuntimeConfig::from_oci(&merged.resolved.config);
+        let b = &merged.builder;
+        let exists = |p: &str| b.exists(p.as_bytes());
+        let image = init::Image {
+            exists: &exists,
+            argv: rt.entrypoint.iter().chain(&rt.cmd).cloned().collect(),
+            env: rt.env.clone(),
+            workdir: rt.working_dir.clone(),
+        };
+        let entry = init::plan(&cfg.init, &image).map_err(|e| BuildError::Init {
+            hint: e.hint(),
+            source: e,
+        })?;
+        let b = &mut merged.builder;
+        match entry {
+            InitEntry::Script(text) => b.insert(
+                init::INIT_PATH.as_bytes(),
+                NodeKind::File {
+                    size: text.len() as u64,
+                    content: Content::Bytes(text.into_bytes().into()),
+                },
+                meta(0o755),
+            )?,
+            InitEntry::Link(target) => b.insert(
+                init::INIT_PATH.as_bytes(),
+                NodeKind::Symlink {
+                    target: target.into_bytes().into(),
+                },
+                meta(0o777),
             )?,
         }
     }

@@ -36,6 +36,7 @@ impl BackendKind {
             (BackendKind::Userspace, _) => &super::userspace::UserspaceWriter,
             (BackendKind::Native, FsType::Squashfs) => &super::readonly::SquashfsWriter,
             (BackendKind::Native, FsType::Erofs) => &super::readonly::ErofsWriter,
+            (BackendKind::Native, FsType::Initramfs) => &super::initramfs::InitramfsWriter,
             (BackendKind::Native, _) => &super::native::NativeExt4Writer,
         }
     }
@@ -92,7 +93,7 @@ impl Probed {
                 .iter()
                 .all(|id| probe::find(p, id).is_some_and(Probe::is_ok))
         };
-        let loop_probe = if fs.is_read_only() {
+        let loop_probe = if fs.is_exactly_sized() {
             // No loop device builds these: none to try.
             Probe::new(
                 "kernel.loop_attach",
@@ -105,7 +106,7 @@ impl Probed {
         probes.push(loop_probe);
         let need_fuse = match choice {
             BackendChoice::Userspace => true,
-            _ if fs.is_read_only() => false,
+            _ if fs.is_exactly_sized() => false,
             BackendChoice::Kernel | BackendChoice::Native => false,
             // ext4: the native writer needs nothing.
             BackendChoice::Auto => fs != FsType::Ext4 && !kernel_ok(&probes),
@@ -165,7 +166,7 @@ pub fn kernel_requirements(fs: FsType) -> Vec<&'static str> {
         FsType::Xfs => ids.extend(["kernel.fs_xfs", "tools.mkfs_xfs"]),
         FsType::Btrfs => ids.extend(["kernel.fs_btrfs", "tools.mkfs_btrfs", "tools.btrfs"]),
         // Never built by this backend ([`no_kernel_backend`]).
-        FsType::Squashfs | FsType::Erofs => {}
+        FsType::Squashfs | FsType::Erofs | FsType::Initramfs => {}
     }
     ids
 }
@@ -173,6 +174,13 @@ pub fn kernel_requirements(fs: FsType) -> Vec<&'static str> {
 /// Why the kernel backend does not build `fs`, for the read-only types: there is no
 /// filesystem to mount and fill, the image is made in one piece by its writer.
 pub fn no_kernel_backend(fs: FsType) -> Option<String> {
+    if fs == FsType::Initramfs {
+        return Some(
+            "an initramfs is a cpio archive, not a filesystem to mount: fledge's own writer \
+             (--backend native or auto) writes it"
+                .into(),
+        );
+    }
     fs.is_read_only().then(|| {
         let tool = if fs == FsType::Squashfs {
             "mksquashfs"
@@ -199,6 +207,7 @@ pub fn userspace_requirements(fs: FsType, root: bool) -> Vec<&'static str> {
         FsType::Btrfs => ids.extend(["tools.mkfs_btrfs"]),
         FsType::Squashfs => ids.extend(["tools.mksquashfs"]),
         FsType::Erofs => ids.extend(["tools.mkfs_erofs"]),
+        FsType::Initramfs => {}
     }
     ids
 }
@@ -207,7 +216,7 @@ pub fn userspace_requirements(fs: FsType, root: bool) -> Vec<&'static str> {
 /// need nothing else.
 pub fn native_availability(fs: FsType) -> Result<(), String> {
     match fs {
-        FsType::Ext4 | FsType::Squashfs | FsType::Erofs => Ok(()),
+        FsType::Ext4 | FsType::Squashfs | FsType::Erofs | FsType::Initramfs => Ok(()),
         FsType::Xfs | FsType::Btrfs => Err(format!(
             "the native writers build ext4, squashfs and erofs only, not {}",
             fs.as_str()
@@ -217,6 +226,14 @@ pub fn native_availability(fs: FsType) -> Result<(), String> {
 
 /// Whether each backend can run for `fs` on this host (ignoring the tree).
 pub fn availability(fs: FsType, probed: &Probed) -> [(BackendKind, Result<(), String>); 3] {
+    if fs == FsType::Initramfs {
+        let why = no_kernel_backend(fs).unwrap_or_default();
+        return [
+            (BackendKind::Native, Ok(())),
+            (BackendKind::Kernel, Err(why.clone())),
+            (BackendKind::Userspace, Err(why)),
+        ];
+    }
     if let Some(why) = no_kernel_backend(fs) {
         return [
             (BackendKind::Native, native_availability(fs)),

@@ -142,6 +142,8 @@ pub fn content_bytes(tree: &Tree, fs: FsType) -> u64 {
         };
         total += match fs {
             FsType::Squashfs | FsType::Erofs => 0, // above
+            // A 110-byte header, the name and padding per entry.
+            FsType::Initramfs => 128,
             FsType::Ext4 => 0, // the inode table is part of the fixed overhead below
             FsType::Xfs => 512,
             FsType::Btrfs => 2 * 200,
@@ -170,7 +172,7 @@ pub fn ext4_journal_bytes(bytes: u64) -> u64 {
 /// The size plan for `tree` on `fs` with `buffer_bytes` of free space.
 pub fn plan(tree: &Tree, fs: FsType, buffer_bytes: u64) -> SizePlan {
     let content = content_bytes(tree, fs);
-    if fs.is_read_only() {
+    if fs.is_exactly_sized() {
         // No free space and no initial size: the writer lays the image out exactly.
         return SizePlan {
             content_bytes: content,
@@ -208,7 +210,7 @@ pub fn plan(tree: &Tree, fs: FsType, buffer_bytes: u64) -> SizePlan {
             s.max(BTRFS_MIN_BYTES)
         }
         // Returned above; the content is all they need.
-        FsType::Squashfs | FsType::Erofs => content,
+        FsType::Squashfs | FsType::Erofs | FsType::Initramfs => content,
     };
     SizePlan {
         content_bytes: content,

@@ -80,6 +80,8 @@ pub fn unrepresentable(tree: &Tree, fs: FsType) -> Option<(String, Vec<String>)>
                 )
             })
         }
+        // Written natively only; nothing to check for this backend.
+        FsType::Initramfs => None,
     }
 }
 
@@ -172,7 +174,9 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
                 args.push(image.display().to_string());
                 tools.run(mkfs, &args).map(|_| ())
             }
-            FsType::Squashfs | FsType::Erofs => unreachable!("built by build_read_only"),
+            FsType::Squashfs | FsType::Erofs | FsType::Initramfs => {
+                unreachable!("built by build_read_only or natively")
+            }
         };
         match result {
             Ok(()) => break,
@@ -213,7 +217,9 @@ fn build(job: &Job<'_>) -> Result<BuildReport, BuildError> {
             (Some(free), n)
         }
         // No offline resize for these; the estimate stands (tests check the window).
-        FsType::Btrfs | FsType::Xfs | FsType::Squashfs | FsType::Erofs => (None, 0),
+        FsType::Btrfs | FsType::Xfs | FsType::Squashfs | FsType::Erofs | FsType::Initramfs => {
+            (None, 0)
+        }
     };
     Ok(BuildReport {
         entries: stats.entries,

@@ -9,6 +9,10 @@
 //!   [`write_layout`] and [`derive_with_layer`] are the common one-image layouts.
 //! - [`sha256_hex`], [`gzip`], [`host_arch`].
 //! - [`Mount`]: a mount made by a test, unmounted on drop (also when the test panics).
+//! - [`newc_entries`] reads back a newc cpio archive's headers; [`cpio_extract`] extracts one
+//!   with GNU `cpio -idm` and then applies the directory and symlink mtimes as the kernel's
+//!   unpacker does (GNU cpio 2.13 sets a directory's before creating what it holds, and
+//!   none on symlinks).
 #![allow(dead_code)]
 
 use std::fs;
@@ -718,4 +722,64 @@ pub fn skip_line(what: &str) {
         "{what} (required when CI or FLEDGE_TEST_SETUP=1 is set)"
     );
     eprintln!("SKIP {what}");
+}
+
+/// The entries of an uncompressed newc archive: name and the 13 header fields (ino, mode,
+/// uid, gid, nlink, mtime, filesize, devmajor, devminor, rdevmajor, rdevminor, namesize,
+/// check), walked header by header up to `TRAILER!!!`, which must end the archive.
+pub fn newc_entries(data: &[u8]) -> Vec<(Vec<u8>, [u32; 13])> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    loop {
+        let h = &data[at..at + 110];
+        assert_eq!(&h[..6], b"070701", "a newc header at {at}");
+        let mut f = [0u32; 13];
+        for (n, v) in f.iter_mut().enumerate() {
+            let hex = std::str::from_utf8(&h[6 + 8 * n..14 + 8 * n]).unwrap();
+            *v = u32::from_str_radix(hex, 16).unwrap();
+        }
+        let name = data[at + 110..at + 110 + f[11] as usize - 1].to_vec();
+        let body = (at + 110 + f[11] as usize).next_multiple_of(4);
+        at = (body + f[6] as usize).next_multiple_of(4);
+        if name == b"TRAILER!!!" {
+            assert_eq!(at, data.len(), "the trailer ends the archive");
+            return out;
+        }
+        out.push((name, f));
+    }
+}
+
+/// Extract the uncompressed newc archive `data` into `dest` with `cpio -idm` (as root it
+/// keeps owners), then set directory and symlink mtimes from the headers, as the kernel does.
+pub fn cpio_extract(data: &[u8], dest: &Path) {
+    let mut child = Command::new("cpio")
+        .args(["-idm", "--quiet", "--no-absolute-filenames"])
+        .current_dir(dest)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cpio (GNU cpio) installed");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "cpio -idm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, f) in newc_entries(data) {
+        if matches!(f[1] & 0o170000, 0o040000 | 0o120000) {
+            use nix::sys::stat::{utimensat, UtimensatFlags};
+            use nix::sys::time::TimeSpec;
+            let t = TimeSpec::new(i64::from(f[5]), 0);
+            let p = dest.join(std::str::from_utf8(&name).unwrap());
+            utimensat(
+                nix::fcntl::AT_FDCWD,
+                &p,
+                &t,
+                &t,
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .unwrap();
+        }
+    }
 }
