@@ -2,7 +2,7 @@
 # Benchmarks, side by side with their baselines in the same run, reported as medians and ratios
 # (issue 7).
 #
-#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|all]
+#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|all]
 #
 #   build  Debian test image -> ext4, everything pulled from a local docker-registry on
 #          127.0.0.1 that holds the image:
@@ -42,12 +42,20 @@
 #          with the layers cached but an empty block cache ("cold"), then the next build
 #          after a [mappings] file changed and grew ("warm": the blocks come from the block
 #          cache). Target: xz warm <= 0.10x xz cold.
+#   initramfs  Debian test image -> gzip'd newc cpio (issue 17), from the same registry:
+#            go-initramfs        the Go tool's pipeline: skopeo copy, umoci unpack, then
+#                                `find . | cpio -o -H newc | gzip -9` in the rootfs
+#            fledge-ird-cold     `fledge build` strategy = "initramfs" (gzip level 15 = -9),
+#                                empty cache
+#            fledge-ird-warm     the same after a mapped file changed (layers cached)
+#            fledge-ird-zstd-warm  compression = "zstd" (level 15), warm
+#          plus the archive sizes.
 #   qcow2  Debian test image (OCI layout), layers cached: the same config built raw and with
 #          --image-format qcow2 (issue 17): ext4 (the native writer streams the qcow2 itself)
 #          and EROFS (written raw, then converted by its data extents). Target: ext4 qcow2 <=
 #          1.1x raw.
-#   all    build, scale and readonly (default; squashfs is its block-cache detail, qcow2 the
-#          qcow2 output's).
+#   all    build, scale, readonly and initramfs (default; squashfs is its block-cache detail,
+#          qcow2 the qcow2 output's).
 #
 # Commands alternate within each repetition so that machine noise hits all of them alike.
 # Every command runs under scripts/lib/measure.py, which reports wall time, the largest
@@ -69,19 +77,19 @@ while getopts "n:s:" opt; do
     case $opt in
     n) reps=$OPTARG ;;
     s) scale_reps=$OPTARG ;;
-    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|all]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
 what="${1:-all}"
 scale_reps=${scale_reps:-$reps}
-case $what in build | scale | index | readonly | squashfs | qcow2 | all) ;; *)
-    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|all]" >&2; exit 2 ;;
+case $what in build | scale | index | readonly | squashfs | qcow2 | initramfs | all) ;; *)
+    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|all]" >&2; exit 2 ;;
 esac
 
 . scripts/lib/need-root.sh
 need_root "the baseline pipeline loop-mounts images"
-for p in docker-registry skopeo umoci curl gzip python3 mkfs.ext4 e2fsck resize2fs mksquashfs mkfs.erofs; do
+for p in docker-registry skopeo umoci curl gzip cpio python3 mkfs.ext4 e2fsck resize2fs mksquashfs mkfs.erofs; do
     command -v "$p" >/dev/null || { echo "bench.sh: $p not found (scripts/install-deps.sh)" >&2; exit 1; }
 done
 IMAGES="${FLEDGE_TEST_IMAGES:-/var/tmp/fledge-test-images}"
@@ -428,6 +436,61 @@ bench_readonly() {
     check "fledge erofs cold / Go pipeline (mkfs.erofs)" "$(ratio fledge-erofs-cold go-erofs)" "<=" 0.15
 }
 
+# The Go tool's initramfs pipeline from reference $1 into $WORK/go/out.cpio.gz: unpack, then
+# the archive of the rootfs (find | cpio -H newc | gzip -9; its init and busybox steps left
+# out, which only add a few small files).
+go_initramfs_pipeline() {
+    local src=$1 d=$WORK/go
+    rm -rf "$d"
+    mkdir -p "$d"
+    skopeo copy -q --src-tls-verify=false "$src" "oci:$d/img:latest"
+    umoci unpack --image "$d/img:latest" "$d/bundle"
+    (cd "$d/bundle/rootfs" && find . | cpio -o -H newc --quiet | gzip -9 >"$d/out.cpio.gz")
+    stat -c %s "$d/out.cpio.gz" >"$WORK/go-initramfs.size"
+}
+export -f go_initramfs_pipeline
+
+bench_initramfs() {
+    local ref="docker://$REGISTRY/debian:test"
+    for comp in gzip zstd; do
+        cat >"$WORK/ird-$comp.toml" <<EOF
+version = "1"
+strategy = "initramfs"
+[source]
+image = "$ref"
+[filesystem]
+compression = "$comp"
+[mappings]
+"map.txt" = "/etc/fledge-bench-map"
+EOF
+    done
+    for _ in $(seq "$reps"); do
+        date +%s%N >"$WORK/map.txt"
+        measure go-initramfs bash -c 'go_initramfs_pipeline "$0"' "$ref"
+        rm -rf "$WORK/cache"
+        measure fledge-ird-cold bash -c 'fledge_build_to ird-gzip "$WORK/cache" "$WORK/out.cpio.gz"'
+        stat -c %s "$WORK/out.cpio.gz" >"$WORK/fledge-initramfs.size"
+        date +%s%N >"$WORK/map.txt"
+        measure fledge-ird-warm bash -c 'fledge_build_to ird-gzip "$WORK/cache" "$WORK/out.cpio.gz"'
+        date +%s%N >"$WORK/map.txt"
+        measure fledge-ird-zstd-warm bash -c 'fledge_build_to ird-zstd "$WORK/cache" "$WORK/out.cpio.zst"'
+        stat -c %s "$WORK/out.cpio.zst" >"$WORK/fledge-initramfs-zstd.size"
+        rm -rf "$WORK/go" "$WORK"/out.*
+    done
+    rm -rf "$WORK/cache"
+    echo
+    echo "== initramfs: Debian test image (registry) -> newc cpio, $reps repetitions"
+    header
+    row go-initramfs
+    row fledge-ird-cold go-initramfs
+    row fledge-ird-warm go-initramfs
+    row fledge-ird-zstd-warm fledge-ird-warm
+    echo "sizes (bytes):"
+    printf "  %-40s %12s\n" "find | cpio -H newc | gzip -9" "$(cat "$WORK/go-initramfs.size")" \
+        "fledge gzip level 15 (-9)" "$(cat "$WORK/fledge-initramfs.size")" \
+        "fledge zstd level 15" "$(cat "$WORK/fledge-initramfs-zstd.size")"
+}
+
 bench_index() {
     local ref="oci:$LAYOUT:test"
     for _ in $(seq "$reps"); do
@@ -553,7 +616,8 @@ index) bench_index ;;
 readonly) bench_readonly ;;
 squashfs) bench_squashfs ;;
 qcow2) bench_qcow2 ;;
-all) bench_build; bench_scale; bench_readonly ;;
+initramfs) bench_initramfs ;;
+all) bench_build; bench_scale; bench_readonly; bench_initramfs ;;
 esac
 echo
 echo "disk = peak extra space used on the filesystem of /var/tmp during the command (median);"
