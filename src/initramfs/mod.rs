@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
@@ -348,14 +348,16 @@ pub fn write(
 
     // Chunks to the compressors (bounded: memory stays at a few chunks per thread).
     let (to_work, work) = mpsc::sync_channel::<(u64, Vec<u8>, bool)>(threads * 2);
-    let work = Mutex::new(work);
+    // Shared by the compressors only: when they all stop (the writer failed), the receiver
+    // is gone and the producer's next send fails instead of blocking.
+    let work = Arc::new(Mutex::new(work));
     std::thread::scope(|s| -> Result<(), InitramfsError> {
         let (to_sink, done) = mpsc::sync_channel::<(
             u64,
             Result<(Vec<u8>, flate2::Crc), InitramfsError>,
         )>(threads * 2);
         for _ in 0..threads {
-            let work = &work;
+            let work = Arc::clone(&work);
             let to_sink = to_sink.clone();
             s.spawn(move || loop {
                 let next = work.lock().map(|r| r.recv());
@@ -371,6 +373,7 @@ pub fn write(
             });
         }
         drop(to_sink);
+        drop(work);
         // The writer: in order, hashed as written.
         let sink = &mut sink;
         let writer = s.spawn(move || -> Result<(), InitramfsError> {

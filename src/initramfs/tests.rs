@@ -275,3 +275,37 @@ fn files_of_4_gib_are_refused() {
         "{e}"
     );
 }
+
+#[test]
+fn a_failed_write_is_reported_not_hung() {
+    // A 1 MiB tmpfs: writes fail with ENOSPC once it is full, with the compressors busy and
+    // the producer blocked on a full queue. The pipeline must stop and name the file.
+    if !is_root() {
+        eprintln!("SKIP a_failed_write_is_reported_not_hung: needs root (a small tmpfs)");
+        return;
+    }
+    let mut t = T::new();
+    for i in 0..40 {
+        t.file(0, &format!("f{i}"), &text(CHUNK, i), meta(0o644, 0, 0, 1));
+    }
+    let tree = t.tree();
+    let m = crate::testkit::Mount::tmpfs("fledge-test-full", "size=1m");
+    for c in [Compression::Gzip(1), Compression::Zstd(1)] {
+        let path = m.path().join("a");
+        let e = write(
+            &tree,
+            &InitramfsOptions {
+                compression: c,
+                threads: 2,
+            },
+            &path,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, super::InitramfsError::Write { .. }),
+            "{c:?}: {e}"
+        );
+        assert!(e.to_string().contains("No space left on device"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+    }
+}
