@@ -234,43 +234,36 @@ impl Sink<'_> {
 /// byte, which says nothing useful of a build).
 const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255];
 
-fn compress_chunk(
-    c: Compression,
+/// One chunk as raw deflate ending with a sync flush (byte aligned, not final), or finished
+/// when it is the `last`; with its CRC-32, for the member's trailer.
+fn deflate_chunk(
+    level: u32,
     data: &[u8],
     last: bool,
 ) -> Result<(Vec<u8>, flate2::Crc), InitramfsError> {
+    use flate2::{Compress, FlushCompress, Status};
     let mut crc = flate2::Crc::new();
-    match c {
-        Compression::Zstd(_) => Err(InitramfsError::Compress(
-            "zstd is one stream (write_zstd)".into(),
-        )),
-        Compression::Gzip(level) => {
-            crc.update(data);
-            use flate2::{Compress, FlushCompress, Status};
-            let mut z = Compress::new(flate2::Compression::new(level), false);
-            let mut out = Vec::with_capacity(data.len() + data.len() / 16 + 1024);
-            let flush = if last {
-                FlushCompress::Finish
-            } else {
-                FlushCompress::Sync
-            };
-            loop {
-                let done = z.total_in() as usize;
-                let st = z
-                    .compress_vec(&data[done..], &mut out, flush)
-                    .map_err(|e| InitramfsError::Compress(e.to_string()))?;
-                let all_in = z.total_in() as usize == data.len();
-                // Done when finished, or (sync flush) all input taken with room to spare.
-                if (last && st == Status::StreamEnd)
-                    || (!last && all_in && out.len() < out.capacity())
-                {
-                    break;
-                }
-                out.reserve(64 * 1024);
-            }
-            Ok((out, crc))
+    crc.update(data);
+    let mut z = Compress::new(flate2::Compression::new(level), false);
+    let mut out = Vec::with_capacity(data.len() + data.len() / 16 + 1024);
+    let flush = if last {
+        FlushCompress::Finish
+    } else {
+        FlushCompress::Sync
+    };
+    loop {
+        let done = z.total_in() as usize;
+        let st = z
+            .compress_vec(&data[done..], &mut out, flush)
+            .map_err(|e| InitramfsError::Compress(e.to_string()))?;
+        let all_in = z.total_in() as usize == data.len();
+        // Done when finished, or (sync flush) all input taken with room to spare.
+        if (last && st == Status::StreamEnd) || (!last && all_in && out.len() < out.capacity()) {
+            break;
         }
+        out.reserve(64 * 1024);
     }
+    Ok((out, crc))
 }
 
 /// zstd: the archive through one multithreaded encoder into the sink.
@@ -340,10 +333,13 @@ pub fn write(
     let comp = opts.compression;
     let threads = opts.threads.max(1);
     let mut report = InitramfsReport::default();
-    if let Compression::Zstd(level) = comp {
-        write_zstd(tree, &listing, level, threads, &mut sink, &mut report)?;
-        return finish(sink, report);
-    }
+    let level = match comp {
+        Compression::Zstd(level) => {
+            write_zstd(tree, &listing, level, threads, &mut sink, &mut report)?;
+            return finish(sink, report);
+        }
+        Compression::Gzip(level) => level,
+    };
     sink.put(&GZIP_HEADER)?;
 
     // Chunks to the compressors (bounded: memory stays at a few chunks per thread).
@@ -365,7 +361,7 @@ pub fn write(
                     return;
                 };
                 if to_sink
-                    .send((seq, compress_chunk(comp, &data, last)))
+                    .send((seq, deflate_chunk(level, &data, last)))
                     .is_err()
                 {
                     return;
