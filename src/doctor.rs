@@ -65,8 +65,10 @@ pub fn report(req: &DoctorRequest) -> Report {
     if req.online {
         probed.probes.extend(registry_probes());
     }
+    // Every `[filesystem] type`, and the initramfs (`strategy = "initramfs"`).
     let filesystems: Vec<FsVerdict> = FsType::ALL
         .iter()
+        .chain(&[FsType::Initramfs])
         .map(|&fs| {
             let backends: Vec<BackendVerdict> = select::availability(fs, &probed)
                 .into_iter()

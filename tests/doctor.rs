@@ -75,7 +75,10 @@ fn assert_schema(r: &serde_json::Value) {
         .iter()
         .map(|f| f["fs"].as_str().unwrap())
         .collect();
-    assert_eq!(fss, ["ext4", "xfs", "btrfs", "squashfs", "erofs"]);
+    assert_eq!(
+        fss,
+        ["ext4", "xfs", "btrfs", "squashfs", "erofs", "initramfs"]
+    );
     for f in r["filesystems"].as_array().unwrap() {
         let names: Vec<&str> = f["backends"]
             .as_array()
@@ -91,9 +94,9 @@ fn assert_schema(r: &serde_json::Value) {
     // The native writers build ext4, squashfs and erofs anywhere (no root, FUSE, loop device
     // or mkfs) and nothing else; the read-only types have no kernel backend, and their
     // userspace backend (mksquashfs / mkfs.erofs over FUSE) is never what auto picks.
-    for fs in ["ext4", "xfs", "btrfs", "squashfs", "erofs"] {
+    for fs in ["ext4", "xfs", "btrfs", "squashfs", "erofs", "initramfs"] {
         let native = backend(r, fs, "native");
-        let by_native = ["ext4", "squashfs", "erofs"].contains(&fs);
+        let by_native = ["ext4", "squashfs", "erofs", "initramfs"].contains(&fs);
         assert_eq!(native["available"], by_native, "{fs}: {native}");
         if by_native {
             assert_eq!(native["detail"], "ready", "{native}");
@@ -103,9 +106,19 @@ fn assert_schema(r: &serde_json::Value) {
                 native["detail"]
                     .as_str()
                     .unwrap()
-                    .contains("ext4, squashfs and erofs only"),
+                    .contains("ext4, squashfs, erofs and the initramfs only"),
                 "{fs}: {native}"
             );
+        }
+        if fs == "initramfs" {
+            for other in ["kernel", "userspace"] {
+                let b = backend(r, fs, other);
+                assert_eq!(b["available"], false, "{fs}: {b}");
+                assert!(
+                    b["detail"].as_str().unwrap().contains("cpio archive"),
+                    "{fs}: {b}"
+                );
+            }
         }
         if fs == "squashfs" || fs == "erofs" {
             let b = backend(r, fs, "kernel");
@@ -182,7 +195,12 @@ fn doctor_as_root_agrees_with_build() {
         );
     }
     // The userspace column: mksquashfs / mkfs.erofs over FUSE (installed by
-    // scripts/install-deps.sh).
+    // scripts/install-deps.sh). The initramfs has fledge's own writer only.
+    assert_eq!(
+        table_row(&text, "initramfs"),
+        ["initramfs", "yes", "no", "no", "native"],
+        "{text}"
+    );
     for (fs, tool) in [("squashfs", "mksquashfs"), ("erofs", "mkfs.erofs")] {
         let user = if support::have_program(tool) {
             "yes"

@@ -218,7 +218,7 @@ pub fn native_availability(fs: FsType) -> Result<(), String> {
     match fs {
         FsType::Ext4 | FsType::Squashfs | FsType::Erofs | FsType::Initramfs => Ok(()),
         FsType::Xfs | FsType::Btrfs => Err(format!(
-            "the native writers build ext4, squashfs and erofs only, not {}",
+            "the native writers build ext4, squashfs, erofs and the initramfs only, not {}",
             fs.as_str()
         )),
     }
