@@ -6,6 +6,8 @@
 //!   (`https://github.com`) can be replaced with the `FLEDGE_RELEASE_BASE_URL` environment
 //!   variable (mirrors, tests).
 //!
+//! [`fetch_verified`] is the same download for other binaries (the busybox of an initramfs).
+//!
 //! Downloads are streamed to a temporary file in the cache directory while hashed, checked
 //! (status, size limit, ELF magic, checksum) and only then renamed to
 //! `kestrel-<sha256 prefix>`, mode 0755.
@@ -45,31 +47,40 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot download agent from {url}: {reason}")]
+    #[error("cannot download {what} from {url}: {reason}")]
     Download {
+        /// What was downloaded (`agent`, `busybox`).
+        what: &'static str,
         url: String,
         reason: String,
         /// The URL came from `source_strategy = "release"`.
         release: bool,
     },
-    #[error("downloading agent from {url} failed: HTTP {status}")]
+    #[error("downloading {what} from {url} failed: HTTP {status}")]
     HttpStatus {
+        what: &'static str,
         url: String,
         status: u16,
         release: bool,
     },
-    #[error("agent from {url} is larger than {limit} bytes")]
-    TooLarge { url: String, limit: u64 },
-    #[error("agent from {url} is not an ELF executable")]
-    NotElf { url: String },
-    #[error("agent from {url} has sha256 {actual}, expected {expected}")]
+    #[error("{what} from {url} is larger than {limit} bytes")]
+    TooLarge {
+        what: &'static str,
+        url: String,
+        limit: u64,
+    },
+    #[error("{what} from {url} is not an ELF executable")]
+    NotElf { what: &'static str, url: String },
+    #[error("{what} from {url} has sha256 {actual}, expected {expected}")]
     ChecksumMismatch {
+        what: &'static str,
         url: String,
         expected: String,
         actual: String,
     },
-    #[error("cannot write agent to cache {}: {source}", path.display())]
+    #[error("cannot write {what} to cache {}: {source}", path.display())]
     Cache {
+        what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
@@ -82,6 +93,9 @@ impl AgentError {
             | AgentError::HttpStatus { release: true, .. } => {
                 Some("use source_strategy = \"local\" or \"http\"")
             }
+            AgentError::ChecksumMismatch {
+                what: "busybox", ..
+            } => Some("check source.busybox_sha256, or the URL serves a different build"),
             AgentError::ChecksumMismatch { .. } => {
                 Some("check agent.checksum, or the URL serves a different build")
             }
@@ -142,28 +156,69 @@ pub fn fetch_agent_with_base(
             }
         }
         AgentConfig::Http { url, checksum } => {
-            if let Some(path) = checksum.as_deref().and_then(|c| cached(cache_dir, c)) {
+            if let Some(path) = checksum
+                .as_deref()
+                .and_then(|c| cached(&AGENT, cache_dir, c))
+            {
                 tracing::debug!(url, path = %path.display(), "agent already in cache");
                 return Ok(path);
             }
-            download(url, cache_dir, checksum.as_deref(), false)
+            download(&AGENT, url, cache_dir, checksum.as_deref(), false)
         }
-        AgentConfig::Release { version } => {
-            download(&release_url(release_base, version), cache_dir, None, true)
-        }
+        AgentConfig::Release { version } => download(
+            &AGENT,
+            &release_url(release_base, version),
+            cache_dir,
+            None,
+            true,
+        ),
     }
 }
 
-/// The cache file name of an agent whose SHA-256 is `hex`.
-fn cache_name(hex: &str) -> String {
-    format!("kestrel-{}", hex.get(..16).unwrap_or(hex))
+/// What a download is, for messages and cache file names.
+pub struct Download {
+    /// In messages: `agent`, `busybox`.
+    pub what: &'static str,
+    /// The cache file is `<prefix>-<sha256 prefix>`.
+    pub prefix: &'static str,
 }
 
-/// A cached agent whose full SHA-256 equals `expected` (so a known checksum needs no
+const AGENT: Download = Download {
+    what: "agent",
+    prefix: "kestrel",
+};
+
+/// The busybox of an initramfs without a shell (`[source] busybox_url`).
+pub const BUSYBOX: Download = Download {
+    what: "busybox",
+    prefix: "busybox",
+};
+
+/// A static ELF binary from `url` whose SHA-256 must be `sha256`: the cached copy when its
+/// hash matches (no network), else downloaded, checked and cached as the agent is.
+pub fn fetch_verified(
+    kind: &Download,
+    url: &str,
+    sha256: &str,
+    cache_dir: &Path,
+) -> Result<PathBuf, AgentError> {
+    if let Some(path) = cached(kind, cache_dir, sha256) {
+        tracing::debug!(url, path = %path.display(), "{} already in cache", kind.what);
+        return Ok(path);
+    }
+    download(kind, url, cache_dir, Some(sha256), false)
+}
+
+/// The cache file name of a download whose SHA-256 is `hex`.
+fn cache_name(kind: &Download, hex: &str) -> String {
+    format!("{}-{}", kind.prefix, hex.get(..16).unwrap_or(hex))
+}
+
+/// A cached download whose full SHA-256 equals `expected` (so a known checksum needs no
 /// network on later builds).
-fn cached(cache_dir: &Path, expected: &str) -> Option<PathBuf> {
+fn cached(kind: &Download, cache_dir: &Path, expected: &str) -> Option<PathBuf> {
     let expected = expected.strip_prefix("sha256:").unwrap_or(expected);
-    let path = cache_dir.join(cache_name(&expected.to_ascii_lowercase()));
+    let path = cache_dir.join(cache_name(kind, &expected.to_ascii_lowercase()));
     let mut file = std::fs::File::open(&path).ok()?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).ok()?;
@@ -174,12 +229,15 @@ fn cached(cache_dir: &Path, expected: &str) -> Option<PathBuf> {
 
 /// Download `url` into `cache_dir`, verify it, and return the cached file.
 fn download(
+    kind: &Download,
     url: &str,
     cache_dir: &Path,
     expected_sha256: Option<&str>,
     release: bool,
 ) -> Result<PathBuf, AgentError> {
+    let what = kind.what;
     let cache_err = |path: &Path, source| AgentError::Cache {
+        what,
         path: path.to_path_buf(),
         source,
     };
@@ -190,8 +248,9 @@ fn download(
         .timeout_global(Some(TOTAL_TIMEOUT))
         .build()
         .into();
-    tracing::debug!(url, "downloading agent");
+    tracing::debug!(url, "downloading {what}");
     let net_err = |reason: String| AgentError::Download {
+        what,
         url: url.to_string(),
         reason,
         release,
@@ -200,6 +259,7 @@ fn download(
     let status = response.status().as_u16();
     if status != 200 {
         return Err(AgentError::HttpStatus {
+            what,
             url: url.to_string(),
             status,
             release,
@@ -208,7 +268,7 @@ fn download(
     // No body limit from ureq: the loop below enforces MAX_AGENT_BYTES itself.
     let mut reader = response.into_body().into_reader();
     let mut tmp = tempfile::Builder::new()
-        .prefix(".kestrel-download-")
+        .prefix(&format!(".{}-download-", kind.prefix))
         .tempfile_in(cache_dir)
         .map_err(|e| cache_err(cache_dir, e))?;
     let mut hasher = Sha256::new();
@@ -226,6 +286,7 @@ fn download(
         total += n as u64;
         if total > MAX_AGENT_BYTES {
             return Err(AgentError::TooLarge {
+                what,
                 url: url.to_string(),
                 limit: MAX_AGENT_BYTES,
             });
@@ -242,6 +303,7 @@ fn download(
         let expected = expected.strip_prefix("sha256:").unwrap_or(expected);
         if !expected.eq_ignore_ascii_case(&actual) {
             return Err(AgentError::ChecksumMismatch {
+                what,
                 url: url.to_string(),
                 expected: expected.to_ascii_lowercase(),
                 actual,
@@ -250,6 +312,7 @@ fn download(
     }
     if head != b"\x7fELF" {
         return Err(AgentError::NotElf {
+            what,
             url: url.to_string(),
         });
     }
@@ -259,9 +322,9 @@ fn download(
     tmp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(AGENT_MODE))
         .map_err(|e| cache_err(tmp.path(), e))?;
-    let dest = cache_dir.join(cache_name(&actual));
+    let dest = cache_dir.join(cache_name(kind, &actual));
     tmp.persist(&dest).map_err(|e| cache_err(&dest, e.error))?;
-    tracing::debug!(url, path = %dest.display(), bytes = total, "agent downloaded");
+    tracing::debug!(url, path = %dest.display(), bytes = total, "{what} downloaded");
     Ok(dest)
 }
 

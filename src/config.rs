@@ -32,7 +32,14 @@ pub const DEFAULT_SIZE_BUFFER_MB: u64 = 100;
 static KEYS: Keys = Keys::Table(&[
     ("version", Keys::Any),
     ("strategy", Keys::Any),
-    ("source", Keys::Table(&[("image", Keys::Any)])),
+    (
+        "source",
+        Keys::Table(&[
+            ("image", Keys::Any),
+            ("busybox_url", Keys::Any),
+            ("busybox_sha256", Keys::Any),
+        ]),
+    ),
     (
         "init",
         Keys::Table(&[("path", Keys::Any), ("none", Keys::Any)]),
@@ -252,6 +259,18 @@ impl fmt::Display for FsType {
 pub struct SourceConfig {
     /// The image reference as written (`nginx:alpine`, `oci:/dir:tag`, ...).
     pub image: String,
+    /// `busybox_url` + `busybox_sha256`: the shell of an initramfs whose image has none.
+    pub busybox: Option<BusyboxSource>,
+}
+
+/// Where the busybox of an initramfs without `/bin/sh` comes from (`[source] busybox_url`,
+/// `busybox_sha256`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BusyboxSource {
+    /// An `http://` or `https://` URL of a static busybox binary.
+    pub url: String,
+    /// Its SHA-256, 64 lower-case hex digits.
+    pub sha256: String,
 }
 
 /// `compression_level` when absent (squashfs and erofs).
@@ -545,6 +564,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawSource {
     image: Option<String>,
+    busybox_url: Option<String>,
+    busybox_sha256: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -629,7 +650,7 @@ impl Config {
     }
 }
 
-fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigError> {
+fn validate(mut raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigError> {
     let version = raw.version.ok_or_else(|| {
         ConfigError::invalid("'version' is required", Some("set version = \"1\""))
     })?;
@@ -651,6 +672,10 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
             })
         }
     };
+    let (busybox_url, busybox_sha256) = raw.source.as_mut().map_or((None, None), |s| {
+        (s.busybox_url.take(), s.busybox_sha256.take())
+    });
+    let busybox = validate_busybox(strategy, busybox_url, busybox_sha256)?;
     let image = raw
         .source
         .and_then(|s| s.image)
@@ -696,7 +721,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         dir: dir.to_path_buf(),
         version,
         strategy,
-        source: SourceConfig { image },
+        source: SourceConfig { image, busybox },
         filesystem,
         agent,
         init,
@@ -779,6 +804,58 @@ fn validate_initramfs(fs: Option<RawFilesystem>) -> Result<FilesystemConfig, Con
             })?;
     }
     Ok(out)
+}
+
+/// `[source] busybox_url` + `busybox_sha256`: both or neither, an http(s) URL and 64 hex
+/// digits, and only for an initramfs (a disk image boots the image's own init).
+fn validate_busybox(
+    strategy: Strategy,
+    url: Option<String>,
+    sha256: Option<String>,
+) -> Result<Option<BusyboxSource>, ConfigError> {
+    let (url, sha256) = match (url, sha256) {
+        (None, None) => return Ok(None),
+        (Some(u), Some(s)) => (u, s),
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "'source.busybox_url' needs 'source.busybox_sha256'",
+                Some("add busybox_sha256 = \"<64 hex digits>\" (sha256sum of the binary)"),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "'source.busybox_sha256' without 'source.busybox_url'",
+                Some("add busybox_url = \"https://...\", or remove busybox_sha256"),
+            ))
+        }
+    };
+    if strategy != Strategy::Initramfs {
+        return Err(ConfigError::invalid(
+            "'source.busybox_url' applies to strategy = \"initramfs\" only (a disk image \
+             boots the image's own init)",
+            Some("remove busybox_url and busybox_sha256, or set strategy = \"initramfs\""),
+        ));
+    }
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"));
+    if !rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/')) {
+        return Err(ConfigError::invalid(
+            format!("'source.busybox_url' = \"{url}\" is not an http:// or https:// URL"),
+            Some("give the URL of a static busybox binary"),
+        ));
+    }
+    let hex = sha256.strip_prefix("sha256:").unwrap_or(&sha256);
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ConfigError::invalid(
+            format!("'source.busybox_sha256' = \"{sha256}\" is not a SHA-256 (64 hex digits)"),
+            Some("use the output of sha256sum on the binary"),
+        ));
+    }
+    Ok(Some(BusyboxSource {
+        url,
+        sha256: hex.to_ascii_lowercase(),
+    }))
 }
 
 fn validate_init(i: RawInit) -> Result<InitConfig, ConfigError> {
@@ -1122,6 +1199,52 @@ mod tests {
                 .starts_with("--image-format qcow2 means nothing"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn busybox_url_and_sha256() {
+        let head = "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"x\"\n";
+        let sum = "AB".repeat(32);
+        let c = parse(&format!(
+            "{head}busybox_url = \"https://example.test/busybox\"\nbusybox_sha256 = \"sha256:{sum}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.source.busybox,
+            Some(BusyboxSource {
+                url: "https://example.test/busybox".into(),
+                sha256: "ab".repeat(32),
+            })
+        );
+        assert_eq!(parse(head).unwrap().source.busybox, None);
+        let err =
+            |extra: &str, head: &str| parse(&format!("{head}{extra}")).unwrap_err().to_string();
+        let url = "busybox_url = \"http://127.0.0.1:8/bb\"\n";
+        let good = format!("busybox_sha256 = \"{}\"\n", "0".repeat(64));
+        assert!(parse(&format!("{head}{url}{good}")).is_ok());
+        assert!(err(url, head).contains("needs 'source.busybox_sha256'"));
+        assert!(err(&good, head).contains("without 'source.busybox_url'"));
+        for bad in [
+            "ftp://x/bb",
+            "/usr/bin/busybox",
+            "https://",
+            "file:///bin/busybox",
+        ] {
+            let e = err(&format!("busybox_url = \"{bad}\"\n{good}"), head);
+            assert!(
+                e.contains("is not an http:// or https:// URL"),
+                "{bad}: {e}"
+            );
+        }
+        for bad in ["abc", &"g".repeat(64), &"0".repeat(63), &"0".repeat(65)] {
+            let e = err(&format!("{url}busybox_sha256 = \"{bad}\"\n"), head);
+            assert!(e.contains("is not a SHA-256"), "{bad}: {e}");
+        }
+        // A disk image boots its own init: the keys are an error there.
+        let disk = format!("{HEAD}[source]\nimage = \"x\"\n");
+        assert!(err(&format!("{url}{good}"), &disk).contains("strategy = \"initramfs\" only"));
+        // A misspelt key is caught.
+        assert!(err("busybox_sha = \"x\"\n", head).contains("unknown key 'busybox_sha'"));
     }
 
     #[test]

@@ -980,6 +980,127 @@ fn build_qcow2_btrfs_kernel() {
     qcow2_case("btrfs", "kernel");
 }
 
+/// `strategy = "initramfs"` from an image with no shell (one static binary, `/app`): the
+/// busybox of `[source] busybox_url` is downloaded, verified and cached, installed as
+/// `/bin/busybox` with `/bin/sh`, `mkdir`, `mount` linked to it and the default `/init`
+/// running `/app`; the second build takes it from the cache (the server has gone); a wrong
+/// sha256 and a dynamically linked busybox are refused, naming the URL. No root needed.
+#[test]
+fn build_initramfs_busybox() {
+    let test = "build_initramfs_busybox";
+    let dir = tempfile::Builder::new()
+        .prefix("fledge-build-test-")
+        .tempdir()
+        .unwrap();
+    let app = support::kit::static_elf(1000);
+    let layer = support::kit::Layer::gzip(support::kit::tar_of(&[("app", &app)]));
+    let layout = support::kit::LayoutBuilder::at(&dir.path().join("layout"));
+    let cfg = support::kit::host_config("/app", std::slice::from_ref(&layer.diff_id));
+    let m = layout.image_with_config(
+        &format!("linux/{}", support::kit::host_arch()),
+        &[layer],
+        &cfg,
+        support::kit::OCI_MANIFEST,
+    );
+    layout.write_index_json(&[(m, Some("test"))]);
+    let busybox = support::kit::static_elf(300_000);
+    let sum = support::kit::sha256_hex(&busybox);
+    let dynamic = support::kit::dynamic_elf();
+    let dyn_sum = support::kit::sha256_hex(&dynamic);
+    let (base, server) =
+        support::kit::http_serve(vec![("/busybox", busybox.clone()), ("/dyn", dynamic)], 3);
+    let build = |url: &str, sha: &str| {
+        let toml = format!(
+            "version = \"1\"\nstrategy = \"initramfs\"\n\n[source]\nimage = \"{}\"\n\
+             busybox_url = \"{url}\"\nbusybox_sha256 = \"{sha}\"\n",
+            layout.reference(Some("test"))
+        );
+        fs::write(dir.path().join("fledge.toml"), toml).unwrap();
+        Command::new(fledge_bin())
+            .current_dir(dir.path())
+            .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
+            .env("SOURCE_DATE_EPOCH", "1700000000")
+            .args(["build", "-c", "fledge.toml", "-o", "out.cpio.gz"])
+            .output()
+            .unwrap()
+    };
+    let url = format!("{base}/busybox");
+    let out = build(&url, &sum);
+    assert!(
+        out.status.success(),
+        "{test}: build failed:\n{}",
+        text(&out)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        stderr.contains(&format!(
+            "the image has no /bin/sh: the initramfs gets busybox from {url} at /bin/busybox \
+             (sh, mkdir, mount linked to it)"
+        )),
+        "{test}:\n{stderr}"
+    );
+    let first = fs::read(dir.path().join("out.cpio.gz")).unwrap();
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&first[..]), &mut data).unwrap();
+    let x = dir.path().join("x");
+    fs::create_dir(&x).unwrap();
+    support::kit::cpio_extract(&data, &x);
+    assert_eq!(fs::read(x.join("bin/busybox")).unwrap(), busybox, "{test}");
+    assert_eq!(
+        fs::metadata(x.join("bin/busybox")).unwrap().mode() & 0o7777,
+        0o755
+    );
+    for applet in ["sh", "mkdir", "mount"] {
+        assert_eq!(
+            fs::read_link(x.join("bin").join(applet)).unwrap(),
+            Path::new("busybox"),
+            "{test}: /bin/{applet}"
+        );
+    }
+    assert_eq!(
+        fs::read(x.join("app")).unwrap(),
+        app,
+        "{test}: the image's own file"
+    );
+    let init = fs::read_to_string(x.join("init")).unwrap();
+    assert!(init.starts_with("#!/bin/sh\n"), "{test}:\n{init}");
+    assert!(init.ends_with("exec '/app'\n"), "{test}:\n{init}");
+    // A wrong sha256 is refused, naming the URL (the second request).
+    let wrong = "0".repeat(64);
+    let out = build(&url, &wrong);
+    assert!(!out.status.success(), "{test}: a wrong sha256 built");
+    let err = text(&out);
+    assert!(
+        err.contains(&format!(
+            "busybox from {url} has sha256 {sum}, expected {wrong}"
+        )),
+        "{test}:\n{err}"
+    );
+    // A dynamically linked one is refused (the third and last request).
+    let out = build(&format!("{base}/dyn"), &dyn_sum);
+    assert!(!out.status.success(), "{test}: a dynamic busybox built");
+    let err = text(&out);
+    assert!(
+        err.contains(&format!(
+            "busybox from {base}/dyn cannot run in the initramfs"
+        )) && err.contains("PT_INTERP"),
+        "{test}:\n{err}"
+    );
+    assert_eq!(server.join().unwrap(), vec!["/busybox", "/busybox", "/dyn"]);
+    // From the cache now: the server is gone; the same bytes as the first build.
+    let out = build(&url, &sum);
+    assert!(
+        out.status.success(),
+        "{test}: cached build failed:\n{}",
+        text(&out)
+    );
+    assert_eq!(
+        fs::read(dir.path().join("out.cpio.gz")).unwrap(),
+        first,
+        "{test}"
+    );
+}
+
 /// `strategy = "initramfs"`: the archive, extracted with `cpio -idm` as root, equals the
 /// oracle less what newc cannot hold (xattrs, among them the test image's file capabilities,
 /// and sub-second mtimes); `/init` is fledge's default script; the manifest carries

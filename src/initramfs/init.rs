@@ -33,6 +33,13 @@ pub enum InitEntry {
 pub enum InitError {
     #[error("the image has no /bin/sh for fledge's default /init script")]
     NoShell,
+    #[error(
+        "the image has no /bin/sh for fledge's default /init script, no [source] busybox_url \
+         is set and the host has no busybox (looked in {looked})"
+    )]
+    NoBusybox { looked: String },
+    #[error("busybox from {from} cannot run in the initramfs: {reason}")]
+    BadBusybox { from: String, reason: String },
     #[error("[init] path {path}: no such file in the image")]
     MissingInit { path: String },
     #[error("[init] none = true: the image has no Entrypoint or Cmd to run as /init")]
@@ -49,6 +56,16 @@ impl InitError {
             InitError::NoShell => {
                 "name the image's own init with [init] path = \"...\", or make the entrypoint \
                  PID 1 with [init] none = true"
+            }
+            InitError::NoBusybox { .. } => {
+                "set [source] busybox_url and busybox_sha256 (a static busybox for the \
+                 image's architecture), install busybox-static on the host, or name the \
+                 image's own init with [init] path = \"...\""
+            }
+            InitError::BadBusybox { .. } => {
+                "the initramfs needs a static busybox built for the image's architecture: \
+                 set [source] busybox_url and busybox_sha256 to one, or name the image's own \
+                 init with [init] path = \"...\""
             }
             InitError::MissingInit { .. } => "name a file the image has (an absolute path)",
             InitError::NoEntrypoint | InitError::MissingEntrypoint { .. } => {

@@ -538,6 +538,7 @@ fn produce(
     Ok(())
 }
 
+pub mod busybox;
 pub mod init;
 #[cfg(test)]
 mod tests;

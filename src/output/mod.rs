@@ -757,6 +757,34 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     // An initramfs: its /init ([init]), after the mappings (which may bring the init).
     if cfg.strategy == crate::config::Strategy::Initramfs {
         use crate::initramfs::init::{self, InitEntry};
+        if cfg.init == crate::config::InitConfig::Default && !merged.builder.exists(b"/bin/sh") {
+            let arch = merged.resolved.config.architecture().to_string();
+            let (path, from) = match &cfg.source.busybox {
+                Some(bb) => {
+                    let cache = crate::image::cache_dir(&opts)?;
+                    let p = crate::agent::fetch_verified(
+                        &crate::agent::BUSYBOX,
+                        &bb.url,
+                        &bb.sha256,
+                        &cache,
+                    )?;
+                    (p, bb.url.clone())
+                }
+                None => {
+                    let looked = crate::initramfs::busybox::HOST_PATHS.join(", ");
+                    let p = crate::initramfs::busybox::host().ok_or_else(|| {
+                        let e = init::InitError::NoBusybox { looked };
+                        BuildError::Init {
+                            hint: e.hint(),
+                            source: e,
+                        }
+                    })?;
+                    let from = format!("the host's {}", p.display());
+                    (p, from)
+                }
+            };
+            inject_busybox(&mut merged.builder, &path, &arch, &from, meta(0o755), ui)?;
+        }
         let rt = ImageRuntimeConfig::from_oci(&merged.resolved.config);
         let b = &merged.builder;
         let exists = |p: &str| b.exists(p.as_bytes());
@@ -1074,6 +1102,69 @@ fn rename(from: &Path, to: &Path) -> Result<(), BuildError> {
         path: to.to_path_buf(),
         source: e,
     })
+}
+
+/// Install the busybox at `path` (checked: static, for `arch`) as `/bin/busybox`, with
+/// `/bin/sh` and the applets of fledge's default `/init` linked to it, none of them over a
+/// file the image has.
+fn inject_busybox(
+    b: &mut crate::merge::TreeBuilder,
+    path: &Path,
+    arch: &str,
+    from: &str,
+    meta: Meta,
+    ui: &Ui,
+) -> Result<(), Error> {
+    use crate::initramfs::busybox;
+    let init_err = |e: crate::initramfs::init::InitError| BuildError::Init {
+        hint: e.hint(),
+        source: e,
+    };
+    busybox::check(path, arch, from).map_err(init_err)?;
+    let size = std::fs::metadata(path)
+        .map_err(|e| BuildError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?
+        .len();
+    let dest = busybox::DEST.as_bytes();
+    // The image's own /bin/busybox (without a /bin/sh) stays; the links point at it.
+    if !b.exists(dest) {
+        b.insert(
+            dest,
+            NodeKind::File {
+                size,
+                content: Content::HostFile(path.to_path_buf()),
+            },
+            Meta {
+                mode: busybox::MODE,
+                ..meta.clone()
+            },
+        )?;
+    }
+    let mut linked = Vec::new();
+    for applet in busybox::APPLETS {
+        let at = format!("/bin/{applet}");
+        if !b.exists(at.as_bytes()) {
+            b.insert(
+                at.as_bytes(),
+                NodeKind::Symlink {
+                    target: b"busybox".to_vec().into(),
+                },
+                meta.clone(),
+            )?;
+            linked.push(applet);
+        }
+    }
+    let msg = format!(
+        "the image has no /bin/sh: the initramfs gets busybox from {from} at {} ({} linked \
+         to it)",
+        busybox::DEST,
+        linked.join(", ")
+    );
+    // Once, through the output sink (as the config warnings).
+    ui.info(format!("warning: {msg}"));
+    Ok(())
 }
 
 fn progress_for(ui: &Ui, total: u64) -> indicatif::ProgressBar {

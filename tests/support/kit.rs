@@ -65,6 +65,83 @@ pub fn host_arch() -> &'static str {
     }
 }
 
+/// A static ELF executable header for this host's machine (64-bit little-endian, no
+/// program headers, so no PT_INTERP), padded with `pad` bytes: what a static binary looks
+/// like to fledge's checks; it is never run.
+pub fn static_elf(pad: usize) -> Vec<u8> {
+    let machine: u16 = match std::env::consts::ARCH {
+        "x86_64" => 62,
+        "aarch64" => 183,
+        "riscv64" => 243,
+        other => panic!("static_elf: no ELF machine for {other}"),
+    };
+    let mut b = vec![0u8; 64];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little-endian
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&machine.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b.extend((0..pad).map(|i| (i % 251) as u8));
+    b
+}
+
+/// [`static_elf`] with one program header PT_INTERP: a dynamically linked executable.
+pub fn dynamic_elf() -> Vec<u8> {
+    let mut b = static_elf(0);
+    b[32..40].copy_from_slice(&64u64.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let mut ph = vec![0u8; 56];
+    ph[..4].copy_from_slice(&3u32.to_le_bytes());
+    b.extend(ph);
+    b
+}
+
+/// A plain HTTP/1.1 server on 127.0.0.1 answering `requests` connections by `routes`
+/// (path -> body, 200; anything else 404), then ending. Returns the base URL and the
+/// thread, which yields the paths asked for.
+pub fn http_serve(
+    routes: Vec<(&'static str, Vec<u8>)>,
+    requests: usize,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    use std::io::BufRead;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for stream in listener.incoming().take(requests) {
+            let mut stream = stream.unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let (status, body) = routes
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map_or((404, b"not found".to_vec()), |(_, b)| (200, b.clone()));
+            seen.push(path);
+            let head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(&body).unwrap();
+        }
+        seen
+    });
+    (base, handle)
+}
+
 // ---------------------------------------------------------------------------------------
 // Tar
 
