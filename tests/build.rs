@@ -1099,6 +1099,35 @@ fn build_initramfs_busybox() {
         first,
         "{test}"
     );
+    // Without the keys: the host's busybox, or a refusal naming where it looked.
+    let toml = format!(
+        "version = \"1\"\nstrategy = \"initramfs\"\n\n[source]\nimage = \"{}\"\n",
+        layout.reference(Some("test"))
+    );
+    fs::write(dir.path().join("fledge.toml"), toml).unwrap();
+    let out = Command::new(fledge_bin())
+        .current_dir(dir.path())
+        .env("FLEDGE_CACHE_DIR", dir.path().join("cache"))
+        .args(["build", "-c", "fledge.toml", "-o", "host.cpio.gz"])
+        .output()
+        .unwrap();
+    let host = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file());
+    let all = text(&out);
+    match host {
+        None => assert!(
+            !out.status.success()
+                && all
+                    .contains("the host has no busybox (looked in /bin/busybox, /usr/bin/busybox)")
+                && all.contains("busybox-static"),
+            "{test}:\n{all}"
+        ),
+        Some(p) => assert!(
+            all.contains(&format!("busybox from the host's {p}")),
+            "{test}:\n{all}"
+        ),
+    }
 }
 
 /// `strategy = "initramfs"`: the archive, extracted with `cpio -idm` as root, equals the
