@@ -331,57 +331,7 @@ fn download(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::BufRead;
-    use std::net::TcpListener;
-    use std::thread::JoinHandle;
-
-    /// A one-shot HTTP/1.1 server on 127.0.0.1: answers `requests` connections, each by the
-    /// route table (path -> status, body), 404 for anything else. Returns the base URL and
-    /// the thread, which ends after the last answer.
-    fn serve(
-        routes: Vec<(&'static str, u16, Vec<u8>)>,
-        requests: usize,
-    ) -> (String, JoinHandle<Vec<String>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let handle = std::thread::spawn(move || {
-            let mut seen = Vec::new();
-            for stream in listener.incoming().take(requests) {
-                let Ok(mut stream) = stream else { continue };
-                stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-                let mut request_line = String::new();
-                reader.read_line(&mut request_line).unwrap();
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
-                        break;
-                    }
-                }
-                let path = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or("")
-                    .to_string();
-                seen.push(path.clone());
-                let (status, body) = routes
-                    .iter()
-                    .find(|(p, _, _)| *p == path)
-                    .map(|(_, s, b)| (*s, b.clone()))
-                    .unwrap_or((404, b"not found".to_vec()));
-                let head = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                stream.write_all(head.as_bytes()).unwrap();
-                stream.write_all(&body).unwrap();
-            }
-            seen
-        });
-        (base, handle)
-    }
+    use crate::testkit::http_serve;
 
     fn elf_body() -> Vec<u8> {
         let mut b = b"\x7fELF".to_vec();
@@ -393,7 +343,7 @@ mod tests {
     fn http_download_verifies_checksum_and_caches() {
         let body = elf_body();
         let sum = hex::encode(Sha256::digest(&body));
-        let (base, server) = serve(vec![("/kestrel", 200, body.clone())], 2);
+        let (base, server) = http_serve(vec![("/kestrel", 200, body.clone())], 2);
         let cache = tempfile::tempdir().unwrap();
         let cfg = AgentConfig::Http {
             url: format!("{base}/kestrel"),
@@ -441,7 +391,7 @@ mod tests {
     fn checksum_mismatch_names_url_expected_and_actual() {
         let body = elf_body();
         let actual = hex::encode(Sha256::digest(&body));
-        let (base, server) = serve(vec![("/k", 200, body)], 1);
+        let (base, server) = http_serve(vec![("/k", 200, body)], 1);
         let cache = tempfile::tempdir().unwrap();
         let expected = "ab".repeat(32);
         let cfg = AgentConfig::Http {
@@ -460,7 +410,7 @@ mod tests {
 
     #[test]
     fn http_404_and_non_elf_bodies_fail() {
-        let (base, server) = serve(vec![("/page", 200, b"<html>login</html>".to_vec())], 2);
+        let (base, server) = http_serve(vec![("/page", 200, b"<html>login</html>".to_vec())], 2);
         let cache = tempfile::tempdir().unwrap();
         let cfg = AgentConfig::Http {
             url: format!("{base}/missing"),
@@ -487,7 +437,7 @@ mod tests {
     #[test]
     fn release_downloads_from_the_release_path() {
         let body = elf_body();
-        let (base, server) = serve(
+        let (base, server) = http_serve(
             vec![
                 (
                     "/volantvm/volant/releases/download/v0.4.1/kestrel",

@@ -459,16 +459,6 @@ mod tests {
         }
     }
 
-    fn run(args: &[&str]) -> (bool, String) {
-        let o = Command::new("qemu-img").args(args).output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o.status.success(), text)
-    }
-
     #[test]
     fn layout_counts_tables() {
         // 5 GiB virtual, one cluster of data at 4.5 GiB: one L2 table, one data cluster.
@@ -546,29 +536,10 @@ mod tests {
                 crate::testkit::sha256_hex(&bytes),
                 "{name}: the hash is the file's"
             );
-            let (ok, out) = run(&["check", "-f", "qcow2", q.to_str().unwrap()]);
-            assert!(ok && out.contains("No errors were found"), "{name}: {out}");
-            let (ok, out) = run(&[
-                "compare",
-                "-f",
-                "raw",
-                "-F",
-                "qcow2",
-                raw.to_str().unwrap(),
-                q.to_str().unwrap(),
-            ]);
-            assert!(ok && out.contains("Images are identical"), "{name}: {out}");
+            crate::testkit::assert_qcow2_clean(&q, name);
+            crate::testkit::assert_qcow2_equals_raw(&q, &raw, name);
             let back = dir.path().join("back.raw");
-            let (ok, out) = run(&[
-                "convert",
-                "-f",
-                "qcow2",
-                "-O",
-                "raw",
-                q.to_str().unwrap(),
-                back.to_str().unwrap(),
-            ]);
-            assert!(ok, "{name}: {out}");
+            crate::testkit::qcow2_to_raw(&q, &back, name);
             assert_eq!(std::fs::metadata(&back).unwrap().len(), *size, "{name}");
             // No larger than the data rounded out to clusters, plus the tables.
             let f = File::open(&raw).unwrap();

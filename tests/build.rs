@@ -69,6 +69,23 @@ impl Project {
     }
 }
 
+/// Make `project` the test user's: a copy of the binary it can run in `bin/`, and the
+/// directory, the copy and `fledge.toml` owned by `uid:gid`. Returns the `bin/` directory.
+fn give_to_user(project: &Project, uid: u32, gid: u32) -> PathBuf {
+    let bin_dir = project.path().join("bin");
+    fs::create_dir(&bin_dir).unwrap();
+    fs::copy(fledge_bin(), bin_dir.join("fledge")).unwrap();
+    for entry in ["", "bin", "bin/fledge", "fledge.toml"] {
+        nix::unistd::chown(
+            &project.path().join(entry),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .unwrap();
+    }
+    bin_dir
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -392,17 +409,7 @@ fn rootless_case(fs_type: &str, backend: &str, expect: &str) {
 
     // The user's build, in a directory the user owns, with a copy of the binary it can run.
     let user_project = Project::new(&reference, fs_type, "");
-    let bin_dir = user_project.path().join("bin");
-    fs::create_dir(&bin_dir).unwrap();
-    fs::copy(fledge_bin(), bin_dir.join("fledge")).unwrap();
-    for entry in ["", "bin", "bin/fledge", "fledge.toml"] {
-        nix::unistd::chown(
-            &user_project.path().join(entry),
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .unwrap();
-    }
+    let bin_dir = give_to_user(&user_project, uid, gid);
     let backend_args: &[&str] = if backend == "auto" {
         &[]
     } else {
@@ -777,17 +784,7 @@ fn rootless_readonly_case(fs_type: &str) {
     assert!(out.status.success(), "{}", text(&out));
 
     let user_project = Project::new(&img.reference, fs_type, extra);
-    let bin_dir = user_project.path().join("bin");
-    fs::create_dir(&bin_dir).unwrap();
-    fs::copy(fledge_bin(), bin_dir.join("fledge")).unwrap();
-    for entry in ["", "bin", "bin/fledge", "fledge.toml"] {
-        nix::unistd::chown(
-            &user_project.path().join(entry),
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .unwrap();
-    }
+    let bin_dir = give_to_user(&user_project, uid, gid);
     let out = Command::new("runuser")
         .args(["-u", support::TEST_USER, "--"])
         .arg(bin_dir.join("fledge"))
@@ -825,12 +822,6 @@ fn rootless_squashfs_equals_root() {
 #[test]
 fn rootless_erofs_equals_root() {
     rootless_readonly_case("erofs");
-}
-
-/// `qemu-img` with `args`: (success, stdout + stderr).
-fn qemu_img(args: &[&str]) -> (bool, String) {
-    let o = Command::new("qemu-img").args(args).output().unwrap();
-    (o.status.success(), text(&o))
 }
 
 /// qcow2 output (`--image-format qcow2` over one config, so the raw and the qcow2 build
@@ -890,8 +881,7 @@ fn qcow2_case(fs_type: &str, backend: &str) {
         serde_json::from_slice(&fs::read(project.path().join("raw.manifest.json")).unwrap())
             .unwrap();
     assert_eq!(raw_manifest["rootfs"]["format"], fs_type);
-    let (ok, out) = qemu_img(&["check", "-f", "qcow2", q.to_str().unwrap()]);
-    assert!(ok && out.contains("No errors were found"), "{test}: {out}");
+    support::kit::assert_qcow2_clean(&q, &test);
     let left: Vec<String> = fs::read_dir(project.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -901,31 +891,13 @@ fn qcow2_case(fs_type: &str, backend: &str) {
     if backend == "kernel" {
         // Not reproducible: read the qcow2 back as raw and check what it holds.
         let back = project.path().join("back.img");
-        let (ok, out) = qemu_img(&[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            q.to_str().unwrap(),
-            back.to_str().unwrap(),
-        ]);
-        assert!(ok, "{test}: {out}");
+        support::kit::qcow2_to_raw(&q, &back, &test);
         support::assert_fsck_clean(&back, fs_type, &test);
         let m = support::kit::Mount::image(&back, fs_type, "loop,ro");
         assert_matches_oracle(&oracle(&img), m.path(), &img, &test);
         return;
     }
-    let (ok, out) = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        raw.to_str().unwrap(),
-        q.to_str().unwrap(),
-    ]);
-    assert!(ok && out.contains("Images are identical"), "{test}: {out}");
+    support::kit::assert_qcow2_equals_raw(&q, &raw, &test);
     let f = fs::File::open(&raw).unwrap();
     let len = f.metadata().unwrap().len();
     let layout = fledge::qcow2::Layout::new(len, &fledge::qcow2::data_extents(&f, len).unwrap());
@@ -1007,8 +979,10 @@ fn build_initramfs_busybox() {
     let sum = support::kit::sha256_hex(&busybox);
     let dynamic = support::kit::dynamic_elf();
     let dyn_sum = support::kit::sha256_hex(&dynamic);
-    let (base, server) =
-        support::kit::http_serve(vec![("/busybox", busybox.clone()), ("/dyn", dynamic)], 3);
+    let (base, server) = support::kit::http_serve(
+        vec![("/busybox", 200, busybox.clone()), ("/dyn", 200, dynamic)],
+        3,
+    );
     let build = |url: &str, sha: &str| {
         let toml = format!(
             "version = \"1\"\nstrategy = \"initramfs\"\n\n[source]\nimage = \"{}\"\n\

@@ -99,10 +99,10 @@ pub fn dynamic_elf() -> Vec<u8> {
 }
 
 /// A plain HTTP/1.1 server on 127.0.0.1 answering `requests` connections by `routes`
-/// (path -> body, 200; anything else 404), then ending. Returns the base URL and the
+/// (path -> status, body; anything else 404), then ending. Returns the base URL and the
 /// thread, which yields the paths asked for.
 pub fn http_serve(
-    routes: Vec<(&'static str, Vec<u8>)>,
+    routes: Vec<(&'static str, u16, Vec<u8>)>,
     requests: usize,
 ) -> (String, std::thread::JoinHandle<Vec<String>>) {
     use std::io::BufRead;
@@ -111,7 +111,7 @@ pub fn http_serve(
     let handle = std::thread::spawn(move || {
         let mut seen = Vec::new();
         for stream in listener.incoming().take(requests) {
-            let mut stream = stream.unwrap();
+            let Ok(mut stream) = stream else { continue };
             stream
                 .set_read_timeout(Some(Duration::from_secs(30)))
                 .unwrap();
@@ -127,8 +127,8 @@ pub fn http_serve(
             let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
             let (status, body) = routes
                 .iter()
-                .find(|(p, _)| *p == path)
-                .map_or((404, b"not found".to_vec()), |(_, b)| (200, b.clone()));
+                .find(|(p, _, _)| *p == path)
+                .map_or((404, b"not found".to_vec()), |(_, s, b)| (*s, b.clone()));
             seen.push(path);
             let head = format!(
                 "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -859,4 +859,52 @@ pub fn cpio_extract(data: &[u8], dest: &Path) {
             .unwrap();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// qcow2 oracles (qemu-img)
+
+/// `qemu-img ARGS`: (success, stdout + stderr).
+pub fn qemu_img(args: &[&str]) -> (bool, String) {
+    let o = Command::new("qemu-img").args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+/// `qemu-img check` finds no error in the qcow2 file `q`.
+pub fn assert_qcow2_clean(q: &Path, what: &str) {
+    let (ok, out) = qemu_img(&["check", "-f", "qcow2", q.to_str().unwrap()]);
+    assert!(ok && out.contains("No errors were found"), "{what}: {out}");
+}
+
+/// `qemu-img compare`: the qcow2 file `q` holds exactly the raw image `raw`.
+pub fn assert_qcow2_equals_raw(q: &Path, raw: &Path, what: &str) {
+    let (ok, out) = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        raw.to_str().unwrap(),
+        q.to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("Images are identical"), "{what}: {out}");
+}
+
+/// `qemu-img convert` the qcow2 file `q` to the raw file `out`.
+pub fn qcow2_to_raw(q: &Path, out: &Path, what: &str) {
+    let (ok, text) = qemu_img(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        q.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{what}: {text}");
 }

@@ -522,27 +522,8 @@ fn qcow2_output_is_the_raw_image() {
     let (q, sum) = build_as("img.qcow2", ImageFormat::Qcow2);
     let bytes = std::fs::read(&q).unwrap();
     assert_eq!(sum, sha256_hex(&bytes), "hashed as written");
-    let qemu = |args: &[&str]| {
-        let o = Command::new("qemu-img").args(args).output().unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        (o.status.success(), text)
-    };
-    let (ok, out) = qemu(&["check", "-f", "qcow2", q.to_str().unwrap()]);
-    assert!(ok && out.contains("No errors were found"), "{out}");
-    let (ok, out) = qemu(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        raw.to_str().unwrap(),
-        q.to_str().unwrap(),
-    ]);
-    assert!(ok && out.contains("Images are identical"), "{out}");
+    crate::testkit::assert_qcow2_clean(&q, "native qcow2");
+    crate::testkit::assert_qcow2_equals_raw(&q, &raw, "native qcow2");
     // No larger than the raw image's data, rounded out to clusters, plus the tables.
     let f = File::open(&raw).unwrap();
     let len = f.metadata().unwrap().len();
