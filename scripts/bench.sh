@@ -153,6 +153,16 @@ check() {
     fi
 }
 
+# unpack_with_entrypoint D: `umoci unpack` of oci:D/img:latest into D/bundle, and the image
+# config copied to the rootfs' /etc/fsify-entrypoint, as the existing tool does.
+unpack_with_entrypoint() {
+    local d=$1 cfg
+    umoci unpack --image "$d/img:latest" "$d/bundle"
+    cfg=$(python3 -c 'import json,sys; i=json.load(open(sys.argv[1]+"/index.json")); m=json.load(open(sys.argv[1]+"/blobs/sha256/"+i["manifests"][0]["digest"][7:])); print(m["config"]["digest"][7:])' "$d/img")
+    cp "$d/img/blobs/sha256/$cfg" "$d/bundle/rootfs/etc/fsify-entrypoint"
+}
+export -f unpack_with_entrypoint
+
 # The existing tool's pipeline, step for step (reference-notes.md), from reference $1
 # (docker://... or oci:...) into $WORK/ref/ref.img with a 100 MiB buffer. One deviation: when
 # mkfs.ext4's default inode count (one per 16 KiB) is too small for the unpacked tree (images
@@ -168,10 +178,7 @@ reference_pipeline() {
             "oci:$d/img:latest" 2>/dev/null; then
         skopeo copy -q --src-tls-verify=false "$src" "oci:$d/img:latest"
     fi
-    umoci unpack --image "$d/img:latest" "$d/bundle"
-    local cfg
-    cfg=$(python3 -c 'import json,sys; i=json.load(open(sys.argv[1]+"/index.json")); m=json.load(open(sys.argv[1]+"/blobs/sha256/"+i["manifests"][0]["digest"][7:])); print(m["config"]["digest"][7:])' "$d/img")
-    cp "$d/img/blobs/sha256/$cfg" "$d/bundle/rootfs/etc/fsify-entrypoint"
+    unpack_with_entrypoint "$d"
     local du_kib inodes
     du_kib=$(du -sk "$d/bundle/rootfs" | cut -f1)
     inodes=$(du -s --inodes "$d/bundle/rootfs" | cut -f1)
@@ -322,10 +329,7 @@ go_readonly_pipeline() {
     rm -rf "$d"
     mkdir -p "$d"
     skopeo copy -q --src-tls-verify=false "$src" "oci:$d/img:latest"
-    umoci unpack --image "$d/img:latest" "$d/bundle"
-    local cfg
-    cfg=$(python3 -c 'import json,sys; i=json.load(open(sys.argv[1]+"/index.json")); m=json.load(open(sys.argv[1]+"/blobs/sha256/"+i["manifests"][0]["digest"][7:])); print(m["config"]["digest"][7:])' "$d/img")
-    cp "$d/img/blobs/sha256/$cfg" "$d/bundle/rootfs/etc/fsify-entrypoint"
+    unpack_with_entrypoint "$d"
     if [ "$fs" = squashfs ]; then
         mksquashfs "$d/bundle/rootfs" "$d/out.squashfs" -comp xz -Xdict-size 50% -noappend \
             -no-progress >/dev/null
