@@ -14,6 +14,7 @@
 
 mod copy;
 mod e2fsprogs;
+pub mod flush;
 pub mod initramfs;
 pub mod job;
 pub(crate) mod kernel;
@@ -876,7 +877,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         report,
         mut sha256,
         format,
-    } = backend.kind.writer(fs).write(&job, &mut sw)?;
+    } = flush::while_writing(&image_tmp, || backend.kind.writer(fs).write(&job, &mut sw))?;
     progress.finish_and_clear();
     if cfg.filesystem.preallocate {
         preallocate(&image_tmp)?;
@@ -889,11 +890,13 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         // The writer filled a raw file (through a loop device, mkfs, or its own layout that
         // writes the superblock last): one read of its data extents into the qcow2 file.
         let qcow = work.path().join("image.qcow2");
-        let converted = crate::qcow2::convert(&image_tmp, &qcow, &crate::interrupt::requested)
-            .map_err(|e| match e {
-                crate::qcow2::Qcow2Error::Interrupted => BuildError::Interrupted,
-                e => e.into(),
-            })?;
+        let converted = flush::while_writing(&qcow, || {
+            crate::qcow2::convert(&image_tmp, &qcow, &crate::interrupt::requested)
+        })
+        .map_err(|e| match e {
+            crate::qcow2::Qcow2Error::Interrupted => BuildError::Interrupted,
+            e => e.into(),
+        })?;
         std::fs::remove_file(&image_tmp).map_err(|e| BuildError::Io {
             path: image_tmp.clone(),
             source: e,
@@ -938,9 +941,18 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let manifest_tmp = work.path().join("manifest.json");
     plugin.write(&manifest_tmp)?;
     make_readable(&manifest_tmp)?;
+    // On disk before it has its name: a build reported done survives a crash.
+    let flush_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| BuildError::Io { path, source }
+    };
+    flush::durable(&image_tmp).map_err(flush_err(&image_tmp))?;
+    flush::durable(&manifest_tmp).map_err(flush_err(&manifest_tmp))?;
+    sw.mark("image and manifest flushed to disk");
     check_interrupt()?;
     rename(&image_tmp, &output)?;
     rename(&manifest_tmp, &manifest_path)?;
+    flush::durable_dir(&out_dir).map_err(flush_err(&out_dir))?;
     sw.mark("manifest written, outputs renamed");
 
     let image_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
