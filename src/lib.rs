@@ -50,6 +50,7 @@ pub mod output;
 pub mod probe;
 pub mod qcow2;
 pub mod runner;
+pub mod sink;
 pub mod source;
 pub mod squashfs;
 #[allow(unsafe_code)]

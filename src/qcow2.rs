@@ -439,6 +439,100 @@ pub fn convert(
     })
 }
 
+/// Turn the raw image at `path` into the qcow2 image [`convert`] would write, in place and
+/// without copying its data: the runs of unallocated clusters are cut out of the file
+/// (`FALLOC_FL_COLLAPSE_RANGE`, last first), room for the tables is made at its start
+/// (`FALLOC_FL_INSERT_RANGE`), the tables are written there, and the file is hashed. The
+/// host filesystem moves extents instead of bytes (ext4 and xfs can; btrfs and tmpfs
+/// cannot). `Ok(None)` when it cannot, with the file untouched: the first change is the
+/// probe, and it either happens whole or not at all. Both calls flush the file's dirty
+/// pages and drop them from the page cache, so the hash reads the image back from disk.
+pub fn convert_in_place(
+    path: &Path,
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Option<Converted>, Qcow2Error> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let werr = |source| Qcow2Error::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(werr)?;
+    let len = f.metadata().map_err(werr)?.len();
+    let extents = data_extents(&f, len).map_err(|source| Qcow2Error::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let layout = Layout::new(len, &extents);
+    if layout.runs.is_empty() {
+        return Ok(None);
+    }
+    // The unallocated runs of clusters between the allocated ones, last first; what
+    // follows the last allocated cluster is cut by the final length.
+    let mut gaps: Vec<(u64, u64)> = layout.runs.windows(2).map(|w| (w[0].1, w[1].0)).collect();
+    if let Some(&(s, _)) = layout.runs.first() {
+        if s > 0 {
+            gaps.insert(0, (0, s));
+        }
+    }
+    let mut probed = false;
+    let mut step = |flags: FallocateFlags, at: u64, n: u64| -> Result<bool, Qcow2Error> {
+        if stop() {
+            return Err(Qcow2Error::Interrupted);
+        }
+        match fallocate(&f, flags, at as i64, n as i64) {
+            Ok(()) => {
+                probed = true;
+                Ok(true)
+            }
+            Err(e) if !probed => {
+                tracing::debug!(
+                    "{}: converting to qcow2 in place: {e}; copying instead",
+                    path.display()
+                );
+                Ok(false)
+            }
+            Err(e) => Err(werr(e.into())),
+        }
+    };
+    for &(s, e) in gaps.iter().rev() {
+        if !step(
+            FallocateFlags::FALLOC_FL_COLLAPSE_RANGE,
+            s * CLUSTER,
+            (e - s) * CLUSTER,
+        )? {
+            return Ok(None);
+        }
+    }
+    // The packed clusters, the last one whole: what followed them (free space at the end
+    // of the disk) is cut, a partial last cluster grows by a hole.
+    f.set_len(layout.data_clusters * CLUSTER).map_err(werr)?;
+    if !step(
+        FallocateFlags::FALLOC_FL_INSERT_RANGE,
+        0,
+        layout.data_offset(),
+    )? {
+        return Ok(None);
+    }
+    f.set_len(layout.file_len()).map_err(werr)?;
+    f.write_all_at(&layout.metadata(), 0).map_err(werr)?;
+    drop(f);
+    let sha256 = crate::digest::sha256_file(path, stop).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            Qcow2Error::Interrupted
+        } else {
+            Qcow2Error::Read {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })?;
+    Ok(Some(Converted { sha256, layout }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,6 +654,28 @@ mod tests {
                 conv.sha256,
                 "{name}"
             );
+            // In place: the same file, byte for byte, where the host filesystem can move
+            // extents (ext4 and xfs); else the raw file is left as it was.
+            let before = std::fs::read(&raw).unwrap();
+            match convert_in_place(&raw, &|| false).unwrap() {
+                Some(c) => {
+                    assert_eq!(c.sha256, conv.sha256, "{name}: in place");
+                    assert_eq!(std::fs::read(&raw).unwrap(), bytes, "{name}: in place");
+                    let (a, b) = (File::open(&raw).unwrap(), File::open(&q).unwrap());
+                    let alloc = |f: &File| -> u64 {
+                        let n = f.metadata().unwrap().len();
+                        data_extents(f, n).unwrap().iter().map(|(s, e)| e - s).sum()
+                    };
+                    assert!(
+                        alloc(&a) <= alloc(&b),
+                        "{name}: in place holds no more data"
+                    );
+                }
+                None => {
+                    eprintln!("{name}: this filesystem cannot convert in place");
+                    assert_eq!(std::fs::read(&raw).unwrap(), before, "{name}: untouched");
+                }
+            }
         }
     }
 

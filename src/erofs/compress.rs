@@ -214,7 +214,7 @@ pub fn probe(tree: &Tree, codec: Codec, threads: usize) -> Result<Vec<bool>, Ero
             w.join()
                 .map_err(|_| ErofsError::Internal("a compressing thread panicked".into()))??;
         }
-        Ok(())
+        Ok::<(), ErofsError>(())
     })?;
     Ok(flat.into_inner().unwrap_or_else(|p| p.into_inner()))
 }

@@ -96,11 +96,9 @@ mod layout;
 mod tests;
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
-use crate::digest::{Piece, PieceHasher};
+use crate::sink::{Sink, SinkError, Target};
 use crate::tree::{NodeId, NodeKind, Tree};
 use format::BLOCK;
 use layout::{Plan, Planned};
@@ -139,6 +137,8 @@ pub struct ErofsOptions {
     pub share_xattrs: bool,
     /// Compressing threads; 0 for one per core.
     pub threads: usize,
+    /// Write the image as a qcow2 file (the same EROFS image inside it).
+    pub qcow2: bool,
 }
 
 impl Default for ErofsOptions {
@@ -149,6 +149,7 @@ impl Default for ErofsOptions {
             uuid: [0; 16],
             share_xattrs: true,
             threads: 0,
+            qcow2: false,
         }
     }
 }
@@ -156,7 +157,7 @@ impl Default for ErofsOptions {
 /// What [`write`] produced.
 #[derive(Clone, Debug)]
 pub struct ErofsReport {
-    /// Length of the image file (a multiple of 4 KiB).
+    /// Length of the image file (a multiple of 4 KiB when raw).
     pub bytes: u64,
     /// sha256 of the image file, lower-case hex.
     pub sha256: String,
@@ -230,153 +231,19 @@ fn check_interrupt() -> Result<(), ErofsError> {
     }
 }
 
-/// The image writer: buffers consecutive bytes, writes them with `pwrite`, passes them to
-/// the hashing thread, and turns runs of zeros of 64 KiB or more into holes.
-struct Out<'a> {
-    file: &'a File,
-    path: &'a Path,
-    buf: Vec<u8>,
-    /// Image offset of `buf[0]`.
-    pos: u64,
-    /// Zeros after `buf`, not yet written.
-    zeros: u64,
-    tx: mpsc::SyncSender<Piece>,
-    spare: mpsc::Receiver<Vec<u8>>,
-    holes: u64,
-    /// Write zeros instead of leaving holes (the file had old contents that could not be
-    /// punched out).
-    dense: bool,
-}
+/// Bytes read from the layer data at a time.
+const CHUNK: usize = crate::sink::CHUNK;
 
-const CHUNK: usize = 1 << 18;
-const HOLE_MIN: u64 = 64 * 1024;
-
-impl Out<'_> {
-    /// Image offset of the next byte.
-    fn at(&self) -> u64 {
-        self.pos + self.buf.len() as u64 + self.zeros
-    }
-
-    fn flush(&mut self) -> Result<(), ErofsError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        check_interrupt()?;
-        self.file
-            .write_all_at(&self.buf, self.pos)
-            .map_err(|source| ErofsError::Write {
-                path: self.path.to_path_buf(),
-                source,
-            })?;
-        self.pos += self.buf.len() as u64;
-        let next = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        let full = std::mem::replace(&mut self.buf, next);
-        self.buf.clear();
-        self.send(Piece::Data(full))
-    }
-
-    fn send(&mut self, p: Piece) -> Result<(), ErofsError> {
-        self.tx
-            .send(p)
-            .map_err(|_| ErofsError::Internal("the hashing thread stopped".into()))
-    }
-
-    /// Write out the pending zeros: a hole when long, else bytes.
-    fn settle(&mut self) -> Result<(), ErofsError> {
-        let n = std::mem::take(&mut self.zeros);
-        if n >= HOLE_MIN && !self.dense {
-            self.flush()?;
-            self.pos += n;
-            self.holes += n;
-            return self.send(Piece::Zeros(n));
-        }
-        let mut left = n;
-        while left > 0 {
-            let k = ((CHUNK - self.buf.len()) as u64).min(left) as usize;
-            self.buf.resize(self.buf.len() + k, 0);
-            left -= k as u64;
-            if self.buf.len() == CHUNK {
-                self.flush()?;
+impl From<SinkError> for ErofsError {
+    fn from(e: SinkError) -> ErofsError {
+        match e {
+            SinkError::Interrupted => ErofsError::Interrupted,
+            SinkError::Write { path, source } | SinkError::ReadBack { path, source } => {
+                ErofsError::Write { path, source }
             }
+            e => ErofsError::Internal(e.to_string()),
         }
-        Ok(())
     }
-
-    fn bytes(&mut self, mut data: &[u8]) -> Result<(), ErofsError> {
-        if self.zeros > 0 {
-            self.settle()?;
-        }
-        while !data.is_empty() {
-            let n = (CHUNK - self.buf.len()).min(data.len());
-            self.buf.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buf.len() == CHUNK {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    fn zeros(&mut self, n: u64) {
-        self.zeros += n;
-    }
-
-    /// Block-aligned data: its all-zero blocks become pending zeros (so holes when long).
-    fn data(&mut self, data: &[u8]) -> Result<(), ErofsError> {
-        for b in data.chunks(BLOCK) {
-            if is_zero(b) {
-                self.zeros(b.len() as u64);
-            } else {
-                self.bytes(b)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Pad with zeros to the next multiple of the block size.
-    fn pad(&mut self) {
-        let at = self.at();
-        self.zeros(at.next_multiple_of(BLOCK as u64) - at);
-    }
-
-    fn finish(&mut self) -> Result<(), ErofsError> {
-        self.settle()?;
-        self.flush()
-    }
-
-    /// Hash bytes `from..to` of the image, already written, as they are in the file.
-    fn hash_back(&mut self, from: u64, to: u64) -> Result<(), ErofsError> {
-        let mut at = from;
-        while at < to {
-            check_interrupt()?;
-            let n = ((to - at) as usize).min(CHUNK);
-            let mut buf = self
-                .spare
-                .try_recv()
-                .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-            buf.resize(n, 0);
-            self.file
-                .read_exact_at(&mut buf, at)
-                .map_err(|source| ErofsError::Write {
-                    path: self.path.to_path_buf(),
-                    source,
-                })?;
-            self.send(Piece::Data(buf))?;
-            at += n as u64;
-        }
-        Ok(())
-    }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let (words, rest) = b.split_at(b.len() / 8 * 8);
-    words
-        .chunks_exact(8)
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
-        && rest.iter().all(|&x| x == 0)
 }
 
 fn read(tree: &Tree, id: NodeId, at: u64, buf: &mut [u8]) -> Result<(), ErofsError> {
@@ -430,68 +297,73 @@ pub fn write(tree: &Tree, opts: &ErofsOptions, out: &Path) -> Result<ErofsReport
     let old = file.metadata().map_err(werr)?.len();
     // Compressed data follows everything planned: it is written first (the metadata holds
     // its block addresses), then the planned part, which is hashed as it is written, then
-    // the compressed part is hashed from the page cache.
+    // the compressed part is hashed from the page cache. A qcow2 image keeps the compressed
+    // data in a temporary file beside it until the qcow2 stream copies it in.
     let front = plan.blocks * BLOCK as u64;
+    let ztmp = match (codec, opts.qcow2) {
+        (Some(_), true) => {
+            Some(tempfile::tempfile_in(out.parent().unwrap_or(Path::new("."))).map_err(werr)?)
+        }
+        _ => None,
+    };
+    let zfile = ztmp.as_ref().unwrap_or(&file);
     let z = match codec {
         None => None,
         Some(c) => {
-            let z = compress::write(tree, &plan, c, threads, &file, out, plan.blocks)?;
+            let z = compress::write(tree, &plan, c, threads, zfile, out, plan.blocks)?;
             sw.mark("erofs: file data compressed and written");
             Some(z)
         }
     };
     let end = z.as_ref().map_or(plan.blocks, |z| z.end);
     let len = end * BLOCK as u64;
-    file.set_len(len).map_err(werr)?;
-    let dense = old > 0
-        && nix::fcntl::fallocate(
+    // Old contents are punched out, so the holes left below read as zeros; where that
+    // fails, a raw image is written densely and a qcow2 one cut to nothing first.
+    let punched = old == 0
+        || nix::fcntl::fallocate(
             &file,
             nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
                 | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
             0,
-            old.min(front) as i64,
+            if opts.qcow2 { old } else { old.min(front) } as i64,
         )
-        .is_err();
-
-    let (tx, rx) = mpsc::sync_channel::<Piece>(8);
-    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-    let (holes, sha256) = std::thread::scope(|s| {
-        let hasher = s.spawn(move || {
-            let mut h = PieceHasher::new();
-            for piece in rx {
-                if let Some(buf) = h.update(piece) {
-                    let _ = back_tx.send(buf);
-                }
-            }
-            h.finish()
-        });
-        let mut w = Out {
-            file: &file,
-            path: out,
-            buf: Vec::with_capacity(CHUNK),
-            pos: 0,
-            zeros: 0,
-            tx,
-            spare: back_rx,
-            holes: 0,
-            dense,
-        };
-        let zi = z.as_ref().map(|z| z.inodes.as_slice());
-        let r = emit(tree, opts, &plan, zi, end, &mut w)
-            .and_then(|()| w.finish())
-            .and_then(|()| w.hash_back(front, len));
-        let holes = w.holes;
-        drop(w);
-        let sum = hasher
-            .join()
-            .map_err(|_| ErofsError::Internal("the hashing thread panicked".into()))?;
-        r.map(|()| (holes, sum))
-    })?;
+        .is_ok();
+    let zi = z.as_ref().map(|z| z.inodes.as_slice());
+    let body = |w: &mut Sink<'_>| -> Result<(), ErofsError> {
+        emit(tree, opts, &plan, zi, end, w)?;
+        if end > plan.blocks {
+            w.existing(zfile, front, len)?;
+        }
+        Ok(())
+    };
+    let stop = &crate::interrupt::requested;
+    let (file_len, streamed) = if opts.qcow2 {
+        let survey = crate::sink::stream(&file, out, Target::Survey, &|_| {}, stop, body)?;
+        let q = crate::qcow2::Layout::new(len, &survey.extents);
+        sw.mark("erofs: qcow2 layout planned");
+        if !punched {
+            file.set_len(0).map_err(werr)?;
+        }
+        file.set_len(q.file_len()).map_err(werr)?;
+        let s = crate::sink::stream(&file, out, Target::Qcow2(&q), &|_| {}, stop, body)?;
+        (q.file_len(), s)
+    } else {
+        file.set_len(len).map_err(werr)?;
+        let target = Target::Raw { dense: !punched };
+        (
+            len,
+            crate::sink::stream(&file, out, target, &|_| {}, stop, body)?,
+        )
+    };
+    let holes = streamed.holes;
+    let sha256 = streamed
+        .sha256
+        .ok_or_else(|| ErofsError::Internal("the image was not hashed".into()))?;
     sw.mark("erofs: image written and hashed");
 
     let compact = plan.inodes.iter().filter(|p| !p.extended).count() as u64;
     Ok(ErofsReport {
-        bytes: len,
+        bytes: file_len,
         sha256,
         inodes: plan.inodes.len() as u64,
         compact_inodes: compact,
@@ -519,7 +391,7 @@ fn emit(
     plan: &Plan,
     z: Option<&[Option<compress::Compressed>]>,
     end: u64,
-    w: &mut Out,
+    w: &mut Sink<'_>,
 ) -> Result<(), ErofsError> {
     let sb = format::Super {
         root_nid: plan.inodes[0].nid() as u16,
@@ -560,11 +432,11 @@ fn emit(
         w.zeros(p.pos - at);
         w.bytes(&rec)?;
     }
-    w.pad();
+    w.pad(BLOCK as u64);
     if !plan.shared.is_empty() {
         expect_at(w, u64::from(plan.xattr_blkaddr))?;
         w.bytes(&plan.shared)?;
-        w.pad();
+        w.pad(BLOCK as u64);
     }
     expect_at(w, plan.data_start)?;
     let mut buf = Vec::new();
@@ -581,25 +453,18 @@ fn emit(
                     buf.clear();
                     format::dir_block(&mut buf, &list[from..end]);
                     w.bytes(&buf)?;
-                    w.pad();
+                    w.pad(BLOCK as u64);
                     from = end;
                 }
             }
             NodeKind::File { .. } => {
                 let len = p.size - u64::from(p.tail);
-                buf.resize(CHUNK.min(len as usize), 0);
-                let mut at = 0;
-                while at < len {
-                    let n = ((len - at) as usize).min(buf.len());
-                    read(tree, p.node, at, &mut buf[..n])?;
-                    w.data(&buf[..n])?;
-                    at += n as u64;
-                }
-                w.pad();
+                w.contents(len, Some(BLOCK), |at, b| read(tree, p.node, at, b))?;
+                w.pad(BLOCK as u64);
             }
             NodeKind::Symlink { target } => {
                 w.bytes(target)?;
-                w.pad();
+                w.pad(BLOCK as u64);
             }
             _ => {
                 return Err(ErofsError::Internal(
@@ -613,7 +478,7 @@ fn emit(
     Ok(())
 }
 
-fn expect_at(w: &Out, block: u64) -> Result<(), ErofsError> {
+fn expect_at(w: &Sink<'_>, block: u64) -> Result<(), ErofsError> {
     if w.at() == block * BLOCK as u64 {
         Ok(())
     } else {

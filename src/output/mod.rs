@@ -44,7 +44,6 @@ use crate::timing::Phase;
 use crate::tree::{Content, Meta, NodeKind, Timestamp};
 use crate::ui::Ui;
 
-pub(crate) use crate::digest::{Piece, PieceHasher};
 pub use job::{uuid_text, Identity, Job, Tools, Writer, Written};
 pub use select::{BackendKind, Selection};
 
@@ -888,22 +887,36 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     let mut image_tmp = image_tmp;
     if image_format == ImageFormat::Qcow2 && format == ImageFormat::Raw {
         // The writer filled a raw file (through a loop device, mkfs, or its own layout that
-        // writes the superblock last): one read of its data extents into the qcow2 file.
-        let qcow = work.path().join("image.qcow2");
-        let converted = flush::while_writing(&qcow, || {
-            crate::qcow2::convert(&image_tmp, &qcow, &crate::interrupt::requested)
-        })
-        .map_err(|e| match e {
+        // writes the superblock last): made a qcow2 file in place where the host filesystem
+        // can move extents, else one read of its data extents into a new qcow2 file.
+        let interrupted = |e| match e {
             crate::qcow2::Qcow2Error::Interrupted => BuildError::Interrupted,
             e => e.into(),
-        })?;
-        std::fs::remove_file(&image_tmp).map_err(|e| BuildError::Io {
-            path: image_tmp.clone(),
-            source: e,
-        })?;
-        image_tmp = qcow;
+        };
+        let stop = &crate::interrupt::requested;
+        let converted = match crate::qcow2::convert_in_place(&image_tmp, stop)
+            .map_err(interrupted)?
+        {
+            // The host filesystem moved the data clusters into place: nothing copied.
+            Some(c) => {
+                sw.mark("converted to qcow2 in place and hashed");
+                c
+            }
+            None => {
+                let qcow = work.path().join("image.qcow2");
+                let converted =
+                    flush::while_writing(&qcow, || crate::qcow2::convert(&image_tmp, &qcow, stop))
+                        .map_err(interrupted)?;
+                std::fs::remove_file(&image_tmp).map_err(|e| BuildError::Io {
+                    path: image_tmp.clone(),
+                    source: e,
+                })?;
+                image_tmp = qcow;
+                sw.mark("copied into a qcow2 file and hashed");
+                converted
+            }
+        };
         sha256 = Some(converted.sha256);
-        sw.mark("converted to qcow2 and hashed");
     }
     let checksum = match sha256 {
         // The writer hashed the image as it wrote it.

@@ -94,6 +94,7 @@ pub fn erofs_options(job: &Job<'_>) -> ErofsOptions {
         uuid: job.identity.uuid,
         share_xattrs: true,
         threads: 0,
+        qcow2: job.settings.image_format == crate::config::ImageFormat::Qcow2,
     }
 }
 
@@ -152,6 +153,8 @@ impl Writer for SquashfsWriter {
     fn write(&self, job: &Job<'_>, sw: &mut Stopwatch) -> Result<Written, BuildError> {
         let mut opts = squash_options(job.settings, job.identity.epoch);
         opts.block_cache = job.cache_dir.map(std::path::Path::to_path_buf);
+        // A qcow2 image is hashed when the raw one is converted.
+        opts.hash = job.settings.image_format == crate::config::ImageFormat::Raw;
         let r = squashfs::write_with_progress(job.tree, &opts, job.image, job.progress)
             .map_err(|e| squash_error(job.tree, e))?;
         sw.mark("squashfs written and hashed");
@@ -178,7 +181,7 @@ impl Writer for SquashfsWriter {
                 }),
                 ..report(job)
             },
-            sha256: Some(r.sha256),
+            sha256: r.sha256,
         })
     }
 }
@@ -209,7 +212,8 @@ impl Writer for ErofsWriter {
         );
         (job.progress)(job.tree.stats().file_bytes);
         Ok(Written {
-            format: crate::config::ImageFormat::Raw,
+            // The EROFS writer streams a qcow2 image itself when asked.
+            format: job.settings.image_format,
             report: report(job),
             sha256: Some(r.sha256),
         })

@@ -95,6 +95,8 @@ pub struct SquashOptions {
     /// The cache directory whose block cache ([`cache`]) to read compressed blocks from and
     /// add them to; `None` compresses every block and keeps nothing.
     pub block_cache: Option<PathBuf>,
+    /// Hash the finished image (off when it is converted, to qcow2, and hashed then).
+    pub hash: bool,
 }
 
 impl Default for SquashOptions {
@@ -109,6 +111,7 @@ impl Default for SquashOptions {
             always_fragments: false,
             mkfs_time: 0,
             block_cache: None,
+            hash: true,
         }
     }
 }
@@ -174,8 +177,8 @@ pub struct SquashReport {
     pub bytes: u64,
     /// Bytes of the filesystem proper (the superblock's `bytes_used`), before the padding.
     pub bytes_used: u64,
-    /// sha256 of the image file, lower-case hex.
-    pub sha256: String,
+    /// sha256 of the image file, lower-case hex; `None` when [`SquashOptions::hash`] is off.
+    pub sha256: Option<String>,
     pub inodes: u32,
     pub fragments: u32,
     /// Data blocks referenced by inodes written (duplicates not counted).
@@ -755,17 +758,22 @@ pub fn write_with_progress(
     drop(file);
     sw.mark("squashfs: tables written");
     check_interrupt()?;
-    let sha256 = crate::digest::sha256_file(out, &crate::interrupt::requested).map_err(|e| {
-        if crate::interrupt::requested() {
-            SquashError::Interrupted
-        } else {
-            SquashError::Hash {
-                path: out.to_path_buf(),
-                source: e,
+    let sha256 = if opts.hash {
+        let sum = crate::digest::sha256_file(out, &crate::interrupt::requested).map_err(|e| {
+            if crate::interrupt::requested() {
+                SquashError::Interrupted
+            } else {
+                SquashError::Hash {
+                    path: out.to_path_buf(),
+                    source: e,
+                }
             }
-        }
-    })?;
-    sw.mark("squashfs: image hashed");
+        })?;
+        sw.mark("squashfs: image hashed");
+        Some(sum)
+    } else {
+        None
+    };
     Ok(SquashReport {
         bytes: padded,
         bytes_used,

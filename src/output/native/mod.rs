@@ -27,15 +27,17 @@ mod tests;
 mod xattr;
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 
 use super::job::{Identity, Job, Writer, Written};
 use super::size::SizePlan;
-use super::{BuildError, BuildReport, Piece, PieceHasher};
+use super::{BuildError, BuildReport};
 use crate::config::ImageFormat;
 use crate::qcow2;
+use crate::sink::{
+    self, Sink, SinkError,
+    Target::{Qcow2, Raw, Survey},
+};
 use crate::tree::Tree;
 use format::BLOCK;
 use layout::{Fill, Layout};
@@ -79,6 +81,8 @@ pub enum NativeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Sink(SinkError),
 }
 
 /// fledge's own ext4 writer: the image laid out from the tree, written once in block order
@@ -137,16 +141,16 @@ pub fn build(
             // (auto_da_alloc) flushes a file that was truncated to zero and rewritten when
             // it is closed.
             file.set_len(len).map_err(werr)?;
-            let sum = emit(tree, &layout, &file, image, progress, None)?;
+            let sum = emit(tree, &layout, &file, image, progress, Raw { dense: false })?.sha256;
             sw.mark("image written and hashed");
             sum
         }
         ImageFormat::Qcow2 => {
-            let extents = survey(tree, &layout, &file, image)?;
+            let extents = emit(tree, &layout, &file, image, &|_| {}, Survey)?.extents;
             let q = qcow2::Layout::new(len, &extents);
             sw.mark("qcow2 layout planned");
             file.set_len(q.file_len()).map_err(werr)?;
-            let sum = emit(tree, &layout, &file, image, progress, Some(&q))?;
+            let sum = emit(tree, &layout, &file, image, progress, Qcow2(&q))?.sha256;
             sw.mark("qcow2 image written and hashed");
             sum
         }
@@ -167,291 +171,70 @@ pub fn build(
             resizes: 0,
             blocks: None,
         },
-        sha256: Some(sha256),
+        sha256,
         format,
     })
 }
 
-/// Where [`Out`]'s stream goes.
-enum Mode<'a> {
-    /// A raw image: image offset = file offset.
-    Raw,
-    /// A dry run: records the byte ranges written as data (merged), writes and hashes
-    /// nothing, reads no file contents.
-    Survey(Vec<(u64, u64)>),
-    /// A qcow2 image laid out from the survey: data goes to its packed place, and the zeros
-    /// that fall in allocated clusters are hashed (they are in the file, as holes).
-    Qcow2(qcow2::Mapper<'a>),
-}
-
-/// The image writer: buffers consecutive bytes, writes them with `pwrite`, passes them to
-/// the hashing thread, and turns long zero runs into holes.
-struct Out<'a> {
-    mode: Mode<'a>,
-    file: &'a File,
-    path: &'a Path,
-    buf: Vec<u8>,
-    /// Image offset of `buf[0]`.
-    pos: u64,
-    tx: mpsc::SyncSender<Piece>,
-    spare: mpsc::Receiver<Vec<u8>>,
-    written: u64,
-    progress: &'a dyn Fn(u64),
-    /// Time spent waiting for the hashing thread.
-    waited: std::time::Duration,
-}
-
-const CHUNK: usize = 1 << 18;
-
-impl Out<'_> {
-    fn flush(&mut self) -> Result<(), BuildError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        super::check_interrupt()?;
-        let len = self.buf.len() as u64;
-        let at = match &mut self.mode {
-            Mode::Survey(ext) => {
-                match ext.last_mut() {
-                    Some(last) if last.1 == self.pos => last.1 += len,
-                    _ => ext.push((self.pos, self.pos + len)),
-                }
-                self.pos += len;
-                self.buf.clear();
-                return Ok(());
-            }
-            Mode::Raw => self.pos,
-            Mode::Qcow2(m) => m
-                .data_at(self.pos, len)
-                .ok_or_else(|| BuildError::Unexpected {
-                    what: "writing the qcow2 image".into(),
-                    detail: format!("bytes at {} were not in the surveyed data ranges", self.pos),
-                })?,
-        };
-        self.file
-            .write_all_at(&self.buf, at)
-            .map_err(|e| NativeError::Write {
-                path: self.path.to_path_buf(),
-                source: e,
-            })?;
-        self.pos += self.buf.len() as u64;
-        let next = self
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
-        let full = std::mem::replace(&mut self.buf, next);
-        self.buf.clear();
-        self.send(Piece::Data(full))?;
-        (self.progress)(self.written);
-        Ok(())
-    }
-
-    fn send(&mut self, p: Piece) -> Result<(), BuildError> {
-        let t = std::time::Instant::now();
-        let r = self.tx.send(p);
-        self.waited += t.elapsed();
-        r.map_err(|_| BuildError::Unexpected {
-            what: "hashing the image".into(),
-            detail: "the hashing thread stopped".into(),
-        })
-    }
-
-    fn bytes(&mut self, mut data: &[u8]) -> Result<(), BuildError> {
-        while !data.is_empty() {
-            let room = CHUNK - self.buf.len();
-            let n = room.min(data.len());
-            self.buf.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buf.len() == CHUNK {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `n` zero bytes: a hole when long, else written.
-    fn zeros(&mut self, n: u64) -> Result<(), BuildError> {
-        if n < 64 * 1024 {
-            let end = self.buf.len() + n as usize;
-            if end <= CHUNK {
-                self.buf.resize(end, 0);
-                if self.buf.len() == CHUNK {
-                    self.flush()?;
-                }
-                return Ok(());
-            }
-        }
-        self.flush()?;
-        let at = self.pos;
-        self.pos += n;
-        let hashed = match &mut self.mode {
-            Mode::Raw => n,
-            Mode::Survey(_) => 0,
-            Mode::Qcow2(m) => m.allocated_in(at, n),
-        };
-        if hashed == 0 {
-            return Ok(());
-        }
-        self.send(Piece::Zeros(hashed))
-    }
-
-    /// `len` bytes of `node`'s contents from `offset`, read straight into the buffer.
-    fn file(
-        &mut self,
-        tree: &Tree,
-        node: crate::tree::NodeId,
-        mut offset: u64,
-        mut len: u64,
-    ) -> Result<(), BuildError> {
-        while len > 0 {
-            let at = self.buf.len();
-            let n = ((CHUNK - at) as u64).min(len) as usize;
-            self.buf.resize(at + n, 0);
-            if matches!(self.mode, Mode::Survey(_)) {
-                // Only where the bytes go matters in a survey, not what they are.
-                offset += n as u64;
-                len -= n as u64;
-                if self.buf.len() == CHUNK {
-                    self.flush()?;
-                }
-                continue;
-            }
-            // Tree::read_at fills the whole range or fails (data ending early is an error).
-            tree.read_at(node, offset, &mut self.buf[at..at + n])
-                .map_err(|e| match &tree.node(node).kind {
-                    // A mapped host file that changed or vanished since it was planned.
-                    crate::tree::NodeKind::File {
-                        content: crate::tree::Content::HostFile(host),
-                        ..
-                    } => BuildError::HostFile {
-                        path: host.clone(),
-                        source: e,
-                    },
-                    _ => BuildError::Native(NativeError::Read {
-                        path: layout::path_of(tree, node),
-                        source: e,
-                    }),
-                })?;
-            self.written += n as u64;
-            offset += n as u64;
-            len -= n as u64;
-            if self.buf.len() == CHUNK {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// The byte ranges the image stream writes as data (the rest are holes), without reading
-/// any file contents: the allocation map of the qcow2 image.
-fn survey(
-    tree: &Tree,
-    l: &Layout,
-    file: &File,
-    path: &Path,
-) -> Result<Vec<(u64, u64)>, BuildError> {
-    let (tx, _rx) = mpsc::sync_channel::<Piece>(1);
-    let (_back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-    let mut out = Out {
-        mode: Mode::Survey(Vec::new()),
-        file,
-        path,
-        buf: Vec::with_capacity(CHUNK),
-        pos: 0,
-        tx,
-        spare: back_rx,
-        written: 0,
-        progress: &|_| {},
-        waited: std::time::Duration::ZERO,
-    };
-    write_runs(tree, l, &mut out)?;
-    out.flush()?;
-    match out.mode {
-        Mode::Survey(ext) => Ok(ext),
-        _ => unreachable!("the survey's mode does not change"),
-    }
-}
-
-/// Stream the image in block order, raw or (with its layout) into a qcow2 file; returns its
-/// sha256 (hex).
+/// Stream the image in block order as `target` says (written raw, surveyed, or written as
+/// qcow2 from the survey's layout).
 fn emit(
     tree: &Tree,
     l: &Layout,
     file: &File,
     path: &Path,
     progress: &dyn Fn(u64),
-    qcow: Option<&qcow2::Layout>,
-) -> Result<String, BuildError> {
-    let (tx, rx) = mpsc::sync_channel::<Piece>(8);
-    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::scope(|s| {
-        let hasher = s.spawn(move || {
-            let mut h = PieceHasher::new();
-            let mut busy = std::time::Duration::ZERO;
-            for piece in rx {
-                let t = std::time::Instant::now();
-                if let Some(buf) = h.update(piece) {
-                    let _ = back_tx.send(buf);
-                }
-                busy += t.elapsed();
-            }
-            tracing::debug!(target: "fledge::timing", "hashing busy for {:.1} ms", busy.as_secs_f64() * 1e3);
-            h.finish()
-        });
-        let mode = match qcow {
-            None => Mode::Raw,
-            Some(q) => Mode::Qcow2(qcow2::Mapper::new(q)),
-        };
-        let mut out = Out {
-            mode,
-            file,
-            path,
-            buf: Vec::with_capacity(CHUNK),
-            pos: 0,
-            tx,
-            spare: back_rx,
-            written: 0,
-            progress,
-            waited: std::time::Duration::ZERO,
-        };
-        // A qcow2 file starts with its tables, computed from the survey.
-        let r = match qcow {
-            None => Ok(()),
-            Some(q) => {
-                let meta = q.metadata();
-                file.write_all_at(&meta, 0)
-                    .map_err(|e| {
-                        BuildError::Native(NativeError::Write {
-                            path: path.to_path_buf(),
-                            source: e,
-                        })
-                    })
-                    .and_then(|()| out.send(Piece::Data(meta)))
-            }
-        };
-        let r = r.and_then(|()| write_runs(tree, l, &mut out));
-        let r = r.and_then(|()| out.flush());
-        // The rest of the last cluster, when the disk ends inside an allocated one.
-        let pad = match &mut out.mode {
-            Mode::Qcow2(m) => m.tail_padding(),
-            _ => 0,
-        };
-        let r = r.and_then(|()| match pad {
-            0 => Ok(()),
-            pad => out.send(Piece::Zeros(pad)),
-        });
-        tracing::debug!(target: "fledge::timing", "writer waited {:.1} ms for the hasher", out.waited.as_secs_f64() * 1e3);
-        drop(out);
-        let sum = hasher.join().map_err(|_| BuildError::Unexpected {
-            what: "hashing the image".into(),
-            detail: "the hashing thread panicked".into(),
-        })?;
-        r.map(|()| sum)
+    target: sink::Target<'_>,
+) -> Result<sink::Streamed, BuildError> {
+    sink::stream(
+        file,
+        path,
+        target,
+        progress,
+        &crate::interrupt::requested,
+        |out| write_runs(tree, l, out),
+    )
+}
+
+impl From<SinkError> for BuildError {
+    fn from(e: SinkError) -> BuildError {
+        match e {
+            SinkError::Interrupted => BuildError::Interrupted,
+            e => BuildError::Native(NativeError::Sink(e)),
+        }
+    }
+}
+
+/// `len` bytes of `node`'s contents from `offset`, read straight into the stream.
+fn file_contents(
+    out: &mut Sink<'_>,
+    tree: &Tree,
+    node: crate::tree::NodeId,
+    offset: u64,
+    len: u64,
+) -> Result<(), BuildError> {
+    // Tree::read_at fills the whole range or fails (data ending early is an error).
+    out.contents(len, None, |at, buf| {
+        tree.read_at(node, offset + at, buf)
+            .map(|_| ())
+            .map_err(|e| match &tree.node(node).kind {
+                // A mapped host file that changed or vanished since it was planned.
+                crate::tree::NodeKind::File {
+                    content: crate::tree::Content::HostFile(host),
+                    ..
+                } => BuildError::HostFile {
+                    path: host.clone(),
+                    source: e,
+                },
+                _ => BuildError::Native(NativeError::Read {
+                    path: layout::path_of(tree, node),
+                    source: e,
+                }),
+            })
     })
 }
 
-fn write_runs(tree: &Tree, l: &Layout, out: &mut Out) -> Result<(), BuildError> {
+fn write_runs(tree: &Tree, l: &Layout, out: &mut Sink<'_>) -> Result<(), BuildError> {
     let bs = BLOCK as u64;
     let mut at = 0u64; // next block to write
     let gdt = {
@@ -465,7 +248,7 @@ fn write_runs(tree: &Tree, l: &Layout, out: &mut Out) -> Result<(), BuildError> 
     let ipg = l.geo.inodes_per_group as usize;
     for run in &l.runs {
         if run.start > at {
-            out.zeros((run.start - at) * bs)?;
+            out.zeros((run.start - at) * bs);
         }
         let bytes = run.blocks * bs;
         match &run.fill {
@@ -488,24 +271,24 @@ fn write_runs(tree: &Tree, l: &Layout, out: &mut Out) -> Result<(), BuildError> 
                 for j in 0..used {
                     match inode(j) {
                         Some(f) => out.bytes(&format::inode(&l.geo, (first + j + 1) as u32, f))?,
-                        None => out.zeros(format::INODE_SIZE as u64)?,
+                        None => out.zeros(format::INODE_SIZE as u64),
                     }
                 }
-                out.zeros(bytes - (used * format::INODE_SIZE) as u64)?;
+                out.zeros(bytes - (used * format::INODE_SIZE) as u64);
             }
             Fill::Bytes(b) => {
                 out.bytes(b)?;
-                out.zeros(bytes - b.len() as u64)?;
+                out.zeros(bytes - b.len() as u64);
             }
             Fill::File { node, offset, len } => {
-                out.file(tree, *node, *offset, *len)?;
-                out.zeros(bytes - len)?;
+                file_contents(out, tree, *node, *offset, *len)?;
+                out.zeros(bytes - len);
             }
         }
         at = run.start + run.blocks;
     }
     if l.geo.blocks > at {
-        out.zeros((l.geo.blocks - at) * bs)?;
+        out.zeros((l.geo.blocks - at) * bs);
     }
     Ok(())
 }

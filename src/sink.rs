@@ -1,0 +1,606 @@
+//! The image stream the native writers (ext4, EROFS) fill front to back: buffered `pwrite`s,
+//! a second thread hashing the image in file order, long runs of zeros left as holes, and
+//! the same stream either written raw, surveyed (where its data lies, nothing written or
+//! read), or written as qcow2 through [`qcow2::Mapper`] from the layout that survey gave.
+//!
+//! A writer describes its image once, as a function of a [`Sink`] that it calls with bytes,
+//! zeros and file contents in image order; [`stream`] runs that function for the target it
+//! is given. A qcow2 image is two runs of the same function: a survey for the allocation
+//! map, then the write.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::digest::{Piece, PieceHasher};
+use crate::qcow2;
+
+/// Errors of the image stream, for the writers to wrap in their own.
+#[derive(Debug, Error)]
+pub enum SinkError {
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {} back to hash it: {source}", path.display())]
+    ReadBack {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("interrupted")]
+    Interrupted,
+    #[error("the image's hashing thread stopped")]
+    HasherStopped,
+    #[error("bytes at {pos} of the image are outside the data clusters its qcow2 layout planned")]
+    Unmapped { pos: u64 },
+}
+
+/// What a stream produces.
+pub enum Target<'a> {
+    /// The image itself. `dense`: write zeros instead of leaving holes (the file holds old
+    /// contents that could not be punched out).
+    Raw { dense: bool },
+    /// Nothing written, hashed or read: only where the data lies.
+    Survey,
+    /// A qcow2 file laid out from an earlier survey of the same stream.
+    Qcow2(&'a qcow2::Layout),
+}
+
+enum Mode<'a> {
+    Raw,
+    Survey(Vec<(u64, u64)>),
+    Qcow2(qcow2::Mapper<'a>),
+}
+
+/// What [`stream`] returns beside the body's result.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    /// sha256 (hex) of the file written; `None` for a survey.
+    pub sha256: Option<String>,
+    /// A survey's data ranges `[start, end)` in image order, merged; empty otherwise.
+    pub extents: Vec<(u64, u64)>,
+    /// Bytes of zeros left as holes.
+    pub holes: u64,
+}
+
+/// Bytes gathered before each `pwrite`.
+pub const CHUNK: usize = 1 << 18;
+/// Runs of zeros at least this long become holes (shorter ones are written).
+const HOLE_MIN: u64 = 64 * 1024;
+
+/// The writers' side of the stream.
+pub struct Sink<'a> {
+    mode: Mode<'a>,
+    file: &'a File,
+    path: &'a Path,
+    buf: Vec<u8>,
+    /// Image offset of `buf[0]`.
+    pos: u64,
+    /// Zeros after `buf`, not yet written or left as a hole.
+    zeros: u64,
+    tx: Option<mpsc::SyncSender<Piece>>,
+    spare: mpsc::Receiver<Vec<u8>>,
+    holes: u64,
+    dense: bool,
+    /// File content bytes read so far, for `progress`.
+    content: u64,
+    progress: &'a dyn Fn(u64),
+    /// Time spent waiting for the hashing thread.
+    waited: Duration,
+    stop: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// Run `body` over a [`Sink`] that writes `file` (at `path`, for messages) as `target` says.
+/// `progress` is told the file content bytes read so far; `stop` is polled at every write.
+/// A qcow2 file starts with its tables; the rest of its last cluster is hashed at the end.
+pub fn stream<E: From<SinkError>>(
+    file: &File,
+    path: &Path,
+    target: Target<'_>,
+    progress: &dyn Fn(u64),
+    stop: &(dyn Fn() -> bool + Sync),
+    body: impl FnOnce(&mut Sink<'_>) -> Result<(), E>,
+) -> Result<Streamed, E> {
+    let (tx, rx) = mpsc::sync_channel::<Piece>(8);
+    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
+    let (mode, dense, hashed) = match &target {
+        Target::Raw { dense } => (Mode::Raw, *dense, true),
+        Target::Survey => (Mode::Survey(Vec::new()), false, false),
+        Target::Qcow2(q) => (Mode::Qcow2(qcow2::Mapper::new(q)), false, true),
+    };
+    std::thread::scope(|s| {
+        let hasher = hashed.then(|| {
+            s.spawn(move || {
+                let mut h = PieceHasher::new();
+                let mut busy = Duration::ZERO;
+                for piece in rx {
+                    let t = Instant::now();
+                    if let Some(buf) = h.update(piece) {
+                        let _ = back_tx.send(buf);
+                    }
+                    busy += t.elapsed();
+                }
+                tracing::debug!(target: "fledge::timing", "hashing busy for {:.1} ms", busy.as_secs_f64() * 1e3);
+                h.finish()
+            })
+        });
+        let mut sink = Sink {
+            mode,
+            file,
+            path,
+            buf: Vec::with_capacity(CHUNK),
+            pos: 0,
+            zeros: 0,
+            tx: hashed.then_some(tx),
+            spare: back_rx,
+            holes: 0,
+            dense,
+            content: 0,
+            progress,
+            waited: Duration::ZERO,
+            stop,
+        };
+        let r = match &target {
+            Target::Qcow2(q) => {
+                let meta = q.metadata();
+                file.write_all_at(&meta, 0)
+                    .map_err(|source| SinkError::Write {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                    .and_then(|()| sink.send(Piece::Data(meta)))
+                    .map_err(E::from)
+            }
+            _ => Ok(()),
+        };
+        let r = r.and_then(|()| body(&mut sink));
+        let r = r.and_then(|()| sink.finish().map_err(E::from));
+        if hashed {
+            tracing::debug!(target: "fledge::timing", "writer waited {:.1} ms for the hasher", sink.waited.as_secs_f64() * 1e3);
+        }
+        let holes = sink.holes;
+        let extents = match std::mem::replace(&mut sink.mode, Mode::Raw) {
+            Mode::Survey(ext) => ext,
+            _ => Vec::new(),
+        };
+        drop(sink);
+        let sha256 = match hasher {
+            Some(h) => Some(h.join().map_err(|_| E::from(SinkError::HasherStopped))?),
+            None => None,
+        };
+        r.map(|()| Streamed {
+            sha256,
+            extents,
+            holes,
+        })
+    })
+}
+
+impl Sink<'_> {
+    /// Image offset of the next byte.
+    pub fn at(&self) -> u64 {
+        self.pos + self.buf.len() as u64 + self.zeros
+    }
+
+    /// Is this a survey (contents are not read, only where they go)?
+    pub fn surveying(&self) -> bool {
+        matches!(self.mode, Mode::Survey(_))
+    }
+
+    /// `data`, next in the image.
+    pub fn bytes(&mut self, mut data: &[u8]) -> Result<(), SinkError> {
+        self.settle()?;
+        while !data.is_empty() {
+            let n = (CHUNK - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == CHUNK {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `n` zero bytes next in the image: a hole when they add up to a long run.
+    pub fn zeros(&mut self, n: u64) {
+        self.zeros += n;
+    }
+
+    /// Zeros up to the next multiple of `align`.
+    pub fn pad(&mut self, align: u64) {
+        let at = self.at();
+        self.zeros(at.next_multiple_of(align) - at);
+    }
+
+    /// `len` bytes of file contents, read by `read(offset, buf)` (offsets from 0 to `len`,
+    /// in order) straight into the write buffer. With `zero_blocks`, blocks of that size
+    /// that are all zeros become holes (the contents start block-aligned in the image). A
+    /// survey reads nothing.
+    pub fn contents<E: From<SinkError>>(
+        &mut self,
+        len: u64,
+        zero_blocks: Option<usize>,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.settle()?;
+        let mut done = 0u64;
+        while done < len {
+            let at = self.buf.len();
+            let n = ((CHUNK - at) as u64).min(len - done) as usize;
+            self.buf.resize(at + n, 0);
+            if !self.surveying() {
+                read(done, &mut self.buf[at..at + n])?;
+                self.content += n as u64;
+                if let Some(bs) = zero_blocks {
+                    self.holes_for_zero_blocks(at, bs)?;
+                }
+            }
+            done += n as u64;
+            if self.buf.len() == CHUNK {
+                self.flush()?;
+            }
+        }
+        if !self.surveying() {
+            (self.progress)(self.content);
+        }
+        Ok(())
+    }
+
+    /// The blocks of `bs` bytes in `buf[from..]` that are all zeros become pending zeros.
+    /// Rare in images, so the common case only checks.
+    fn holes_for_zero_blocks(&mut self, from: usize, bs: usize) -> Result<(), SinkError> {
+        if !self.buf[from..].chunks(bs).any(is_zero) {
+            return Ok(());
+        }
+        let read = self.buf.split_off(from);
+        for b in read.chunks(bs) {
+            if is_zero(b) {
+                self.zeros(b.len() as u64);
+            } else {
+                self.bytes(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes `from..to` of the image that are already in `src` at those offsets (written
+    /// there earlier, as the EROFS writer does with compressed data): hashed as they are
+    /// when `src` is this stream's own raw file, else copied into the stream.
+    pub fn existing(&mut self, src: &File, from: u64, to: u64) -> Result<(), SinkError> {
+        self.settle()?;
+        self.flush()?;
+        if self.at() != from {
+            return Err(SinkError::Unmapped { pos: from });
+        }
+        let own = matches!(self.mode, Mode::Raw);
+        let mut at = from;
+        while at < to {
+            if (self.stop)() {
+                return Err(SinkError::Interrupted);
+            }
+            let n = ((to - at) as usize).min(CHUNK);
+            if self.surveying() {
+                self.buf.resize(n, 0);
+                self.flush()?;
+                at += n as u64;
+                continue;
+            }
+            let mut buf = self
+                .spare
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+            buf.resize(n, 0);
+            src.read_exact_at(&mut buf, at)
+                .map_err(|source| SinkError::ReadBack {
+                    path: self.path.to_path_buf(),
+                    source,
+                })?;
+            if own {
+                self.pos += n as u64;
+                self.send(Piece::Data(buf))?;
+            } else {
+                let spare = std::mem::replace(&mut self.buf, buf);
+                self.flush()?;
+                let _ = spare;
+            }
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Write out the pending zeros: a hole when long, else bytes.
+    fn settle(&mut self) -> Result<(), SinkError> {
+        let n = std::mem::take(&mut self.zeros);
+        if n == 0 {
+            return Ok(());
+        }
+        if n >= HOLE_MIN && !self.dense {
+            self.flush()?;
+            let at = self.pos;
+            self.pos += n;
+            let hashed = match &mut self.mode {
+                Mode::Raw => {
+                    self.holes += n;
+                    n
+                }
+                Mode::Survey(_) => 0,
+                // Zeros inside allocated clusters are in the file (as holes) and hashed.
+                Mode::Qcow2(m) => m.allocated_in(at, n),
+            };
+            return match hashed {
+                0 => Ok(()),
+                n => self.send(Piece::Zeros(n)),
+            };
+        }
+        let mut left = n;
+        while left > 0 {
+            let k = ((CHUNK - self.buf.len()) as u64).min(left) as usize;
+            self.buf.resize(self.buf.len() + k, 0);
+            left -= k as u64;
+            if self.buf.len() == CHUNK {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if (self.stop)() {
+            return Err(SinkError::Interrupted);
+        }
+        let len = self.buf.len() as u64;
+        let at = match &mut self.mode {
+            Mode::Survey(ext) => {
+                match ext.last_mut() {
+                    Some(last) if last.1 == self.pos => last.1 += len,
+                    _ => ext.push((self.pos, self.pos + len)),
+                }
+                self.pos += len;
+                self.buf.clear();
+                return Ok(());
+            }
+            Mode::Raw => self.pos,
+            Mode::Qcow2(m) => m
+                .data_at(self.pos, len)
+                .ok_or(SinkError::Unmapped { pos: self.pos })?,
+        };
+        self.file
+            .write_all_at(&self.buf, at)
+            .map_err(|source| SinkError::Write {
+                path: self.path.to_path_buf(),
+                source,
+            })?;
+        self.pos += len;
+        let next = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        let full = std::mem::replace(&mut self.buf, next);
+        self.buf.clear();
+        self.send(Piece::Data(full))
+    }
+
+    fn send(&mut self, p: Piece) -> Result<(), SinkError> {
+        let Some(tx) = &self.tx else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        let r = tx.send(p);
+        self.waited += t.elapsed();
+        r.map_err(|_| SinkError::HasherStopped)
+    }
+
+    fn finish(&mut self) -> Result<(), SinkError> {
+        self.settle()?;
+        self.flush()?;
+        // The rest of the last cluster, when the disk ends inside an allocated one.
+        let pad = match &mut self.mode {
+            Mode::Qcow2(m) => m.tail_padding(),
+            _ => 0,
+        };
+        match pad {
+            0 => Ok(()),
+            pad => self.send(Piece::Zeros(pad)),
+        }
+    }
+}
+
+/// Are all bytes of `b` zero?
+pub fn is_zero(b: &[u8]) -> bool {
+    let (words, rest) = b.split_at(b.len() / 8 * 8);
+    words
+        .chunks_exact(8)
+        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && rest.iter().all(|&x| x == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never() -> bool {
+        false
+    }
+
+    /// One image description: bytes, short and long zero runs, contents with zero blocks.
+    fn describe(s: &mut Sink<'_>) -> Result<(), SinkError> {
+        s.bytes(b"head")?;
+        s.zeros(100);
+        s.bytes(&[1u8; 5000])?;
+        s.zeros(3 * CHUNK as u64);
+        s.pad(4096);
+        let mut file = vec![7u8; 4096 * 40];
+        file[4096 * 3..4096 * 20].fill(0);
+        s.contents::<SinkError>(file.len() as u64, Some(4096), |off, b| {
+            b.copy_from_slice(&file[off as usize..off as usize + b.len()]);
+            Ok(())
+        })?;
+        s.zeros(1 << 20);
+        Ok(())
+    }
+
+    fn expected() -> Vec<u8> {
+        let mut v = b"head".to_vec();
+        v.resize(104, 0);
+        v.extend_from_slice(&[1u8; 5000]);
+        v.resize(v.len() + 3 * CHUNK, 0);
+        v.resize(v.len().next_multiple_of(4096), 0);
+        let mut file = vec![7u8; 4096 * 40];
+        file[4096 * 3..4096 * 20].fill(0);
+        v.extend_from_slice(&file);
+        v.resize(v.len() + (1 << 20), 0);
+        v
+    }
+
+    #[test]
+    fn raw_survey_and_qcow2_streams_agree() {
+        let d = tempfile::tempdir().unwrap();
+        let want = expected();
+        let want_sha = crate::testkit::sha256_hex(&want);
+
+        let raw = d.path().join("raw");
+        let f = File::create(&raw).unwrap();
+        f.set_len(want.len() as u64).unwrap();
+        let r = stream::<SinkError>(
+            &f,
+            &raw,
+            Target::Raw { dense: false },
+            &|_| {},
+            &never,
+            describe,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read(&raw).unwrap(), want);
+        assert_eq!(r.sha256.as_deref(), Some(want_sha.as_str()));
+        // The long runs are holes: 3 chunks with the padding after them (5104 bytes came
+        // before, so 3088 to the next 4 KiB), the 17 zero blocks, the last MiB.
+        assert_eq!(r.holes, 3 * CHUNK as u64 + 3088 + 17 * 4096 + (1 << 20));
+        let survey =
+            stream::<SinkError>(&f, &raw, Target::Survey, &|_| {}, &never, describe).unwrap();
+        assert!(survey.sha256.is_none());
+        assert_eq!(survey.extents.first(), Some(&(0, 5104)));
+        for &(s, e) in &survey.extents {
+            assert!(s < e && e <= want.len() as u64);
+        }
+
+        let q = qcow2::Layout::new(want.len() as u64, &survey.extents);
+        let qpath = d.path().join("q.qcow2");
+        let qf = File::create(&qpath).unwrap();
+        qf.set_len(q.file_len()).unwrap();
+        let r =
+            stream::<SinkError>(&qf, &qpath, Target::Qcow2(&q), &|_| {}, &never, describe).unwrap();
+        let bytes = std::fs::read(&qpath).unwrap();
+        assert_eq!(r.sha256, Some(crate::testkit::sha256_hex(&bytes)));
+        // Every data byte sits where the layout maps it.
+        let mut m = qcow2::Mapper::new(&q);
+        for &(s, e) in &survey.extents {
+            let host = m.data_at(s, e - s).unwrap() as usize;
+            assert_eq!(
+                &bytes[host..host + (e - s) as usize],
+                &want[s as usize..e as usize]
+            );
+        }
+    }
+
+    #[test]
+    fn existing_bytes_are_hashed_or_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("img");
+        let f = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(8192).unwrap();
+        f.write_all_at(&[9u8; 4096], 4096).unwrap();
+        let r = stream::<SinkError>(
+            &f,
+            &path,
+            Target::Raw { dense: false },
+            &|_| {},
+            &never,
+            |s| {
+                s.bytes(&[5u8; 4096])?;
+                s.existing(&f, 4096, 8192)
+            },
+        )
+        .unwrap();
+        let mut want = vec![5u8; 4096];
+        want.extend_from_slice(&[9u8; 4096]);
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+        assert_eq!(r.sha256, Some(crate::testkit::sha256_hex(&want)));
+
+        // Copied from another file into a second one.
+        let copy = d.path().join("copy");
+        let c = File::create(&copy).unwrap();
+        c.set_len(8192).unwrap();
+        let r = stream::<SinkError>(
+            &c,
+            &copy,
+            Target::Raw { dense: false },
+            &|_| {},
+            &never,
+            |s| {
+                s.bytes(&[5u8; 4096])?;
+                s.existing(&f, 4096, 8192)
+            },
+        )
+        .unwrap();
+        assert!(r.sha256.is_some());
+        // `existing` only continues the stream where it is.
+        let e = stream::<SinkError>(
+            &c,
+            &copy,
+            Target::Raw { dense: false },
+            &|_| {},
+            &never,
+            |s| s.existing(&f, 4096, 8192),
+        )
+        .unwrap_err();
+        assert!(matches!(e, SinkError::Unmapped { pos: 4096 }));
+    }
+
+    #[test]
+    fn interrupted_and_dense() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("img");
+        let f = File::create(&path).unwrap();
+        let e = stream::<SinkError>(
+            &f,
+            &path,
+            Target::Raw { dense: false },
+            &|_| {},
+            &|| true,
+            |s| s.bytes(&[1u8; 10]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, SinkError::Interrupted));
+        // Dense: long zero runs are written, not left as holes.
+        let r = stream::<SinkError>(
+            &f,
+            &path,
+            Target::Raw { dense: true },
+            &|_| {},
+            &never,
+            |s| {
+                s.zeros(1 << 20);
+                s.bytes(b"x")
+            },
+        )
+        .unwrap();
+        assert_eq!(r.holes, 0);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), (1 << 20) + 1);
+    }
+}
