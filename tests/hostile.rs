@@ -3,10 +3,11 @@
 //! Every test builds a tiny OCI layout by hand (tests/support/layout.rs writes raw tar
 //! headers, so names with `..`, absolute names and lying sizes are possible), then
 //! (a) runs `fledge mount` on it and checks the view, and
-//! (b) runs `fledge build` for ext4 with the kernel backend and with the native writer, and
-//!     for squashfs and EROFS with fledge's own writers, and checks each image (clean for
-//!     the format's checker: e2fsck, unsquashfs -lls, fsck.erofs; then mounted
-//!     `-o loop,ro,nodev,nosuid`),
+//! (b) runs `fledge build` for ext4 with the kernel backend and with the native writer, for
+//!     squashfs and EROFS with fledge's own writers, and as an initramfs, and checks each
+//!     image (clean for the format's checker: e2fsck, unsquashfs -lls, fsck.erofs; then
+//!     mounted `-o loop,ro,nodev,nosuid`; the initramfs: no archive name absolute or with
+//!     `..`, then extracted with `cpio -idm` as the kernel unpacks it),
 //! and for both checks the host: sentinel files and directories planted where a `..`, an
 //! absolute name or a symlink would reach (a directory under /tmp and one beside the work
 //! directories) keep their content, mode and mtime, and no entry appears beside them.
@@ -304,12 +305,14 @@ fn have_fuse() -> bool {
 }
 
 /// The (backend, filesystem type) pairs every case is built with: ext4 by the kernel
-/// backend and by the native writer, and the read-only types by their own writers.
-const TARGETS: [(&str, &str); 4] = [
+/// backend and by the native writer, the read-only types by their own writers, and the
+/// initramfs (`strategy = "initramfs"`, a newc cpio) by its own.
+const TARGETS: [(&str, &str); 5] = [
     ("kernel", "ext4"),
     ("native", "ext4"),
     ("native", "squashfs"),
     ("native", "erofs"),
+    ("native", "initramfs"),
 ];
 
 /// Whether `backend` can build here. The native writers need nothing.
@@ -390,8 +393,38 @@ fn checker(fs: &str) -> &'static str {
     match fs {
         "ext4" => "e2fsck",
         "squashfs" => "unsquashfs",
+        "initramfs" => "cpio",
         _ => "fsck.erofs",
     }
+}
+
+/// An initramfs: every name in the archive is relative and has no `..` component (the
+/// kernel's unpacker creates what the names say), and extracted as root (`cpio -idm`, as
+/// the kernel unpacks it) it passes the case's checks.
+fn check_initramfs(archive: &Path, checks: &[Check], dest: &Path, test: &str) {
+    use std::io::Read as _;
+    let mut data = Vec::new();
+    flate2::read::GzDecoder::new(fs::File::open(archive).unwrap())
+        .read_to_end(&mut data)
+        .unwrap_or_else(|e| panic!("{test}: not a gzip stream: {e}"));
+    for (name, _) in kit::newc_entries(&data) {
+        let n = String::from_utf8_lossy(&name);
+        assert!(
+            !n.starts_with('/') && !n.split('/').any(|c| c == ".."),
+            "{test}: archive entry {n:?} would reach outside the root"
+        );
+    }
+    if !support::is_root() {
+        support::skip_unless_setup(
+            test,
+            "extracting device nodes needs root (contents not checked)",
+        );
+        return;
+    }
+    fs::create_dir(dest).unwrap();
+    kit::cpio_extract(&data, dest);
+    apply_checks(dest, checks, &format!("{test}: extracted initramfs"));
+    fs::remove_dir_all(dest).unwrap();
 }
 
 /// `fledge build --backend BACKEND` of type `fs` and check the image, or check that it
@@ -416,16 +449,22 @@ fn check_build(
     };
     let out_dir = host.w().join("out");
     let config = host.w().join("fledge.toml");
-    fs::write(
-        &config,
+    let text = if fs == "initramfs" {
+        // The layers have no shell for the default /init: a mapped file is the init.
+        format!(
+            "version = \"1\"\nstrategy = \"initramfs\"\n[source]\nimage = \"{reference}\"\n\
+             [init]\npath = \"/sbin/hostile-init\"\n[mappings]\n\"fledge.toml\" = \"/sbin/hostile-init\"\n"
+        )
+    } else {
         format!(
             "version = \"1\"\nstrategy = \"oci_rootfs\"\n[source]\nimage = \"{reference}\"\n\
              [filesystem]\ntype = \"{fs}\"\n{extra}"
-        ),
-    )
-    .unwrap();
+        )
+    };
+    fs::write(&config, text).unwrap();
     let image_name = match fs {
         "ext4" => "hostile.img".to_string(),
+        "initramfs" => "hostile.cpio.gz".to_string(),
         other => format!("hostile.{other}"),
     };
     let image = out_dir.join(&image_name);
@@ -460,7 +499,9 @@ fn check_build(
                 left, want,
                 "{test}: unexpected files in the output directory"
             );
-            if support::have_program(checker(fs)) {
+            if fs == "initramfs" {
+                check_initramfs(&image, checks, &host.w().join("initramfs-root"), test);
+            } else if support::have_program(checker(fs)) {
                 support::assert_fsck_clean(&image, fs, test);
             } else {
                 support::skip_unless_setup(
@@ -468,7 +509,9 @@ fn check_build(
                     &format!("{} not installed (image check)", checker(fs)),
                 );
             }
-            if support::is_root() {
+            if fs == "initramfs" {
+                // Checked above, from the archive.
+            } else if support::is_root() {
                 let mp = host.w().join("imgmnt");
                 let guard = Mount::image_at(&image, fs, "loop,ro,nodev,nosuid,noexec", &mp);
                 apply_checks(&mp, checks, &format!("{test}: built image"));
