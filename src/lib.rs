@@ -45,7 +45,7 @@ pub mod layer;
 pub mod manifest;
 pub mod mapping;
 pub mod merge;
-pub(crate) mod mountinfo;
+pub mod mountinfo;
 pub mod output;
 pub mod probe;
 pub mod qcow2;

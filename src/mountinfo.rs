@@ -10,26 +10,29 @@ use std::path::{Path, PathBuf};
 /// (`.fledge-build-XXXXXX`): mounts below one are a build's own.
 pub const WORK_DIR_PREFIX: &str = ".fledge-build-";
 
-/// One line of `/proc/self/mountinfo` (the fields this module needs).
+/// One line of `/proc/self/mountinfo` (the fields fledge and its tests need).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct MountEntry {
-    pub(crate) major: u32,
-    pub(crate) minor: u32,
-    pub(crate) mount_point: PathBuf,
-    pub(crate) fstype: String,
+pub struct MountEntry {
+    pub major: u32,
+    pub minor: u32,
+    pub mount_point: PathBuf,
+    /// Per-mount options (e.g. `ro,nosuid,nodev`).
+    pub mount_options: String,
+    pub fstype: String,
     /// Per-superblock options (e.g. `ro,user_id=0,group_id=0,default_permissions`).
-    pub(crate) super_options: String,
+    pub super_options: String,
 }
 
 /// Parse one mountinfo line; `None` when it is malformed.
-pub(crate) fn parse_line(line: &str) -> Option<MountEntry> {
+pub fn parse_line(line: &str) -> Option<MountEntry> {
     let mut fields = line.split(' ');
     let _id = fields.next()?;
     let _parent = fields.next()?;
     let (major, minor) = fields.next()?.split_once(':')?;
     let _root = fields.next()?;
     let mount_point = PathBuf::from(OsString::from_vec(unescape(fields.next()?)));
-    // Skip the mount options and the optional fields up to the `-` separator.
+    let mount_options = fields.next()?.to_string();
+    // Skip the optional fields up to the `-` separator.
     let mut fields = fields.skip_while(|f| *f != "-");
     fields.next()?;
     let fstype = fields.next()?.to_string();
@@ -39,6 +42,7 @@ pub(crate) fn parse_line(line: &str) -> Option<MountEntry> {
         major: major.parse().ok()?,
         minor: minor.parse().ok()?,
         mount_point,
+        mount_options,
         fstype,
         super_options,
     })
@@ -70,7 +74,7 @@ fn unescape(field: &str) -> Vec<u8> {
 }
 
 /// All mounts of this process's mount namespace (empty when mountinfo cannot be read).
-pub(crate) fn entries() -> Vec<MountEntry> {
+pub fn entries() -> Vec<MountEntry> {
     match std::fs::read_to_string("/proc/self/mountinfo") {
         Ok(text) => text.lines().filter_map(parse_line).collect(),
         Err(e) => {

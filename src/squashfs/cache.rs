@@ -116,7 +116,24 @@ impl BlockCache {
     /// there.
     pub fn get(&self, key: &[u8; 32], len: usize) -> Option<Entry> {
         let path = self.path(key);
-        let bytes = match fs::read(&path) {
+        // An entry holds the block compressed (smaller than the block) or nothing: anything
+        // longer is not an entry, and the shared directory is not trusted to say so, so at
+        // most that much is read.
+        let limit = (HEADER + len) as u64;
+        let read = |path: &Path| -> std::io::Result<Vec<u8>> {
+            use std::io::Read as _;
+            let mut b = Vec::new();
+            fs::File::open(path)?.take(limit + 1).read_to_end(&mut b)?;
+            Ok(b)
+        };
+        let bytes = match read(&path) {
+            Ok(b) if b.len() as u64 > limit => {
+                tracing::debug!(
+                    "squashfs block cache: {} is longer than any entry; compressing afresh",
+                    path.display()
+                );
+                return None;
+            }
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => return None,
             Err(e) => {
@@ -265,6 +282,8 @@ mod tests {
                 b
             },
             Vec::new(),
+            // Longer than any entry for a block of 100 bytes (read no further than that).
+            [whole.as_slice(), &[0u8; 1 << 20]].concat(),
         ] {
             fs::write(c.path(&k1), &bad).unwrap();
             assert_eq!(c.get(&k1, 100), None);

@@ -167,31 +167,6 @@ pub fn registry_like_image(img: &DebianImage, dir: &Path) -> String {
     kit::derive_with_layer(&img.layout, &dir.join("layout"), &layer, "nodev")
 }
 
-/// Decode the octal escapes (`\040` etc.) /proc/self/mountinfo uses in paths.
-fn unescape_mountinfo(field: &str) -> Vec<u8> {
-    let b = field.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            let oct = &b[i + 1..i + 4];
-            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                let v = u32::from(oct[0] - b'0') * 64
-                    + u32::from(oct[1] - b'0') * 8
-                    + u32::from(oct[2] - b'0');
-                if let Ok(byte) = u8::try_from(v) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
-
 /// File system type of the mount whose mount point is exactly `mp` (the last one
 /// if stacked), from /proc/self/mountinfo.
 pub fn mount_fstype(mp: &Path) -> Option<String> {
@@ -201,27 +176,12 @@ pub fn mount_fstype(mp: &Path) -> Option<String> {
 /// (fstype, per-mount options such as "ro,nosuid,...") of the mount whose mount
 /// point is exactly `mp` (the last one if stacked), from /proc/self/mountinfo.
 pub fn mount_info(mp: &Path) -> Option<(String, String)> {
-    use std::os::unix::ffi::OsStrExt;
     let mp = fs::canonicalize(mp).unwrap_or_else(|_| mp.to_path_buf());
-    let want = mp.as_os_str().as_bytes();
-    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut found = None;
-    for line in info.lines() {
-        let mut halves = line.splitn(2, " - ");
-        let (Some(left), Some(right)) = (halves.next(), halves.next()) else {
-            continue;
-        };
-        let mut fields = left.split(' ').skip(4);
-        let (Some(point), Some(options)) = (fields.next(), fields.next()) else {
-            continue;
-        };
-        if unescape_mountinfo(point) == want {
-            if let Some(fstype) = right.split(' ').next() {
-                found = Some((fstype.to_string(), options.to_string()));
-            }
-        }
-    }
-    found
+    fledge::mountinfo::entries()
+        .into_iter()
+        .rev()
+        .find(|e| e.mount_point == mp)
+        .map(|e| (e.fstype, e.mount_options))
 }
 
 /// A running `fledge mount` child plus its mount point; tears everything down on drop.
