@@ -2,7 +2,7 @@
 # Benchmarks, side by side with their baselines in the same run, reported as medians and ratios
 # (issue 7).
 #
-#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|all]
+#   scripts/bench.sh [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|big|all]
 #
 #   build  Debian test image -> ext4, everything pulled from a local docker-registry on
 #          127.0.0.1 that holds the image:
@@ -54,8 +54,31 @@
 #          --image-format qcow2 (issue 17): ext4 and EROFS (their writers stream the qcow2
 #          themselves), squashfs and xfs (written raw, then made a qcow2 in place by moving
 #          extents). Target: each type's qcow2 build <= 1.1x its raw build.
+#   big    multi-GB images (issue 18), from the same registry; not part of `all` (about 20
+#          minutes, and it needs about 16 GiB free on /var/tmp, checked before it starts).
+#          A generated image (scripts/lib/gen-big-image.py, cached under
+#          /var/tmp/fledge-bench-images/big): about 2.6 GiB of content, 56k entries, three
+#          gzip layers (a Debian base, a runtime layer of 47k files from Debian packages, 20
+#          partly incompressible model-weight files; 94, 368 and 769 MiB compressed):
+#            reference-big       the reference pipeline (as in `build`)
+#            fledge-big-cold     `fledge build` ext4, empty cache
+#            fledge-big-warm     the same after a mapped file changed (layers cached)
+#            floor-gzip, floor-pigz, floor-igzip
+#                                every layer blob fetched from the registry and decompressed
+#                                to /dev/null, all layers at once, with gzip -dc, pigz -dc
+#                                and ISA-L's igzip -dc; the fastest is "the floor"
+#            fledge-big-sqfs     type = "squashfs" (xz, the default), layers cached, empty
+#                                block cache
+#            mksquashfs-big      mksquashfs -comp xz -Xdict-size 50% on the unpacked tree
+#                                (umoci unpack once, untimed)
+#            fledge-big-erofs    type = "erofs", layers cached
+#            mkfs-erofs-big      mkfs.erofs on the unpacked tree
+#          and images of 300k and 1M small files (as in `scale`): fledge cold and warm ext4
+#          with their peak RSS; the disk peak of the cold big build beside its layer cache
+#          plus its image; where the time of a cold and a warm big build goes (`steps`, and
+#          the FLEDGE_LOG=fledge::timing=debug lines of one more warm build).
 #   all    build, scale, readonly and initramfs (default; squashfs is its block-cache detail,
-#          qcow2 the qcow2 output's).
+#          qcow2 the qcow2 output's, big the multi-GB one).
 #
 # Commands alternate within each repetition so that machine noise hits all of them alike.
 # Every command runs under scripts/lib/measure.py, which reports wall time, the largest
@@ -63,7 +86,8 @@
 # process tree, and the sampled peak extra disk use of the filesystem holding the work
 # directory (/var/tmp; other writers on that filesystem add noise).
 #
-# Needs root (loop devices), docker-registry, skopeo, umoci, curl, gzip, python3. Uses the
+# Needs root (loop devices), docker-registry, skopeo, umoci, curl, gzip, python3 (and for
+# `big`: pigz, igzip, dpkg-deb, apt-get download for the generator's Debian packages). Uses the
 # cached Debian test image (scripts/make-test-images.sh builds it once) and the release binary
 # ($FLEDGE_BIN, else $CARGO_TARGET_DIR/release/fledge or target/release/fledge, built if
 # missing).
@@ -77,14 +101,14 @@ while getopts "n:s:" opt; do
     case $opt in
     n) reps=$OPTARG ;;
     s) scale_reps=$OPTARG ;;
-    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|big|all]" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
 what="${1:-all}"
 scale_reps=${scale_reps:-$reps}
-case $what in build | scale | index | readonly | squashfs | qcow2 | initramfs | all) ;; *)
-    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|all]" >&2; exit 2 ;;
+case $what in build | scale | index | readonly | squashfs | qcow2 | initramfs | big | all) ;; *)
+    echo "usage: $0 [-n REPS] [-s SCALE_REPS] [build|scale|index|readonly|squashfs|qcow2|initramfs|big|all]" >&2; exit 2 ;;
 esac
 
 . scripts/lib/need-root.sh
@@ -204,12 +228,13 @@ reference_pipeline() {
 }
 
 # The floor: GET every layer blob of $FLOOR_REPO from the registry and decompress it to
-# /dev/null, all layers in parallel. FLOOR_LAYERS holds "digest:compression" words.
+# /dev/null, all layers in parallel. FLOOR_LAYERS holds "digest:compression" words; gzip
+# layers go through $FLOOR_GUNZIP -dc (gzip unless set: pigz, igzip).
 floor() {
     local pids=() l
     for l in $FLOOR_LAYERS; do
         local digest=${l%:*} comp=${l##*:} dec=(cat)
-        case $comp in gzip) dec=(gzip -dc) ;; zstd) dec=(zstd -dcq) ;; esac
+        case $comp in gzip) dec=("${FLOOR_GUNZIP:-gzip}" -dc) ;; zstd) dec=(zstd -dcq) ;; esac
         (set -o pipefail; curl -sSf "http://$REGISTRY/v2/$FLOOR_REPO/blobs/$digest" | "${dec[@]}" >/dev/null) &
         pids+=($!)
     done
@@ -610,6 +635,158 @@ EOF
     done
 }
 
+# need_free_gib GIB DIR WHAT: stop with a clear message unless the filesystem of DIR has GIB
+# GiB free.
+need_free_gib() {
+    local avail_kib
+    avail_kib=$(df -Pk "$2" | awk 'NR == 2 {print $4}')
+    if [ "$avail_kib" -lt $(($1 * 1024 * 1024)) ]; then
+        echo "bench.sh: $3 needs about $1 GiB free on the filesystem of $2, which has" \
+            "$((avail_kib / 1024 / 1024)) GiB: free some space first (fledge cache prune," \
+            "old /var/tmp/fledge-bench.* directories) or set FLEDGE_BENCH_IMAGES elsewhere" >&2
+        exit 1
+    fi
+}
+
+# big_tree: the unpacked tree of the big image for mksquashfs and mkfs.erofs, as the Go
+# tool's pipeline has it (skopeo copy, umoci unpack, the config as /etc/fsify-entrypoint),
+# in $WORK/go/bundle/rootfs; the copied layout is removed again.
+big_tree() {
+    rm -rf "$WORK/go"
+    mkdir -p "$WORK/go"
+    skopeo copy -q "oci:$GEN_IMAGES/big:test" "oci:$WORK/go/img:latest"
+    unpack_with_entrypoint "$WORK/go"
+    rm -rf "$WORK/go/img"
+}
+
+bench_big() {
+    local big=$GEN_IMAGES/big ref="docker://$REGISTRY/big:test" n p need=16
+    for p in pigz igzip dpkg-deb; do
+        command -v "$p" >/dev/null || { echo "bench.sh: $p not found (scripts/install-deps.sh)" >&2; exit 1; }
+    done
+    # The layout and its registry copy (2 x 1.2 GiB), the reference's copy, tree and image
+    # (6.5 GiB) or fledge's cache and image (6.5 GiB), the unpacked tree and a read-only
+    # image beside the cache; plus 2 GiB while the big image is generated.
+    mkdir -p "$GEN_IMAGES"
+    [ -f "$big/index.json" ] || need=$((need + 2))
+    need_free_gib "$need" "$WORK" "the big series"
+    if [ ! -f "$big/index.json" ]; then
+        echo "generating the big image in $big (about 1-2 minutes)" >&2
+        python3 "$SCRIPTS/lib/gen-big-image.py" "$big" "$IMAGES/cache/debootstrap-bookworm-minbase-amd64.tgz"
+    fi
+    for n in 300000 1000000; do
+        # Another run may be generating the same image: the generator renames it into place
+        # when done, so only an image without index.json is generated (again).
+        if [ ! -f "$GEN_IMAGES/small-$n/index.json" ]; then
+            echo "generating an image of $n small files in $GEN_IMAGES/small-$n" >&2
+            python3 "$SCRIPTS/lib/gen-small-files.py" "$n" "$GEN_IMAGES/small-$n"
+        fi
+        registry_push "oci:$GEN_IMAGES/small-$n:test" "small-$n:test"
+        fledge_config "small-$n" "docker://$REGISTRY/small-$n:test"
+    done
+    registry_push "oci:$big:test" big:test
+    FLOOR_LAYERS=$(layers_of big:test | tr '\n' ' ')
+    FLOOR_REPO=big
+    export FLOOR_LAYERS FLOOR_REPO
+    fledge_config big "$ref"
+    printf '[mappings]\n"map.txt" = "/etc/fledge-bench-map"\n' >>"$WORK/big.toml"
+    readonly_config big-sqfs "$ref" squashfs
+    readonly_config big-erofs "$ref" erofs
+    big_tree
+    local root=$WORK/go/bundle/rootfs
+    export root
+    for i in $(seq "$reps"); do
+        measure reference-big bash -c 'reference_pipeline "$0"' "$ref"
+        rm -rf "$WORK/ref" "$WORK/cache"
+        date +%s%N >"$WORK/map.txt"
+        measure fledge-big-cold bash -c 'fledge_build big "$WORK/cache"'
+        if [ "$i" = 1 ]; then
+            du -sk "$WORK/cache" | cut -f1 >"$WORK/big-cache.kib"
+            du -sk "$WORK/cache/blobs" | cut -f1 >"$WORK/big-blobs.kib"
+            du -k "$WORK/out.img" | cut -f1 >"$WORK/big-image.kib"
+        fi
+        rm -f "$WORK/out.img" "$WORK/out.manifest.json"
+        date +%s%N >"$WORK/map.txt"
+        measure fledge-big-warm bash -c 'fledge_build big "$WORK/cache"'
+        rm -f "$WORK/out.img" "$WORK/out.manifest.json"
+        for p in gzip pigz igzip; do
+            measure "floor-$p" env FLOOR_GUNZIP="$p" bash -c floor
+        done
+        rm -rf "$WORK/cache/squashfs"
+        measure fledge-big-sqfs bash -c 'fledge_build_to big-sqfs "$WORK/cache" "$WORK/out.squashfs"'
+        stat -c %s "$WORK/out.squashfs" >"$WORK/fledge-big-squashfs.size"
+        rm -f "$WORK"/out.*
+        measure mksquashfs-big bash -c 'mksquashfs "$root" "$WORK/go/out.squashfs" -comp xz -Xdict-size 50% -noappend -no-progress'
+        stat -c %s "$WORK/go/out.squashfs" >"$WORK/mksquashfs-big.size"
+        rm -f "$WORK/go/out.squashfs"
+        measure fledge-big-erofs bash -c 'fledge_build_to big-erofs "$WORK/cache" "$WORK/out.erofs"'
+        stat -c %s "$WORK/out.erofs" >"$WORK/fledge-big-erofs.size"
+        rm -f "$WORK"/out.*
+        measure mkfs-erofs-big bash -c 'mkfs.erofs "$WORK/go/out.erofs" "$root"'
+        stat -c %s "$WORK/go/out.erofs" >"$WORK/mkfs-erofs-big.size"
+        rm -rf "$WORK/go/out.erofs" "$WORK/cache"
+        for n in 300000 1000000; do
+            measure "small-cold-$n" bash -c 'fledge_build "$0" "$WORK/cache"' "small-$n"
+            rm -f "$WORK/out.img" "$WORK/out.manifest.json"
+            measure "small-warm-$n" bash -c 'fledge_build "$0" "$WORK/cache"' "small-$n"
+            rm -rf "$WORK/cache" "$WORK/out.img" "$WORK/out.manifest.json"
+        done
+    done
+    rm -rf "$WORK/go"
+    local fl best=
+    for p in gzip pigz igzip; do
+        if [ -z "$best" ] || awk -v a="$(med_time "floor-$p")" -v b="$(med_time "$best")" 'BEGIN {exit !(a < b)}'; then
+            best=floor-$p
+        fi
+    done
+    echo
+    echo "== big: generated image ($(du -sh --apparent-size "$big/blobs" | cut -f1) compressed, 3 gzip layers," \
+        "registry $ref) -> ext4, squashfs, EROFS; $reps repetitions"
+    header
+    row reference-big
+    row fledge-big-cold reference-big "$best"
+    row fledge-big-warm reference-big
+    for fl in floor-gzip floor-pigz floor-igzip; do row "$fl" reference-big; done
+    echo "floor = $best (the fastest of the three)"
+    row mksquashfs-big
+    row fledge-big-sqfs mksquashfs-big
+    row mkfs-erofs-big
+    row fledge-big-erofs mkfs-erofs-big
+    for n in 300000 1000000; do
+        row "small-cold-$n"
+        row "small-warm-$n"
+    done
+    echo "sizes (bytes):"
+    printf "  %-40s %14s\n" "mksquashfs xz dict 50%, 128 KiB" "$(cat "$WORK/mksquashfs-big.size")" \
+        "fledge squashfs xz (default)" "$(cat "$WORK/fledge-big-squashfs.size")" \
+        "mkfs.erofs (uncompressed)" "$(cat "$WORK/mkfs-erofs-big.size")" \
+        "fledge erofs (uncompressed)" "$(cat "$WORK/fledge-big-erofs.size")"
+    local cache_mib blobs_mib image_mib
+    cache_mib=$(awk '{printf "%.0f", $1 / 1024}' "$WORK/big-cache.kib")
+    blobs_mib=$(awk '{printf "%.0f", $1 / 1024}' "$WORK/big-blobs.kib")
+    image_mib=$(awk '{printf "%.0f", $1 / 1024}' "$WORK/big-image.kib")
+    echo "disk: after a cold big build, the cache holds $cache_mib MiB ($blobs_mib MiB of downloaded" \
+        "blobs, the rest decoded layers), the image $image_mib MiB allocated;" \
+        "the cold build's peak extra disk $(med_mib fledge-big-cold 4) MiB"
+    echo "where the time goes (one more build each; cold = empty cache):"
+    rm -rf "$WORK/cache"
+    echo "  ext4 cold:"; steps big "$WORK/cache" "$WORK/out.img"
+    date +%s%N >"$WORK/map.txt"
+    echo "  ext4 warm:"; steps big "$WORK/cache" "$WORK/out.img"
+    date +%s%N >"$WORK/map.txt"
+    echo "  ext4 warm, FLEDGE_LOG=fledge::timing=debug:"
+    FLEDGE_LOG=fledge::timing=debug "$FLEDGE" build -c "$WORK/big.toml" --cache-dir "$WORK/cache" \
+        -o "$WORK/out.img" 2>&1 >/dev/null | sed 's/^/    /'
+    rm -rf "$WORK/cache" "$WORK"/out.*
+    echo "targets:"
+    check "big warm / reference" "$(ratio fledge-big-warm reference-big)" "<=" 0.05
+    check "big cold / reference" "$(ratio fledge-big-cold reference-big)" "<=" 0.10
+    check "big cold / floor ($best)" "$(ratio fledge-big-cold "$best")" "<=" 1.3
+    check "1M cold peak RSS, process tree (MiB)" "$(max_mib small-cold-1000000 3)" "<=" 256
+    check "1M cold / 300k cold" "$(ratio small-cold-1000000 small-cold-300000)" "<=" 3.6
+    check "big cold disk peak / (cache + image) (MiB)" "$(med_mib fledge-big-cold 4)" "<=" "$((cache_mib + image_mib))"
+}
+
 echo "machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(free -g | awk '/Mem:/ {print $2}') GiB, Linux $(uname -r), $(findmnt -no FSTYPE -T /var/tmp) at /var/tmp; $(date -u '+%F %H:%M UTC')"
 echo "fledge: $("$FLEDGE" version | head -1); load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$what" != index ] && [ "$what" != squashfs ] && [ "$what" != qcow2 ]; then
@@ -625,6 +802,7 @@ readonly) bench_readonly ;;
 squashfs) bench_squashfs ;;
 qcow2) bench_qcow2 ;;
 initramfs) bench_initramfs ;;
+big) bench_big ;;
 all) bench_build; bench_scale; bench_readonly; bench_initramfs ;;
 esac
 echo
