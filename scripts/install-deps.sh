@@ -28,6 +28,9 @@ packages=(
     qemu-system-x86 linux-image-amd64 initramfs-tools-core kmod cpio
     # benchmarks
     hyperfine time bc zstd
+    # the `big` benchmark: its generator compresses with pigz; the floor also decodes with pigz
+    # and ISA-L's igzip (package isal)
+    pigz isal
 )
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
