@@ -701,7 +701,7 @@ bench_big() {
     printf '[mappings]\n"map.txt" = "/etc/fledge-bench-map"\n' >>"$WORK/big.toml"
     readonly_config big-sqfs "$ref" squashfs
     readonly_config big-erofs "$ref" erofs
-    big_tree
+    if [ "${BIG_READONLY:-1}" = 1 ]; then big_tree; fi
     local root=$WORK/go/bundle/rootfs
     export root
     for _ in $(seq "$reps"); do
