@@ -894,6 +894,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
             e => e.into(),
         };
         let stop = &crate::interrupt::requested;
+        test_hook_raw_copy(&image_tmp)?;
         let converted = match crate::qcow2::convert_in_place(&image_tmp, stop)
             .map_err(interrupted)?
         {
@@ -1056,6 +1057,18 @@ fn test_hook_pause() -> Result<(), BuildError> {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     Ok(())
+}
+
+/// Tests: with `FLEDGE_TEST_RAW_COPY` set to a path, the raw image a writer filled is copied
+/// there before it becomes a qcow2, so that a build that is not reproducible (the kernel
+/// backend) can still be compared with the raw image its qcow2 holds.
+fn test_hook_raw_copy(raw: &Path) -> Result<(), BuildError> {
+    let Some(path) = std::env::var_os("FLEDGE_TEST_RAW_COPY").map(PathBuf::from) else {
+        return Ok(());
+    };
+    std::fs::copy(raw, &path)
+        .map(|_| ())
+        .map_err(|e| BuildError::Io { path, source: e })
 }
 
 /// Refuse to start when the output filesystem cannot hold the image
