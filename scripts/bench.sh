@@ -52,7 +52,7 @@
 #          plus the archive sizes.
 #   qcow2  Debian test image (OCI layout), layers cached: the same config built raw and with
 #          --image-format qcow2 (issue 17): ext4 and EROFS (their writers stream the qcow2
-#          themselves), squashfs and xfs (written raw, then made a qcow2 in place by moving
+#          themselves), squashfs, xfs and btrfs (written raw, then made a qcow2 in place by moving
 #          extents). Target: each type's qcow2 build <= 1.1x its raw build.
 #   big    multi-GB images (issue 18), from the same registry; not part of `all` (about 20
 #          minutes, and it needs about 16 GiB free on /var/tmp, checked before it starts).
@@ -600,7 +600,7 @@ qc_build() { # TYPE FORMAT
 export -f qc_build
 
 bench_qcow2() {
-    local fs i f types=(ext4 erofs squashfs xfs)
+    local fs i f types=(ext4 erofs squashfs xfs btrfs)
     for fs in "${types[@]}"; do
         cat >"$WORK/qc-$fs.toml" <<EOF
 version = "1"
@@ -624,7 +624,7 @@ EOF
     echo
     echo "== qcow2: Debian test image (OCI layout), layers cached, the same config raw and"
     echo "   --image-format qcow2; $reps repetitions (ext4: native writer, streamed; erofs:"
-    echo "   streamed; squashfs and xfs (kernel backend): converted in place)"
+    echo "   streamed; squashfs, xfs and btrfs (kernel backend): converted in place)"
     header
     for fs in "${types[@]}"; do
         row "qcow2-$fs-raw"
