@@ -54,6 +54,48 @@ impl Timestamp {
 /// An extended attribute: raw name (e.g. `security.capability`) and binary value.
 pub type Xattr = (Box<[u8]>, Box<[u8]>);
 
+/// The extended attributes of a node, sorted by name, names unique. Nearly every node has
+/// none, so an empty list is one null pointer (a `Vec` would cost three words per node).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+// The box is the point: one pointer in every node, the list's three words only for the few
+// nodes that have attributes.
+#[allow(clippy::box_collection)]
+pub struct Xattrs(Option<Box<Vec<Xattr>>>);
+
+impl Xattrs {
+    /// Remove every attribute.
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl std::ops::Deref for Xattrs {
+    type Target = [Xattr];
+    fn deref(&self) -> &[Xattr] {
+        self.0.as_deref().map_or(&[], |v| v.as_slice())
+    }
+}
+
+impl From<Vec<Xattr>> for Xattrs {
+    fn from(v: Vec<Xattr>) -> Self {
+        Xattrs((!v.is_empty()).then(|| Box::new(v)))
+    }
+}
+
+impl FromIterator<Xattr> for Xattrs {
+    fn from_iter<I: IntoIterator<Item = Xattr>>(iter: I) -> Self {
+        iter.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl<'a> IntoIterator for &'a Xattrs {
+    type Item = &'a Xattr;
+    type IntoIter = std::slice::Iter<'a, Xattr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
 /// Metadata every node has.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -63,7 +105,7 @@ pub struct Meta {
     pub gid: u32,
     pub mtime: Timestamp,
     /// Sorted by name, names unique.
-    pub xattrs: Vec<Xattr>,
+    pub xattrs: Xattrs,
 }
 
 /// Where a regular file's bytes live.
@@ -414,6 +456,37 @@ mod tests {
         );
         let s = tree.stats();
         assert_eq!((s.dirs, s.files, s.file_bytes, s.entries), (2, 1, 5, 3));
+    }
+
+    #[test]
+    fn xattrs_are_a_sorted_list_or_nothing() {
+        let x = |n: &str, v: &str| -> Xattr { (n.as_bytes().into(), v.as_bytes().into()) };
+        let cases: Vec<(Vec<Xattr>, usize)> = vec![
+            (vec![], 0),
+            (vec![x("user.a", "1")], 1),
+            (vec![x("security.capability", ""), x("user.a", "1")], 2),
+        ];
+        for (list, len) in cases {
+            let xs: Xattrs = list.clone().into();
+            assert_eq!(xs.len(), len);
+            assert_eq!(&xs[..], &list[..]);
+            assert_eq!((&xs).into_iter().cloned().collect::<Vec<_>>(), list);
+            assert_eq!(list.iter().cloned().collect::<Xattrs>(), xs);
+            // An empty list is the default, whichever way it was made.
+            assert_eq!(xs == Xattrs::default(), len == 0);
+            let mut cleared = xs.clone();
+            cleared.clear();
+            assert_eq!(cleared, Xattrs::default());
+        }
+    }
+
+    #[test]
+    fn nodes_stay_small() {
+        // A million-file image holds a million of these: every word counts (see
+        // ARCHITECTURE.md, "Memory").
+        assert!(std::mem::size_of::<Xattrs>() <= 8);
+        assert!(std::mem::size_of::<Meta>() <= 40);
+        assert!(std::mem::size_of::<Node>() <= 80);
     }
 
     #[test]

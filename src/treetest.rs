@@ -36,7 +36,7 @@ pub(crate) fn meta(mode: u32, uid: u32, gid: u32, sec: i64) -> Meta {
         uid,
         gid,
         mtime: Timestamp::new(sec, 123_456_789),
-        xattrs: Vec::new(),
+        xattrs: Default::default(),
     }
 }
 
@@ -46,7 +46,7 @@ pub(crate) fn x(name: &str, value: &[u8]) -> Xattr {
 
 pub(crate) fn with_x(mut m: Meta, mut xs: Vec<Xattr>) -> Meta {
     xs.sort();
-    m.xattrs = xs;
+    m.xattrs = xs.into();
     m
 }
 

@@ -46,7 +46,7 @@ fn at_build(mode: u32, uid: u32, gid: u32) -> Meta {
         uid,
         gid,
         mtime: Timestamp::new(BUILD_TIME as i64, 0),
-        xattrs: Vec::new(),
+        xattrs: Default::default(),
     }
 }
 

@@ -99,7 +99,7 @@ fn meta(mode: u32, uid: u32, gid: u32, mtime: Timestamp) -> Meta {
         uid,
         gid,
         mtime,
-        xattrs: vec![],
+        xattrs: Default::default(),
     }
 }
 
@@ -154,7 +154,8 @@ fn sample_tree() -> (Tree, tempfile::TempDir) {
     root_meta.xattrs = vec![(
         b"user.root".as_slice().into(),
         b"r\x00\xff".as_slice().into(),
-    )];
+    )]
+    .into();
     let mut b = Builder::new(root_meta);
 
     let mut m = meta(0o644, 70_000, 3_000_000, NEGATIVE);
@@ -169,13 +170,14 @@ fn sample_tree() -> (Tree, tempfile::TempDir) {
         ),
         (b"user.empty".as_slice().into(), b"".as_slice().into()),
     ];
-    m.xattrs = xattrs;
+    m.xattrs = xattrs.into();
     b.add(ROOT, b"bytes", bytes_file(b"hello, world\n"), m);
     let mut m = meta(0o4755, 0, 0, AFTER_2038);
     m.xattrs = vec![(
         b"system.posix_acl_access".as_slice().into(),
         POSIX_ACL.as_slice().into(),
-    )];
+    )]
+    .into();
     b.add(
         ROOT,
         b"layer",

@@ -1,7 +1,7 @@
 //! The mutable tree the merge writes into, and its conversion into a frozen [`Tree`].
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::sync::Arc;
 
@@ -15,21 +15,9 @@ pub(super) const MAX_SYMLINK_FOLLOWS: u32 = 40;
 /// Longest single path component accepted (`NAME_MAX`).
 pub(super) const NAME_MAX: usize = 255;
 
-/// The children of a builder directory, sorted by raw name.
+/// The children of a builder directory, sorted by raw name (a B-tree: entries arrive in
+/// any order, and a sorted `Vec` would make a large directory in hash order quadratic).
 type Children = BTreeMap<Box<[u8]>, NodeId>;
-
-#[derive(Debug)]
-enum BKind {
-    Dir(Children),
-    /// Any non-directory kind, exactly as it will appear in the frozen tree.
-    Leaf(NodeKind),
-}
-
-#[derive(Debug)]
-struct BNode {
-    kind: BKind,
-    meta: Meta,
-}
 
 /// Why a path could not be resolved (mapped by callers onto a [`MergeError`] naming the
 /// entry).
@@ -71,9 +59,16 @@ pub(super) fn clean_components(path: &[u8]) -> Vec<&[u8]> {
 
 /// A mutable image tree. Nodes are never freed while building: replaced or removed nodes just
 /// become unreachable and are dropped by [`TreeBuilder::freeze`].
+///
+/// The nodes are the frozen tree's own [`Node`]s (directories with empty `entries` until the
+/// freeze), and the children of directories live beside them, so that freezing reorders the
+/// nodes in place instead of building a second tree next to the first: at a million
+/// entries the two would not fit the memory a build is meant to take.
 #[derive(Debug)]
 pub struct TreeBuilder {
-    nodes: Vec<BNode>,
+    nodes: Vec<Node>,
+    /// The children of every directory node, by node id.
+    dirs: HashMap<NodeId, Children>,
     /// Tar entries read so far, over all layers (see [`TreeBuilder::set_max_entries`]).
     pub(super) entries_read: usize,
     pub(super) max_entries: usize,
@@ -95,10 +90,13 @@ impl TreeBuilder {
     /// An empty tree: just the root directory (0755, root:root, mtime 0).
     pub fn new() -> Self {
         TreeBuilder {
-            nodes: vec![BNode {
-                kind: BKind::Dir(Children::new()),
-                meta: implicit_dir_meta(),
-            }],
+            nodes: vec![new_node(
+                NodeKind::Dir {
+                    entries: Vec::new(),
+                },
+                implicit_dir_meta(),
+            )],
+            dirs: HashMap::from([(ROOT, Children::new())]),
             entries_read: 0,
             max_entries: MAX_ENTRIES,
         }
@@ -109,6 +107,11 @@ impl TreeBuilder {
     /// headers while its blob stays small.
     pub fn set_max_entries(&mut self, max: usize) {
         self.max_entries = max;
+    }
+
+    /// Whether the root has no entries (nothing a whiteout could hide).
+    pub(super) fn is_empty(&self) -> bool {
+        self.children(ROOT).is_none_or(|c| c.is_empty())
     }
 
     /// Number of nodes allocated so far (reachable or not).
@@ -123,25 +126,31 @@ impl TreeBuilder {
         self.nodes.len() >= (NodeId::MAX / 2) as usize
     }
 
-    fn alloc(&mut self, kind: BKind, meta: Meta) -> NodeId {
+    fn alloc(&mut self, kind: NodeKind, meta: Meta) -> NodeId {
         // Callers check `is_full` before each entry, so the id always fits.
         let id = NodeId::try_from(self.nodes.len()).unwrap_or(NodeId::MAX);
-        self.nodes.push(BNode { kind, meta });
+        if matches!(kind, NodeKind::Dir { .. }) {
+            self.dirs.insert(id, Children::new());
+        }
+        self.nodes.push(new_node(kind, meta));
         id
     }
 
+    fn alloc_dir(&mut self, meta: Meta) -> NodeId {
+        self.alloc(
+            NodeKind::Dir {
+                entries: Vec::new(),
+            },
+            meta,
+        )
+    }
+
     fn children(&self, dir: NodeId) -> Option<&Children> {
-        match &self.nodes.get(dir as usize)?.kind {
-            BKind::Dir(c) => Some(c),
-            BKind::Leaf(_) => None,
-        }
+        self.dirs.get(&dir)
     }
 
     fn children_mut(&mut self, dir: NodeId) -> Option<&mut Children> {
-        match &mut self.nodes.get_mut(dir as usize)?.kind {
-            BKind::Dir(c) => Some(c),
-            BKind::Leaf(_) => None,
-        }
+        self.dirs.get_mut(&dir)
     }
 
     fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
@@ -151,7 +160,7 @@ impl TreeBuilder {
     fn is_dir(&self, id: NodeId) -> bool {
         matches!(
             self.nodes.get(id as usize).map(|n| &n.kind),
-            Some(BKind::Dir(_))
+            Some(NodeKind::Dir { .. })
         )
     }
 
@@ -185,7 +194,7 @@ impl TreeBuilder {
             match walker.step(self)? {
                 Step::Done(dir) => return Ok(Some(dir)),
                 Step::Blocked(at, name) if create => {
-                    let dir = self.alloc(BKind::Dir(Children::new()), implicit_dir_meta());
+                    let dir = self.alloc_dir(implicit_dir_meta());
                     self.set_child(at, &name, dir);
                     walker.push(dir)?;
                 }
@@ -208,7 +217,7 @@ impl TreeBuilder {
 
     /// Put a new non-directory node at `parent/name`, replacing what is there.
     pub(super) fn put_leaf(&mut self, parent: NodeId, name: &[u8], kind: NodeKind, meta: Meta) {
-        let id = self.alloc(BKind::Leaf(kind), meta);
+        let id = self.alloc(kind, meta);
         self.set_child(parent, name, id);
     }
 
@@ -221,7 +230,7 @@ impl TreeBuilder {
                 return existing;
             }
         }
-        let id = self.alloc(BKind::Dir(Children::new()), meta);
+        let id = self.alloc_dir(meta);
         self.set_child(parent, name, id);
         id
     }
@@ -334,94 +343,103 @@ impl TreeBuilder {
 
     /// Freeze into a [`Tree`]: unreachable nodes are dropped, ids renumbered densely in
     /// depth-first name order (root = 0), `nlink` and `parent` computed.
+    ///
+    /// The nodes are renumbered in place: a first walk gives every reachable node its new
+    /// id (moving each directory's children into its `entries` as it goes, which frees the
+    /// B-trees), then the nodes are swapped into their new positions and the unreachable
+    /// ones cut off the end.
     pub fn freeze(self, layer_files: Vec<Arc<File>>) -> Tree {
-        let mut old = self.nodes;
-        let mut new_id: Vec<NodeId> = vec![NodeId::MAX; old.len()];
-        let mut out: Vec<Node> = Vec::new();
-
-        // Move the root out first.
-        let root_children = take_children(&mut old, ROOT);
+        let TreeBuilder {
+            mut nodes,
+            mut dirs,
+            ..
+        } = self;
+        const NONE: NodeId = NodeId::MAX;
+        let mut new_id: Vec<NodeId> = vec![NONE; nodes.len()];
+        // Old id of each new id, in new-id order.
+        let mut order: Vec<NodeId> = Vec::new();
         new_id[ROOT as usize] = 0;
-        out.push(Node {
-            kind: NodeKind::Dir {
-                entries: Vec::new(),
-            },
-            meta: std::mem::take(&mut old[ROOT as usize].meta),
-            nlink: 2,
-            parent: 0,
-        });
+        order.push(ROOT);
+        nodes[ROOT as usize].nlink = 2;
+        nodes[ROOT as usize].parent = 0;
 
         struct Frame {
+            /// The directory's old id and new id.
+            old_dir: NodeId,
             new_dir: NodeId,
             children: std::collections::btree_map::IntoIter<Box<[u8]>, NodeId>,
             entries: Vec<(Box<[u8]>, NodeId)>,
         }
-        let mut stack = vec![Frame {
-            new_dir: 0,
-            entries: Vec::with_capacity(root_children.len()),
-            children: root_children.into_iter(),
-        }];
-        while let Some(frame) = stack.last_mut() {
-            let Some((name, old_child)) = frame.children.next() else {
+        let frame = |old_dir: NodeId, new_dir: NodeId, dirs: &mut HashMap<NodeId, Children>| {
+            let children = dirs.remove(&old_dir).unwrap_or_default();
+            Frame {
+                old_dir,
+                new_dir,
+                entries: Vec::with_capacity(children.len()),
+                children: children.into_iter(),
+            }
+        };
+        let mut stack = vec![frame(ROOT, 0, &mut dirs)];
+        while let Some(top) = stack.last_mut() {
+            let Some((name, old_child)) = top.children.next() else {
                 // Directory finished: store its entries (already sorted: BTreeMap order).
                 let Some(done) = stack.pop() else { break };
-                if let NodeKind::Dir { entries } = &mut out[done.new_dir as usize].kind {
+                if let NodeKind::Dir { entries } = &mut nodes[done.old_dir as usize].kind {
                     *entries = done.entries;
                 }
                 continue;
             };
-            let parent = frame.new_dir;
+            let (old_parent, parent) = (top.old_dir, top.new_dir);
             let existing = new_id[old_child as usize];
-            if existing != NodeId::MAX {
+            if existing != NONE {
                 // Another entry of a hard-link group (directories are never shared).
-                frame.entries.push((name, existing));
-                out[existing as usize].nlink += 1;
+                top.entries.push((name, existing));
+                nodes[old_child as usize].nlink += 1;
                 continue;
             }
-            let id = NodeId::try_from(out.len()).unwrap_or(NodeId::MAX);
+            let id = NodeId::try_from(order.len()).unwrap_or(NONE);
             new_id[old_child as usize] = id;
-            frame.entries.push((name, id));
-            let meta = std::mem::take(&mut old[old_child as usize].meta);
-            let kind = std::mem::replace(
-                &mut old[old_child as usize].kind,
-                BKind::Leaf(NodeKind::Fifo),
-            );
-            match kind {
-                BKind::Dir(children) => {
-                    out[parent as usize].nlink += 1;
-                    out.push(Node {
-                        kind: NodeKind::Dir {
-                            entries: Vec::new(),
-                        },
-                        meta,
-                        nlink: 2,
-                        parent,
-                    });
-                    stack.push(Frame {
-                        new_dir: id,
-                        entries: Vec::with_capacity(children.len()),
-                        children: children.into_iter(),
-                    });
-                }
-                BKind::Leaf(kind) => out.push(Node {
-                    kind,
-                    meta,
-                    nlink: 1,
-                    parent,
-                }),
+            order.push(old_child);
+            top.entries.push((name, id));
+            let child = &mut nodes[old_child as usize];
+            child.parent = parent;
+            if matches!(child.kind, NodeKind::Dir { .. }) {
+                child.nlink = 2;
+                nodes[old_parent as usize].nlink += 1;
+                stack.push(frame(old_child, id, &mut dirs));
+            } else {
+                child.nlink = 1;
             }
         }
-        Tree {
-            nodes: out,
-            layer_files,
+        drop(dirs);
+        drop(new_id);
+        // Move every reachable node to its new id: `at[i]` is the old id of the node now at
+        // index i, `pos[old]` where that node is now.
+        let mut at: Vec<NodeId> = (0..nodes.len() as NodeId).collect();
+        let mut pos: Vec<NodeId> = at.clone();
+        for (new, &old) in order.iter().enumerate() {
+            let cur = pos[old as usize] as usize;
+            if cur != new {
+                let displaced = at[new];
+                nodes.swap(new, cur);
+                at[cur] = displaced;
+                pos[displaced as usize] = cur as NodeId;
+                at[new] = old;
+                pos[old as usize] = new as NodeId;
+            }
         }
+        nodes.truncate(order.len());
+        nodes.shrink_to_fit();
+        Tree { nodes, layer_files }
     }
 }
 
-fn take_children(nodes: &mut [BNode], id: NodeId) -> Children {
-    match &mut nodes[id as usize].kind {
-        BKind::Dir(c) => std::mem::take(c),
-        BKind::Leaf(_) => Children::new(),
+fn new_node(kind: NodeKind, meta: Meta) -> Node {
+    Node {
+        kind,
+        meta,
+        nlink: 1,
+        parent: ROOT,
     }
 }
 
@@ -476,8 +494,8 @@ impl<'p> Walker<'p> {
                 return Ok(Step::Blocked(cur, comp.as_ref().into()));
             };
             match &b.nodes[child as usize].kind {
-                BKind::Dir(_) => self.push(child)?,
-                BKind::Leaf(NodeKind::Symlink { target }) if !target.is_empty() => {
+                NodeKind::Dir { .. } => self.push(child)?,
+                NodeKind::Symlink { target } if !target.is_empty() => {
                     self.follows += 1;
                     if self.follows > MAX_SYMLINK_FOLLOWS {
                         return Err(ResolveError::SymlinkLoop);
@@ -489,7 +507,7 @@ impl<'p> Walker<'p> {
                         self.pending.push(Cow::Owned(part.to_vec()));
                     }
                 }
-                BKind::Leaf(_) => return Ok(Step::Blocked(cur, comp.as_ref().into())),
+                _ => return Ok(Step::Blocked(cur, comp.as_ref().into())),
             }
         }
         Ok(Step::Done(*self.stack.last().unwrap_or(&ROOT)))

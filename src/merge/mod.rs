@@ -23,8 +23,8 @@
 //!   over an existing directory replaces only the metadata (mode, owner, mtime, xattrs) and
 //!   keeps the children; a non-directory over a directory removes the whole subtree.
 //! - **Whiteouts** (`.wh.NAME`, opaque `.wh..wh..opq`) apply to lower layers only: each layer
-//!   is read once into a list of records, its whiteouts are applied first, then its other
-//!   entries in archive order. Whiteout parents are resolved without creating anything;
+//!   its whiteouts are applied first, then its other entries in archive order (a layer is
+//!   read twice for that, never held in memory; the first layer, over an empty tree, once). Whiteout parents are resolved without creating anything;
 //!   whiteouts of absent paths are no-ops. Other `.wh..wh.*` names (aufs metadata such as
 //!   `.wh..wh.plnk`), and anything below them, are skipped. Whiteouts never appear in the
 //!   tree.
@@ -207,22 +207,45 @@ struct Record {
 impl TreeBuilder {
     /// Apply one uncompressed layer tar on top of the current state. `index` is the layer's
     /// index in the `layer_files` later passed to [`TreeBuilder::freeze`].
+    ///
+    /// The layer's records are never all held at once (at a million entries they would
+    /// outweigh the tree): whiteouts come first, so a layer over a non-empty tree is read
+    /// twice, once to check every entry and apply its whiteouts, once to apply the rest.
+    /// Over an empty tree (the first layer) whiteouts have nothing to hide, so one pass
+    /// applies the entries as they are read. Either way an unreadable or malformed entry
+    /// anywhere in the layer is reported before anything the layer's entries do to the tree.
     pub fn apply_layer(&mut self, index: u32, file: &File) -> Result<(), MergeError> {
         let budget = self.max_entries.saturating_sub(self.entries_read);
-        let (records, read) = read_layer(index, file, budget, self.max_entries)?;
+        let limit = self.max_entries;
+        let is_whiteout = |rec: &Record| matches!(rec.action, Action::Whiteout | Action::Opaque);
+        if self.is_empty() {
+            let mut failed: Option<MergeError> = None;
+            let read = scan_layer(index, file, budget, limit, |rec| {
+                if failed.is_none() && !is_whiteout(&rec) {
+                    failed = self.apply_record(index, rec).err();
+                }
+            })?;
+            self.entries_read = self.entries_read.saturating_add(read);
+            return failed.map_or(Ok(()), Err);
+        }
+        let mut whiteouts = Vec::new();
+        let read = scan_layer(index, file, budget, limit, |rec| {
+            if is_whiteout(&rec) {
+                whiteouts.push(rec);
+            }
+        })?;
         self.entries_read = self.entries_read.saturating_add(read);
-        // Whiteouts first: they only ever hide what lower layers put there.
-        for rec in &records {
-            if matches!(rec.action, Action::Whiteout | Action::Opaque) {
-                self.apply_whiteout(index, rec)?;
-            }
+        for rec in &whiteouts {
+            self.apply_whiteout(index, rec)?;
         }
-        for rec in records {
-            if !matches!(rec.action, Action::Whiteout | Action::Opaque) {
-                self.apply_record(index, rec)?;
+        drop(whiteouts);
+        let mut failed: Option<MergeError> = None;
+        scan_layer(index, file, budget, limit, |rec| {
+            if failed.is_none() && !is_whiteout(&rec) {
+                failed = self.apply_record(index, rec).err();
             }
-        }
-        Ok(())
+        })?;
+        failed.map_or(Ok(()), Err)
     }
 
     fn apply_whiteout(&mut self, layer: u32, rec: &Record) -> Result<(), MergeError> {
@@ -352,19 +375,20 @@ fn check_name_lengths(layer: u32, entry: &[u8], comps: &[&[u8]]) -> Result<(), M
     }
 }
 
-/// Read every header of a layer into records (no file data is read); returns them and the
-/// number of tar entries read. More than `budget` entries is an error naming the first one
-/// over it (`limit` is the image-wide limit, for the message).
-fn read_layer(
+/// Read every header of a layer (no file data is read), passing each entry's record to
+/// `each` in archive order; returns the number of tar entries read. More than `budget`
+/// entries is an error naming the first one over it (`limit` is the image-wide limit, for
+/// the message).
+fn scan_layer(
     layer: u32,
     file: &File,
     budget: usize,
     limit: usize,
-) -> Result<(Vec<Record>, usize), MergeError> {
+    mut each: impl FnMut(Record),
+) -> Result<usize, MergeError> {
     let io_err = |source| MergeError::Io { layer, source };
     let file_len = file.metadata().map_err(io_err)?.len();
     let mut reader = TarReader::new(file).map_err(io_err)?;
-    let mut records = Vec::new();
     let mut read = 0usize;
     loop {
         let raw = match reader.next_entry() {
@@ -405,10 +429,10 @@ fn read_layer(
             }
         };
         if let Some(rec) = read_entry(layer, file_len, raw)? {
-            records.push(rec);
+            each(rec);
         }
     }
-    Ok((records, read))
+    Ok(read)
 }
 
 /// Turn one tar entry into a record; `None` for entries that do not change the tree.

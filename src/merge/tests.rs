@@ -961,6 +961,39 @@ fn truncated_layer_is_an_error() {
 }
 
 #[test]
+fn a_bad_entry_is_reported_before_what_earlier_entries_do() {
+    // A hard link to nothing (an error applying it), then a truncated entry (an error
+    // reading it): the layer is refused for the second, in the first layer (read and
+    // applied in one pass) as in a later one (read twice).
+    let mut bad = layer_bytes(&[
+        f("ok", "fine"),
+        h("dangling", "nope"),
+        f("big", vec![7u8; 5000]),
+    ]);
+    bad.truncate(512 * 4 + 100);
+    let lower = layer_bytes(&[f("lower", "x")]);
+    for layers in [vec![bad.clone()], vec![lower, bad]] {
+        let n = layers.len() as u32;
+        let err = merge_layers(layers.iter().map(|l| to_file(l)).collect()).unwrap_err();
+        assert!(
+            matches!(&err, MergeError::Truncated { layer, entry, .. } if *layer == n - 1 && entry == "big"),
+            "{n} layers: {err:?}"
+        );
+    }
+    // Alone, the link is the error, in both cases.
+    for layers in [
+        vec![layer_bytes(&[h("dangling", "nope")])],
+        vec![
+            layer_bytes(&[f("lower", "x")]),
+            layer_bytes(&[h("dangling", "nope")]),
+        ],
+    ] {
+        let err = merge_layers(layers.iter().map(|l| to_file(l)).collect()).unwrap_err();
+        assert!(matches!(err, MergeError::HardlinkTarget { .. }), "{err:?}");
+    }
+}
+
+#[test]
 fn corrupt_header_is_an_error() {
     let mut bytes = layer_bytes(&[f("a", "x"), f("b", "y")]);
     bytes[1024 + 10] ^= 0x55; // second header's name, checksum now wrong

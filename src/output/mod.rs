@@ -696,7 +696,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
         uid: 0,
         gid: 0,
         mtime: stamp,
-        xattrs: Vec::new(),
+        xattrs: Default::default(),
     };
     let b = &mut merged.builder;
     b.insert(
@@ -733,7 +733,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
             // Whole seconds: a host file's sub-second mtime is noise, and every formatter
             // keeps whole seconds.
             mtime: Timestamp::new(entry.mtime.sec, 0),
-            xattrs: Vec::new(),
+            xattrs: Default::default(),
         };
         match &entry.kind {
             PlannedKind::Dir => b.mkdir_all(&entry.dest, m)?,

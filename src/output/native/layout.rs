@@ -49,13 +49,26 @@ pub struct Run {
 }
 
 /// The complete plan of the image.
+///
+/// Nothing per inode is kept that the tree already says: the inode fields are encoded from
+/// the tree node and its placement when the inode table is written ([`Layout::inode`]),
+/// and the runs of file data are not listed but kept as one extent list in inode order
+/// ([`Layout::file_runs`]). At a million files that is 20 bytes a file instead of some 300.
 pub struct Layout {
     pub geo: Geometry,
+    /// Everything but file data, sorted by start block.
     pub runs: Vec<Run>,
-    /// Index into `pending` of each inode number - 1 (`UNUSED` for free inodes).
-    slot: Vec<u32>,
-    /// The tree's inodes, with their block maps filled in by `place`.
-    pending: Vec<Pending>,
+    num: Numbering,
+    /// The runs of each inode's own blocks (directory or symlink blocks, or file data) as
+    /// `(start, blocks)`: those of inode index `i` (see [`Layout::node_at`]) are
+    /// `extents[first[i]..first[i + 1]]`.
+    first: Vec<u32>,
+    extents: Vec<(u64, u64)>,
+    /// The attribute block of inode index `i`, sorted by `i` (as the lists below).
+    xattr_at: Vec<(u32, u64)>,
+    leaves: Vec<(u32, Vec<u64>)>,
+    /// Hash-indexed directories.
+    indexed: Vec<u32>,
     /// The journal's inode.
     journal: InodeFields,
     pub groups: Vec<format::GroupDesc>,
@@ -64,20 +77,120 @@ pub struct Layout {
     pub counts: format::SuperCounts,
 }
 
-const UNUSED: u32 = u32::MAX;
+/// Look up inode index `i` in a sorted sparse list.
+fn sparse<T>(list: &[(u32, T)], i: u32) -> Option<&T> {
+    list.binary_search_by_key(&i, |(k, _)| *k)
+        .ok()
+        .map(|at| &list[at].1)
+}
 
 impl Layout {
-    /// The fields of inode `ino`, if it is in use (reserved inodes other than the journal
-    /// stay zero).
-    pub fn inode(&self, ino: u32) -> Option<&InodeFields> {
-        if ino == JOURNAL_INO {
-            return Some(&self.journal);
-        }
-        match self.slot.get(ino as usize - 1) {
-            Some(&i) if i != UNUSED => self.pending.get(i as usize).map(|p| &p.fields),
-            _ => None,
-        }
+    /// The tree node of inode index `i`: 0 is the root (inode 2), `i >= 1` is inode
+    /// `FIRST_INO + i - 1`.
+    fn node_at(&self, i: usize) -> NodeId {
+        node_at(&self.num, i)
     }
+
+    /// The runs of inode index `i`'s blocks.
+    fn runs_of(&self, i: usize) -> &[(u64, u64)] {
+        &self.extents[self.first[i] as usize..self.first[i + 1] as usize]
+    }
+
+    /// The runs of file contents ([`Fill::File`]), in block order.
+    pub fn file_runs<'a>(&'a self, tree: &'a Tree) -> impl Iterator<Item = Run> + 'a {
+        (0..self.first.len() - 1).flat_map(move |i| {
+            let node = self.node_at(i);
+            let size = match &tree.node(node).kind {
+                NodeKind::File { size, .. } => *size,
+                _ => 0,
+            };
+            let runs = if size > 0 { self.runs_of(i) } else { &[] };
+            let mut off = 0u64;
+            runs.iter().map(move |&(start, blocks)| {
+                let fill = Fill::File {
+                    node,
+                    offset: off,
+                    len: (blocks * B).min(size - off),
+                };
+                off += blocks * B;
+                Run {
+                    start,
+                    blocks,
+                    fill,
+                }
+            })
+        })
+    }
+
+    /// Whether inode `ino` is in use (the reserved inodes count as used only for the journal).
+    pub fn in_use(&self, ino: u32) -> bool {
+        ino == JOURNAL_INO
+            || ino == ROOT_INO
+            || (ino >= FIRST_INO && ((ino - FIRST_INO) as usize) < self.num.order.len())
+    }
+
+    /// The fields of inode `ino`, if it is in use (reserved inodes other than the journal
+    /// stay zero), encoded from the tree node and where its blocks went.
+    pub fn inode(&self, tree: &Tree, ino: u32) -> Result<Option<InodeFields>, NativeError> {
+        if ino == JOURNAL_INO {
+            return Ok(Some(self.journal.clone()));
+        }
+        let i = match ino {
+            ROOT_INO => 0,
+            _ if ino >= FIRST_INO && ((ino - FIRST_INO) as usize) < self.num.order.len() => {
+                (ino - FIRST_INO) as usize + 1
+            }
+            _ => return Ok(None),
+        };
+        let id = self.node_at(i);
+        let (mut f, _) = base_fields(tree, &self.num, id)?;
+        let r = self.runs_of(i);
+        let leaves = sparse(&self.leaves, i as u32).map_or(&[][..], |v| v.as_slice());
+        let xattr_at = sparse(&self.xattr_at, i as u32).copied().unwrap_or(0);
+        match &tree.node(id).kind {
+            NodeKind::Dir { .. } => {
+                f.size = r.iter().map(|(_, l)| l).sum::<u64>() * B;
+                if self.indexed.binary_search(&(i as u32)).is_ok() {
+                    f.flags |= EXT4_INDEX_FL;
+                }
+            }
+            NodeKind::Symlink { target } if target.len() >= 60 => f.flags |= EXT4_EXTENTS_FL,
+            _ => {}
+        }
+        let mut sectors = (r.iter().map(|(_, l)| l).sum::<u64>() + leaves.len() as u64) * 8;
+        if !r.is_empty() || f.flags & EXT4_EXTENTS_FL != 0 {
+            f.block = format::extent_root(&extents_of(r), leaves);
+        }
+        f.xattr_block = xattr_at;
+        if xattr_at != 0 {
+            sectors += 8;
+        }
+        f.sectors = sectors;
+        Ok(Some(f))
+    }
+}
+
+fn node_at(num: &Numbering, i: usize) -> NodeId {
+    if i == 0 {
+        ROOT
+    } else {
+        num.order[i - 1]
+    }
+}
+
+fn extents_of(runs: &[(u64, u64)]) -> Vec<Extent> {
+    let mut logical = 0u32;
+    runs.iter()
+        .map(|&(s, l)| {
+            let e = Extent {
+                logical,
+                start: s,
+                len: l as u32,
+            };
+            logical += l as u32;
+            e
+        })
+        .collect()
 }
 
 /// Allocates blocks upward from a cursor, around the superblock backups.
@@ -144,6 +257,7 @@ impl Alloc {
 }
 
 /// The tree's inodes: numbers, link counts, parent directories.
+#[derive(Default)]
 pub struct Numbering {
     /// Inode number of each tree node (0 = unreachable).
     pub ino: Vec<u32>,
@@ -163,7 +277,7 @@ pub fn number(tree: &Tree) -> Numbering {
     let lost_found = tree
         .lookup(ROOT, b"lost+found")
         .filter(|id| matches!(tree.node(*id).kind, NodeKind::Dir { .. }));
-    let mut order: Vec<NodeId> = Vec::new();
+    let mut order: Vec<NodeId> = Vec::with_capacity(n);
     let mut next = FIRST_INO;
     if let Some(id) = lost_found {
         ino[id as usize] = LOST_FOUND_INO;
@@ -201,17 +315,6 @@ pub fn number(tree: &Tree) -> Numbering {
     }
 }
 
-/// Everything about one inode that is independent of block placement.
-struct Pending {
-    ino: u32,
-    fields: InodeFields,
-    /// Directory or slow-symlink blocks to place.
-    meta_blocks: Option<Arc<[u8]>>,
-    /// Regular file data: node and size.
-    file: Option<(NodeId, u64)>,
-    xattr_block: Option<Vec<u8>>,
-}
-
 fn mode_of(kind_bits: u32, perm: u32) -> u16 {
     (kind_bits | (perm & 0o7777)) as u16
 }
@@ -225,121 +328,135 @@ fn dir_links(subdirs: u32) -> u16 {
     }
 }
 
-/// Build every inode's fields and metadata blocks that do not depend on block numbers.
-fn pending_inodes(
+/// The fields of node `id`'s inode that do not depend on block placement, and its
+/// attribute block (without its checksum) when its attributes do not fit the inode.
+fn base_fields(
     tree: &Tree,
     num: &Numbering,
-    geo: &Geometry,
-) -> Result<Vec<Pending>, NativeError> {
-    let mut out = Vec::with_capacity(num.order.len() + 1);
-    let dir_entries = |id: NodeId| -> Vec<(&[u8], u32, u8)> {
-        match &tree.node(id).kind {
-            NodeKind::Dir { entries } => entries
-                .iter()
-                .map(|(name, c)| {
-                    let child = tree.node(*c);
-                    (
-                        name.as_ref(),
-                        num.ino[*c as usize],
-                        format::dirent_type(child.st_mode() as u16),
-                    )
-                })
-                .collect(),
-            _ => Vec::new(),
-        }
+    id: NodeId,
+) -> Result<(InodeFields, Option<Vec<u8>>), NativeError> {
+    let node = tree.node(id);
+    let m = &node.meta;
+    let placed = xattr::place(&m.xattrs).map_err(|e| NativeError::Xattr {
+        path: path_of(tree, id),
+        source: e,
+    })?;
+    let links = num.links[id as usize];
+    if links > 65_000 && !matches!(node.kind, NodeKind::Dir { .. }) {
+        return Err(NativeError::TooManyLinks {
+            path: path_of(tree, id),
+            links,
+        });
+    }
+    let mut f = InodeFields {
+        mode: mode_of(node.kind.file_type_bits(), m.mode),
+        uid: m.uid,
+        gid: m.gid,
+        time: (m.mtime.sec, m.mtime.nsec),
+        links: links as u16,
+        inline_xattrs: placed.inline,
+        ..InodeFields::default()
     };
-    let count_subdirs = |id: NodeId| -> u32 {
-        match &tree.node(id).kind {
-            NodeKind::Dir { entries } => entries
+    match &node.kind {
+        NodeKind::Dir { entries } => {
+            let subdirs = entries
                 .iter()
                 .filter(|(_, c)| matches!(tree.node(*c).kind, NodeKind::Dir { .. }))
-                .count() as u32,
-            _ => 0,
+                .count() as u32;
+            f.links = dir_links(subdirs);
+            f.flags |= EXT4_EXTENTS_FL;
         }
+        NodeKind::File { size, .. } => {
+            f.size = *size;
+            f.flags |= EXT4_EXTENTS_FL;
+        }
+        NodeKind::Symlink { target } => {
+            if target.is_empty() {
+                // Linux cannot create one, and e2fsck calls it invalid.
+                return Err(NativeError::EmptySymlink {
+                    path: path_of(tree, id),
+                });
+            }
+            f.size = target.len() as u64;
+            if target.len() < 60 {
+                f.block[..target.len()].copy_from_slice(target);
+            }
+        }
+        NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
+            f.block = format::device_block(*major, *minor);
+        }
+        NodeKind::Fifo => {}
+    }
+    Ok((f, placed.block))
+}
+
+/// What the inodes need placed, decided before the geometry: every inode is checked, and
+/// the blocks of directories, long symlinks and attribute blocks are encoded (file data is
+/// only counted; it stays in the tree's sources).
+struct Pending {
+    /// `(inode index, blocks)` of directories and long symlinks, by inode index.
+    meta: Vec<(u32, Arc<[u8]>)>,
+    /// `(inode index, attribute block)`, by inode index.
+    xattr: Vec<(u32, Vec<u8>)>,
+    /// Hash-indexed directories, by inode index.
+    indexed: Vec<u32>,
+    /// Blocks of all of it and of the file data.
+    blocks: u64,
+}
+
+fn pending_inodes(tree: &Tree, num: &Numbering, geo: &Geometry) -> Result<Pending, NativeError> {
+    let mut p = Pending {
+        meta: Vec::new(),
+        xattr: Vec::new(),
+        indexed: Vec::new(),
+        blocks: 0,
     };
-    let push_node = |id: NodeId, ino: u32, out: &mut Vec<Pending>| -> Result<(), NativeError> {
-        let node = tree.node(id);
-        let m = &node.meta;
-        let placed = xattr::place(&m.xattrs).map_err(|e| NativeError::Xattr {
-            path: path_of(tree, id),
-            source: e,
-        })?;
-        let links = num.links[id as usize];
-        if links > 65_000 && !matches!(node.kind, NodeKind::Dir { .. }) {
-            return Err(NativeError::TooManyLinks {
-                path: path_of(tree, id),
-                links,
-            });
-        }
-        let mut f = InodeFields {
-            mode: mode_of(node.kind.file_type_bits(), m.mode),
-            uid: m.uid,
-            gid: m.gid,
-            time: (m.mtime.sec, m.mtime.nsec),
-            links: links as u16,
-            inline_xattrs: placed.inline,
-            ..InodeFields::default()
+    for i in 0..=num.order.len() {
+        let id = node_at(num, i);
+        let ino = if i == 0 {
+            ROOT_INO
+        } else {
+            FIRST_INO + i as u32 - 1
         };
-        let mut p = Pending {
-            ino,
-            fields: InodeFields::default(),
-            meta_blocks: None,
-            file: None,
-            xattr_block: placed.block,
-        };
-        match &node.kind {
-            NodeKind::Dir { .. } => {
-                f.links = dir_links(count_subdirs(id));
-                let entries = dir_entries(id);
+        let (_, xblock) = base_fields(tree, num, id)?;
+        let i = i as u32;
+        match &tree.node(id).kind {
+            NodeKind::Dir { entries } => {
+                let entries: Vec<(&[u8], u32, u8)> = entries
+                    .iter()
+                    .map(|(name, c)| {
+                        let child = tree.node(*c);
+                        (
+                            name.as_ref(),
+                            num.ino[*c as usize],
+                            format::dirent_type(child.st_mode() as u16),
+                        )
+                    })
+                    .collect();
                 let parent = num.parent_ino[id as usize];
                 let min = if ino == LOST_FOUND_INO { 4 } else { 1 };
-                let blocks = dir_blocks(geo, ino, parent, &entries, min)?;
-                if blocks.1 {
-                    f.flags |= EXT4_INDEX_FL;
+                let (blocks, indexed) = dir_blocks(geo, ino, parent, &entries, min)?;
+                if indexed {
+                    p.indexed.push(i);
                 }
-                f.size = blocks.0.len() as u64;
-                p.meta_blocks = Some(blocks.0.into());
-                f.flags |= EXT4_EXTENTS_FL;
+                p.blocks += blocks.len() as u64 / B;
+                p.meta.push((i, blocks.into()));
             }
-            NodeKind::File { size, .. } => {
-                f.size = *size;
-                f.flags |= EXT4_EXTENTS_FL;
-                if *size > 0 {
-                    p.file = Some((id, *size));
-                }
+            NodeKind::File { size, .. } => p.blocks += size.div_ceil(B),
+            NodeKind::Symlink { target } if target.len() >= 60 => {
+                let mut b = vec![0u8; target.len().div_ceil(BLOCK) * BLOCK];
+                b[..target.len()].copy_from_slice(target);
+                p.blocks += b.len() as u64 / B;
+                p.meta.push((i, b.into()));
             }
-            NodeKind::Symlink { target } => {
-                if target.is_empty() {
-                    // Linux cannot create one, and e2fsck calls it invalid.
-                    return Err(NativeError::EmptySymlink {
-                        path: path_of(tree, id),
-                    });
-                }
-                f.size = target.len() as u64;
-                if target.len() < 60 {
-                    f.block[..target.len()].copy_from_slice(target);
-                } else {
-                    let mut b = vec![0u8; target.len().div_ceil(BLOCK) * BLOCK];
-                    b[..target.len()].copy_from_slice(target);
-                    f.flags |= EXT4_EXTENTS_FL;
-                    p.meta_blocks = Some(b.into());
-                }
-            }
-            NodeKind::CharDevice { major, minor } | NodeKind::BlockDevice { major, minor } => {
-                f.block = format::device_block(*major, *minor);
-            }
-            NodeKind::Fifo => {}
+            _ => {}
         }
-        p.fields = f;
-        out.push(p);
-        Ok(())
-    };
-
-    push_node(ROOT, ROOT_INO, &mut out)?;
-    for (i, id) in num.order.iter().enumerate() {
-        push_node(*id, FIRST_INO + i as u32, &mut out)?;
+        if let Some(xb) = xblock {
+            p.blocks += 1;
+            p.xattr.push((i, xb));
+        }
     }
-    Ok(out)
+    Ok(p)
 }
 
 /// A directory's blocks and whether they are hash-indexed.
@@ -427,14 +544,9 @@ pub fn plan(
         time,
         fs_seed,
     };
-    let mut pending = pending_inodes(tree, &num, &geo)?;
+    let pending = pending_inodes(tree, &num, &geo)?;
     // Blocks that do not depend on the geometry.
-    let mut content: u64 = 0;
-    for p in &pending {
-        content += p.meta_blocks.as_ref().map_or(0, |b| b.len() as u64 / B);
-        content += p.file.map_or(0, |(_, s)| s.div_ceil(B));
-        content += u64::from(p.xattr_block.is_some());
-    }
+    let content = pending.blocks;
     let free_blocks = free_bytes.div_ceil(B);
     // The size is the fixed point of total = content + group metadata(total) +
     // journal(total) + free + ext4's reserve(total). Every term grows with total, so start
@@ -463,15 +575,16 @@ pub fn plan(
     // copies need leaf blocks), grow and place again.
     for _ in 0..16 {
         match place(
+            tree,
             &num,
-            &mut pending,
+            &pending,
             &mut geo,
             total,
             want_inodes,
             free_blocks,
         ) {
             Ok(mut l) => {
-                l.pending = pending;
+                l.num = num;
                 return Ok(l);
             }
             Err(NativeError::Short { blocks }) => {
@@ -486,8 +599,9 @@ pub fn plan(
 
 /// Place everything in a filesystem of `total` blocks.
 fn place(
+    tree: &Tree,
     num: &Numbering,
-    pending: &mut [Pending],
+    pending: &Pending,
     geo: &mut Geometry,
     total: u64,
     want_inodes: u64,
@@ -550,21 +664,6 @@ fn place(
         });
     }
 
-    let mut slot: Vec<u32> = vec![UNUSED; geo.inodes() as usize];
-    let extents_of = |runs: &[(u64, u64)]| -> Vec<Extent> {
-        let mut logical = 0u32;
-        runs.iter()
-            .map(|&(s, l)| {
-                let e = Extent {
-                    logical,
-                    start: s,
-                    len: l as u32,
-                };
-                logical += l as u32;
-                e
-            })
-            .collect()
-    };
     // Journal.
     let jblocks = journal_blocks(total);
     let jruns = alloc.runs(jblocks)?;
@@ -599,11 +698,20 @@ fn place(
         ..InodeFields::default()
     };
 
-    // Directories, symlink blocks and attribute blocks first (compact metadata), then data.
-    let mut data_runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); pending.len()];
-    let mut xattr_at: Vec<u64> = vec![0; pending.len()];
-    for (i, p) in pending.iter().enumerate() {
-        if let Some(b) = &p.meta_blocks {
+    // Directories, symlink blocks and attribute blocks first (compact metadata), then data,
+    // each in inode order.
+    let inodes = num.order.len() + 1;
+    let mut meta_runs: Vec<Vec<(u64, u64)>> = Vec::with_capacity(pending.meta.len());
+    let mut xattr_at: Vec<(u32, u64)> = Vec::with_capacity(pending.xattr.len());
+    let (mut m, mut x) = (
+        pending.meta.iter().peekable(),
+        pending.xattr.iter().peekable(),
+    );
+    while m.peek().is_some() || x.peek().is_some() {
+        let next_m = m.peek().map_or(u32::MAX, |(i, _)| *i);
+        let next_x = x.peek().map_or(u32::MAX, |(i, _)| *i);
+        let i = next_m.min(next_x);
+        if let Some((_, b)) = m.next_if(|(j, _)| *j == i) {
             let r = alloc.runs(b.len() as u64 / B)?;
             let mut off = 0usize;
             for &(s, l) in &r {
@@ -619,9 +727,9 @@ fn place(
                 });
                 off += len;
             }
-            data_runs[i] = r;
+            meta_runs.push(r);
         }
-        if let Some(xb) = &p.xattr_block {
+        if let Some((_, xb)) = x.next_if(|(j, _)| *j == i) {
             let at = alloc.contiguous(1)?;
             let mut xb = xb.clone();
             xattr::seal_block(geo.fs_seed, at, &mut xb);
@@ -630,56 +738,71 @@ fn place(
                 blocks: 1,
                 fill: Fill::Bytes(xb.into()),
             });
-            xattr_at[i] = at;
+            xattr_at.push((i, at));
         }
     }
-    for (i, p) in pending.iter().enumerate() {
-        if let Some((node, size)) = p.file {
-            let r = alloc.runs(size.div_ceil(B))?;
-            let mut off = 0u64;
-            for &(s, l) in &r {
-                let len = (l * B).min(size - off);
-                runs.push(Run {
-                    start: s,
-                    blocks: l,
-                    fill: Fill::File {
-                        node,
-                        offset: off,
-                        len,
-                    },
-                });
-                off += l * B;
+    // File data, contiguous in inode order; every inode's runs into one list.
+    let mut first: Vec<u32> = Vec::with_capacity(inodes + 1);
+    let mut extents: Vec<(u64, u64)> = Vec::with_capacity(inodes);
+    let mut meta = pending
+        .meta
+        .iter()
+        .map(|(i, _)| *i)
+        .zip(meta_runs)
+        .peekable();
+    for i in 0..inodes {
+        let too_many = || NativeError::Fragmented { ino: ino_at(i) };
+        first.push(u32::try_from(extents.len()).map_err(|_| too_many())?);
+        if let Some((_, r)) = meta.next_if(|(j, _)| *j as usize == i) {
+            extents.extend_from_slice(&r);
+            continue;
+        }
+        if let NodeKind::File { size, .. } = tree.node(node_at(num, i)).kind {
+            if size > 0 {
+                extents.extend(alloc.runs(size.div_ceil(B))?);
             }
-            data_runs[i] = r;
         }
     }
+    first.push(u32::try_from(extents.len()).map_err(|_| NativeError::Full)?);
     // Extent tree leaves, after all data: the last allocation, so the last step that can fail.
-    let mut leaves_of: Vec<Vec<u64>> = vec![Vec::new(); pending.len()];
-    for (i, p) in pending.iter().enumerate() {
-        let r = &data_runs[i];
+    let mut leaves: Vec<(u32, Vec<u64>)> = Vec::new();
+    for i in 0..inodes {
+        let r = &extents[first[i] as usize..first[i + 1] as usize];
         if r.len() <= 4 {
             continue;
         }
         let ext = extents_of(r);
         let chunks: Vec<&[Extent]> = ext.chunks(LEAF_EXTENTS).collect();
         if chunks.len() > 4 {
-            return Err(NativeError::Fragmented { ino: p.ino });
+            return Err(NativeError::Fragmented { ino: ino_at(i) });
         }
+        let mut mine = Vec::new();
         for chunk in chunks {
             let leaf = alloc.contiguous(1)?;
             runs.push(Run {
                 start: leaf,
                 blocks: 1,
-                fill: Fill::Bytes(format::extent_leaf(geo, p.ino, chunk).into()),
+                fill: Fill::Bytes(format::extent_leaf(geo, ino_at(i), chunk).into()),
             });
-            leaves_of[i].push(leaf);
+            mine.push(leaf);
         }
+        leaves.push((i as u32, mine));
     }
     // Bitmaps and counts.
     runs.sort_by_key(|r| r.start);
     let mut used = vec![0u8; (groups * BLOCKS_PER_GROUP / 8) as usize];
     for r in &runs {
         format::set_bits(&mut used, r.start as usize, (r.start + r.blocks) as usize);
+    }
+    // File data (the other runs in `extents` are listed in `runs` as well).
+    let mut meta_at = pending.meta.iter().map(|(i, _)| *i as usize).peekable();
+    for i in 0..inodes {
+        if meta_at.next_if_eq(&i).is_some() {
+            continue;
+        }
+        for &(s, l) in &extents[first[i] as usize..first[i + 1] as usize] {
+            format::set_bits(&mut used, s as usize, (s + l) as usize);
+        }
     }
     // The journal's zero blocks are allocated too.
     for &(s, l) in &jruns {
@@ -712,24 +835,16 @@ fn place(
         });
     }
 
-    // Nothing below fails: complete the inode fields with their block maps (every field set
-    // here is set on every attempt).
-    for (i, p) in pending.iter_mut().enumerate() {
-        let f = &mut p.fields;
-        let r = &data_runs[i];
-        let leaves = &leaves_of[i];
-        let mut sectors = (r.iter().map(|(_, l)| l).sum::<u64>() + leaves.len() as u64) * 8;
-        if !r.is_empty() || f.flags & EXT4_EXTENTS_FL != 0 {
-            f.block = format::extent_root(&extents_of(r), leaves);
+    // Inodes in use: the reserved ones, the root, and FIRST_INO onwards, one per node.
+    let in_use = |ino: usize| -> Option<NodeId> {
+        match ino as u32 {
+            ROOT_INO => Some(ROOT),
+            n if n >= FIRST_INO && ((n - FIRST_INO) as usize) < num.order.len() => {
+                Some(num.order[(n - FIRST_INO) as usize])
+            }
+            _ => None,
         }
-        f.xattr_block = xattr_at[i];
-        if xattr_at[i] != 0 {
-            sectors += 8;
-        }
-        f.sectors = sectors;
-        slot[p.ino as usize - 1] = i as u32;
-    }
-
+    };
     let mut inode_bitmaps = Vec::with_capacity(groups as usize);
     let mut free_inodes_total = 0u32;
     for (g, d) in descs.iter_mut().enumerate() {
@@ -738,13 +853,11 @@ fn place(
         let mut last_used = 0u32;
         for j in 0..ipg as usize {
             let ino = base + j + 1;
-            let at = slot[ino - 1];
-            if ino < FIRST_INO as usize || at != UNUSED {
+            let node = in_use(ino);
+            if ino < FIRST_INO as usize || node.is_some() {
                 ib[j / 8] |= 1 << (j % 8);
                 last_used = j as u32 + 1;
-                if at != UNUSED
-                    && u32::from(pending[at as usize].fields.mode) & libc::S_IFMT == libc::S_IFDIR
-                {
+                if node.is_some_and(|id| matches!(tree.node(id).kind, NodeKind::Dir { .. })) {
                     d.used_dirs += 1;
                 }
             }
@@ -761,8 +874,12 @@ fn place(
     Ok(Layout {
         geo: geo.clone(),
         runs,
-        slot,
-        pending: Vec::new(),
+        num: Numbering::default(),
+        first,
+        extents,
+        xattr_at,
+        leaves,
+        indexed: pending.indexed.clone(),
         journal,
         groups: descs,
         block_bitmaps,
@@ -774,4 +891,13 @@ fn place(
             journal_size: journal_inode.1,
         },
     })
+}
+
+/// The inode number of inode index `i` (see [`Layout::node_at`]).
+fn ino_at(i: usize) -> u32 {
+    if i == 0 {
+        ROOT_INO
+    } else {
+        FIRST_INO + i as u32 - 1
+    }
 }

@@ -246,7 +246,24 @@ fn write_runs(tree: &Tree, l: &Layout, out: &mut Sink<'_>) -> Result<(), BuildEr
         g
     };
     let ipg = l.geo.inodes_per_group as usize;
-    for run in &l.runs {
+    // The metadata runs and the file data runs, both in block order, merged.
+    let mut meta = l.runs.iter().peekable();
+    let mut files = l.file_runs(tree).peekable();
+    let mut file_run;
+    loop {
+        let run = match (meta.peek(), files.peek()) {
+            (None, None) => break,
+            (Some(m), Some(f)) if f.start < m.start => {
+                file_run = files.next();
+                file_run.as_ref()
+            }
+            (Some(_), _) => meta.next(),
+            (None, Some(_)) => {
+                file_run = files.next();
+                file_run.as_ref()
+            }
+        };
+        let Some(run) = run else { break };
         if run.start > at {
             out.zeros((run.start - at) * bs);
         }
@@ -264,13 +281,13 @@ fn write_runs(tree: &Tree, l: &Layout, out: &mut Sink<'_>) -> Result<(), BuildEr
             Fill::InodeBitmap { group } => out.bytes(&l.inode_bitmaps[*group as usize])?,
             Fill::InodeTable { group } => {
                 let first = *group as usize * ipg;
-                let inode = |j: usize| l.inode((first + j + 1) as u32);
+                let ino = |j: usize| (first + j + 1) as u32;
                 let used = (0..ipg)
-                    .rposition(|j| inode(j).is_some())
+                    .rposition(|j| l.in_use(ino(j)))
                     .map_or(0, |j| j + 1);
                 for j in 0..used {
-                    match inode(j) {
-                        Some(f) => out.bytes(&format::inode(&l.geo, (first + j + 1) as u32, f))?,
+                    match l.inode(tree, ino(j))? {
+                        Some(f) => out.bytes(&format::inode(&l.geo, ino(j), &f))?,
                         None => out.zeros(format::INODE_SIZE as u64),
                     }
                 }

@@ -89,7 +89,7 @@ fn meta(mode: u32, sec: i64, nsec: u32) -> Meta {
         uid: 0,
         gid: 0,
         mtime: Timestamp::new(sec, nsec),
-        xattrs: Vec::new(),
+        xattrs: Default::default(),
     }
 }
 
@@ -231,14 +231,16 @@ fn every_kind_of_node_survives_fsck_and_the_kernel() {
             ],
         ),
         x("user.small", b"v"),
-    ];
+    ]
+    .into();
     t.file(0, "xattr-small", b"c", m);
     let mut m = meta(0o644, 1_600_000_000, 0);
     m.xattrs = vec![
         x("user.one", &[b'a'; 1000]),
         x("user.two", &[b'b'; 2000]),
         x("trusted.three", b"3"),
-    ];
+    ]
+    .into();
     t.file(0, "xattr-block", b"d", m);
     let acl = super::xattr::posix_acl_xattr(&[
         (1, 6, u32::MAX),
@@ -248,7 +250,7 @@ fn every_kind_of_node_survives_fsck_and_the_kernel() {
         (0x20, 0, u32::MAX),
     ]);
     let mut m = meta(0o640, 1_600_000_000, 0);
-    m.xattrs = vec![x("system.posix_acl_access", &acl)];
+    m.xattrs = vec![x("system.posix_acl_access", &acl)].into();
     t.file(0, "acl", b"e", m);
     let tree = t.tree();
 
@@ -436,7 +438,7 @@ fn what_ext4_cannot_hold_is_refused_naming_the_path() {
     // More attribute bytes than one block holds.
     let mut t = T::new();
     let mut m = meta(0o644, 0, 0);
-    m.xattrs = vec![x("user.big", &[7; 5000])];
+    m.xattrs = vec![x("user.big", &[7; 5000])].into();
     t.file(0, "fat", b"x", m);
     let msg = attempt(&t.tree());
     assert!(msg.contains("/fat") && msg.contains("user.big"), "{msg}");
