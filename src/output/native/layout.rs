@@ -17,8 +17,15 @@ const B: u64 = BLOCK as u64;
 /// What fills a run of blocks.
 #[derive(Clone, Debug)]
 pub enum Fill {
-    /// Encoded metadata (directory, symlink, attribute or extent blocks, journal superblock).
+    /// Encoded metadata (symlink, attribute or extent blocks, journal superblock).
     Bytes(Arc<[u8]>),
+    /// Blocks of a directory (inode index `index`, see [`Layout::node_at`]) from its block
+    /// `skip`: encoded when written, not held (at a million files in directories of a
+    /// hundred, holding them would take 40 MiB).
+    Dir {
+        index: u32,
+        skip: u64,
+    },
     /// The contents of a regular file: `len` bytes from logical byte `offset`.
     File {
         node: NodeId,
@@ -120,6 +127,11 @@ impl Layout {
                 }
             })
         })
+    }
+
+    /// The blocks of the directory at inode index `index` (see [`Fill::Dir`]).
+    pub fn dir_blocks(&self, tree: &Tree, index: u32) -> Result<Vec<u8>, NativeError> {
+        Ok(encode_dir(tree, &self.num, &self.geo, index as usize)?.0)
     }
 
     /// Whether inode `ino` is in use (the reserved inodes count as used only for the journal).
@@ -390,18 +402,63 @@ fn base_fields(
     Ok((f, placed.block))
 }
 
-/// What the inodes need placed, decided before the geometry: every inode is checked, and
-/// the blocks of directories, long symlinks and attribute blocks are encoded (file data is
-/// only counted; it stays in the tree's sources).
+/// What the inodes need placed, decided before the geometry: every inode is checked, the
+/// blocks of long symlinks and attribute blocks are encoded, those of directories counted
+/// (file data is only counted; it stays in the tree's sources).
 struct Pending {
     /// `(inode index, blocks)` of directories and long symlinks, by inode index.
-    meta: Vec<(u32, Arc<[u8]>)>,
+    meta: Vec<(u32, MetaBlocks)>,
     /// `(inode index, attribute block)`, by inode index.
     xattr: Vec<(u32, Vec<u8>)>,
     /// Hash-indexed directories, by inode index.
     indexed: Vec<u32>,
     /// Blocks of all of it and of the file data.
     blocks: u64,
+}
+
+/// The blocks of a directory or long symlink.
+enum MetaBlocks {
+    /// A directory of this many blocks ([`encode_dir`] gives them).
+    Dir(u64),
+    Bytes(Arc<[u8]>),
+}
+
+impl MetaBlocks {
+    fn blocks(&self) -> u64 {
+        match self {
+            MetaBlocks::Dir(n) => *n,
+            MetaBlocks::Bytes(b) => b.len() as u64 / B,
+        }
+    }
+}
+
+/// The blocks of the directory at inode index `i`, and whether they are hash-indexed (only
+/// the seeds of `geo` matter).
+fn encode_dir(
+    tree: &Tree,
+    num: &Numbering,
+    geo: &Geometry,
+    i: usize,
+) -> Result<(Vec<u8>, bool), NativeError> {
+    let id = node_at(num, i);
+    let ino = ino_at(i);
+    let NodeKind::Dir { entries } = &tree.node(id).kind else {
+        return Ok((Vec::new(), false));
+    };
+    let entries: Vec<(&[u8], u32, u8)> = entries
+        .iter()
+        .map(|(name, c)| {
+            let child = tree.node(*c);
+            (
+                name.as_ref(),
+                num.ino[*c as usize],
+                format::dirent_type(child.st_mode() as u16),
+            )
+        })
+        .collect();
+    let parent = num.parent_ino[id as usize];
+    let min = if ino == LOST_FOUND_INO { 4 } else { 1 };
+    dir_blocks(geo, ino, parent, &entries, min)
 }
 
 fn pending_inodes(tree: &Tree, num: &Numbering, geo: &Geometry) -> Result<Pending, NativeError> {
@@ -411,43 +468,26 @@ fn pending_inodes(tree: &Tree, num: &Numbering, geo: &Geometry) -> Result<Pendin
         indexed: Vec::new(),
         blocks: 0,
     };
-    for i in 0..=num.order.len() {
-        let id = node_at(num, i);
-        let ino = if i == 0 {
-            ROOT_INO
-        } else {
-            FIRST_INO + i as u32 - 1
-        };
+    for index in 0..=num.order.len() {
+        let id = node_at(num, index);
         let (_, xblock) = base_fields(tree, num, id)?;
-        let i = i as u32;
+        let i = index as u32;
         match &tree.node(id).kind {
-            NodeKind::Dir { entries } => {
-                let entries: Vec<(&[u8], u32, u8)> = entries
-                    .iter()
-                    .map(|(name, c)| {
-                        let child = tree.node(*c);
-                        (
-                            name.as_ref(),
-                            num.ino[*c as usize],
-                            format::dirent_type(child.st_mode() as u16),
-                        )
-                    })
-                    .collect();
-                let parent = num.parent_ino[id as usize];
-                let min = if ino == LOST_FOUND_INO { 4 } else { 1 };
-                let (blocks, indexed) = dir_blocks(geo, ino, parent, &entries, min)?;
+            NodeKind::Dir { .. } => {
+                let (blocks, indexed) = encode_dir(tree, num, geo, index)?;
                 if indexed {
                     p.indexed.push(i);
                 }
-                p.blocks += blocks.len() as u64 / B;
-                p.meta.push((i, blocks.into()));
+                let n = blocks.len() as u64 / B;
+                p.blocks += n;
+                p.meta.push((i, MetaBlocks::Dir(n)));
             }
             NodeKind::File { size, .. } => p.blocks += size.div_ceil(B),
             NodeKind::Symlink { target } if target.len() >= 60 => {
                 let mut b = vec![0u8; target.len().div_ceil(BLOCK) * BLOCK];
                 b[..target.len()].copy_from_slice(target);
                 p.blocks += b.len() as u64 / B;
-                p.meta.push((i, b.into()));
+                p.meta.push((i, MetaBlocks::Bytes(b.into())));
             }
             _ => {}
         }
@@ -712,20 +752,25 @@ fn place(
         let next_x = x.peek().map_or(u32::MAX, |(i, _)| *i);
         let i = next_m.min(next_x);
         if let Some((_, b)) = m.next_if(|(j, _)| *j == i) {
-            let r = alloc.runs(b.len() as u64 / B)?;
-            let mut off = 0usize;
+            let r = alloc.runs(b.blocks())?;
+            let mut off = 0u64;
             for &(s, l) in &r {
-                let len = l as usize * BLOCK;
+                let fill = match b {
+                    MetaBlocks::Dir(_) => Fill::Dir {
+                        index: i,
+                        skip: off,
+                    },
+                    MetaBlocks::Bytes(b) if r.len() == 1 => Fill::Bytes(Arc::clone(b)),
+                    MetaBlocks::Bytes(b) => {
+                        Fill::Bytes(b[(off * B) as usize..((off + l) * B) as usize].into())
+                    }
+                };
                 runs.push(Run {
                     start: s,
                     blocks: l,
-                    fill: Fill::Bytes(if r.len() == 1 {
-                        Arc::clone(b)
-                    } else {
-                        b[off..off + len].into()
-                    }),
+                    fill,
                 });
-                off += len;
+                off += l;
             }
             meta_runs.push(r);
         }

@@ -297,6 +297,11 @@ fn write_runs(tree: &Tree, l: &Layout, out: &mut Sink<'_>) -> Result<(), BuildEr
                 out.bytes(b)?;
                 out.zeros(bytes - b.len() as u64);
             }
+            Fill::Dir { index, skip } => {
+                let b = l.dir_blocks(tree, *index)?;
+                let from = (*skip * bs) as usize;
+                out.bytes(&b[from..from + bytes as usize])?;
+            }
             Fill::File { node, offset, len } => {
                 file_contents(out, tree, *node, *offset, *len)?;
                 out.zeros(bytes - len);
