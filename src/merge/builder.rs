@@ -15,9 +15,90 @@ pub(super) const MAX_SYMLINK_FOLLOWS: u32 = 40;
 /// Longest single path component accepted (`NAME_MAX`).
 pub(super) const NAME_MAX: usize = 255;
 
-/// The children of a builder directory, sorted by raw name (a B-tree: entries arrive in
-/// any order, and a sorted `Vec` would make a large directory in hash order quadratic).
-type Children = BTreeMap<Box<[u8]>, NodeId>;
+/// Up to this many children a directory keeps them in a sorted `Vec`, beyond it in a B-tree.
+const SMALL_DIR: usize = 256;
+
+/// The children of a builder directory, sorted by raw name, unique names.
+///
+/// Nearly every directory is small: its children are a sorted `Vec`, the very `Vec` the
+/// frozen tree's directory then holds (so freezing allocates and frees nothing for it,
+/// and leaves no freed B-tree nodes scattered among the names). A directory that grows past
+/// [`SMALL_DIR`] entries moves to a B-tree, since inserting into a sorted `Vec` in random
+/// (hash) order would make a huge directory quadratic.
+#[derive(Debug)]
+enum Children {
+    Small(Vec<(Box<[u8]>, NodeId)>),
+    Large(BTreeMap<Box<[u8]>, NodeId>),
+}
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Small(Vec::new())
+    }
+}
+
+impl Children {
+    fn get(&self, name: &[u8]) -> Option<NodeId> {
+        match self {
+            Children::Small(v) => v
+                .binary_search_by(|(n, _)| n.as_ref().cmp(name))
+                .ok()
+                .map(|i| v[i].1),
+            Children::Large(m) => m.get(name).copied(),
+        }
+    }
+
+    /// Point `name` at `id`, replacing what it named.
+    fn set(&mut self, name: &[u8], id: NodeId) {
+        match self {
+            Children::Small(v) => match v.binary_search_by(|(n, _)| n.as_ref().cmp(name)) {
+                Ok(i) => v[i].1 = id,
+                Err(_) if v.len() >= SMALL_DIR => {
+                    let mut m: BTreeMap<Box<[u8]>, NodeId> =
+                        std::mem::take(v).into_iter().collect();
+                    m.insert(name.into(), id);
+                    *self = Children::Large(m);
+                }
+                Err(i) => v.insert(i, (name.into(), id)),
+            },
+            Children::Large(m) => match m.get_mut(name) {
+                Some(slot) => *slot = id,
+                None => {
+                    m.insert(name.into(), id);
+                }
+            },
+        }
+    }
+
+    /// Remove `name`; whether it was there.
+    fn remove(&mut self, name: &[u8]) -> bool {
+        match self {
+            Children::Small(v) => match v.binary_search_by(|(n, _)| n.as_ref().cmp(name)) {
+                Ok(i) => {
+                    v.remove(i);
+                    true
+                }
+                Err(_) => false,
+            },
+            Children::Large(m) => m.remove(name).is_some(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Children::Small(v) => v.is_empty(),
+            Children::Large(m) => m.is_empty(),
+        }
+    }
+
+    /// The children sorted by name.
+    fn into_sorted(self) -> Vec<(Box<[u8]>, NodeId)> {
+        match self {
+            Children::Small(v) => v,
+            Children::Large(m) => m.into_iter().collect(),
+        }
+    }
+}
 
 /// Why a path could not be resolved (mapped by callers onto a [`MergeError`] naming the
 /// entry).
@@ -96,7 +177,7 @@ impl TreeBuilder {
                 },
                 implicit_dir_meta(),
             )],
-            dirs: HashMap::from([(ROOT, Children::new())]),
+            dirs: HashMap::from([(ROOT, Children::default())]),
             entries_read: 0,
             max_entries: MAX_ENTRIES,
         }
@@ -130,7 +211,7 @@ impl TreeBuilder {
         // Callers check `is_full` before each entry, so the id always fits.
         let id = NodeId::try_from(self.nodes.len()).unwrap_or(NodeId::MAX);
         if matches!(kind, NodeKind::Dir { .. }) {
-            self.dirs.insert(id, Children::new());
+            self.dirs.insert(id, Children::default());
         }
         self.nodes.push(new_node(kind, meta));
         id
@@ -154,7 +235,7 @@ impl TreeBuilder {
     }
 
     fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
-        self.children(dir)?.get(name).copied()
+        self.children(dir)?.get(name)
     }
 
     fn is_dir(&self, id: NodeId) -> bool {
@@ -167,12 +248,7 @@ impl TreeBuilder {
     /// Point `dir/name` at `id`, replacing whatever was there.
     fn set_child(&mut self, dir: NodeId, name: &[u8], id: NodeId) {
         if let Some(children) = self.children_mut(dir) {
-            match children.get_mut(name) {
-                Some(slot) => *slot = id,
-                None => {
-                    children.insert(name.into(), id);
-                }
-            }
+            children.set(name, id);
         }
     }
 
@@ -253,14 +329,14 @@ impl TreeBuilder {
     /// Remove `dir/name` (and with it a whole subtree); returns whether something was there.
     pub(super) fn remove_child(&mut self, dir: NodeId, name: &[u8]) -> bool {
         self.children_mut(dir)
-            .map(|c| c.remove(name).is_some())
+            .map(|c| c.remove(name))
             .unwrap_or(false)
     }
 
     /// Remove every child of `dir` (an opaque directory); no-op for non-directories.
     pub(super) fn clear_dir(&mut self, dir: NodeId) {
         if let Some(c) = self.children_mut(dir) {
-            c.clear();
+            *c = Children::default();
         }
     }
 
@@ -345,9 +421,9 @@ impl TreeBuilder {
     /// depth-first name order (root = 0), `nlink` and `parent` computed.
     ///
     /// The nodes are renumbered in place: a first walk gives every reachable node its new
-    /// id (moving each directory's children into its `entries` as it goes, which frees the
-    /// B-trees), then the nodes are swapped into their new positions and the unreachable
-    /// ones cut off the end.
+    /// id (moving each directory's children into its `entries` as it goes, renumbered),
+    /// then the nodes are swapped into their new positions and the unreachable ones cut
+    /// off the end.
     pub fn freeze(self, layer_files: Vec<Arc<File>>) -> Tree {
         let TreeBuilder {
             mut nodes,
@@ -367,40 +443,43 @@ impl TreeBuilder {
             /// The directory's old id and new id.
             old_dir: NodeId,
             new_dir: NodeId,
-            children: std::collections::btree_map::IntoIter<Box<[u8]>, NodeId>,
+            /// Its entries, sorted; those before `next` already carry new ids.
             entries: Vec<(Box<[u8]>, NodeId)>,
+            next: usize,
         }
-        let frame = |old_dir: NodeId, new_dir: NodeId, dirs: &mut HashMap<NodeId, Children>| {
-            let children = dirs.remove(&old_dir).unwrap_or_default();
-            Frame {
+        let frame =
+            |old_dir: NodeId, new_dir: NodeId, dirs: &mut HashMap<NodeId, Children>| Frame {
                 old_dir,
                 new_dir,
-                entries: Vec::with_capacity(children.len()),
-                children: children.into_iter(),
-            }
-        };
+                entries: dirs.remove(&old_dir).unwrap_or_default().into_sorted(),
+                next: 0,
+            };
         let mut stack = vec![frame(ROOT, 0, &mut dirs)];
         while let Some(top) = stack.last_mut() {
-            let Some((name, old_child)) = top.children.next() else {
-                // Directory finished: store its entries (already sorted: BTreeMap order).
+            let Some(entry) = top.entries.get_mut(top.next) else {
+                // Directory finished: its entries, renumbered, are the frozen directory's.
                 let Some(done) = stack.pop() else { break };
                 if let NodeKind::Dir { entries } = &mut nodes[done.old_dir as usize].kind {
                     *entries = done.entries;
+                    // In place (the tail is freed where it is).
+                    entries.shrink_to_fit();
                 }
                 continue;
             };
+            top.next += 1;
+            let old_child = entry.1;
             let (old_parent, parent) = (top.old_dir, top.new_dir);
             let existing = new_id[old_child as usize];
             if existing != NONE {
                 // Another entry of a hard-link group (directories are never shared).
-                top.entries.push((name, existing));
+                entry.1 = existing;
                 nodes[old_child as usize].nlink += 1;
                 continue;
             }
             let id = NodeId::try_from(order.len()).unwrap_or(NONE);
             new_id[old_child as usize] = id;
             order.push(old_child);
-            top.entries.push((name, id));
+            entry.1 = id;
             let child = &mut nodes[old_child as usize];
             child.parent = parent;
             if matches!(child.kind, NodeKind::Dir { .. }) {
@@ -539,5 +618,81 @@ fn inject_resolve_err(path: &[u8], e: ResolveError) -> MergeError {
             path,
             &format!("path nests deeper than {MAX_DEPTH} directories"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_behave_as_a_sorted_map_small_and_large() {
+        enum Op {
+            Set(u32, NodeId),
+            Remove(u32),
+        }
+        // Names in a scrambled order, so that inserts land anywhere; each case ends with
+        // more or fewer than SMALL_DIR children.
+        let name = |k: u32| format!("n{:05}", (k * 7919) % 10007).into_bytes();
+        let n = SMALL_DIR as u32;
+        let cases: Vec<(&str, Vec<Op>)> = vec![
+            ("empty", vec![]),
+            ("a few", (0..5).map(|k| Op::Set(k, k)).collect()),
+            (
+                "replace and remove",
+                vec![
+                    Op::Set(1, 1),
+                    Op::Set(2, 2),
+                    Op::Set(1, 9),
+                    Op::Remove(2),
+                    Op::Remove(3),
+                ],
+            ),
+            ("exactly small", (0..n).map(|k| Op::Set(k, k)).collect()),
+            ("grows large", (0..n * 3).map(|k| Op::Set(k, k)).collect()),
+            (
+                "large, then replaced and removed",
+                (0..n * 2)
+                    .map(|k| Op::Set(k, k))
+                    .chain((0..n * 2).step_by(3).map(Op::Remove))
+                    .chain((0..n).step_by(5).map(|k| Op::Set(k, k + 1_000_000)))
+                    .collect(),
+            ),
+        ];
+        for (what, ops) in cases {
+            let mut c = Children::default();
+            let mut model: BTreeMap<Vec<u8>, NodeId> = BTreeMap::new();
+            for op in &ops {
+                match *op {
+                    Op::Set(k, id) => {
+                        c.set(&name(k), id);
+                        model.insert(name(k), id);
+                    }
+                    Op::Remove(k) => {
+                        assert_eq!(
+                            c.remove(&name(k)),
+                            model.remove(&name(k)).is_some(),
+                            "{what}"
+                        );
+                    }
+                }
+                assert_eq!(c.is_empty(), model.is_empty(), "{what}");
+            }
+            for k in 0..n * 3 {
+                assert_eq!(c.get(&name(k)), model.get(&name(k)).copied(), "{what}: {k}");
+            }
+            let large = matches!(c, Children::Large(_));
+            assert_eq!(
+                large,
+                ops.len() > SMALL_DIR && model.len() > n as usize / 2,
+                "{what}"
+            );
+            let got: Vec<(Vec<u8>, NodeId)> = c
+                .into_sorted()
+                .into_iter()
+                .map(|(k, v)| (k.into_vec(), v))
+                .collect();
+            assert_eq!(got, model.into_iter().collect::<Vec<_>>(), "{what}");
+        }
     }
 }
