@@ -221,19 +221,6 @@ impl Lz4DestSize {
     }
 }
 
-/// Give the free pages of the heap back to the system (glibc's `malloc_trim(0)`). A large
-/// structure made of many small allocations (the merge's B-trees of names) leaves its pages
-/// resident after it is freed, the free chunks scattered among live ones; this returns
-/// every whole free page. A no-op with other C libraries.
-pub fn release_free_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointer; it walks the allocator's own free lists under the
-    // allocator's locks and only ever releases pages that hold no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

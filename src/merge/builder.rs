@@ -157,8 +157,8 @@ pub struct TreeBuilder {
 
 /// Default for [`TreeBuilder::set_max_entries`]: far above real images (the largest have
 /// one or two million files) and low enough that a layer made of nothing but headers (a
-/// few MiB of gzip can hold millions) cannot take more than about 2.3 GiB of memory (the
-/// merge peaks near 280 bytes per entry).
+/// few MiB of gzip can hold millions) cannot take more than about 1.3 GiB of memory (the
+/// merge peaks near 160 bytes per entry).
 pub const MAX_ENTRIES: usize = 1 << 23;
 
 impl Default for TreeBuilder {

@@ -22,9 +22,10 @@
 //! - **The leaf is never followed**: an entry replaces what is at its path. A directory entry
 //!   over an existing directory replaces only the metadata (mode, owner, mtime, xattrs) and
 //!   keeps the children; a non-directory over a directory removes the whole subtree.
-//! - **Whiteouts** (`.wh.NAME`, opaque `.wh..wh..opq`) apply to lower layers only: each layer
-//!   its whiteouts are applied first, then its other entries in archive order (a layer is
-//!   read twice for that, never held in memory; the first layer, over an empty tree, once). Whiteout parents are resolved without creating anything;
+//! - **Whiteouts** (`.wh.NAME`, opaque `.wh..wh..opq`) apply to lower layers only: in each
+//!   layer its whiteouts are applied first, then its other entries in archive order (the
+//!   layer's headers are read twice for that rather than held in memory; the first layer,
+//!   over an empty tree, once). Whiteout parents are resolved without creating anything;
 //!   whiteouts of absent paths are no-ops. Other `.wh..wh.*` names (aufs metadata such as
 //!   `.wh..wh.plnk`), and anything below them, are skipped. Whiteouts never appear in the
 //!   tree.
@@ -86,7 +87,7 @@
 //! | component longer than 255 bytes, path deeper than 2048 | | **refused** naming the entry |
 //! | `lost+found` as a symlink or directory | `lost+found -> /tmp/host` | kept inside, as the tree says (the kernel backend removes the mkfs one first) |
 //! | decompression bomb (blob of a few MiB, layer of GiBs) | gzip of 1 GiB of zeros | see below |
-//! | header bomb (millions of empty entries) | | **refused** past [`MAX_ENTRIES`] (8 Mi) entries over all layers; memory is about 280 bytes per entry at its peak (measured: 1 M entries, 270 MiB), so the cap bounds a merge near 2.3 GiB |
+//! | header bomb (millions of empty entries) | | **refused** past [`MAX_ENTRIES`] (8 Mi) entries over all layers; memory is about 160 bytes per entry at its peak (measured: 1 M files, 157 MiB), so the cap bounds a merge near 1.3 GiB |
 //!
 //! Decompression bombs: a layer is streamed, never held in memory (the decoder and the
 //! hashing writer exchange 1 MiB buffers, at most a handful in flight), so memory stays flat
