@@ -87,7 +87,7 @@
 //! | component longer than 255 bytes, path deeper than 2048 | | **refused** naming the entry |
 //! | `lost+found` as a symlink or directory | `lost+found -> /tmp/host` | kept inside, as the tree says (the kernel backend removes the mkfs one first) |
 //! | decompression bomb (blob of a few MiB, layer of GiBs) | gzip of 1 GiB of zeros | see below |
-//! | header bomb (millions of empty entries) | | **refused** past [`MAX_ENTRIES`] (8 Mi) entries over all layers; memory is about 160 bytes per entry at its peak (measured: 1 M files, 157 MiB), so the cap bounds a merge near 1.3 GiB |
+//! | header bomb (millions of empty entries) | | **refused** past [`MAX_ENTRIES`] (8 Mi) entries over all layers; memory is about 160 bytes per entry at its peak (measured: 1 M files, 158 MiB with the freeze), so the cap bounds a merge near 1.3 GiB |
 //!
 //! Decompression bombs: a layer is streamed, never held in memory (the decoder and the
 //! hashing writer exchange 1 MiB buffers, at most a handful in flight), so memory stays flat
