@@ -177,33 +177,52 @@ struct Header {
 
 /// The archive's entries in order: (name as written, node), and for each hard-linked node the
 /// index of its last name (which carries the data).
+///
+/// The names are one buffer, each entry holding where its name ends: a `Vec` per name would
+/// cost twice the bytes of the paths again (about 40 MiB at a million files).
 struct Listing {
-    entries: Vec<(Vec<u8>, NodeId)>,
+    names: Vec<u8>,
+    /// (end of the entry's name in `names`, node).
+    entries: Vec<(usize, NodeId)>,
     last_name: HashMap<NodeId, usize>,
 }
 
+impl Listing {
+    /// The entries in order: (name as written, node).
+    fn iter(&self) -> impl Iterator<Item = (&[u8], NodeId)> + '_ {
+        let mut start = 0;
+        self.entries.iter().map(move |&(end, id)| {
+            let name = &self.names[start..end];
+            start = end;
+            (name, id)
+        })
+    }
+}
+
 fn list(tree: &Tree) -> Result<Listing, InitramfsError> {
-    let mut entries = Vec::new();
+    let mut names = Vec::new();
+    let mut entries = Vec::with_capacity(tree.nodes.len());
     let mut last_name = HashMap::new();
     let mut too_long = None;
     tree.walk(|path, id| {
-        let name = if id == ROOT {
-            b".".to_vec()
-        } else {
-            path[1..].to_vec()
-        };
+        let name = if id == ROOT { &b"."[..] } else { &path[1..] };
         if name.len() > 4095 && too_long.is_none() {
             too_long = Some((String::from_utf8_lossy(path).into_owned(), name.len()));
         }
         if tree.node(id).nlink > 1 && matches!(tree.node(id).kind, NodeKind::File { .. }) {
             last_name.insert(id, entries.len());
         }
-        entries.push((name, id));
+        names.extend_from_slice(name);
+        entries.push((names.len(), id));
     });
     if let Some((path, len)) = too_long {
         return Err(InitramfsError::PathTooLong { path, len });
     }
-    Ok(Listing { entries, last_name })
+    Ok(Listing {
+        names,
+        entries,
+        last_name,
+    })
 }
 
 /// The compressors' side: chunks in, compressed bytes (and the chunk's CRC-32 for gzip) out,
@@ -423,7 +442,9 @@ fn produce(
     let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + 8192);
     let mut seq = 0u64;
     let mut total = 0u64;
-    let mut inos: HashMap<NodeId, u32> = HashMap::new();
+    // The inode number of each node, in order of first appearance (0: not seen yet).
+    let mut inos: Vec<u32> = vec![0; tree.nodes.len()];
+    let mut seen = 0u32;
     let mut flush =
         |buf: &mut Vec<u8>, total: &mut u64, last: bool| -> Result<(), InitramfsError> {
             while buf.len() >= CHUNK || (last && !buf.is_empty()) {
@@ -441,13 +462,19 @@ fn produce(
             Ok(())
         };
     let mut read_buf = vec![0u8; CHUNK];
-    for (i, (name, id)) in listing.entries.iter().enumerate() {
+    for (i, (name, id)) in listing.iter().enumerate() {
         if crate::interrupt::requested() {
             return Err(InitramfsError::Interrupted);
         }
-        let node = tree.node(*id);
-        let next_ino = inos.len() as u32 + 1;
-        let ino = *inos.entry(*id).or_insert(next_ino);
+        let node = tree.node(id);
+        let ino = match inos[id as usize] {
+            0 => {
+                seen += 1;
+                inos[id as usize] = seen;
+                seen
+            }
+            ino => ino,
+        };
         let m = &node.meta;
         if !m.xattrs.is_empty() {
             report.lost_xattrs += 1;
@@ -487,7 +514,7 @@ fn produce(
                 pad4(&mut buf, start);
             }
             NodeKind::File { size, .. } => {
-                let carries = node.nlink <= 1 || listing.last_name.get(id) == Some(&i);
+                let carries = node.nlink <= 1 || listing.last_name.get(&id) == Some(&i);
                 let size = if carries { *size } else { 0 };
                 let path = || format!("/{}", String::from_utf8_lossy(name));
                 h.filesize = u32::try_from(size)
@@ -497,7 +524,7 @@ fn produce(
                 while off < size {
                     let want = (size - off).min(read_buf.len() as u64) as usize;
                     let n = tree
-                        .read_at(*id, off, &mut read_buf[..want])
+                        .read_at(id, off, &mut read_buf[..want])
                         .map_err(|source| InitramfsError::Read {
                             path: path(),
                             source,
