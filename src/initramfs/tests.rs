@@ -309,3 +309,33 @@ fn a_failed_write_is_reported_not_hung() {
         std::fs::remove_file(&path).unwrap();
     }
 }
+
+#[test]
+fn listing_holds_every_name_in_walk_order_in_one_buffer() {
+    let tree = sample();
+    let listing = super::list(&tree).unwrap();
+    let mut want: Vec<(Vec<u8>, u32)> = Vec::new();
+    tree.walk(|path, id| {
+        let name = if id == 0 {
+            b".".to_vec()
+        } else {
+            path[1..].to_vec()
+        };
+        want.push((name, id));
+    });
+    let got: Vec<(Vec<u8>, u32)> = listing.iter().map(|(n, id)| (n.to_vec(), id)).collect();
+    assert_eq!(got, want);
+    assert_eq!(got[0], (b".".to_vec(), 0));
+    assert_eq!(
+        listing.names.len(),
+        want.iter().map(|(n, _)| n.len()).sum::<usize>()
+    );
+    // The hard-link group's data goes with its last name, in listing order.
+    let (last, _) = got
+        .iter()
+        .enumerate()
+        .rfind(|(_, (n, _))| n.ends_with(b"-link"))
+        .unwrap();
+    let id = got[last].1;
+    assert_eq!(listing.last_name.get(&id), Some(&last));
+}
