@@ -617,6 +617,8 @@ EOF
     for i in $(seq "$reps"); do
         for fs in "${types[@]}"; do
             for f in raw qcow2; do
+                # A fresh output path: replacing the previous image would add its deletion.
+                rm -f "$WORK/qc-out.$f"
                 measure "qcow2-$fs-$f" bash -c 'qc_build "$0" "$1"' "$fs" "$f"
             done
         done

@@ -368,7 +368,31 @@ pub fn convert(
     let layout = Layout::new(len, &extents);
     let dst = File::create(out).map_err(werr)?;
     dst.set_len(layout.file_len()).map_err(werr)?;
+    let meta = layout.metadata();
+    dst.write_all_at(&meta, 0).map_err(werr)?;
+    let sha256 = hash_clusters(raw, &src, &layout, &extents, stop, |host, buf| {
+        dst.write_all_at(buf, host).map_err(werr)
+    })?;
+    Ok(Converted { sha256, layout })
+}
 
+/// The sha256 of the qcow2 file `layout` describes for the raw image `src` (at `path`, for
+/// messages) with data `extents`: its tables, then every allocated cluster's bytes read
+/// from `src`, the holes inside them hashed as zeros. Each chunk of data read is also
+/// handed to `put` with its offset in the qcow2 file.
+fn hash_clusters(
+    path: &Path,
+    src: &File,
+    layout: &Layout,
+    extents: &[(u64, u64)],
+    stop: &(dyn Fn() -> bool + Sync),
+    mut put: impl FnMut(u64, &[u8]) -> Result<(), Qcow2Error>,
+) -> Result<String, Qcow2Error> {
+    let rerr = |source| Qcow2Error::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = layout.virtual_size;
     const CHUNK: u64 = 1 << 20;
     let (tx, rx) = mpsc::sync_channel::<Piece>(4);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
@@ -383,17 +407,15 @@ pub fn convert(
             h.finish()
         });
         let r = (|| {
-            let meta = layout.metadata();
-            dst.write_all_at(&meta, 0).map_err(werr)?;
-            let _ = tx.send(Piece::Data(meta));
+            let _ = tx.send(Piece::Data(layout.metadata()));
             let mut host = layout.data_offset();
-            let mut next = 0usize; // the first extent not copied yet
+            let mut next = 0usize; // the first extent not read yet
             for &(cs, ce) in layout.runs() {
                 let (start, end) = (cs * CLUSTER, ce * CLUSTER);
                 let mut at = start;
-                // The extents in this run are copied; the holes between them (inside its
-                // clusters, and past the disk's end in its last one) stay holes in the
-                // file, hashed as zeros without being read.
+                // The extents in this run are read; the holes between them (inside its
+                // clusters, and past the disk's end in its last one) are hashed as zeros
+                // without being read (and stay holes in a new file).
                 while let Some(&(s, e)) = extents.get(next) {
                     if s >= end {
                         break;
@@ -412,7 +434,7 @@ pub fn convert(
                         let mut buf = back_rx.try_recv().unwrap_or_default();
                         buf.resize(n, 0);
                         src.read_exact_at(&mut buf, at).map_err(rerr)?;
-                        dst.write_all_at(&buf, host).map_err(werr)?;
+                        put(host, &buf)?;
                         at += n as u64;
                         host += n as u64;
                         let _ = tx.send(Piece::Data(buf));
@@ -428,25 +450,23 @@ pub fn convert(
             Ok(())
         })();
         drop(tx);
-        let sum = hasher.join().map_err(|_| Qcow2Error::Write {
-            path: out.to_path_buf(),
+        let sum = hasher.join().map_err(|_| Qcow2Error::Read {
+            path: path.to_path_buf(),
             source: std::io::Error::other("the hashing thread panicked"),
         });
-        r.and(sum).map(|sum| Converted {
-            sha256: sum,
-            layout: layout.clone(),
-        })
+        r.and(sum)
     })
 }
 
 /// Turn the raw image at `path` into the qcow2 image [`convert`] would write, in place and
 /// without copying its data: the runs of unallocated clusters are cut out of the file
 /// (`FALLOC_FL_COLLAPSE_RANGE`, last first), room for the tables is made at its start
-/// (`FALLOC_FL_INSERT_RANGE`), the tables are written there, and the file is hashed. The
-/// host filesystem moves extents instead of bytes (ext4 and xfs can; btrfs and tmpfs
-/// cannot). `Ok(None)` when it cannot, with the file untouched: the first change is the
-/// probe, and it either happens whole or not at all. Both calls flush the file's dirty
-/// pages and drop them from the page cache, so the hash reads the image back from disk.
+/// (`FALLOC_FL_INSERT_RANGE`), and the tables are written there; the result is hashed
+/// first, from the raw file. The host filesystem moves extents instead of bytes (ext4 and
+/// xfs can; btrfs and tmpfs cannot). `Ok(None)` when it cannot, with the file untouched: the
+/// first change is the probe, and it either happens whole or not at all. Both calls flush
+/// the file's dirty pages and drop them from the page cache (the final flush has nothing
+/// left to do then).
 pub fn convert_in_place(
     path: &Path,
     stop: &(dyn Fn() -> bool + Sync),
@@ -478,6 +498,13 @@ pub fn convert_in_place(
             gaps.insert(0, (0, s));
         }
     }
+    if !moves_extents(path.parent().unwrap_or(Path::new("."))) {
+        return Ok(None);
+    }
+    // Hashed before anything moves: the raw image is still in the page cache (moving
+    // extents writes it back and drops it from there), and the qcow2 file will hold exactly
+    // these bytes.
+    let sha256 = hash_clusters(path, &f, &layout, &extents, stop, |_, _| Ok(()))?;
     let mut probed = false;
     let mut step = |flags: FallocateFlags, at: u64, n: u64| -> Result<bool, Qcow2Error> {
         if stop() {
@@ -519,18 +546,21 @@ pub fn convert_in_place(
     }
     f.set_len(layout.file_len()).map_err(werr)?;
     f.write_all_at(&layout.metadata(), 0).map_err(werr)?;
-    drop(f);
-    let sha256 = crate::digest::sha256_file(path, stop).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            Qcow2Error::Interrupted
-        } else {
-            Qcow2Error::Read {
-                path: path.to_path_buf(),
-                source: e,
-            }
-        }
-    })?;
     Ok(Some(Converted { sha256, layout }))
+}
+
+/// Whether the filesystem holding `dir` moves extents (insert and collapse ranges of whole
+/// clusters), tried on a small temporary file there, so that a host that cannot is known
+/// before any work is done for it.
+fn moves_extents(dir: &Path) -> bool {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    let Ok(f) = tempfile::tempfile_in(dir) else {
+        return false;
+    };
+    let c = CLUSTER as i64;
+    f.write_all_at(&[1u8; 2 * CLUSTER as usize], 0).is_ok()
+        && fallocate(&f, FallocateFlags::FALLOC_FL_INSERT_RANGE, 0, c).is_ok()
+        && fallocate(&f, FallocateFlags::FALLOC_FL_COLLAPSE_RANGE, 0, c).is_ok()
 }
 
 #[cfg(test)]
@@ -677,6 +707,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// On a filesystem that cannot move extents (tmpfs), the raw file is left as it was and
+    /// the caller copies instead.
+    #[test]
+    fn in_place_declines_where_extents_cannot_move() {
+        let shm = Path::new("/dev/shm");
+        if !shm.is_dir() {
+            eprintln!("SKIP: no /dev/shm");
+            return;
+        }
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        assert!(!moves_extents(dir.path()));
+        let raw = dir.path().join("raw.img");
+        raw_file(&raw, 4 * MIB, &[(0, 4096, 1), (2 * MIB, 4096, 2)]);
+        let before = std::fs::read(&raw).unwrap();
+        assert!(convert_in_place(&raw, &|| false).unwrap().is_none());
+        assert_eq!(std::fs::read(&raw).unwrap(), before);
+        // Where the tests run (ext4 or xfs under /tmp in CI) it can.
+        let here = tempfile::tempdir().unwrap();
+        eprintln!(
+            "moves extents under {}: {}",
+            here.path().display(),
+            moves_extents(here.path())
+        );
     }
 
     #[test]
