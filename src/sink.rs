@@ -229,9 +229,11 @@ impl Sink<'_> {
         zero_blocks: Option<usize>,
         mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.settle()?;
         let mut done = 0u64;
         while done < len {
+            // Zeros pending from the last chunk's trailing zero blocks (or from before the
+            // contents) come first: the next bytes are read in after them.
+            self.settle()?;
             let at = self.buf.len();
             let n = ((CHUNK - at) as u64).min(len - done) as usize;
             self.buf.resize(at + n, 0);
@@ -509,6 +511,58 @@ mod tests {
                 &bytes[host..host + (e - s) as usize],
                 &want[s as usize..e as usize]
             );
+        }
+    }
+
+    /// Zero blocks wherever the contents cross a write-buffer boundary, after prefixes that
+    /// leave the buffer at different fills: the bytes must land exactly where they belong.
+    #[test]
+    fn zero_blocks_at_buffer_boundaries() {
+        let d = tempfile::tempdir().unwrap();
+        let bs = 4096usize;
+        for prefix in [0usize, 1, 4096, 100_000, CHUNK - 4096, CHUNK - 1] {
+            for zero_run in [1usize, 16, 17, 70] {
+                let mut file = vec![0u8; 3 * CHUNK + 5000];
+                for (i, b) in file.iter_mut().enumerate() {
+                    *b = (i % 251) as u8 | 1;
+                }
+                // Zero runs ending at and starting after each buffer boundary the contents
+                // can meet, whatever the prefix.
+                let start = prefix.next_multiple_of(bs);
+                for k in 1..=3 {
+                    let boundary = (k * CHUNK).saturating_sub(start) / bs * bs;
+                    for at in [boundary.saturating_sub(zero_run * bs), boundary] {
+                        let end = (at + zero_run * bs).min(file.len());
+                        file[at..end].fill(0);
+                    }
+                }
+                let mut want = vec![9u8; prefix];
+                want.resize(start, 0);
+                want.extend_from_slice(&file);
+                let path = d.path().join("img");
+                let f = File::create(&path).unwrap();
+                f.set_len(want.len() as u64).unwrap();
+                stream::<SinkError>(
+                    &f,
+                    &path,
+                    Target::Raw { dense: false },
+                    &|_| {},
+                    &never,
+                    |s| {
+                        s.bytes(&vec![9u8; prefix])?;
+                        s.pad(bs as u64);
+                        s.contents::<SinkError>(file.len() as u64, Some(bs), |off, b| {
+                            b.copy_from_slice(&file[off as usize..off as usize + b.len()]);
+                            Ok(())
+                        })
+                    },
+                )
+                .unwrap();
+                assert!(
+                    std::fs::read(&path).unwrap() == want,
+                    "prefix {prefix}, zero runs of {zero_run} blocks"
+                );
+            }
         }
     }
 
