@@ -183,6 +183,28 @@ pub fn stream<E: From<SinkError>>(
     })
 }
 
+/// Run `body` twice over `file`: a survey of where its data lies, then the qcow2 file laid
+/// out from it (a virtual disk of `virtual_size` bytes; `file` is sized for it). Returns the
+/// layout with what the second run streamed.
+pub fn stream_qcow2<E: From<SinkError>>(
+    file: &File,
+    path: &Path,
+    virtual_size: u64,
+    progress: &dyn Fn(u64),
+    stop: &(dyn Fn() -> bool + Sync),
+    body: impl Fn(&mut Sink<'_>) -> Result<(), E>,
+) -> Result<(qcow2::Layout, Streamed), E> {
+    let survey = stream(file, path, Target::Survey, &|_| {}, stop, &body)?;
+    let layout = qcow2::Layout::new(virtual_size, &survey.extents);
+    file.set_len(layout.file_len())
+        .map_err(|source| SinkError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let streamed = stream(file, path, Target::Qcow2(&layout), progress, stop, &body)?;
+    Ok((layout, streamed))
+}
+
 impl Sink<'_> {
     /// Image offset of the next byte.
     pub fn at(&self) -> u64 {
@@ -274,14 +296,14 @@ impl Sink<'_> {
 
     /// Bytes `from..to` of the image that are already in `src` at those offsets (written
     /// there earlier, as the EROFS writer does with compressed data): hashed as they are
-    /// when `src` is this stream's own raw file, else copied into the stream.
+    /// when `src` is the raw file this stream writes, else copied into the stream.
     pub fn existing(&mut self, src: &File, from: u64, to: u64) -> Result<(), SinkError> {
         self.settle()?;
         self.flush()?;
         if self.at() != from {
             return Err(SinkError::Unmapped { pos: from });
         }
-        let own = matches!(self.mode, Mode::Raw);
+        let own = matches!(self.mode, Mode::Raw) && same_file(src, self.file);
         let mut at = from;
         while at < to {
             if (self.stop)() {
@@ -308,9 +330,8 @@ impl Sink<'_> {
                 self.pos += n as u64;
                 self.send(Piece::Data(buf))?;
             } else {
-                let spare = std::mem::replace(&mut self.buf, buf);
+                self.buf = buf;
                 self.flush()?;
-                let _ = spare;
             }
             at += n as u64;
         }
@@ -417,6 +438,15 @@ impl Sink<'_> {
     }
 }
 
+/// Are `a` and `b` the same open file (device and inode)?
+fn same_file(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// Are all bytes of `b` zero?
 pub fn is_zero(b: &[u8]) -> bool {
     let (words, rest) = b.split_at(b.len() / 8 * 8);
@@ -432,6 +462,15 @@ mod tests {
 
     fn never() -> bool {
         false
+    }
+
+    /// `body` streamed as the raw image `f` (at `path`), never stopped.
+    fn raw_stream(
+        f: &File,
+        path: &Path,
+        body: impl FnOnce(&mut Sink<'_>) -> Result<(), SinkError>,
+    ) -> Result<Streamed, SinkError> {
+        stream(f, path, Target::Raw { dense: false }, &|_| {}, &never, body)
     }
 
     /// One image description: bytes, short and long zero runs, contents with zero blocks.
@@ -473,15 +512,7 @@ mod tests {
         let raw = d.path().join("raw");
         let f = File::create(&raw).unwrap();
         f.set_len(want.len() as u64).unwrap();
-        let r = stream::<SinkError>(
-            &f,
-            &raw,
-            Target::Raw { dense: false },
-            &|_| {},
-            &never,
-            describe,
-        )
-        .unwrap();
+        let r = raw_stream(&f, &raw, describe).unwrap();
         assert_eq!(std::fs::read(&raw).unwrap(), want);
         assert_eq!(r.sha256.as_deref(), Some(want_sha.as_str()));
         // The long runs are holes: 3 chunks with the padding after them (5104 bytes came
@@ -542,21 +573,14 @@ mod tests {
                 let path = d.path().join("img");
                 let f = File::create(&path).unwrap();
                 f.set_len(want.len() as u64).unwrap();
-                stream::<SinkError>(
-                    &f,
-                    &path,
-                    Target::Raw { dense: false },
-                    &|_| {},
-                    &never,
-                    |s| {
-                        s.bytes(&vec![9u8; prefix])?;
-                        s.pad(bs as u64);
-                        s.contents::<SinkError>(file.len() as u64, Some(bs), |off, b| {
-                            b.copy_from_slice(&file[off as usize..off as usize + b.len()]);
-                            Ok(())
-                        })
-                    },
-                )
+                raw_stream(&f, &path, |s| {
+                    s.bytes(&vec![9u8; prefix])?;
+                    s.pad(bs as u64);
+                    s.contents::<SinkError>(file.len() as u64, Some(bs), |off, b| {
+                        b.copy_from_slice(&file[off as usize..off as usize + b.len()]);
+                        Ok(())
+                    })
+                })
                 .unwrap();
                 assert!(
                     std::fs::read(&path).unwrap() == want,
@@ -579,17 +603,10 @@ mod tests {
             .unwrap();
         f.set_len(8192).unwrap();
         f.write_all_at(&[9u8; 4096], 4096).unwrap();
-        let r = stream::<SinkError>(
-            &f,
-            &path,
-            Target::Raw { dense: false },
-            &|_| {},
-            &never,
-            |s| {
-                s.bytes(&[5u8; 4096])?;
-                s.existing(&f, 4096, 8192)
-            },
-        )
+        let r = raw_stream(&f, &path, |s| {
+            s.bytes(&[5u8; 4096])?;
+            s.existing(&f, 4096, 8192)
+        })
         .unwrap();
         let mut want = vec![5u8; 4096];
         want.extend_from_slice(&[9u8; 4096]);
@@ -600,29 +617,15 @@ mod tests {
         let copy = d.path().join("copy");
         let c = File::create(&copy).unwrap();
         c.set_len(8192).unwrap();
-        let r = stream::<SinkError>(
-            &c,
-            &copy,
-            Target::Raw { dense: false },
-            &|_| {},
-            &never,
-            |s| {
-                s.bytes(&[5u8; 4096])?;
-                s.existing(&f, 4096, 8192)
-            },
-        )
+        let r = raw_stream(&c, &copy, |s| {
+            s.bytes(&[5u8; 4096])?;
+            s.existing(&f, 4096, 8192)
+        })
         .unwrap();
-        assert!(r.sha256.is_some());
+        assert_eq!(std::fs::read(&copy).unwrap(), want);
+        assert_eq!(r.sha256, Some(crate::testkit::sha256_hex(&want)));
         // `existing` only continues the stream where it is.
-        let e = stream::<SinkError>(
-            &c,
-            &copy,
-            Target::Raw { dense: false },
-            &|_| {},
-            &never,
-            |s| s.existing(&f, 4096, 8192),
-        )
-        .unwrap_err();
+        let e = raw_stream(&c, &copy, |s| s.existing(&f, 4096, 8192)).unwrap_err();
         assert!(matches!(e, SinkError::Unmapped { pos: 4096 }));
     }
 

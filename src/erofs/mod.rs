@@ -338,14 +338,10 @@ pub fn write(tree: &Tree, opts: &ErofsOptions, out: &Path) -> Result<ErofsReport
     };
     let stop = &crate::interrupt::requested;
     let (file_len, streamed) = if opts.qcow2 {
-        let survey = crate::sink::stream(&file, out, Target::Survey, &|_| {}, stop, body)?;
-        let q = crate::qcow2::Layout::new(len, &survey.extents);
-        sw.mark("erofs: qcow2 layout planned");
         if !punched {
             file.set_len(0).map_err(werr)?;
         }
-        file.set_len(q.file_len()).map_err(werr)?;
-        let s = crate::sink::stream(&file, out, Target::Qcow2(&q), &|_| {}, stop, body)?;
+        let (q, s) = crate::sink::stream_qcow2(&file, out, len, &|_| {}, stop, body)?;
         (q.file_len(), s)
     } else {
         file.set_len(len).map_err(werr)?;

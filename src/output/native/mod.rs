@@ -33,11 +33,7 @@ use super::job::{Identity, Job, Writer, Written};
 use super::size::SizePlan;
 use super::{BuildError, BuildReport};
 use crate::config::ImageFormat;
-use crate::qcow2;
-use crate::sink::{
-    self, Sink, SinkError,
-    Target::{Qcow2, Raw, Survey},
-};
+use crate::sink::{self, Sink, SinkError, Target};
 use crate::tree::Tree;
 use format::BLOCK;
 use layout::{Fill, Layout};
@@ -141,18 +137,26 @@ pub fn build(
             // (auto_da_alloc) flushes a file that was truncated to zero and rewritten when
             // it is closed.
             file.set_len(len).map_err(werr)?;
-            let sum = emit(tree, &layout, &file, image, progress, Raw { dense: false })?.sha256;
+            let target = Target::Raw { dense: false };
+            let stop = &crate::interrupt::requested;
+            let sum = sink::stream(&file, image, target, progress, stop, |out| {
+                write_runs(tree, &layout, out)
+            })?
+            .sha256;
             sw.mark("image written and hashed");
             sum
         }
         ImageFormat::Qcow2 => {
-            let extents = emit(tree, &layout, &file, image, &|_| {}, Survey)?.extents;
-            let q = qcow2::Layout::new(len, &extents);
-            sw.mark("qcow2 layout planned");
-            file.set_len(q.file_len()).map_err(werr)?;
-            let sum = emit(tree, &layout, &file, image, progress, Qcow2(&q))?.sha256;
+            let (_, streamed) = sink::stream_qcow2(
+                &file,
+                image,
+                len,
+                progress,
+                &crate::interrupt::requested,
+                |out| write_runs(tree, &layout, out),
+            )?;
             sw.mark("qcow2 image written and hashed");
-            sum
+            streamed.sha256
         }
     };
     let free = layout.counts.free_blocks;
@@ -174,26 +178,6 @@ pub fn build(
         sha256,
         format,
     })
-}
-
-/// Stream the image in block order as `target` says (written raw, surveyed, or written as
-/// qcow2 from the survey's layout).
-fn emit(
-    tree: &Tree,
-    l: &Layout,
-    file: &File,
-    path: &Path,
-    progress: &dyn Fn(u64),
-    target: sink::Target<'_>,
-) -> Result<sink::Streamed, BuildError> {
-    sink::stream(
-        file,
-        path,
-        target,
-        progress,
-        &crate::interrupt::requested,
-        |out| write_runs(tree, l, out),
-    )
 }
 
 impl From<SinkError> for BuildError {
