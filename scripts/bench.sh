@@ -313,16 +313,24 @@ bench_build() {
     check "fledge warm peak RSS, process tree (MiB)" "$(max_mib fledge-warm 3)" "<=" 300
 }
 
+# small_image N: the generated image of N small files (made once, cached in $GEN_IMAGES),
+# pushed to the registry as small-N:test, and its fledge.toml. Another run may be generating
+# the same image: the generator renames it into place when done, so only an image without
+# index.json is generated (again).
+small_image() {
+    mkdir -p "$GEN_IMAGES"
+    if [ ! -f "$GEN_IMAGES/small-$1/index.json" ]; then
+        echo "generating an image of $1 small files in $GEN_IMAGES/small-$1" >&2
+        python3 "$SCRIPTS/lib/gen-small-files.py" "$1" "$GEN_IMAGES/small-$1"
+    fi
+    registry_push "oci:$GEN_IMAGES/small-$1:test" "small-$1:test"
+    fledge_config "small-$1" "docker://$REGISTRY/small-$1:test"
+}
+
 bench_scale() {
     local sizes=(10000 100000 300000) n
-    mkdir -p "$GEN_IMAGES"
     for n in "${sizes[@]}"; do
-        if [ ! -f "$GEN_IMAGES/small-$n/index.json" ]; then
-            echo "generating an image of $n small files in $GEN_IMAGES/small-$n" >&2
-            python3 "$SCRIPTS/lib/gen-small-files.py" "$n" "$GEN_IMAGES/small-$n"
-        fi
-        registry_push "oci:$GEN_IMAGES/small-$n:test" "small-$n:test"
-        fledge_config "small-$n" "docker://$REGISTRY/small-$n:test"
+        small_image "$n"
     done
     for _ in $(seq "$scale_reps"); do
         for n in "${sizes[@]}"; do
@@ -686,14 +694,7 @@ bench_big() {
         python3 "$SCRIPTS/lib/gen-big-image.py" "$big" "$IMAGES/cache/debootstrap-bookworm-minbase-amd64.tgz"
     fi
     for n in 300000 1000000; do
-        # Another run may be generating the same image: the generator renames it into place
-        # when done, so only an image without index.json is generated (again).
-        if [ ! -f "$GEN_IMAGES/small-$n/index.json" ]; then
-            echo "generating an image of $n small files in $GEN_IMAGES/small-$n" >&2
-            python3 "$SCRIPTS/lib/gen-small-files.py" "$n" "$GEN_IMAGES/small-$n"
-        fi
-        registry_push "oci:$GEN_IMAGES/small-$n:test" "small-$n:test"
-        fledge_config "small-$n" "docker://$REGISTRY/small-$n:test"
+        small_image "$n"
     done
     registry_push "oci:$big:test" big:test
     FLOOR_LAYERS=$(layers_of big:test | tr '\n' ' ')

@@ -31,6 +31,8 @@ import sys
 import tarfile
 import time
 
+from ocilayout import finish
+
 MTIME = 1_700_000_000
 SEED = "fledge-big-image-v1"
 MIB = 1 << 20
@@ -205,13 +207,6 @@ def write_layer(tmp, name, fill):
             "size": size}, "sha256:" + out.diff.hexdigest()
 
 
-def blob(root, data):
-    d = hashlib.sha256(data).hexdigest()
-    with open(f"{root}/blobs/sha256/{d}", "wb") as f:
-        f.write(data)
-    return "sha256:" + d, len(data)
-
-
 def main():
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
@@ -262,24 +257,7 @@ def main():
                    "Cmd": ["/usr/bin/python3.11"], "WorkingDir": "/opt/model"},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }
-    cfg_digest, cfg_size = blob(tmp, json.dumps(config).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": cfg_digest, "size": cfg_size},
-        "layers": layers,
-    }
-    m_digest, m_size = blob(tmp, json.dumps(manifest).encode())
-    with open(f"{tmp}/index.json", "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": m_digest, "size": m_size,
-            "annotations": {"org.opencontainers.image.ref.name": "test"}}]}, f)
-    with open(f"{tmp}/oci-layout", "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
+    finish(tmp, out, config, layers)
     log(f"{out} written in {time.monotonic() - t0:.0f} s")
 
 

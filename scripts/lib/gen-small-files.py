@@ -11,18 +11,12 @@ series.
 import gzip
 import hashlib
 import io
-import json
 import os
 import shutil
 import sys
 import tarfile
 
-
-def blob(root, data):
-    d = hashlib.sha256(data).hexdigest()
-    with open(f"{root}/blobs/sha256/{d}", "wb") as f:
-        f.write(data)
-    return "sha256:" + d, len(data)
+from ocilayout import finish
 
 
 def main():
@@ -73,26 +67,9 @@ def main():
         "config": {"Cmd": ["/bin/sh"]},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
     }
-    cfg_digest, cfg_size = blob(tmp, json.dumps(config).encode())
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": cfg_digest, "size": cfg_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": layer_digest, "size": layer_size}],
-    }
-    m_digest, m_size = blob(tmp, json.dumps(manifest).encode())
-    with open(f"{tmp}/index.json", "w") as f:
-        json.dump({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": m_digest, "size": m_size,
-            "annotations": {"org.opencontainers.image.ref.name": "test"}}]}, f)
-    with open(f"{tmp}/oci-layout", "w") as f:
-        json.dump({"imageLayoutVersion": "1.0.0"}, f)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
-
+    layers = [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+               "digest": layer_digest, "size": layer_size}]
+    finish(tmp, out, config, layers)
 
 if __name__ == "__main__":
     main()
