@@ -393,8 +393,8 @@ fn hash_clusters(
         source,
     };
     let len = layout.virtual_size;
-    const CHUNK: u64 = 1 << 20;
-    let (tx, rx) = mpsc::sync_channel::<Piece>(4);
+    const CHUNK: u64 = crate::digest::PIECE as u64;
+    let (tx, rx) = mpsc::sync_channel::<Piece>(crate::digest::QUEUE);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     std::thread::scope(|s| {
         let hasher = s.spawn(move || {

@@ -70,8 +70,9 @@ pub struct Streamed {
     pub holes: u64,
 }
 
-/// Bytes gathered before each `pwrite`.
-pub const CHUNK: usize = 1 << 18;
+/// Bytes gathered before each `pwrite`: one piece for the hashing thread
+/// ([`crate::digest::PIECE`], which says why it is small).
+pub const CHUNK: usize = crate::digest::PIECE;
 /// Runs of zeros at least this long become holes (shorter ones are written).
 const HOLE_MIN: u64 = 64 * 1024;
 
@@ -108,7 +109,7 @@ pub fn stream<E: From<SinkError>>(
     stop: &(dyn Fn() -> bool + Sync),
     body: impl FnOnce(&mut Sink<'_>) -> Result<(), E>,
 ) -> Result<Streamed, E> {
-    let (tx, rx) = mpsc::sync_channel::<Piece>(8);
+    let (tx, rx) = mpsc::sync_channel::<Piece>(crate::digest::QUEUE);
     let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
     let (mode, dense, hashed) = match &target {
         Target::Raw { dense } => (Mode::Raw, *dense, true),
@@ -254,8 +255,13 @@ impl Sink<'_> {
         let mut done = 0u64;
         while done < len {
             // Zeros pending from the last chunk's trailing zero blocks (or from before the
-            // contents) come first: the next bytes are read in after them.
-            self.settle()?;
+            // contents) come before the bytes read next. Where zero blocks are looked for,
+            // those bytes are sorted after them (so a zero run across chunks stays one run,
+            // one hole); elsewhere the zeros are settled first.
+            if zero_blocks.is_none() || self.surveying() {
+                self.settle()?;
+            }
+            let pending = self.zeros > 0;
             let at = self.buf.len();
             let n = ((CHUNK - at) as u64).min(len - done) as usize;
             self.buf.resize(at + n, 0);
@@ -263,7 +269,7 @@ impl Sink<'_> {
                 read(done, &mut self.buf[at..at + n])?;
                 self.content += n as u64;
                 if let Some(bs) = zero_blocks {
-                    self.holes_for_zero_blocks(at, bs)?;
+                    self.holes_for_zero_blocks(at, bs, pending)?;
                 }
             }
             done += n as u64;
@@ -277,10 +283,17 @@ impl Sink<'_> {
         Ok(())
     }
 
-    /// The blocks of `bs` bytes in `buf[from..]` that are all zeros become pending zeros.
-    /// Rare in images, so the common case only checks.
-    fn holes_for_zero_blocks(&mut self, from: usize, bs: usize) -> Result<(), SinkError> {
-        if !self.buf[from..].chunks(bs).any(is_zero) {
+    /// The blocks of `bs` bytes in `buf[from..]` that are all zeros become pending zeros, the
+    /// others follow them in order. Rare in images, so the common case only checks; with
+    /// zeros `pending` (to come before `buf[from..]`) the bytes are always sorted in after
+    /// them.
+    fn holes_for_zero_blocks(
+        &mut self,
+        from: usize,
+        bs: usize,
+        pending: bool,
+    ) -> Result<(), SinkError> {
+        if !pending && !self.buf[from..].chunks(bs).any(is_zero) {
             return Ok(());
         }
         let read = self.buf.split_off(from);
@@ -587,6 +600,36 @@ mod tests {
                     "prefix {prefix}, zero runs of {zero_run} blocks"
                 );
             }
+        }
+    }
+
+    /// A zero run inside contents that crosses several write chunks is one hole, whatever
+    /// the chunk boundaries: none of it is written as bytes.
+    #[test]
+    fn a_long_zero_run_in_contents_is_one_hole() {
+        let d = tempfile::tempdir().unwrap();
+        let bs = 4096usize;
+        for prefix in [0usize, 4096, CHUNK / 2 + 4096, CHUNK - 4096] {
+            let run = 5 * CHUNK + 3 * bs;
+            let mut file = vec![3u8; bs];
+            file.resize(bs + run, 0);
+            file.extend_from_slice(&[4u8; 4096]);
+            let mut want = vec![9u8; prefix];
+            want.extend_from_slice(&file);
+            let path = d.path().join("img");
+            let f = File::create(&path).unwrap();
+            f.set_len(want.len() as u64).unwrap();
+            let r = raw_stream(&f, &path, |s| {
+                s.bytes(&vec![9u8; prefix])?;
+                s.contents::<SinkError>(file.len() as u64, Some(bs), |off, b| {
+                    b.copy_from_slice(&file[off as usize..off as usize + b.len()]);
+                    Ok(())
+                })
+            })
+            .unwrap();
+            assert_eq!(r.holes, run as u64, "prefix {prefix}");
+            assert!(std::fs::read(&path).unwrap() == want, "prefix {prefix}");
+            assert_eq!(r.sha256, Some(crate::testkit::sha256_hex(&want)));
         }
     }
 
