@@ -17,6 +17,7 @@ CMD's stdout goes to /dev/null, its stderr to OUT_FILE.err. Exits with CMD's sta
 import os
 import subprocess
 import sys
+import threading
 import time
 
 INTERVAL = 0.05
@@ -62,14 +63,24 @@ def main():
     with open(out_file + ".err", "w") as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        # The wait is its own thread, so the wall time ends when CMD does and not at the
+        # next sample (polling between samples overstated it by up to INTERVAL).
+        done = threading.Event()
+        waited = {}
+
+        def wait():
+            _, status, ru = os.wait4(proc.pid, 0)
+            waited.update(status=status, ru=ru, wall=time.monotonic() - t0)
+            done.set()
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        while not done.is_set():
             peak_tree = max(peak_tree, sum(rss_kib(p) for p in descendants(proc.pid)))
             peak_used = max(peak_used, used_kib(df_path))
-            time.sleep(INTERVAL)
-        wall = time.monotonic() - t0
+            done.wait(INTERVAL)
+        waiter.join()
+        status, ru, wall = waited["status"], waited["ru"], waited["wall"]
     peak_used = max(peak_used, used_kib(df_path))
     code = os.waitstatus_to_exitcode(status)
     with open(out_file, "a") as f:
