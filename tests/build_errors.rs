@@ -287,6 +287,20 @@ fn bad_inputs_with_image() {
             output: small.path().join("out.img").display().to_string(),
             ..case("disk full", GOOD_TOML, &["not enough space", "MiB"])
         });
+        // Room for the raw image but not for its qcow2 copy (the kernel backend fills a raw
+        // image; tmpfs cannot move extents, so qcow2 is a copy beside it): refused before
+        // the copy starts, not a full disk part way through it.
+        let half = Mount::tmpfs("fledge-half", "size=280m");
+        cases.push(Case {
+            needs_image: true,
+            output: half.path().join("out.qcow2").display().to_string(),
+            args: vec!["--backend", "kernel", "--image-format", "qcow2"],
+            ..case(
+                "no room for the qcow2 copy",
+                GOOD_TOML,
+                &["not enough space", "qcow2 copy", "MiB"],
+            )
+        });
         // A required tool missing: hide /usr/sbin (mkfs.*, e2fsck, ...) in a private mount
         // namespace. The kernel backend needs mkfs.ext4 (auto would pick the native writer,
         // which needs none: see native_builds_without_any_tool).

@@ -261,6 +261,16 @@ pub enum BuildError {
     },
     #[error("{what}: {detail}")]
     Unexpected { what: String, detail: String },
+    #[error(
+        "not enough space in {} for the qcow2 copy of the image: about {} MiB needed, {} MiB \
+         free (this filesystem cannot make the raw image a qcow2 in place)",
+        dir.display(), needed >> 20, available >> 20
+    )]
+    NoSpaceForCopy {
+        dir: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     #[error(transparent)]
     Native(#[from] native::NativeError),
     #[error(
@@ -533,7 +543,7 @@ impl BuildError {
                 "the file changed or vanished during the build; check [mappings] and build again"
                     .into(),
             ),
-            BuildError::NoSpace { .. } => {
+            BuildError::NoSpace { .. } | BuildError::NoSpaceForCopy { .. } => {
                 Some("free space there, or write the image elsewhere with -o DIR/NAME.img".into())
             }
             BuildError::Copy { .. } | BuildError::Io { .. } => {
@@ -905,6 +915,7 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
             }
             None => {
                 let qcow = work.path().join("image.qcow2");
+                check_copy_space(work.path(), &image_tmp)?;
                 let converted =
                     flush::while_writing(&qcow, || crate::qcow2::convert(&image_tmp, &qcow, stop))
                         .map_err(interrupted)?;
@@ -1082,6 +1093,29 @@ fn check_space(dir: &Path, plan: &size::SizePlan, preallocate: bool) -> Result<(
     if available < needed {
         return Err(BuildError::NoSpace {
             dir: dir.to_path_buf(),
+            needed,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// Refuse to copy the raw image `raw` into a qcow2 file beside it in `dir` when the copy
+/// (its data clusters and their tables: about the raw image's allocated bytes) cannot fit,
+/// rather than failing with a full disk part way through the copy.
+fn check_copy_space(dir: &Path, raw: &Path) -> Result<(), BuildError> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(st), Ok(meta)) = (nix::sys::statvfs::statvfs(dir), std::fs::metadata(raw)) else {
+        return Ok(()); // unknown: let the copy find out
+    };
+    let available = st.blocks_available() * st.fragment_size();
+    let allocated = meta.blocks() * 512;
+    // The data, with a margin for its rounding to 64 KiB clusters and for the tables.
+    let needed = allocated + allocated / 64 + (4 << 20);
+    if available < needed {
+        return Err(BuildError::NoSpaceForCopy {
+            // The build's work directory goes away: name the output directory.
+            dir: dir.parent().unwrap_or(dir).to_path_buf(),
             needed,
             available,
         });
