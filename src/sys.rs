@@ -7,7 +7,9 @@
 //! while they are still being written. And liblz4's "fill this many bytes" compressors
 //! (`LZ4_compress_destSize`, `LZ4_compress_HC_destSize`), which EROFS' fixed-size physical
 //! clusters need: `lz4-sys` builds and links the bundled liblz4 but declares neither, and
-//! `lz4_flex` (pure Rust) has neither a destSize mode nor LZ4HC.
+//! `lz4_flex` (pure Rust) has neither a destSize mode nor LZ4HC. And the fork that lets a
+//! background process free a replaced image ([`close_in_background`]), which no safe
+//! wrapper offers (`std::process` only spawns programs).
 
 use std::fs::File;
 use std::io;
@@ -107,6 +109,64 @@ pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// Let a short-lived background process drop the last reference to `file` (an image that
+/// a rebuild just replaced): the kernel frees a deleted file's page-cache pages and blocks
+/// when its last reference goes, synchronously, and for a cached multi-GB image that takes
+/// longer than the rename itself (0.6-0.7 s for 2.9 GiB here). A grandchild (the child in
+/// between exits at once and is reaped here, so no zombie is left) closes every other
+/// descriptor it inherited at once (so a pipe on our stdout or a lock is not held open),
+/// waits until this process has closed its own copy of `file`, then closes its copy, the
+/// last one. If a fork fails, `file` is simply closed here.
+pub fn close_in_background(file: File) {
+    let f = file.as_raw_fd();
+    let mut p = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two descriptors into the two-element array it is given.
+    if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    let (r, w) = (p[0], p[1]);
+    // SAFETY: fork in a multithreaded process. The children call only async-signal-safe
+    // functions (fork, close_range, close, read, _exit) on integers and a one-byte stack
+    // buffer: no allocation, no locks another thread could hold, no Rust runtime, and they
+    // end with _exit (no destructors, no atexit handlers, no flushing of shared buffers).
+    // The parent closes only descriptors it owns (`r`, `w`; `file` by dropping it).
+    unsafe {
+        match libc::fork() {
+            -1 => {
+                libc::close(r);
+                libc::close(w);
+            }
+            0 => {
+                if libc::fork() == 0 {
+                    let (lo, hi) = (f.min(r) as libc::c_uint, f.max(r) as libc::c_uint);
+                    let close_range = |a: libc::c_uint, b: libc::c_uint| {
+                        if a <= b {
+                            libc::syscall(libc::SYS_close_range, a, b, 0);
+                        }
+                    };
+                    if lo > 0 {
+                        close_range(0, lo - 1);
+                    }
+                    close_range(lo + 1, hi.saturating_sub(1));
+                    close_range(hi + 1, libc::c_uint::MAX);
+                    // End of file once the parent has closed the write end, after `file`.
+                    let mut b = 0u8;
+                    libc::read(r, (&mut b as *mut u8).cast(), 1);
+                    libc::close(f);
+                }
+                libc::_exit(0);
+            }
+            child => {
+                let mut status = 0;
+                libc::waitpid(child, &mut status, 0);
+                libc::close(r);
+                drop(file);
+                libc::close(w);
+            }
+        }
     }
 }
 

@@ -513,6 +513,41 @@ fn quiet_prints_nothing() {
     assert!(stderr.starts_with("built "), "{stderr}");
 }
 
+/// A build over an existing image replaces it by rename: a reader of the old image keeps
+/// reading the old bytes, the path holds the new image and its manifest names it. The old
+/// image (over 64 MiB) is freed by a background process (`sys::close_in_background`):
+/// the build's own stdout and stderr pipes are closed when it exits (`output()` returns).
+/// Native ext4: no root needed.
+#[test]
+fn rebuild_replaces_the_image() {
+    let test = "rebuild_replaces_the_image";
+    let Some(img) = support::debian_image(test) else {
+        return;
+    };
+    let project = Project::new(&img.reference, "ext4", "");
+    let out = project.build("r.img", &["--backend", "native"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let path = project.path().join("r.img");
+    let first = support::sha256_file(&path);
+    assert!(fs::metadata(&path).unwrap().len() >= 64 << 20);
+    let old = fs::File::open(&path).unwrap();
+    // Another identity (no SOURCE_DATE_EPOCH): other bytes.
+    let out = project.build("r.img", &["--backend", "native"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let second = support::sha256_file(&path);
+    assert_ne!(first, second, "the rebuild wrote new bytes");
+    let (manifest, _) = support::manifest_without_url(&project.path().join("r.manifest.json"));
+    assert!(
+        manifest.to_string().contains(&second),
+        "the manifest names the new image: {manifest}"
+    );
+    // The old inode, still open here, was not written to.
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut &old, &mut h).unwrap();
+    assert_eq!(hex::encode(h.finalize()), first);
+}
+
 /// Without `-o` and manifest.toml, the reference names the outputs and the manifest: the
 /// base name and version come from the name inside a docker-archive (not from the
 /// transport), from the archive's file name when it names none, and from an oci-archive's

@@ -975,9 +975,19 @@ pub fn run(args: &BuildRequest, ui: &Ui) -> Result<BuildOutcome, Error> {
     flush::durable(&manifest_tmp).map_err(flush_err(&manifest_tmp))?;
     sw.mark("image and manifest flushed to disk");
     check_interrupt()?;
+    // A large image this build replaces is freed by a background process after the
+    // rename, not by the rename itself (`sys::close_in_background`).
+    let replaced = std::fs::File::open(&output).ok().filter(|f| {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata()
+            .is_ok_and(|m| m.is_file() && m.blocks() * 512 >= FREE_IN_BACKGROUND)
+    });
     rename(&image_tmp, &output)?;
     rename(&manifest_tmp, &manifest_path)?;
     flush::durable_dir(&out_dir).map_err(flush_err(&out_dir))?;
+    if let Some(old) = replaced {
+        crate::sys::close_in_background(old);
+    }
     sw.mark("manifest written, outputs renamed");
 
     let image_bytes = std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0);
@@ -1099,6 +1109,9 @@ fn check_space(dir: &Path, plan: &size::SizePlan, preallocate: bool) -> Result<(
     }
     Ok(())
 }
+
+/// Replaced images at least this large (allocated) are freed in the background.
+const FREE_IN_BACKGROUND: u64 = 64 << 20;
 
 /// Refuse to copy the raw image `raw` into a qcow2 file beside it in `dir` when the copy
 /// (its data clusters and their tables: about the raw image's allocated bytes) cannot fit,
