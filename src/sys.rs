@@ -286,6 +286,34 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// The background close drops the last reference: handed the write end of a pipe (kept
+    /// nowhere else), the read end here sees end of file. It would not if this process
+    /// kept its copy, or if the grandchild never closed its own.
+    #[test]
+    fn close_in_background_drops_the_last_reference() {
+        use nix::fcntl::OFlag;
+        use std::io::Read;
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
+        close_in_background(File::from(w));
+        let mut r = File::from(r);
+        // Generous: the grandchild only waits for this process's copy to be closed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match r.read(&mut [0u8; 16]) {
+                Ok(0) => break,
+                Ok(n) => panic!("{n} bytes from a pipe nobody wrote to"),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the write end is still open somewhere after 30 s"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn struct_layout_matches_the_kernel() {
         // sizeof(struct loop_info64) == 232, sizeof(struct loop_config) == 304 on every
