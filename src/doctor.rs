@@ -241,9 +241,7 @@ fn dir_probe(id: &'static str, dir: &std::path::Path) -> Probe {
         .prefix(".fledge-doctor-")
         .tempfile_in(&probe_dir)
         .is_ok();
-    let free = nix::sys::statvfs::statvfs(&probe_dir)
-        .map(|s| s.blocks_available() * s.fragment_size())
-        .unwrap_or(0);
+    let free = crate::probe::free_bytes(&probe_dir).unwrap_or(0);
     let detail = format!(
         "{} ({} GiB free{})",
         dir.display(),

@@ -18,6 +18,13 @@ use serde::Serialize;
 
 use crate::runner::{package_for, Tool};
 
+/// Bytes an unprivileged process could still write on the filesystem holding `path`
+/// (`statvfs`: available blocks times the fragment size). The one free-space measure of
+/// `doctor`, the build's space checks and the kernel backend's copy.
+pub fn free_bytes(path: &std::path::Path) -> nix::Result<u64> {
+    nix::sys::statvfs::statvfs(path).map(|st| st.blocks_available() * st.fragment_size())
+}
+
 /// `CAP_SYS_ADMIN` bit number.
 pub const CAP_SYS_ADMIN: u32 = 21;
 /// First e2fsprogs release whose `mkfs.ext4` has `-d` (populate from a directory).

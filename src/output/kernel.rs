@@ -363,11 +363,10 @@ impl Drop for MountGuard {
 
 /// Free bytes an unprivileged process could still write on the mounted filesystem.
 fn free_bytes(mountpoint: &Path) -> Result<u64, BuildError> {
-    let st = nix::sys::statvfs::statvfs(mountpoint).map_err(|e| BuildError::Copy {
+    crate::probe::free_bytes(mountpoint).map_err(|e| BuildError::Copy {
         path: mountpoint.to_path_buf(),
         source: e.into(),
-    })?;
-    Ok(st.blocks_available() * st.fragment_size())
+    })
 }
 
 /// mkfs arguments shared by both backends (without the device or the -d/--rootdir source).

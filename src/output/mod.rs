@@ -1095,10 +1095,9 @@ fn test_hook_raw_copy(raw: &Path) -> Result<(), BuildError> {
 /// Refuse to start when the output filesystem cannot hold the image
 /// ([`size::SizePlan::space_needed`]).
 fn check_space(dir: &Path, plan: &size::SizePlan, preallocate: bool) -> Result<(), BuildError> {
-    let Ok(st) = nix::sys::statvfs::statvfs(dir) else {
+    let Ok(available) = crate::probe::free_bytes(dir) else {
         return Ok(()); // unknown: let the build find out
     };
-    let available = st.blocks_available() * st.fragment_size();
     let needed = plan.space_needed(preallocate);
     if available < needed {
         return Err(BuildError::NoSpace {
@@ -1118,10 +1117,9 @@ const FREE_IN_BACKGROUND: u64 = 64 << 20;
 /// rather than failing with a full disk part way through the copy.
 fn check_copy_space(dir: &Path, raw: &Path) -> Result<(), BuildError> {
     use std::os::unix::fs::MetadataExt;
-    let (Ok(st), Ok(meta)) = (nix::sys::statvfs::statvfs(dir), std::fs::metadata(raw)) else {
+    let (Ok(available), Ok(meta)) = (crate::probe::free_bytes(dir), std::fs::metadata(raw)) else {
         return Ok(()); // unknown: let the copy find out
     };
-    let available = st.blocks_available() * st.fragment_size();
     let allocated = meta.blocks() * 512;
     // The data, with a margin for its rounding to 64 KiB clusters and for the tables.
     let needed = allocated + allocated / 64 + (4 << 20);
