@@ -9,7 +9,8 @@
 //! clusters need: `lz4-sys` builds and links the bundled liblz4 but declares neither, and
 //! `lz4_flex` (pure Rust) has neither a destSize mode nor LZ4HC. And the fork that lets a
 //! background process free a replaced image ([`close_in_background`]), which no safe
-//! wrapper offers (`std::process` only spawns programs).
+//! wrapper offers (`std::process` only spawns programs). And [`AlignedBuf`], memory aligned
+//! for `O_DIRECT` writes ([`open_direct`]), viewed as bytes.
 
 use std::fs::File;
 use std::io;
@@ -279,6 +280,63 @@ impl Lz4DestSize {
             (consumed as usize, written as usize)
         }
     }
+}
+
+/// The alignment `O_DIRECT` writes need, of the memory, the file offset and the length: the
+/// page size, which covers every logical block size a disk has (512 or 4096 bytes).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// One aligned block of an [`AlignedBuf`].
+#[repr(C, align(4096))]
+#[derive(Clone, Copy)]
+struct Block([u8; DIRECT_ALIGN]);
+
+/// A zeroed byte buffer of whole [`DIRECT_ALIGN`] blocks, at a [`DIRECT_ALIGN`]-aligned
+/// address, for `O_DIRECT` writes (`Vec<u8>` promises an alignment of 1 only).
+pub struct AlignedBuf {
+    blocks: Vec<Block>,
+}
+
+impl AlignedBuf {
+    /// `len` bytes (rounded up to whole blocks), zeroed.
+    pub fn new(len: usize) -> AlignedBuf {
+        AlignedBuf {
+            blocks: vec![Block([0; DIRECT_ALIGN]); len.div_ceil(DIRECT_ALIGN)],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.blocks.len() * DIRECT_ALIGN
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `Block` is `repr(C)` around a byte array, so it has no padding and every
+        // one of its `len()` bytes is an initialised `u8`; the slice borrows `self.blocks`
+        // for its lifetime, and `u8` needs no more alignment than `Block` has.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.len()) }
+    }
+
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.len();
+        // SAFETY: as in `as_bytes`; the mutable borrow of `self` makes the slice the only
+        // access to the blocks, and any byte value is a valid `u8` (and a valid `Block`).
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), len) }
+    }
+}
+
+/// Open the existing file `path` for writing with `O_DIRECT`: writes from [`AlignedBuf`]s at
+/// aligned offsets go to the disk without passing through the page cache. Fails where the
+/// filesystem does not do direct I/O.
+pub fn open_direct(path: &std::path::Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
 }
 
 #[cfg(test)]
