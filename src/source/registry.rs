@@ -636,6 +636,8 @@ impl Client {
 #[derive(Clone, Debug)]
 pub struct BlobCache {
     dir: PathBuf,
+    /// Downloads of at least this many bytes are written with `O_DIRECT` ([`BlobDirect`]).
+    direct_min: u64,
 }
 
 impl BlobCache {
@@ -643,6 +645,7 @@ impl BlobCache {
     pub fn new(cache_dir: &Path) -> BlobCache {
         BlobCache {
             dir: cache_dir.join("blobs").join("sha256"),
+            direct_min: DIRECT_BLOB_MIN,
         }
     }
 
@@ -741,6 +744,14 @@ impl BlobCache {
         if on_disk > 0 {
             tracing::info!("resuming the download of {digest} at byte {on_disk} of {size}");
         }
+        let direct = (size >= self.direct_min)
+            .then(|| crate::sys::open_direct(&part_path).ok())
+            .flatten()
+            .map(|file| BlobDirect {
+                file,
+                buf: crate::sys::AlignedBuf::new(DIRECT_BLOB_BATCH),
+                len: 0,
+            });
         Ok(Box::new(DownloadStream {
             client,
             url: client.url(&format!("blobs/{digest}")),
@@ -758,6 +769,7 @@ impl BlobCache {
             attempt: 0,
             state: StreamState::Reading,
             writeback: crate::sys::Writeback::default(),
+            direct,
         }))
     }
 }
@@ -778,11 +790,12 @@ enum StreamState {
 
 /// A blob download read as it arrives (see [`BlobCache::open_stream`]).
 ///
-/// The partial file always holds exactly the first `on_disk` bytes of the blob as received;
-/// the first `read` of them were handed out and hashed. Bytes an earlier run left are
-/// handed out first (read back from the file), then the download continues from `on_disk`
-/// with a `Range` request; a dropped connection is continued the same way, up to
-/// [`MAX_ATTEMPTS`] times.
+/// `on_disk` bytes of the blob were received and stored: the partial file holds exactly the
+/// first of them, the rest (at most one batch of a large blob, [`BlobDirect`]) are written
+/// before the file is committed or kept; the first `read` of them were handed out and
+/// hashed. Bytes an earlier run left are handed out first (read back from the file), then
+/// the download continues from `on_disk` with a `Range` request; a dropped connection is
+/// continued the same way, up to [`MAX_ATTEMPTS`] times.
 struct DownloadStream<'a> {
     client: &'a Client,
     url: String,
@@ -802,9 +815,83 @@ struct DownloadStream<'a> {
     attempt: u32,
     state: StreamState,
     writeback: crate::sys::Writeback,
+    direct: Option<BlobDirect>,
 }
 
+/// A large blob's bytes go to its partial file with `O_DIRECT`, in batches: the build reads
+/// the blob once, as it arrives, and never from the file again, so copying 1.2 GiB of
+/// compressed layers into the page cache only pushed the decoded layers out of it (and cost
+/// fresh cache pages: see `sink`).
+struct BlobDirect {
+    /// The partial file opened again with `O_DIRECT`.
+    file: File,
+    buf: crate::sys::AlignedBuf,
+    /// Bytes gathered in `buf`, the last ones of `on_disk`.
+    len: usize,
+}
+
+/// Blobs of at least this many bytes are written with `O_DIRECT` ([`BlobDirect`]).
+const DIRECT_BLOB_MIN: u64 = 64 << 20;
+/// Bytes per direct write.
+const DIRECT_BLOB_BATCH: usize = 4 << 20;
+
 impl DownloadStream<'_> {
+    /// Store received bytes `data` at `on_disk` (and count them there).
+    fn store(&mut self, mut data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let align = crate::sys::DIRECT_ALIGN as u64;
+        while !data.is_empty() {
+            let Some(d) = self.direct.as_mut() else {
+                self.file.write_all_at(data, self.on_disk)?;
+                self.writeback
+                    .wrote(&self.file, self.on_disk, data.len() as u64);
+                self.on_disk += data.len() as u64;
+                return Ok(());
+            };
+            if d.len == 0 && self.on_disk % align != 0 {
+                // Continuing an odd-sized partial file: up to the next block boundary
+                // through the page cache.
+                let k = ((align - self.on_disk % align) as usize).min(data.len());
+                self.file.write_all_at(&data[..k], self.on_disk)?;
+                self.on_disk += k as u64;
+                data = &data[k..];
+                continue;
+            }
+            let k = (d.buf.len() - d.len).min(data.len());
+            d.buf.as_bytes_mut()[d.len..d.len + k].copy_from_slice(&data[..k]);
+            d.len += k;
+            self.on_disk += k as u64;
+            data = &data[k..];
+            if d.len == d.buf.len() {
+                let at = self.on_disk - d.len as u64;
+                match d.file.write_all_at(d.buf.as_bytes(), at) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        tracing::debug!("blob {}: direct write refused ({e})", self.digest);
+                        self.file.write_all_at(d.buf.as_bytes(), at)?;
+                        self.direct = None;
+                    }
+                    r => {
+                        r?;
+                        d.len = 0;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Write the bytes still gathered for a direct write, so the partial file holds all
+    /// `on_disk` bytes.
+    fn store_pending(&mut self) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if let Some(d) = self.direct.as_mut().filter(|d| d.len > 0) {
+            let at = self.on_disk - d.len as u64;
+            self.file.write_all_at(&d.buf.as_bytes()[..d.len], at)?;
+            d.len = 0;
+        }
+        Ok(())
+    }
+
     fn io_err(&self, e: io::Error) -> SourceError {
         SourceError::Io {
             path: self.part_path.clone(),
@@ -998,13 +1085,11 @@ impl Read for DownloadStream<'_> {
                 };
                 return Err(self.fail(e, false));
             }
-            if let Err(e) = self.file.write_all_at(&buf[..n], self.on_disk) {
+            if let Err(e) = self.store(&buf[..n]) {
                 let e = self.io_err(e);
                 return Err(self.fail(e, false));
             }
-            self.writeback.wrote(&self.file, self.on_disk, n as u64);
             self.hasher.update(&buf[..n]);
-            self.on_disk += n as u64;
             self.read = self.on_disk;
             return Ok(n);
         }
@@ -1019,6 +1104,7 @@ impl BlobStream for DownloadStream<'_> {
                 source: io::Error::other("the blob was not read to its verified end"),
             });
         }
+        self.store_pending().map_err(|e| self.io_err(e))?;
         self.file.sync_data().map_err(|e| self.io_err(e))?;
         fs::rename(&self.part_path, &self.final_path).map_err(|e| SourceError::Io {
             path: self.final_path.clone(),
@@ -1034,7 +1120,12 @@ impl Drop for DownloadStream<'_> {
         // Uncommitted: nothing of it is trusted, unless the network cut it short. The file
         // is removed while still locked, so a process waiting for the lock starts afresh.
         match self.state {
-            StreamState::Committed | StreamState::Failed { keep: true } => {}
+            StreamState::Committed => {}
+            StreamState::Failed { keep: true } => {
+                if let Err(e) = self.store_pending() {
+                    tracing::warn!("cannot write {}: {e}", self.part_path.display());
+                }
+            }
             StreamState::Reading | StreamState::Verified | StreamState::Failed { keep: false } => {
                 if let Err(e) = fs::remove_file(&self.part_path) {
                     if e.kind() != io::ErrorKind::NotFound {
@@ -1808,6 +1899,59 @@ mod tests {
             layer.blob
         );
         assert_eq!(cache_files(dir.path()).len(), 2);
+    }
+
+    /// A large download (written with `O_DIRECT` in batches, here from any size) broken off
+    /// at an odd offset keeps exactly the bytes received, batch not yet written included; the
+    /// next run continues there (off a block boundary) and the blob is whole.
+    #[test]
+    fn direct_written_download_is_kept_exactly_and_resumed() {
+        let data: Vec<u8> = (0..(10 << 20) + 1234u32)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let digest = sha256_digest(&data);
+        let cut = (5 << 20) + 777;
+        let d2 = data.clone();
+        let m = mock_limited(
+            Box::new(move |_req, _n, w| {
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    d2.len()
+                );
+                let _ = w.write_all(head.as_bytes());
+                let _ = w.write_all(&d2[..cut]);
+            }),
+            1,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let probe = dir.path().join("probe");
+        fs::write(&probe, b"").unwrap();
+        if let Err(e) = crate::sys::open_direct(&probe) {
+            eprintln!(
+                "SKIP direct_written_download_is_kept_exactly_and_resumed: no O_DIRECT in {} ({e})",
+                dir.path().display()
+            );
+            return;
+        }
+        let mut cache = BlobCache::new(dir.path());
+        cache.direct_min = 0;
+        let c = client(&m.addr, None);
+        let e = cache.fetch(&c, &digest, data.len() as u64).unwrap_err();
+        assert!(e.to_string().contains(&format!("{cut} of ")), "{e}");
+        let part = cache.partial_path(&digest).unwrap();
+        assert!(
+            fs::read(&part).unwrap() == data[..cut],
+            "the partial file is not the bytes received"
+        );
+
+        let m = mock(serve_blob(data.clone()));
+        let c = client(&m.addr, None);
+        let path = cache.fetch(&c, &digest, data.len() as u64).unwrap();
+        assert!(fs::read(&path).unwrap() == data, "the blob is not whole");
+        assert!(!part.exists());
+        let seen = m.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].range.as_deref(), Some(&*format!("bytes={cut}-")));
     }
 
     #[test]
