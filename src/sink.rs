@@ -20,7 +20,7 @@ use thiserror::Error;
 
 use crate::digest::{Piece, PieceHasher};
 use crate::qcow2;
-use crate::sys::{AlignedBuf, DIRECT_ALIGN};
+use crate::sys::{AlignedBuf, DirectFile, DIRECT_ALIGN};
 
 /// Errors of the image stream, for the writers to wrap in their own.
 #[derive(Debug, Error)]
@@ -145,7 +145,7 @@ fn stream_direct_from<E: From<SinkError>>(
     let direct_file = match target {
         Target::Survey => None,
         _ if file.metadata().map_or(0, |m| m.len()) < direct_min => None,
-        _ => match crate::sys::open_direct(path) {
+        _ => match DirectFile::open(path) {
             Ok(f) => Some(f),
             Err(e) => {
                 tracing::debug!(
@@ -619,21 +619,12 @@ impl Direct {
 /// the first error, which the stream then reports.
 fn write_batches(
     file: &File,
-    direct: File,
+    mut direct: DirectFile,
     batches: mpsc::Receiver<Batch>,
     done: mpsc::Sender<AlignedBuf>,
 ) -> std::io::Result<()> {
-    let mut out = &direct;
     for (at, buf, len) in batches {
-        let data = &buf.as_bytes()[..len];
-        match out.write_all_at(data, at) {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && std::ptr::eq(out, &direct) => {
-                tracing::debug!("direct write refused ({e}): writing through the page cache");
-                out = file;
-                out.write_all_at(data, at)?;
-            }
-            r => r?,
-        }
+        direct.write_batch(file, &buf.as_bytes()[..len], at)?;
         // The stream may be done already; then the buffer is simply dropped.
         let _ = done.send(buf);
     }

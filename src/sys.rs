@@ -339,6 +339,37 @@ pub fn open_direct(path: &std::path::Path) -> io::Result<File> {
         .open(path)
 }
 
+/// A file's `O_DIRECT` handle for aligned batches, falling back to the ordinary handle once
+/// the filesystem refuses a direct write (`EINVAL`: it accepted the flag at open but not the
+/// write). Shared by the image stream and large downloads.
+pub struct DirectFile {
+    /// `None` once a direct write was refused.
+    direct: Option<File>,
+}
+
+impl DirectFile {
+    /// [`open_direct`] on `path`.
+    pub fn open(path: &std::path::Path) -> io::Result<DirectFile> {
+        open_direct(path).map(|f| DirectFile { direct: Some(f) })
+    }
+
+    /// Write `data` (block-aligned, from an [`AlignedBuf`]) at the aligned offset `at`:
+    /// directly, or through `buffered` (the same file) after a refused direct write.
+    pub fn write_batch(&mut self, buffered: &File, data: &[u8], at: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        if let Some(d) = &self.direct {
+            match d.write_all_at(data, at) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!("direct write refused ({e}): writing through the page cache");
+                    self.direct = None;
+                }
+                r => return r,
+            }
+        }
+        buffered.write_all_at(data, at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

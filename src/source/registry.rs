@@ -745,7 +745,7 @@ impl BlobCache {
             tracing::info!("resuming the download of {digest} at byte {on_disk} of {size}");
         }
         let direct = (size >= self.direct_min)
-            .then(|| crate::sys::open_direct(&part_path).ok())
+            .then(|| crate::sys::DirectFile::open(&part_path).ok())
             .flatten()
             .map(|file| BlobDirect {
                 file,
@@ -824,7 +824,7 @@ struct DownloadStream<'a> {
 /// fresh cache pages: see `sink`).
 struct BlobDirect {
     /// The partial file opened again with `O_DIRECT`.
-    file: File,
+    file: crate::sys::DirectFile,
     buf: crate::sys::AlignedBuf,
     /// Bytes gathered in `buf`, the last ones of `on_disk`.
     len: usize,
@@ -864,17 +864,8 @@ impl DownloadStream<'_> {
             data = &data[k..];
             if d.len == d.buf.len() {
                 let at = self.on_disk - d.len as u64;
-                match d.file.write_all_at(d.buf.as_bytes(), at) {
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        tracing::debug!("blob {}: direct write refused ({e})", self.digest);
-                        self.file.write_all_at(d.buf.as_bytes(), at)?;
-                        self.direct = None;
-                    }
-                    r => {
-                        r?;
-                        d.len = 0;
-                    }
-                }
+                d.file.write_batch(&self.file, d.buf.as_bytes(), at)?;
+                d.len = 0;
             }
         }
         Ok(())
@@ -1710,6 +1701,18 @@ mod tests {
     }
 
     /// A handler serving `blob` for every blob request, honouring `Range`.
+    /// Promise the whole `blob`, send its first `cut` bytes, close the connection.
+    fn serve_cut_off(blob: Vec<u8>, cut: usize) -> Box<Handler> {
+        Box::new(move |_req, _n, w| {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                blob.len()
+            );
+            let _ = w.write_all(head.as_bytes());
+            let _ = w.write_all(&blob[..cut]);
+        })
+    }
+
     fn serve_blob(blob: Vec<u8>) -> Box<Handler> {
         Box::new(move |req, _n, w| {
             match req.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
@@ -1845,19 +1848,8 @@ mod tests {
         let layer = Layer::gzip(noisy_tar());
         let info = layer_info(&layer);
         let half = layer.blob.len() / 2;
-        let blob = layer.blob.clone();
         // One connection that breaks off half-way; then the registry is gone.
-        let m = mock_limited(
-            Box::new(move |_req, _n, w| {
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    blob.len()
-                );
-                let _ = w.write_all(head.as_bytes());
-                let _ = w.write_all(&blob[..half]);
-            }),
-            1,
-        );
+        let m = mock_limited(serve_cut_off(layer.blob.clone(), half), 1);
         let dir = tempfile::tempdir().unwrap();
         let store = LayerStore::new(dir.path());
         let src = stream_source(&m.addr, dir.path());
@@ -1911,18 +1903,7 @@ mod tests {
             .collect();
         let digest = sha256_digest(&data);
         let cut = (5 << 20) + 777;
-        let d2 = data.clone();
-        let m = mock_limited(
-            Box::new(move |_req, _n, w| {
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    d2.len()
-                );
-                let _ = w.write_all(head.as_bytes());
-                let _ = w.write_all(&d2[..cut]);
-            }),
-            1,
-        );
+        let m = mock_limited(serve_cut_off(data.clone(), cut), 1);
         let dir = tempfile::tempdir().unwrap();
         let probe = dir.path().join("probe");
         fs::write(&probe, b"").unwrap();
