@@ -159,7 +159,8 @@ col() { cut -d' ' -f"$2" "$WORK/$1.times"; }
 med_time() { col "$1" 1 | median; }
 max_mib() { col "$1" "$2" | sort -n | tail -1 | awk '{printf "%.0f", $1/1024}'; }
 med_mib() { col "$1" "$2" | median | awk '{printf "%.0f", $1/1024}'; }
-ratio() { awk -v a="$(med_time "$1")" -v b="$(med_time "$2")" 'BEGIN {printf "%.2f", (b > 0 ? a / b : 0)}'; }
+# Three decimals: a target check must not be met by rounding (0.152 is not <= 0.15).
+ratio() { awk -v a="$(med_time "$1")" -v b="$(med_time "$2")" 'BEGIN {printf "%.3f", (b > 0 ? a / b : 0)}'; }
 
 header() {
     printf "%-24s %9s %8s %9s %9s %9s  %s\n" "" "median" "" "max RSS" "tree RSS" "disk" ""

@@ -32,7 +32,19 @@ packages=(
     # and ISA-L's igzip (package isal)
     pigz isal
 )
+# Some machines come with qemu-utils from bookworm-backports. Bookworm's qemu-system-x86 breaks
+# that newer qemu-utils, so apt refuses to install both: take qemu-utils from bookworm too (its
+# qemu-img is only a test oracle here, and fledge never runs it).
+apt_opts=()
+qemu_utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+if [[ $qemu_utils == *bpo* ]]; then
+    for i in "${!packages[@]}"; do
+        [[ ${packages[$i]} == qemu-utils ]] && packages[$i]=qemu-utils/bookworm
+    done
+    apt_opts+=(--allow-downgrades)
+    echo "install-deps: qemu-utils $qemu_utils (backports) is replaced by bookworm's, which qemu-system-x86 needs"
+fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+apt-get install -y -qq --no-install-recommends "${apt_opts[@]}" "${packages[@]}" >/dev/null
 echo "install-deps: ok (${#packages[@]} packages)"
