@@ -1700,7 +1700,6 @@ mod tests {
         found
     }
 
-    /// A handler serving `blob` for every blob request, honouring `Range`.
     /// Promise the whole `blob`, send its first `cut` bytes, close the connection.
     fn serve_cut_off(blob: Vec<u8>, cut: usize) -> Box<Handler> {
         Box::new(move |_req, _n, w| {
@@ -1713,6 +1712,7 @@ mod tests {
         })
     }
 
+    /// A handler serving `blob` for every blob request, honouring `Range`.
     fn serve_blob(blob: Vec<u8>) -> Box<Handler> {
         Box::new(move |req, _n, w| {
             match req.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
